@@ -1,0 +1,34 @@
+// CPU page faults (handle_mm_fault).
+#pragma once
+
+#include <cstdint>
+
+#include "gpusvm/mm/types.h"
+
+namespace gpusvm::mm {
+
+class AddressSpace;
+struct Vma;
+
+enum class VmFault {
+  kOk,       // the entry now allows the access
+  kRetry,    // something changed under us (a racing fault, a migration that finished): retry
+  kSigsegv,  // no VMA or no permission
+  kSigbus,   // the backing object cannot provide the page
+  kOom,      // memory allocation failed
+};
+
+const char* vm_fault_name(VmFault f);
+
+enum FaultFlags : unsigned {
+  kFaultWrite = 1u << 0,   // FAULT_FLAG_WRITE (stores and atomics)
+  kFaultRemote = 1u << 1,  // a fault on behalf of a device (hmm_range_fault)
+};
+
+// Resolves one fault at va. Caller holds the mmap lock (read or write) and no other gpusvm
+// lock; may sleep (waits on folio locks / migrations, bounded by hang_timeout()).
+// VMA permission checks are done here: a write to a VMA without VM_WRITE, or any access to a
+// VMA without VM_READ, is kSigsegv.
+VmFault handle_mm_fault(AddressSpace& mm, Va va, unsigned flags);
+
+}  // namespace gpusvm::mm

@@ -1,0 +1,281 @@
+// Physical memory: frames of real bytes and the folio descriptors that describe them.
+//
+// Design notes
+//  - One Folio descriptor per frame (Linux's struct page). A folio of order 0 or kPmdOrder is
+//    described by its head frame's descriptor; a tail frame's descriptor holds only its own
+//    mapcount and a link to the head. folio_of(pfn) returns the head.
+//  - System RAM is an arena of host memory (mmap'd MAP_NORESERVE, so untouched frames cost
+//    nothing). Migration and copies move real bytes.
+//  - The pfn space is shared by system RAM ([0, ram_pages)) and device-private ranges that
+//    drivers register (DevPagemap, gpusvm/mm/devmap.h) above it.
+//  - The allocator keeps 2 MiB blocks whole when it can (free list of whole blocks) and splits
+//    one into 4 KiB frames on demand; a block whose frames are all free again is whole again.
+//  - The zero page and the huge zero folio are frames that are never freed; mapping them does
+//    not take references (Linux does the same: they are "special").
+//
+// Reference counting (the contract mm::check verifies):
+//   refcount == (PTE mappings of its pages) + (PMD mappings) + (page-cache reference, if in a
+//               ShmemObject) + (transient pins held by code in progress)
+//   page mapcount == PTE mappings of that page; entire_mapcount == PMD mappings.
+//
+// Locking: allocator state under zone_lock_; folio fields are atomics or guarded by the folio
+// lock / rmap lock as noted per field.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "gpusvm/base/lock.h"
+#include "gpusvm/base/result.h"
+#include "gpusvm/base/stats.h"
+#include "gpusvm/base/waitqueue.h"
+#include "gpusvm/mm/lock_order.h"
+#include "gpusvm/mm/types.h"
+
+namespace gpusvm::mm {
+
+class AddressSpace;
+class DevPagemap;
+class PhysMem;
+class ShmemObject;
+
+// Folio flags (head descriptor).
+enum FolioFlag : uint32_t {
+  kFolioLocked = 1u << 0,         // the sleeping folio lock (folio_lock)
+  kFolioDirty = 1u << 1,
+  kFolioAnon = 1u << 2,           // anonymous (rmap list); else page cache or special
+  kFolioYoung = 1u << 3,
+  kFolioLazyfree = 1u << 4,       // MADV_FREE'd and clean: reclaim may drop it
+  kFolioZero = 1u << 5,           // the zero page or the huge zero folio
+  kFolioDevicePrivate = 1u << 6,  // device-private memory (never mapped present)
+  kFolioFree = 1u << 7,           // on the allocator's free lists
+  kFolioDeferredSplit = 1u << 8,  // partially unmapped large folio queued for split
+  kFolioShmem = 1u << 9,          // in a ShmemObject's page cache
+};
+
+// Per-page flags (every descriptor).
+enum PageFlag : uint32_t {
+  kPageAnonExclusive = 1u << 0,  // mapped by exactly one process, may be reused on write fault
+};
+
+// One reverse-map record: `mm` maps page `page` of this folio at `va` (a PTE mapping), or
+// the whole folio at `va` (a PMD mapping).
+struct RmapItem {
+  AddressSpace* mm;
+  Va va;
+  uint32_t page;  // index within the folio; 0 for a PMD mapping
+  bool pmd;
+};
+
+class Folio {
+ public:
+  Folio() = default;
+  Folio(const Folio&) = delete;
+  Folio& operator=(const Folio&) = delete;
+
+  Pfn pfn() const { return pfn_; }
+  unsigned order() const { return order_; }
+  uint64_t nr_pages() const { return 1ULL << order_; }
+  bool large() const { return order_ > 0; }
+  bool is_head() const { return head_ == this; }
+  Folio* head() const { return head_; }
+  // Descriptor of page i of this folio (i < nr_pages()).
+  Folio* page(uint64_t i);
+  uint64_t page_index() const { return pfn_ - head_->pfn_; }
+  PhysMem* mem() const { return mem_; }
+  DevPagemap* pagemap() const { return pagemap_; }
+
+  // Reference count (head only). get() on a folio with refcount 0 is a bug.
+  int refcount() const { return refcount_.load(std::memory_order_acquire); }
+  void get(int n = 1);
+  // Drops n references; frees the folio (to its zone or its pagemap) at zero.
+  void put(int n = 1);
+  // Takes a reference only if the refcount is not zero (folio_try_get).
+  bool try_get();
+
+  // Mapcounts. page_mapcount is per page, entire_mapcount on the head.
+  int page_mapcount() const { return mapcount_.load(std::memory_order_acquire); }
+  int entire_mapcount() const { return entire_mapcount_.load(std::memory_order_acquire); }
+  // Total mappings of the folio: entire mappings plus every page's PTE mappings.
+  int total_mapcount() const;
+  bool mapped() const { return total_mapcount() > 0; }
+
+  uint32_t flags() const { return flags_.load(std::memory_order_acquire); }
+  bool test(FolioFlag f) const { return flags() & f; }
+  void set(FolioFlag f) { flags_.fetch_or(f, std::memory_order_acq_rel); }
+  void clear(FolioFlag f) { flags_.fetch_and(~static_cast<uint32_t>(f), std::memory_order_acq_rel); }
+  bool test_page(PageFlag f) const { return page_flags_.load(std::memory_order_acquire) & f; }
+  void set_page(PageFlag f) { page_flags_.fetch_or(f, std::memory_order_acq_rel); }
+  void clear_page(PageFlag f) {
+    page_flags_.fetch_and(~static_cast<uint32_t>(f), std::memory_order_acq_rel);
+  }
+
+  // Real bytes of page i (system RAM, or device memory whose pagemap provides storage).
+  std::byte* data(uint64_t i = 0) const;
+
+  // Page cache identity (kFolioShmem): the object and page offset. Stable while in the cache.
+  ShmemObject* mapping() const { return mapping_; }
+  uint64_t index() const { return index_; }
+
+  // Driver data for device-private folios (zone_device_data).
+  void* zone_device_data = nullptr;
+
+ private:
+  friend class PhysMem;
+  friend class DevPagemap;
+  friend class ShmemObject;
+  friend void folio_add_rmap(Folio*, const RmapItem&);
+  friend void folio_remove_rmap(Folio*, const RmapItem&);
+  friend std::vector<RmapItem> folio_rmap_snapshot(Folio*);
+  friend void folio_move_rmap(Folio*, const RmapItem&, AddressSpace*, Va);
+  friend int split_folio_locked(Folio*);
+
+  // Identity: written at allocation/split while the folio has no other user.
+  Folio* head_ = this;
+  PhysMem* mem_ = nullptr;
+  DevPagemap* pagemap_ = nullptr;
+  Pfn pfn_ = 0;
+  uint8_t order_ = 0;
+  ShmemObject* mapping_ = nullptr;
+  uint64_t index_ = 0;
+
+  std::atomic<int32_t> refcount_{0};
+  std::atomic<int32_t> mapcount_{0};         // PTE mappings of this page
+  std::atomic<int32_t> entire_mapcount_{0};  // PMD mappings (head)
+  std::atomic<uint32_t> flags_{0};           // FolioFlag (head)
+  std::atomic<uint32_t> page_flags_{0};      // PageFlag (this page)
+
+  // Reverse map (anonymous and device folios; head only).
+  SpinLock rmap_lock_{&kRmapLockClass};
+  std::vector<RmapItem> rmap_ GPUSVM_GUARDED_BY(rmap_lock_);
+};
+
+// The sleeping folio lock. folio_lock sleeps (bounded by hang_timeout(), then panics naming
+// the folio); must not be called with a spin lock held. Several folios are locked in pfn order
+// only (subclass = position), as migration of a range does.
+void folio_lock(Folio* folio);
+[[nodiscard]] bool folio_trylock(Folio* folio);
+void folio_unlock(Folio* folio);
+bool folio_test_locked(const Folio* folio);
+void folio_assert_locked(const Folio* folio);
+// Waits until the folio is unlocked (migration_entry_wait). Returns false on timeout.
+bool folio_wait_unlocked(Folio* folio, std::chrono::nanoseconds timeout);
+
+// Reverse map. Callers hold the page-table lock of the entry being added or removed.
+void folio_add_rmap(Folio* folio, const RmapItem& item);
+void folio_remove_rmap(Folio* folio, const RmapItem& item);
+// Re-points a record at a new address space / address (mremap, fork child creation).
+void folio_move_rmap(Folio* folio, const RmapItem& item, AddressSpace* mm, Va va);
+std::vector<RmapItem> folio_rmap_snapshot(Folio* folio);
+
+class PhysMem {
+ public:
+  struct Config {
+    uint64_t ram_bytes = 1ULL << 30;  // multiple of 2 MiB
+    ThpMode thp = ThpMode::kMadvise;  // transparent_hugepage/enabled
+    bool use_zero_page = true;        // transparent_hugepage/use_zero_page (huge zero folio)
+  };
+
+  // Returns the arena, -EINVAL for a bad size, -ENOMEM if the host refuses the memory.
+  static Result<std::unique_ptr<PhysMem>> create(const Config& config);
+  ~PhysMem();
+  PhysMem(const PhysMem&) = delete;
+  PhysMem& operator=(const PhysMem&) = delete;
+
+  // Allocates a folio of order 0 or kPmdOrder with refcount 1, zeroed when `zero`.
+  // Returns nullptr when memory is exhausted or an injected failure fires ("mm.alloc_folio"
+  // for order 0, "mm.alloc_folio_thp" for kPmdOrder). Never sleeps.
+  Folio* folio_alloc(unsigned order, bool zero = true);
+
+  Folio* pfn_to_page(Pfn pfn);   // descriptor of the frame (nullptr outside every range)
+  Folio* folio_of(Pfn pfn);      // head descriptor of the folio holding the frame
+  bool pfn_is_ram(Pfn pfn) const { return pfn < ram_pages_; }
+  std::byte* ram_data(Pfn pfn) const { return base_ + (pfn << kPageShift); }
+
+  Folio* zero_page() { return zero_page_; }
+  Pfn zero_pfn() const { return zero_page_->pfn(); }
+  Folio* huge_zero_folio() { return huge_zero_; }
+  bool is_zero_pfn(Pfn pfn) const { return pfn == zero_page_->pfn(); }
+  bool is_huge_zero_pfn(Pfn pfn) const {
+    return pfn >= huge_zero_->pfn() && pfn < huge_zero_->pfn() + kPagesPerPmd;
+  }
+
+  const Config& config() const { return config_; }
+  void set_thp_mode(ThpMode mode) { thp_mode_.store(mode, std::memory_order_relaxed); }
+  ThpMode thp_mode() const { return thp_mode_.load(std::memory_order_relaxed); }
+  void set_use_zero_page(bool on) { use_zero_page_.store(on, std::memory_order_relaxed); }
+  bool use_zero_page() const { return use_zero_page_.load(std::memory_order_relaxed); }
+
+  uint64_t ram_pages() const { return ram_pages_; }
+  uint64_t free_pages() const;
+
+  // Device pagemaps: a pfn range above RAM for a driver's device-private frames.
+  // Returns the first pfn, or -ENOSPC.
+  Result<Pfn> register_pagemap(DevPagemap* pgmap, uint64_t nr_pages);
+  void unregister_pagemap(DevPagemap* pgmap);
+  DevPagemap* pfn_to_pagemap(Pfn pfn);
+
+  // Every live address space of this machine (for the checker and the reverse map).
+  void add_address_space(AddressSpace* mm);
+  void remove_address_space(AddressSpace* mm);
+  std::vector<AddressSpace*> address_spaces();
+
+  // Deferred split: large folios that lost part of their mappings. shrink_deferred_split()
+  // splits each queued folio that is unlocked and not PMD-mapped (what the kernel's shrinker
+  // does under memory pressure); returns the number split.
+  void deferred_split_folio(Folio* folio);
+  size_t shrink_deferred_split();
+
+  StatCounter stat_alloc_order0, stat_alloc_thp, stat_alloc_fail, stat_free_pages;
+
+ private:
+  explicit PhysMem(const Config& config);
+  friend class Folio;
+  friend class DevPagemap;
+  void free_folio(Folio* folio);  // refcount reached zero
+  void init_folio(Folio* head, unsigned order);
+
+  const Config config_;
+  std::atomic<ThpMode> thp_mode_;
+  std::atomic<bool> use_zero_page_;
+  std::byte* base_ = nullptr;  // ram arena, ram_pages_ frames
+  uint64_t ram_pages_ = 0;
+  std::unique_ptr<Folio[]> frames_;  // one descriptor per RAM frame
+  Folio* zero_page_ = nullptr;
+  Folio* huge_zero_ = nullptr;
+
+  // Allocator state (see file comment).
+  struct Block {
+    uint64_t free_bitmap[kPagesPerPmd / 64];  // bit set = frame free (split blocks only)
+    uint16_t nr_free = 0;
+    bool split = false;   // handed out as order-0 frames
+    bool whole_free = false;
+  };
+  mutable SpinLock zone_lock_{&kZoneLockClass};
+  std::vector<Block> blocks_ GPUSVM_GUARDED_BY(zone_lock_);
+  std::vector<uint64_t> whole_free_ GPUSVM_GUARDED_BY(zone_lock_);    // indices of whole free blocks
+  std::vector<uint64_t> partial_ GPUSVM_GUARDED_BY(zone_lock_);       // split blocks with free frames
+  uint64_t nr_free_ GPUSVM_GUARDED_BY(zone_lock_) = 0;
+
+  Mutex registry_lock_;  // pagemaps, address spaces, deferred split queue (rank-free leaf)
+  struct PagemapRange {
+    Pfn start;
+    uint64_t nr;
+    DevPagemap* pgmap;
+  };
+  std::vector<PagemapRange> pagemaps_ GPUSVM_GUARDED_BY(registry_lock_);
+  Pfn next_device_pfn_ GPUSVM_GUARDED_BY(registry_lock_) = 0;
+  std::vector<AddressSpace*> spaces_ GPUSVM_GUARDED_BY(registry_lock_);
+  std::vector<Folio*> deferred_split_ GPUSVM_GUARDED_BY(registry_lock_);
+
+  WaitQueue folio_waitqueues_[64];  // hashed by pfn (folio_waitqueue)
+  friend void folio_unlock(Folio*);
+  friend bool folio_wait_unlocked(Folio*, std::chrono::nanoseconds);
+  friend void folio_lock(Folio*);
+  WaitQueue& folio_waitqueue(const Folio* f) { return folio_waitqueues_[(f->pfn() >> 0) % 64]; }
+};
+
+}  // namespace gpusvm::mm

@@ -1,0 +1,85 @@
+// Virtual memory areas and the per-address-space set of them.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+
+#include "gpusvm/mm/types.h"
+
+namespace gpusvm::mm {
+
+class ShmemObject;
+
+// VMA flags (vm_flags), Linux names.
+enum VmFlag : uint32_t {
+  VM_READ = 1u << 0,
+  VM_WRITE = 1u << 1,
+  VM_EXEC = 1u << 2,
+  VM_SHARED = 1u << 3,
+  VM_MAYWRITE = 1u << 4,
+  VM_HUGEPAGE = 1u << 5,    // MADV_HUGEPAGE
+  VM_NOHUGEPAGE = 1u << 6,  // MADV_NOHUGEPAGE
+  VM_LOCKED = 1u << 7,
+  VM_DONTCOPY = 1u << 8,    // MADV_DONTFORK
+  VM_WIPEONFORK = 1u << 9,  // MADV_WIPEONFORK
+  VM_IO = 1u << 10,         // device I/O mapping: hmm reports ERROR
+  VM_PFNMAP = 1u << 11,     // raw pfn mapping without folios: hmm reports ERROR
+};
+
+uint32_t prot_to_vm_flags(int prot);
+int vm_flags_to_prot(uint32_t flags);
+
+struct Vma {
+  Va start = 0;  // page aligned
+  Va end = 0;    // exclusive, page aligned
+  uint32_t flags = 0;
+  // Shared or file-backed mappings: the object and the page offset of `start` in it.
+  // Private file mappings read from the object and copy on write.
+  std::shared_ptr<ShmemObject> file;
+  uint64_t pgoff = 0;
+
+  bool is_anonymous() const { return !file; }
+  bool is_shared() const { return flags & VM_SHARED; }
+  bool contains(Va va) const { return va >= start && va < end; }
+  uint64_t size() const { return end - start; }
+  uint64_t pgoff_of(Va va) const { return pgoff + ((va - start) >> kPageShift); }
+  // Can a PMD-sized THP be mapped at the aligned 2 MiB containing va?
+  bool thp_fits(Va va) const {
+    Va a = pmd_align_down(va);
+    return a >= start && a + kPmdSize <= end;
+  }
+};
+
+// The VMAs of one address space: non-overlapping, keyed by start, so a lookup is one
+// ordered-map search. Guarded by the owner's mmap lock (read to look up, write to change).
+class VmaTree {
+ public:
+  // The VMA containing va, or nullptr (vma_lookup).
+  Vma* lookup(Va va) const;
+  // The first VMA ending above va (find_vma), or nullptr.
+  Vma* find(Va va) const;
+  // The VMA starting strictly after `vma`, or nullptr.
+  Vma* next(const Vma* vma) const;
+  Vma* insert(std::unique_ptr<Vma> vma);
+  std::unique_ptr<Vma> erase(Vma* vma);
+  // Splits `vma` at addr (start < addr < end); returns the upper part. -ENOMEM never: the
+  // model's split cannot fail, but the caller must re-fetch pointers into the tree.
+  Vma* split(Vma* vma, Va addr);
+  // Merges `vma` with its neighbours where they are adjacent and identical in flags/file.
+  void try_merge(Vma* vma);
+  bool empty() const { return map_.empty(); }
+  size_t size() const { return map_.size(); }
+  template <typename Fn>
+  void for_each(Fn&& fn) const {
+    for (auto& [s, v] : map_) fn(v.get());
+  }
+  // Lowest gap of at least len bytes at or above `low` and ending at or below `high`,
+  // searching top-down like Linux's mmap layout. Returns 0 if none.
+  Va find_gap_topdown(uint64_t len, Va low, Va high, uint64_t align) const;
+
+ private:
+  std::map<Va, std::unique_ptr<Vma>> map_;
+};
+
+}  // namespace gpusvm::mm
