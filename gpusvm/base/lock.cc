@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <thread>
@@ -121,6 +122,14 @@ bool held(const void* lock, LockMode* mode) {
 
 int held_count() { return t_held.n; }
 
+uint32_t max_held_rank() {
+  uint32_t r = 0;
+  for (int i = 0; i < t_held.n; i++) {
+    if (t_held.locks[i].cls) r = std::max(r, t_held.locks[i].cls->rank);
+  }
+  return r;
+}
+
 std::string held_locks_string() {
   const HeldLocks& h = t_held;
   if (h.n == 0) return "(none)";
@@ -161,8 +170,11 @@ void Mutex::lock_nested(unsigned subclass) {
   lockdep::acquire(this, cls_, LockMode::kExclusive, subclass);
 }
 
+// try_lock never waits, so it cannot take part in a deadlock: like the kernel's lockdep, the
+// try variants skip the order check (that is what makes "trylock the folio under the PTE
+// lock, skip the page if busy" legal against the folio -> PTE order). A try on a lock this
+// thread already holds simply fails. The lock is still recorded as held.
 bool Mutex::try_lock() {
-  lockdep::check_order(this, cls_, 0);
   {
     std::lock_guard<std::mutex> g(m_);
     if (locked_) return false;
@@ -218,8 +230,7 @@ void SpinLock::lock_nested(unsigned subclass) {
   lockdep::acquire(this, cls_, LockMode::kExclusive, subclass);
 }
 
-bool SpinLock::try_lock() {
-  lockdep::check_order(this, cls_, 0);
+bool SpinLock::try_lock() {  // no order check: see Mutex::try_lock
   if (locked_.load(std::memory_order_relaxed) ||
       locked_.exchange(true, std::memory_order_acquire)) {
     return false;
@@ -251,8 +262,8 @@ void RwLock::timeout(const char* what) {
         std::to_string(writer_tid_.load(std::memory_order_relaxed)));
 }
 
-void RwLock::lock() {
-  lockdep::check_order(this, cls_, 0);
+void RwLock::lock_nested(unsigned subclass) {
+  lockdep::check_order(this, cls_, subclass);
   {
     std::unique_lock<std::mutex> g(m_);
     if (writer_ || readers_ > 0) {
@@ -267,11 +278,10 @@ void RwLock::lock() {
     writer_ = true;
   }
   writer_tid_.store(current_tid(), std::memory_order_relaxed);
-  lockdep::acquire(this, cls_, LockMode::kExclusive, 0);
+  lockdep::acquire(this, cls_, LockMode::kExclusive, subclass);
 }
 
-bool RwLock::try_lock() {
-  lockdep::check_order(this, cls_, 0);
+bool RwLock::try_lock() {  // no order check: see Mutex::try_lock
   {
     std::lock_guard<std::mutex> g(m_);
     if (writer_ || readers_ > 0) return false;
@@ -309,8 +319,7 @@ void RwLock::lock_shared() {
   lockdep::acquire(this, cls_, LockMode::kShared, 0);
 }
 
-bool RwLock::try_lock_shared() {
-  lockdep::check_order(this, cls_, 0);
+bool RwLock::try_lock_shared() {  // no order check: see Mutex::try_lock
   {
     std::lock_guard<std::mutex> g(m_);
     if (writer_ || writers_waiting_ > 0) return false;

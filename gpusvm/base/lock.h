@@ -5,9 +5,11 @@
 //  - is a clang capability, so -Wthread-safety checks GPUSVM_GUARDED_BY data statically;
 //  - records itself in a per-thread held-lock list, so assert_held() / assert_not_held() work
 //    in every build (the kernel's lockdep_assert_held), and a rank check enforces the
-//    documented lock order at every acquisition (a "lockdep-lite"): a thread may acquire a
-//    lock only if its rank is above every rank it holds, or equal with a higher nesting
-//    subclass (the kernel's spin_lock_nested);
+//    documented lock order at every blocking acquisition (a "lockdep-lite"): a thread may
+//    acquire a lock only if its rank is above every rank it holds, or equal with a higher
+//    nesting subclass (the kernel's spin_lock_nested). try_lock()/try_lock_shared() never
+//    wait, so, as in the kernel's lockdep, they skip the order check (a try on a lock this
+//    thread already holds just fails) and are still recorded as held;
 //  - never waits forever: an acquisition that takes longer than hang_timeout() panics with a
 //    diagnostic naming the lock, its holder and the locks the waiter holds, so a deadlock
 //    fails a test instead of hanging CI.
@@ -56,6 +58,9 @@ void release(const void* lock);
 bool held(const void* lock, LockMode* mode = nullptr);
 // Number of locks this thread holds (for "must hold no lock" assertions before sleeping).
 int held_count();
+// Highest rank among the locks this thread holds (0 when none): "no lock of rank >= R held"
+// is how a function that sleeps or faults asserts that the inner locks were dropped.
+uint32_t max_held_rank();
 // Human-readable list of this thread's held locks, for diagnostics.
 std::string held_locks_string();
 // Panics unless this thread holds no tracked lock; `where` names the caller.
@@ -118,7 +123,10 @@ class GPUSVM_CAPABILITY("rwlock") RwLock {
   RwLock(const RwLock&) = delete;
   RwLock& operator=(const RwLock&) = delete;
 
-  void lock() GPUSVM_ACQUIRE();
+  void lock() GPUSVM_ACQUIRE() { lock_nested(0); }
+  // Write-locks a second lock of the same class in a fixed order (e.g. parent then child
+  // address space in fork).
+  void lock_nested(unsigned subclass) GPUSVM_ACQUIRE();
   bool try_lock() GPUSVM_TRY_ACQUIRE(true);
   void unlock() GPUSVM_RELEASE();
   void lock_shared() GPUSVM_ACQUIRE_SHARED();

@@ -67,9 +67,11 @@ struct HmmRange {
 //   -EINVAL  no notifier, unaligned/empty range, range outside the notifier, unknown flags
 //   -EBUSY   the notifier was invalidated since notifier_seq: read_begin() again and retry
 //   -EFAULT  a fault was requested for a page that cannot be faulted (no VMA, PROT_NONE,
-//            VM_IO/VM_PFNMAP, the fault failed with SIGSEGV/SIGBUS)
+//            VM_IO/VM_PFNMAP, the fault failed with SIGSEGV/SIGBUS/OOM: as in Linux, any
+//            VM_FAULT_ERROR is -EFAULT)
 //   -EPERM   a write fault was requested on a VMA without VM_WRITE
-//   -ENOMEM  a fault could not allocate memory
+// HMM_PFN_REQ_MIGRATE is reserved for the unified fault-and-migrate walk and rejected with
+// -EINVAL until device migration is registered (the migration issue).
 // Context: the caller holds the address space's mmap lock (read) - asserted - and no other
 // gpusvm lock. Faulting may sleep. Page-table locks are taken per PMD and never held across
 // a fault (asserted).

@@ -11,6 +11,7 @@
 //                in fork and mremap)
 //               -> folio rmap lock (spin)
 //                 -> zone lock (PhysMem allocator, spin)
+//                   -> registry lock (PhysMem: pagemaps, address spaces, deferred split)
 //
 // Rules that ranks cannot express:
 //  - MMU notifier callbacks run with the mmap lock (and for migration, folio locks) held but
@@ -32,5 +33,6 @@ inline constexpr LockClass kPmdLockClass{"pmd_lock", 500};
 inline constexpr LockClass kPteLockClass{"pte_lock", 600};
 inline constexpr LockClass kRmapLockClass{"folio_rmap_lock", 700};
 inline constexpr LockClass kZoneLockClass{"zone_lock", 800};
+inline constexpr LockClass kRegistryLockClass{"physmem_registry", 850};
 
 }  // namespace gpusvm::mm

@@ -64,10 +64,30 @@ struct PmdTable {
   }
   Pmd load_lockless(unsigned i) const { return Pmd(e_[i].load(std::memory_order_acquire)); }
 
+  // A PTE table deposited with a huge leaf (pgtable_trans_huge_deposit): allocated when the
+  // leaf is installed so that splitting the leaf later can never fail for lack of memory.
+  void deposit(unsigned i, PteTable* table) {
+    lock.assert_held();
+    if (deposited_[i]) panic("PMD slot already has a deposited table");
+    deposited_[i] = table;
+  }
+  PteTable* withdraw(unsigned i) {
+    lock.assert_held();
+    PteTable* t = deposited_[i];
+    deposited_[i] = nullptr;
+    return t;
+  }
+  bool has_deposit(unsigned i) const {
+    lock.assert_held();
+    return deposited_[i] != nullptr;
+  }
+
   mutable SpinLock lock{&kPmdLockClass};
 
  private:
+  friend class PageTable;
   std::atomic<uint64_t> e_[kPtrsPerTable] = {};
+  PteTable* deposited_[kPtrsPerTable] = {};  // guarded by lock (accessors assert it)
 };
 
 struct PudTable {
@@ -105,8 +125,14 @@ class PageTable {
 
   // pte_offset_map_lock: if the PMD points to a PTE table, locks the table's ptl, re-checks
   // that the PMD still points to it, and returns it locked. Returns nullptr (nothing locked)
-  // when the PMD is none or a leaf. Unlock with table->ptl.unlock().
-  PteTable* pte_offset_map_lock(PmdSlot slot, unsigned subclass = 0);
+  // when the PMD is none or a leaf. Unlock with pte_unmap_unlock().
+  // The lock is chosen at run time, which clang's static analysis cannot follow: these two
+  // are exempt from it, and the PTE accessors assert the lock at run time instead.
+  PteTable* pte_offset_map_lock(PmdSlot slot, unsigned subclass = 0)
+      GPUSVM_NO_THREAD_SAFETY_ANALYSIS;
+  static void pte_unmap_unlock(PteTable* table) GPUSVM_NO_THREAD_SAFETY_ANALYSIS {
+    table->ptl.unlock();
+  }
 
   // Walk support for the checker/teardown: calls fn(va_of_pmd, PmdTable*, index) for every
   // existing PMD slot in [start, end). Caller holds the mmap lock.

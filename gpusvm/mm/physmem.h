@@ -127,11 +127,15 @@ class Folio {
   friend class PhysMem;
   friend class DevPagemap;
   friend class ShmemObject;
-  friend void folio_add_rmap(Folio*, const RmapItem&);
-  friend void folio_remove_rmap(Folio*, const RmapItem&);
+  friend void page_add_rmap_pte(Folio*, AddressSpace*, Va);
+  friend void page_remove_rmap_pte(Folio*, AddressSpace*, Va);
+  friend void folio_add_rmap_pmd(Folio*, AddressSpace*, Va);
+  friend void folio_remove_rmap_pmd(Folio*, AddressSpace*, Va);
   friend std::vector<RmapItem> folio_rmap_snapshot(Folio*);
+  friend void folio_lock(Folio*);
+  friend bool folio_trylock(Folio*);
+  friend void folio_unlock(Folio*);
   friend void folio_move_rmap(Folio*, const RmapItem&, AddressSpace*, Va);
-  friend int split_folio_locked(Folio*);
 
   // Identity: written at allocation/split while the folio has no other user.
   Folio* head_ = this;
@@ -164,9 +168,14 @@ void folio_assert_locked(const Folio* folio);
 // Waits until the folio is unlocked (migration_entry_wait). Returns false on timeout.
 bool folio_wait_unlocked(Folio* folio, std::chrono::nanoseconds timeout);
 
-// Reverse map. Callers hold the page-table lock of the entry being added or removed.
-void folio_add_rmap(Folio* folio, const RmapItem& item);
-void folio_remove_rmap(Folio* folio, const RmapItem& item);
+// Mapping accounting and reverse map (folio_add_anon_rmap_pte & co). The caller holds the
+// page-table lock of the entry it installs or clears, and passes the mapping's folio
+// reference separately (get before add, put after remove). Removing a PTE mapping from a
+// large folio that stays partially mapped queues it for deferred split.
+void page_add_rmap_pte(Folio* page, AddressSpace* mm, Va va);
+void page_remove_rmap_pte(Folio* page, AddressSpace* mm, Va va);
+void folio_add_rmap_pmd(Folio* folio, AddressSpace* mm, Va haddr);
+void folio_remove_rmap_pmd(Folio* folio, AddressSpace* mm, Va haddr);
 // Re-points a record at a new address space / address (mremap, fork child creation).
 void folio_move_rmap(Folio* folio, const RmapItem& item, AddressSpace* mm, Va va);
 std::vector<RmapItem> folio_rmap_snapshot(Folio* folio);
@@ -223,11 +232,10 @@ class PhysMem {
   void remove_address_space(AddressSpace* mm);
   std::vector<AddressSpace*> address_spaces();
 
-  // Deferred split: large folios that lost part of their mappings. shrink_deferred_split()
-  // splits each queued folio that is unlocked and not PMD-mapped (what the kernel's shrinker
-  // does under memory pressure); returns the number split.
+  // Deferred split queue: large folios that lost part of their mappings (the kernel splits
+  // them under memory pressure). Freed folios leave the queue.
   void deferred_split_folio(Folio* folio);
-  size_t shrink_deferred_split();
+  size_t deferred_split_count() const;
 
   StatCounter stat_alloc_order0, stat_alloc_thp, stat_alloc_fail, stat_free_pages;
 
@@ -260,7 +268,9 @@ class PhysMem {
   std::vector<uint64_t> partial_ GPUSVM_GUARDED_BY(zone_lock_);       // split blocks with free frames
   uint64_t nr_free_ GPUSVM_GUARDED_BY(zone_lock_) = 0;
 
-  Mutex registry_lock_;  // pagemaps, address spaces, deferred split queue (rank-free leaf)
+  // Pagemaps, address spaces and the deferred split queue. A leaf lock: may be taken under
+  // page-table locks (a folio freed by a zap leaves the deferred split queue).
+  mutable SpinLock registry_lock_{&kRegistryLockClass};
   struct PagemapRange {
     Pfn start;
     uint64_t nr;

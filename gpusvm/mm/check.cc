@@ -1,0 +1,217 @@
+// mm::check: proves the invariants listed in check.h.
+#include "gpusvm/mm/check.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <map>
+#include <tuple>
+#include <unordered_map>
+
+#include "gpusvm/mm/address_space.h"
+#include "gpusvm/mm/devmap.h"
+#include "gpusvm/mm/shmem.h"
+
+namespace gpusvm::mm {
+namespace {
+
+// What the page tables say about one folio.
+struct Observed {
+  int pmd_maps = 0;
+  std::map<uint64_t, int> pte_maps;  // page index -> PTE mappings
+  std::vector<RmapItem> items;
+};
+
+class Checker {
+ public:
+  explicit Checker(PhysMem& mem) : mem_(mem) {}
+
+  void problem(const char* fmt, auto... args) {
+    char buf[320];
+    std::snprintf(buf, sizeof(buf), fmt, args...);
+    report_.problems.emplace_back(buf);
+  }
+
+  void check_space(AddressSpace& mm) {
+    ReadLock g(&mm.mmap_lock());
+    mm.page_table().for_each_pmd_slot(0, kTaskSize, [&](Va haddr, PmdTable* t, unsigned i) {
+      check_pmd(mm, PmdSlot{t, i}, haddr);
+    });
+  }
+
+  void check_pmd(AddressSpace& mm, PmdSlot slot, Va haddr) GPUSVM_NO_THREAD_SAFETY_ANALYSIS {
+    SpinLockGuard g(&slot.table->lock);
+    const Pmd pmd = slot.table->get(slot.index);
+    if (pmd.is_none()) return;
+    if (pmd.is_table()) {
+      PteTable* t = pmd.table();
+      SpinLockGuard tg(&t->ptl);
+      for (unsigned i = 0; i < kPtrsPerTable; i++) {
+        const Pte pte = t->get(i);
+        if (!pte.is_none()) check_entry(mm, haddr + i * kPageSize, pte, false);
+      }
+      return;
+    }
+    if (!slot.table->has_deposit(slot.index)) {
+      problem("%p: huge leaf at %#lx has no deposited PTE table", (void*)&mm, (unsigned long)haddr);
+    }
+    check_entry(mm, haddr, pmd.leaf(), true);
+  }
+
+  void check_entry(AddressSpace& mm, Va va, Pte e, bool huge) GPUSVM_NO_THREAD_SAFETY_ANALYSIS {
+    report_.entries_checked++;
+    const Vma* vma = mm.vma_lookup(va);
+    if (!vma || (huge && va + kPmdSize > vma->end)) {
+      problem("%p: entry %#lx at %#lx outside a VMA", (void*)&mm, (unsigned long)e.raw(), (unsigned long)va);
+      return;
+    }
+    if (e.is_migration()) {
+      problem("%p: leftover migration entry at %#lx (pfn %#lx)", (void*)&mm, (unsigned long)va,
+              (unsigned long)e.pfn());
+      return;
+    }
+    if (e.present()) {
+      if (e.write() && !(vma->flags & VM_WRITE)) {
+        problem("%p: writable entry at %#lx in a VMA without VM_WRITE", (void*)&mm, (unsigned long)va);
+      }
+      if (huge && mem_.is_huge_zero_pfn(e.pfn())) {
+        if (e.write()) problem("%p: writable huge zero folio at %#lx", (void*)&mm, (unsigned long)va);
+        return;
+      }
+      if (e.special()) {
+        if (!mem_.is_zero_pfn(e.pfn()) || e.write()) {
+          problem("%p: bad special entry at %#lx", (void*)&mm, (unsigned long)va);
+        }
+        return;
+      }
+    } else if (e.is_device_private() || e.is_device_exclusive()) {
+      if (e.is_device_private() && !mem_.pfn_to_pagemap(e.pfn())) {
+        problem("%p: device-private entry at %#lx without a registered pagemap", (void*)&mm,
+                (unsigned long)va);
+        return;
+      }
+    } else {
+      problem("%p: unknown entry %#lx at %#lx", (void*)&mm, (unsigned long)e.raw(), (unsigned long)va);
+      return;
+    }
+    Folio* page = mem_.pfn_to_page(e.pfn());
+    if (!page || (page->flags() & kFolioFree) || page->head()->test(kFolioFree)) {
+      problem("%p: entry at %#lx maps a free or invalid frame %#lx", (void*)&mm, (unsigned long)va,
+              (unsigned long)e.pfn());
+      return;
+    }
+    Folio* head = page->head();
+    if (huge && (head != page || head->order() != kPmdOrder || !pmd_aligned(va))) {
+      problem("%p: PMD leaf at %#lx does not map an aligned PMD-order folio head", (void*)&mm,
+              (unsigned long)va);
+      return;
+    }
+    if (e.write() && head->test(kFolioAnon) && !vma->is_shared() &&
+        !page->test_page(kPageAnonExclusive)) {
+      problem("%p: COW-shared page %#lx writable at %#lx", (void*)&mm, (unsigned long)e.pfn(),
+              (unsigned long)va);
+    }
+    Observed& o = observed_[head];
+    if (huge) {
+      o.pmd_maps++;
+      o.items.push_back(RmapItem{&mm, va, 0, true});
+    } else {
+      o.pte_maps[page->page_index()]++;
+      o.items.push_back(RmapItem{&mm, va, static_cast<uint32_t>(page->page_index()), false});
+    }
+  }
+
+  void check_folios() {
+    auto key = [](const RmapItem& r) { return std::make_tuple(r.mm, r.va, r.page, r.pmd); };
+    for (auto& [head, o] : observed_) {
+      report_.folios_checked++;
+      int maps = o.pmd_maps;
+      for (auto& [idx, n] : o.pte_maps) maps += n;
+      const int expected_ref = maps + (head->test(kFolioShmem) ? 1 : 0);
+      if (head->refcount() != expected_ref) {
+        problem("folio %#lx: refcount %d, expected %d (%d mappings%s)", (unsigned long)head->pfn(),
+                head->refcount(), expected_ref, maps, head->test(kFolioShmem) ? " + page cache" : "");
+      }
+      if (head->entire_mapcount() != o.pmd_maps) {
+        problem("folio %#lx: entire_mapcount %d, %d PMD mappings", (unsigned long)head->pfn(),
+                head->entire_mapcount(), o.pmd_maps);
+      }
+      for (uint64_t i = 0; i < head->nr_pages(); i++) {
+        auto it = o.pte_maps.find(i);
+        const int want = it == o.pte_maps.end() ? 0 : it->second;
+        if (head->page(i)->page_mapcount() != want) {
+          problem("folio %#lx page %lu: mapcount %d, %d PTE mappings", (unsigned long)head->pfn(),
+                  (unsigned long)i, head->page(i)->page_mapcount(), want);
+        }
+      }
+      std::vector<RmapItem> rmap = folio_rmap_snapshot(head);
+      std::sort(rmap.begin(), rmap.end(), [&](auto& a, auto& b) { return key(a) < key(b); });
+      std::sort(o.items.begin(), o.items.end(), [&](auto& a, auto& b) { return key(a) < key(b); });
+      if (rmap.size() != o.items.size() ||
+          !std::equal(rmap.begin(), rmap.end(), o.items.begin(),
+                      [&](auto& a, auto& b) { return key(a) == key(b); })) {
+        problem("folio %#lx: reverse map has %zu items, page tables %zu mappings",
+                (unsigned long)head->pfn(), rmap.size(), o.items.size());
+      }
+    }
+  }
+
+  // Every RAM frame: free ones are unreferenced and counted once; used ones are accounted for.
+  void check_frames() {
+    uint64_t free = 0;
+    for (Pfn pfn = 0; pfn < mem_.ram_pages(); pfn++) {
+      Folio* p = mem_.pfn_to_page(pfn);
+      if (p->flags() & kFolioFree) {
+        free++;
+        if (p->refcount() != 0 || p->page_mapcount() != 0) {
+          problem("free frame %#lx has refcount %d mapcount %d", (unsigned long)pfn, p->refcount(),
+                  p->page_mapcount());
+        }
+        continue;
+      }
+      if (!p->is_head() || p->refcount() == 0) continue;  // tail, or reserved frame
+      if (p->test(kFolioZero)) continue;
+      if (!observed_.count(p) && !p->test(kFolioShmem)) {
+        problem("folio %#lx: refcount %d but no mapping and no owner (leaked)", (unsigned long)pfn,
+                p->refcount());
+      }
+      if (p->test(kFolioLocked)) problem("folio %#lx left locked", (unsigned long)pfn);
+    }
+    if (free != mem_.free_pages()) {
+      problem("allocator counts %lu free pages, frames say %lu", (unsigned long)mem_.free_pages(),
+              (unsigned long)free);
+    }
+  }
+
+  CheckReport take() { return std::move(report_); }
+
+ private:
+  PhysMem& mem_;
+  CheckReport report_;
+  std::unordered_map<Folio*, Observed> observed_;
+};
+
+}  // namespace
+
+std::string CheckReport::to_string() const {
+  if (problems.empty()) return "ok";
+  std::string s;
+  const size_t shown = std::min<size_t>(problems.size(), 20);
+  for (size_t i = 0; i < shown; i++) s += problems[i] + "\n";
+  if (shown < problems.size()) s += "... and " + std::to_string(problems.size() - shown) + " more\n";
+  return s;
+}
+
+CheckReport check(PhysMem& mem) {
+  Checker c(mem);
+  std::vector<AddressSpace*> spaces = mem.address_spaces();
+  std::sort(spaces.begin(), spaces.end());
+  // One address space at a time: at a quiescent point nothing changes between them.
+  for (AddressSpace* mm : spaces) c.check_space(*mm);
+  c.check_folios();
+  c.check_frames();
+  return c.take();
+}
+
+CheckReport check(AddressSpace& mm) { return check(*mm.mem()); }
+
+}  // namespace gpusvm::mm

@@ -1,0 +1,148 @@
+#include "gpusvm/mm/cpu_access.h"
+
+#include <atomic>
+#include <cerrno>
+#include <cstring>
+
+#include "gpusvm/base/log.h"
+#include "gpusvm/mm/address_space.h"
+#include "gpusvm/mm/fault.h"
+
+namespace gpusvm::mm::cpu {
+namespace {
+
+// A fault resolves an access in one or two rounds (a write to the huge zero folio: split,
+// then COW). Far more rounds mean a livelock or a bug; the budget turns it into -EBUSY.
+constexpr int kFaultBudget = 1000;
+
+// Runs fn(bytes of the page at va) with the access permitted by the page table and the
+// entry's lock held (see the exactness note in the header). Faults as a CPU would.
+template <typename Fn>
+int access_page(AddressSpace& mm, Va va, bool write, Fn&& fn) {
+  PhysMem* mem = mm.mem();
+  PageTable& pt = mm.page_table();
+  ReadLock g(&mm.mmap_lock());
+  for (int round = 0; round < kFaultBudget; round++) {
+    Vma* vma = mm.vma_lookup(va);
+    if (!vma || !(vma->flags & VM_READ) || (write && !(vma->flags & VM_WRITE))) return -EFAULT;
+    if (PmdSlot slot = pt.pmd_lookup(va)) {
+      if (slot.load_lockless().is_huge_present()) {
+        SpinLockGuard pl(&slot.table->lock);
+        const Pmd pmd = slot.table->get(slot.index);
+        if (pmd.is_huge_present() && (!write || pmd.leaf().write())) {
+          const Pte leaf = pmd.leaf();
+          const Pte upd = write ? leaf.mkyoung().mkdirty() : leaf.mkyoung();
+          if (upd != leaf) slot.table->set(slot.index, Pmd::make_leaf(upd));
+          fn(mem->pfn_to_page(leaf.pfn() + pte_index(va))->data() + (va & (kPageSize - 1)));
+          return 0;
+        }
+      } else if (PteTable* t = pt.pte_offset_map_lock(slot)) {
+        const unsigned i = pte_index(va);
+        const Pte pte = t->get(i);
+        if (pte.present() && (!write || pte.write())) {
+          const Pte upd = write ? pte.mkyoung().mkdirty() : pte.mkyoung();
+          if (upd != pte && !pte.special()) t->set(i, upd);
+          fn(mem->pfn_to_page(pte.pfn())->data() + (va & (kPageSize - 1)));
+          PageTable::pte_unmap_unlock(t);
+          return 0;
+        }
+        PageTable::pte_unmap_unlock(t);
+      }
+    }
+    switch (handle_mm_fault(mm, va, write ? kFaultWrite : 0)) {
+      case VmFault::kOk:
+      case VmFault::kRetry:
+        continue;
+      case VmFault::kSigsegv:
+      case VmFault::kSigbus:
+        return -EFAULT;
+      case VmFault::kOom:
+        return -ENOMEM;
+    }
+  }
+  log::get().error("cpu access at {:#x} ({}) still faulting after {} rounds", va,
+                   write ? "write" : "read", kFaultBudget);
+  return -EBUSY;
+}
+
+int check_span(Va va, size_t len) {
+  if (va + len < va || va + len > kTaskSize) return -EFAULT;
+  return 0;
+}
+
+}  // namespace
+
+int copy_out(AddressSpace& mm, Va va, void* dst, size_t len) {
+  if (int rc = check_span(va, len)) return rc;
+  auto* out = static_cast<std::byte*>(dst);
+  while (len > 0) {
+    const size_t n = std::min<size_t>(len, kPageSize - (va & (kPageSize - 1)));
+    int rc = access_page(mm, va, false, [&](std::byte* p) { std::memcpy(out, p, n); });
+    if (rc) return rc;
+    va += n;
+    out += n;
+    len -= n;
+  }
+  return 0;
+}
+
+int copy_in(AddressSpace& mm, Va va, const void* src, size_t len) {
+  if (int rc = check_span(va, len)) return rc;
+  const auto* in = static_cast<const std::byte*>(src);
+  while (len > 0) {
+    const size_t n = std::min<size_t>(len, kPageSize - (va & (kPageSize - 1)));
+    int rc = access_page(mm, va, true, [&](std::byte* p) { std::memcpy(p, in, n); });
+    if (rc) return rc;
+    va += n;
+    in += n;
+    len -= n;
+  }
+  return 0;
+}
+
+int memset(AddressSpace& mm, Va va, int c, size_t len) {
+  if (int rc = check_span(va, len)) return rc;
+  while (len > 0) {
+    const size_t n = std::min<size_t>(len, kPageSize - (va & (kPageSize - 1)));
+    int rc = access_page(mm, va, true, [&](std::byte* p) { std::memset(p, c, n); });
+    if (rc) return rc;
+    va += n;
+    len -= n;
+  }
+  return 0;
+}
+
+namespace {
+template <typename Op>
+Result<uint64_t> atomic_op(AddressSpace& mm, Va va, Op&& op) {
+  if (va % sizeof(uint64_t) != 0) return Err{-EINVAL};
+  if (int rc = check_span(va, sizeof(uint64_t))) return Err{rc};
+  uint64_t old = 0;
+  int rc = access_page(mm, va, true, [&](std::byte* p) {
+    // The frame is shared with every other accessor of the page (other CPUs, and devices in
+    // later layers): a real atomic, not just the page-table lock, makes it a locked op.
+    std::atomic_ref<uint64_t> word(*reinterpret_cast<uint64_t*>(p));
+    old = op(word);
+  });
+  if (rc) return Err{rc};
+  return old;
+}
+}  // namespace
+
+Result<uint64_t> atomic_fetch_add(AddressSpace& mm, Va va, uint64_t delta) {
+  return atomic_op(mm, va, [delta](std::atomic_ref<uint64_t>& w) { return w.fetch_add(delta); });
+}
+
+Result<uint64_t> atomic_cmpxchg(AddressSpace& mm, Va va, uint64_t expected, uint64_t desired) {
+  return atomic_op(mm, va, [expected, desired](std::atomic_ref<uint64_t>& w) {
+    uint64_t e = expected;
+    w.compare_exchange_strong(e, desired);
+    return e;
+  });
+}
+
+Result<uint64_t> atomic_exchange(AddressSpace& mm, Va va, uint64_t value) {
+  return atomic_op(mm, va, [value](std::atomic_ref<uint64_t>& w) { return w.exchange(value); });
+}
+
+}  // namespace gpusvm::mm::cpu

@@ -1,0 +1,80 @@
+// DevPagemap: device-private memory registered by a driver (the kernel's dev_pagemap with
+// MEMORY_DEVICE_PRIVATE).
+//
+// A driver registers a range of device frames; PhysMem gives them pfns above system RAM and
+// folio descriptors live here. Device-private folios are never mapped present in a CPU page
+// table: the CPU sees a device-private soft-leaf entry and faults, and the fault calls the
+// pagemap's migrate_to_ram. The `owner` pointer identifies the driver instance: hmm_range_fault
+// reports device-private pages only to the caller whose dev_private_owner matches.
+//
+// This issue provides registration, descriptors and storage; the migration issue adds the
+// folio_free / migrate_to_ram / folio_split call paths that use the ops.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+
+#include "gpusvm/base/result.h"
+#include "gpusvm/mm/physmem.h"
+
+namespace gpusvm::mm {
+
+class DevPagemap;
+
+// Driver callbacks. Context documented per op.
+class DevPagemapOps {
+ public:
+  virtual ~DevPagemapOps() = default;
+  // The folio's refcount reached zero: return its frames to the driver's allocator.
+  // Called with no page-table lock held... or under one (zap): must not sleep. Required.
+  virtual void folio_free(Folio* folio) = 0;
+};
+
+class DevPagemap {
+ public:
+  // Registers nr_pages device frames with `owner` on `mem`. storage: when true the pagemap
+  // keeps host memory for the frames' bytes (a device whose memory the host can address);
+  // otherwise page_data() is null and the driver moves bytes itself.
+  // Errors: -EINVAL (no ops, zero pages), -ENOSPC (pfn space), -ENOMEM.
+  static Result<std::unique_ptr<DevPagemap>> create(PhysMem* mem, uint64_t nr_pages,
+                                                    const void* owner, DevPagemapOps* ops,
+                                                    bool storage);
+  ~DevPagemap();
+  DevPagemap(const DevPagemap&) = delete;
+  DevPagemap& operator=(const DevPagemap&) = delete;
+
+  const void* owner() const { return owner_; }
+  DevPagemapOps* ops() const { return ops_; }
+  PhysMem* mem() const { return mem_; }
+  Pfn first_pfn() const { return first_pfn_; }
+  uint64_t nr_pages() const { return nr_pages_; }
+  bool contains(Pfn pfn) const { return pfn >= first_pfn_ && pfn < first_pfn_ + nr_pages_; }
+  Folio* pfn_to_page(Pfn pfn) {
+    return contains(pfn) ? &frames_[pfn - first_pfn_] : nullptr;
+  }
+  std::byte* page_data(Pfn pfn) const {
+    return storage_ ? storage_.get() + ((pfn - first_pfn_) << kPageShift) : nullptr;
+  }
+
+  // zone_device_folio_init: the driver hands out a free device frame range as a folio of
+  // `order` (0 or kPmdOrder, pfn aligned to it) with refcount 1. Returns nullptr if any frame
+  // is in use.
+  Folio* folio_init(Pfn pfn, unsigned order);
+  // Number of device folios with a non-zero refcount (for the checker and teardown).
+  uint64_t folios_in_use() const;
+
+ private:
+  friend class Folio;
+  DevPagemap(PhysMem* mem, const void* owner, DevPagemapOps* ops) : mem_(mem), owner_(owner), ops_(ops) {}
+  void free_folio(Folio* folio);  // refcount reached zero
+
+  PhysMem* const mem_;
+  const void* const owner_;
+  DevPagemapOps* const ops_;
+  Pfn first_pfn_ = 0;
+  uint64_t nr_pages_ = 0;
+  std::unique_ptr<Folio[]> frames_;
+  std::unique_ptr<std::byte[]> storage_;
+};
+
+}  // namespace gpusvm::mm

@@ -1,0 +1,291 @@
+// CPU page faults (handle_mm_fault) on PTE and PMD entries.
+#include <cstring>
+
+#include "gpusvm/mm/devmap.h"
+#include "gpusvm/mm/mm_internal.h"
+#include "gpusvm/mm/shmem.h"
+
+namespace gpusvm::mm {
+
+const char* vm_fault_name(VmFault f) {
+  switch (f) {
+    case VmFault::kOk: return "OK";
+    case VmFault::kRetry: return "RETRY";
+    case VmFault::kSigsegv: return "SIGSEGV";
+    case VmFault::kSigbus: return "SIGBUS";
+    case VmFault::kOom: return "OOM";
+  }
+  return "?";
+}
+
+VmFault wait_for_migration(Folio* folio) {
+  // The migrating thread holds the folio lock from installing the migration entries until it
+  // removes them (migrate_vma_finalize); waiting for the unlock is waiting for the migration.
+  if (!folio_wait_unlocked(folio, hang_timeout())) {
+    panic("fault: migration of pfn " + std::to_string(folio->pfn()) +
+          " did not finish within the hang timeout (leftover migration entry?)");
+  }
+  return VmFault::kRetry;
+}
+
+namespace {
+
+struct FaultCtx {
+  AddressSpace& mm;
+  Vma& vma;
+  Va va;
+  bool write;
+  PmdSlot slot;
+};
+
+// Installs a fresh anonymous page at the (none) PTE. Allocation happens before the PTL is
+// taken; if the entry changed meanwhile the page is dropped and the access retried.
+VmFault do_anonymous_page(FaultCtx& f) {
+  PhysMem* mem = f.mm.mem();
+  const unsigned i = pte_index(f.va);
+  if (!f.write) {
+    PteTable* t = f.mm.page_table().pte_offset_map_lock(f.slot);
+    if (!t) return VmFault::kRetry;
+    if (t->get(i).is_none()) {
+      t->set(i, Pte::make_zero(mem->zero_pfn()));
+      f.mm.stats().faults_read_zero.add();
+    }
+    PageTable::pte_unmap_unlock(t);
+    return VmFault::kOk;
+  }
+  Folio* folio = mem->folio_alloc(0, /*zero=*/true);
+  if (!folio) return VmFault::kOom;
+  folio->set(kFolioAnon);
+  folio->set_page(kPageAnonExclusive);
+  PteTable* t = f.mm.page_table().pte_offset_map_lock(f.slot);
+  if (!t) {
+    folio->put();
+    return VmFault::kRetry;
+  }
+  VmFault r = VmFault::kRetry;
+  if (t->get(i).is_none()) {
+    page_add_rmap_pte(folio, &f.mm, f.va);
+    t->set(i, Pte::make_present(folio->pfn(), f.vma.flags & VM_WRITE).mkdirty().mkyoung());
+    folio = nullptr;
+    f.mm.stats().faults_anon.add();
+    r = VmFault::kOk;
+  }
+  PageTable::pte_unmap_unlock(t);
+  if (folio) folio->put();
+  return r;
+}
+
+// Replaces the read-only entry `orig` by a private copy of `src` (nullptr: the zero page).
+// The copy is made without the PTL; the entry must still be `orig` when we retake it
+// (pte_same), else someone else resolved the fault first.
+VmFault wp_page_copy(FaultCtx& f, Pte orig, Folio* src) {
+  PhysMem* mem = f.mm.mem();
+  Folio* folio = mem->folio_alloc(0, /*zero=*/src == nullptr);
+  if (!folio) {
+    if (src) src->head()->put();
+    return VmFault::kOom;
+  }
+  if (src) copy_page_data(folio, src);
+  folio->set(kFolioAnon);
+  folio->set_page(kPageAnonExclusive);
+  const unsigned i = pte_index(f.va);
+  Folio* old_page = nullptr;
+  PteTable* t = f.mm.page_table().pte_offset_map_lock(f.slot);
+  VmFault r = VmFault::kRetry;
+  if (t && t->get(i) == orig) {
+    if (orig.present() && !orig.special()) {
+      old_page = mem->pfn_to_page(orig.pfn());
+      page_remove_rmap_pte(old_page, &f.mm, f.va);
+    }
+    page_add_rmap_pte(folio, &f.mm, f.va);
+    t->set(i, Pte::make_present(folio->pfn(), true).mkdirty().mkyoung());
+    folio = nullptr;
+    f.mm.stats().faults_cow.add();
+    f.mm.stats().cow_copies.add();
+    r = VmFault::kOk;
+  }
+  if (t) PageTable::pte_unmap_unlock(t);
+  if (folio) folio->put();
+  if (old_page) old_page->head()->put();   // the old mapping's reference
+  if (src) src->head()->put();             // our temporary reference
+  return r;
+}
+
+// Write fault on a present read-only PTE in a writable VMA (do_wp_page).
+VmFault do_wp_page(FaultCtx& f, PteTable* t, Pte pte) {
+  PhysMem* mem = f.mm.mem();
+  const unsigned i = pte_index(f.va);
+  if (pte.special()) {  // the zero page: replace by a zeroed private page
+    PageTable::pte_unmap_unlock(t);
+    return wp_page_copy(f, pte, nullptr);
+  }
+  Folio* page = mem->pfn_to_page(pte.pfn());
+  Folio* head = page->head();
+  if (f.vma.is_shared()) {  // shared mapping: write in place
+    t->set(i, pte.mkwrite().mkdirty().mkyoung());
+    PageTable::pte_unmap_unlock(t);
+    return VmFault::kOk;
+  }
+  if (head->test(kFolioAnon)) {
+    // Reuse when only this mapping can reach the page: it is marked exclusive, or it is a
+    // small folio whose one reference is this mapping (the other side of a COW already
+    // copied). Checked under the PTL: a new sharer (fork) needs this PTL to map it.
+    bool reuse = page->test_page(kPageAnonExclusive) ||
+                 (!head->large() && head->refcount() == 1 && head->page_mapcount() == 1);
+    if (reuse) {
+      page->set_page(kPageAnonExclusive);
+      t->set(i, pte.mkwrite().mkdirty().mkyoung());
+      PageTable::pte_unmap_unlock(t);
+      f.mm.stats().faults_reuse.add();
+      return VmFault::kOk;
+    }
+  }
+  head->get();  // keeps the source alive while we copy without the PTL
+  PageTable::pte_unmap_unlock(t);
+  return wp_page_copy(f, pte, page);
+}
+
+// A fault on a none PTE of a shared or file-backed VMA.
+VmFault do_file_fault(FaultCtx& f) {
+  bool beyond = false;
+  Folio* folio = f.vma.file->get_folio(f.vma.pgoff_of(f.va), &beyond);
+  if (!folio) return beyond ? VmFault::kSigbus : VmFault::kOom;
+  f.mm.stats().faults_shmem.add();
+  if (!f.vma.is_shared() && f.write) {
+    // Private file mapping, first access is a write: copy straight into an anonymous page.
+    return wp_page_copy(f, Pte::none(), folio);
+  }
+  const unsigned i = pte_index(f.va);
+  PteTable* t = f.mm.page_table().pte_offset_map_lock(f.slot);
+  VmFault r = VmFault::kRetry;
+  if (t && t->get(i).is_none()) {
+    bool writable = f.vma.is_shared() && (f.vma.flags & VM_WRITE);
+    Pte pte = Pte::make_present(folio->pfn(), writable).mkyoung();
+    if (f.write) pte = pte.mkdirty();
+    page_add_rmap_pte(folio, &f.mm, f.va);  // our reference becomes the mapping's
+    t->set(i, pte);
+    folio = nullptr;
+    r = VmFault::kOk;
+  }
+  if (t) PageTable::pte_unmap_unlock(t);
+  if (folio) folio->put();
+  return r;
+}
+
+VmFault handle_pte_fault(FaultCtx& f) {
+  PhysMem* mem = f.mm.mem();
+  const unsigned i = pte_index(f.va);
+  PteTable* t = f.mm.page_table().pte_offset_map_lock(f.slot);
+  if (!t) return VmFault::kRetry;  // the PMD changed (a huge leaf raced in): start over
+  const Pte pte = t->get(i);
+  if (pte.is_none()) {
+    PageTable::pte_unmap_unlock(t);
+    return f.vma.is_anonymous() ? do_anonymous_page(f) : do_file_fault(f);
+  }
+  if (pte.present()) {
+    if (f.write && !pte.write()) return do_wp_page(f, t, pte);  // unlocks
+    Pte young = f.write ? pte.mkyoung().mkdirty() : pte.mkyoung();
+    if (young != pte) t->set(i, young);
+    PageTable::pte_unmap_unlock(t);
+    return VmFault::kOk;
+  }
+  if (pte.is_migration()) {
+    Folio* folio = mem->folio_of(pte.pfn());
+    bool ref = folio->try_get();
+    PageTable::pte_unmap_unlock(t);
+    f.mm.stats().faults_migration_wait.add();
+    if (!ref) return VmFault::kRetry;  // migration finished and freed the source
+    VmFault r = wait_for_migration(folio);
+    folio->put();
+    return r;
+  }
+  // Device-private and device-exclusive entries are resolved by the migration layer
+  // (migrate_to_ram / restoring the exclusive entry), which this model adds with device
+  // memory; until a pagemap provides migrate_to_ram the CPU cannot reach such a page.
+  PageTable::pte_unmap_unlock(t);
+  return VmFault::kSigbus;
+}
+
+// A fault on a present huge leaf: only writes to read-only leaves need work.
+VmFault huge_pmd_fault(FaultCtx& f, Pmd pmd) {
+  PhysMem* mem = f.mm.mem();
+  const Pte leaf = pmd.leaf();
+  const Va haddr = pmd_align_down(f.va);
+  if (!f.write || leaf.write()) {
+    SpinLockGuard g(&f.slot.table->lock);
+    Pmd cur = f.slot.table->get(f.slot.index);
+    if (cur != pmd) return VmFault::kRetry;
+    Pte upd = f.write ? leaf.mkyoung().mkdirty() : leaf.mkyoung();
+    if (upd != leaf) f.slot.table->set(f.slot.index, Pmd::make_leaf(upd));
+    return VmFault::kOk;
+  }
+  if (!mem->is_huge_zero_pfn(leaf.pfn())) {
+    // Reuse an exclusive THP in place (do_huge_pmd_wp_page); otherwise fall back to a 4 KiB
+    // COW after splitting the PMD, as Linux does.
+    SpinLockGuard g(&f.slot.table->lock);
+    Pmd cur = f.slot.table->get(f.slot.index);
+    if (cur != pmd) return VmFault::kRetry;
+    Folio* folio = mem->folio_of(leaf.pfn());
+    if (folio->test_page(kPageAnonExclusive) ||
+        (folio->refcount() == 1 && folio->entire_mapcount() == 1)) {
+      for (uint64_t i = 0; i < kPagesPerPmd; i++) folio->page(i)->set_page(kPageAnonExclusive);
+      f.slot.table->set(f.slot.index, Pmd::make_leaf(leaf.mkwrite().mkdirty().mkyoung()));
+      f.mm.stats().faults_reuse.add();
+      return VmFault::kOk;
+    }
+  }
+  // Write to the huge zero folio or to a shared THP: split, then the PTE path handles it.
+  split_huge_pmd(f.mm, f.slot, haddr);
+  return VmFault::kRetry;
+}
+
+}  // namespace
+
+VmFault handle_mm_fault(AddressSpace& mm, Va va, unsigned flags) {
+  mm.mmap_assert_locked();
+  mm.stats().faults.add();
+  Vma* vma = mm.vma_lookup(va);
+  const bool write = flags & kFaultWrite;
+  if (!vma || !(vma->flags & VM_READ) || (write && !(vma->flags & VM_WRITE))) {
+    mm.stats().faults_sigsegv.add();
+    return VmFault::kSigsegv;
+  }
+  Result<PmdSlot> slot = mm.page_table().pmd_alloc(va);
+  if (!slot) {
+    mm.stats().faults_oom.add();
+    return VmFault::kOom;
+  }
+  FaultCtx f{mm, *vma, page_align_down(va), write, *slot};
+  Pmd pmd = slot->load_lockless();
+  if (pmd.is_none() && vma->is_anonymous() && mm.thp_allowed(*vma, va)) {
+    bool fallback = false;
+    VmFault r = do_huge_pmd_anonymous_page(mm, *vma, *slot, va, write, &fallback);
+    if (!fallback) {
+      if (r == VmFault::kOom) mm.stats().faults_oom.add();
+      return r;
+    }
+    pmd = slot->load_lockless();
+  }
+  if (pmd.is_huge_present()) return huge_pmd_fault(f, pmd);
+  if (pmd.is_huge_soft_leaf()) {
+    Pte leaf = pmd.leaf();
+    if (leaf.is_migration()) {
+      Folio* folio = mm.mem()->folio_of(leaf.pfn());
+      if (!folio->try_get()) return VmFault::kRetry;
+      mm.stats().faults_migration_wait.add();
+      VmFault r = wait_for_migration(folio);
+      folio->put();
+      return r;
+    }
+    return VmFault::kSigbus;  // device-private PMD: see handle_pte_fault
+  }
+  if (mm.page_table().pte_alloc(*slot) != 0) {
+    mm.stats().faults_oom.add();
+    return VmFault::kOom;
+  }
+  VmFault r = handle_pte_fault(f);
+  if (r == VmFault::kOom) mm.stats().faults_oom.add();
+  return r;
+}
+
+}  // namespace gpusvm::mm

@@ -1,0 +1,77 @@
+// Internal interfaces shared by the .cc files of gpusvm/mm. Not for other layers.
+#pragma once
+
+#include <cstdint>
+
+#include "gpusvm/mm/address_space.h"
+#include "gpusvm/mm/fault.h"
+#include "gpusvm/mm/mmu_notifier.h"
+#include "gpusvm/mm/page_table.h"
+#include "gpusvm/mm/physmem.h"
+#include "gpusvm/mm/vma.h"
+
+namespace gpusvm::mm {
+
+// An invalidation bracket: invalidate_range_start on construction, _end on destruction.
+// Context: mmap lock held, no page-table lock held (asserted by the lock order: the
+// subscriptions lock ranks below the page-table locks).
+class MmuInvalidation {
+ public:
+  MmuInvalidation(AddressSpace& mm, Va start, Va end, MmuNotifyEvent event,
+                  const void* owner = nullptr);
+  ~MmuInvalidation();
+  MmuInvalidation(const MmuInvalidation&) = delete;
+  MmuInvalidation& operator=(const MmuInvalidation&) = delete;
+
+ private:
+  AddressSpace& mm_;
+  MmuNotifierRange range_;
+};
+
+// The implementation of AddressSpace's system calls; a friend of AddressSpace so it reaches
+// the VMA tree under the mmap lock held by the caller.
+class MmOps {
+ public:
+  static VmaTree& vmas(AddressSpace& mm) GPUSVM_REQUIRES(mm.mmap_lock_) { return mm.vmas_; }
+  static void set_exited(AddressSpace& mm) { mm.exited_.store(true, std::memory_order_release); }
+};
+
+// Top of the mmap area: top-down allocation starts below a stack gap, as on x86-64.
+inline constexpr Va kMmapBase = kTaskSize - (128ULL << 20);
+
+// munmap of [start, end) with the mmap lock held for write: splits VMAs (and PMD mappings)
+// at the ends, fires one UNMAP invalidation, zaps and removes the VMAs.
+void do_munmap(AddressSpace& mm, VmaTree& vmas, Va start, Va end);
+
+// Unmaps every entry in [start, end) (inside one VMA), dropping mapcounts, rmap items and
+// mapping references; splits a huge leaf that is only partly covered. The caller has started
+// the matching invalidation. mmap lock held (read suffices), no page-table lock held.
+void zap_range(AddressSpace& mm, const Vma& vma, Va start, Va end);
+
+// Splits the huge leaf at slot (if it still is one) into 512 PTEs using the deposited table:
+// a THP becomes PTE-mapped (the folio stays large), the huge zero folio becomes 512 zero-page
+// PTEs, a device-private PMD becomes 512 device-private PTEs. Fires a CLEAR invalidation over
+// the 2 MiB. mmap lock held, no page-table lock held. Never fails.
+void split_huge_pmd(AddressSpace& mm, PmdSlot slot, Va haddr);
+
+// Splits every huge leaf that straddles `addr` (not 2 MiB aligned) in the VMA containing it,
+// so that a VMA boundary at addr cuts no PMD mapping. mmap lock held.
+void split_huge_pmd_address(AddressSpace& mm, Va addr);
+
+// Installs a PMD-mapped THP or huge zero folio at haddr; allocates the deposit table first.
+// Returns kOk, kRetry (the PMD is no longer none), kOom, or kSigbus-free fallback signalled
+// by returning false in *fallback. mmap lock held.
+VmFault do_huge_pmd_anonymous_page(AddressSpace& mm, Vma& vma, PmdSlot slot, Va va,
+                                   bool write, bool* fallback);
+
+// MADV_COLLAPSE of the aligned 2 MiB at haddr (fully inside `vma`). mmap lock held for write.
+// Returns 0, -ENOMEM (no THP), -EAGAIN (a page is busy: shared, locked or a soft leaf).
+[[nodiscard]] int collapse_huge_page(AddressSpace& mm, Vma& vma, Va haddr);
+
+// Copies one 4 KiB page's bytes.
+void copy_page_data(Folio* dst, const Folio* src);
+
+// Process-wide helpers of the fault path.
+VmFault wait_for_migration(Folio* folio);
+
+}  // namespace gpusvm::mm

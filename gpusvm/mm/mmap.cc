@@ -1,0 +1,346 @@
+// mmap, munmap, mprotect and madvise.
+#include <cerrno>
+#include <vector>
+
+#include "gpusvm/mm/fault.h"
+#include "gpusvm/mm/mm_internal.h"
+#include "gpusvm/mm/shmem.h"
+
+namespace gpusvm::mm {
+namespace {
+
+// Splits the VMA containing addr so that a VMA boundary falls on addr, first splitting a
+// PMD mapping that straddles addr. Write lock held.
+void split_vma_at(AddressSpace& mm, VmaTree& vmas, Va addr) {
+  Vma* v = vmas.lookup(addr);
+  if (!v || v->start == addr) return;
+  split_huge_pmd_address(mm, addr);
+  vmas.split(v, addr);
+}
+
+// The VMAs inside [start, end), after split_vma_at(start) and split_vma_at(end).
+std::vector<Vma*> vmas_in(VmaTree& vmas, Va start, Va end) {
+  std::vector<Vma*> out;
+  for (Vma* v = vmas.find(start); v && v->start < end; v = vmas.next(v)) out.push_back(v);
+  return out;
+}
+
+// Re-merges VMAs around [start, end) after their flags changed. Looks each one up again by
+// address because a merge frees the VMA it absorbs.
+void merge_range(VmaTree& vmas, Va start, Va end) {
+  std::vector<Va> starts;
+  for (Vma* v = vmas.find(start); v && v->start < end; v = vmas.next(v)) starts.push_back(v->start);
+  for (Va a : starts) {
+    if (Vma* v = vmas.lookup(a)) vmas.try_merge(v);
+  }
+}
+
+// True when [start, end) is fully covered by VMAs without holes.
+bool fully_mapped(const VmaTree& vmas, Va start, Va end) {
+  Va at = start;
+  for (Vma* v = vmas.find(start); v && v->start <= at && at < end; v = vmas.next(v)) at = v->end;
+  return at >= end;
+}
+
+}  // namespace
+
+void do_munmap(AddressSpace& mm, VmaTree& vmas, Va start, Va end) {
+  split_vma_at(mm, vmas, start);
+  split_vma_at(mm, vmas, end);
+  std::vector<Vma*> victims = vmas_in(vmas, start, end);
+  if (victims.empty()) return;
+  MmuInvalidation inv(mm, start, end, MmuNotifyEvent::kUnmap);
+  for (Vma* v : victims) {
+    zap_range(mm, *v, v->start, v->end);
+    (void)vmas.erase(v);
+  }
+}
+
+namespace {
+
+// Applies `write` permission changes to the entries of [start, end) inside `vma`
+// (change_protection). Removing write protects every entry; adding write makes writable
+// only what may be written without a fault: anon-exclusive pages and shared mappings.
+void change_protection(AddressSpace& mm, const Vma& vma, Va start, Va end, bool write) {
+  PhysMem* mem = mm.mem();
+  PageTable& pt = mm.page_table();
+  auto may_write = [&](Pte pte) {
+    if (!write || pte.special()) return false;
+    if (vma.is_shared()) return true;
+    Folio* page = mem->pfn_to_page(pte.pfn());
+    return page->head()->test(kFolioAnon) && page->test_page(kPageAnonExclusive);
+  };
+  for (Va addr = start; addr < end;) {
+    const Va haddr = pmd_align_down(addr);
+    const Va next = std::min(haddr + kPmdSize, end);
+    PmdSlot slot = pt.pmd_lookup(addr);
+    if (!slot) {
+      addr = next;
+      continue;
+    }
+    if (slot.load_lockless().is_leaf() && (addr != haddr || next != haddr + kPmdSize)) {
+      split_huge_pmd(mm, slot, haddr);
+    }
+    {
+      SpinLockGuard g(&slot.table->lock);
+      Pmd pmd = slot.table->get(slot.index);
+      if (pmd.is_huge_present() && !mem->is_huge_zero_pfn(pmd.leaf().pfn())) {
+        Pte leaf = pmd.leaf();
+        Pte upd = may_write(leaf) ? leaf.mkwrite() : (write ? leaf : leaf.wrprotect());
+        if (upd != leaf) slot.table->set(slot.index, Pmd::make_leaf(upd));
+      }
+    }
+    if (PteTable* t = pt.pte_offset_map_lock(slot)) {
+      for (Va va = addr; va < next; va += kPageSize) {
+        const unsigned i = pte_index(va);
+        Pte pte = t->get(i);
+        if (!pte.present()) continue;
+        Pte upd = may_write(pte) ? pte.mkwrite() : (write ? pte : pte.wrprotect());
+        if (upd != pte) t->set(i, upd);
+      }
+      PageTable::pte_unmap_unlock(t);
+    }
+    addr = next;
+  }
+}
+
+// MADV_FREE on [start, end) of a private anonymous VMA: exclusive pages become clean and
+// lazily freeable. Partly covered THPs are split first.
+void madvise_free_range(AddressSpace& mm, const Vma& vma, Va start, Va end) {
+  PhysMem* mem = mm.mem();
+  PageTable& pt = mm.page_table();
+  (void)vma;
+  for (Va addr = start; addr < end;) {
+    const Va haddr = pmd_align_down(addr);
+    const Va next = std::min(haddr + kPmdSize, end);
+    PmdSlot slot = pt.pmd_lookup(addr);
+    if (!slot) {
+      addr = next;
+      continue;
+    }
+    if (slot.load_lockless().is_leaf() && (addr != haddr || next != haddr + kPmdSize)) {
+      split_huge_pmd(mm, slot, haddr);
+    }
+    {
+      SpinLockGuard g(&slot.table->lock);
+      Pmd pmd = slot.table->get(slot.index);
+      if (pmd.is_huge_present() && !mem->is_huge_zero_pfn(pmd.leaf().pfn())) {
+        Folio* folio = mem->folio_of(pmd.leaf().pfn());
+        if (folio->total_mapcount() == 1) {
+          folio->clear(kFolioDirty);
+          folio->set(kFolioLazyfree);
+          slot.table->set(slot.index, Pmd::make_leaf(pmd.leaf().mkclean().mkold()));
+        }
+      }
+    }
+    if (PteTable* t = pt.pte_offset_map_lock(slot)) {
+      for (Va va = addr; va < next; va += kPageSize) {
+        const unsigned i = pte_index(va);
+        Pte pte = t->get(i);
+        if (!pte.present() || pte.special()) continue;
+        Folio* folio = mem->folio_of(pte.pfn());
+        if (folio->large() || folio->total_mapcount() != 1) continue;
+        folio->clear(kFolioDirty);
+        folio->set(kFolioLazyfree);
+        t->set(i, pte.mkclean().mkold());
+      }
+      PageTable::pte_unmap_unlock(t);
+    }
+    addr = next;
+  }
+}
+
+bool valid_advice(int advice) {
+  switch (advice) {
+    case MADV_DONTNEED: case MADV_FREE: case MADV_HUGEPAGE: case MADV_NOHUGEPAGE:
+    case MADV_COLLAPSE: case MADV_DONTFORK: case MADV_DOFORK: case MADV_WIPEONFORK:
+    case MADV_KEEPONFORK:
+      return true;
+    default:
+      return false;
+  }
+}
+
+}  // namespace
+
+Result<Va> AddressSpace::mmap(Va addr, uint64_t len, int prot, int flags,
+                              std::shared_ptr<ShmemObject> file, uint64_t offset) {
+  constexpr int kKnown = MAP_SHARED | MAP_PRIVATE | MAP_FIXED | MAP_ANONYMOUS |
+                         MAP_FIXED_NOREPLACE | MAP_POPULATE | MAP_NORESERVE;
+  if (len == 0 || (prot & ~(PROT_READ | PROT_WRITE | PROT_EXEC)) || (flags & ~kKnown)) {
+    return Err{-EINVAL};
+  }
+  const int type = flags & (MAP_SHARED | MAP_PRIVATE);
+  if (type != MAP_SHARED && type != MAP_PRIVATE) return Err{-EINVAL};
+  const uint64_t alen = page_align_up(len);
+  if (alen < len || alen > kTaskSize) return Err{-ENOMEM};
+  const bool anon = flags & MAP_ANONYMOUS;
+  if (anon && file) return Err{-EINVAL};
+  if (!anon && !file) return Err{-EBADF};
+  if (!page_aligned(offset) || offset + alen < offset) return Err{-EINVAL};
+  const bool fixed = flags & (MAP_FIXED | MAP_FIXED_NOREPLACE);
+  if (fixed) {
+    if (!page_aligned(addr)) return Err{-EINVAL};
+    if (addr < kMmapMinAddr) return Err{-EPERM};
+    if (addr + alen > kTaskSize || addr + alen < addr) return Err{-ENOMEM};
+  }
+  if (anon && type == MAP_SHARED) {
+    // Shared anonymous memory is a shmem object of the mapping's size.
+    Result<std::shared_ptr<ShmemObject>> obj = ShmemObject::create(mem_, alen, "dev/zero");
+    if (!obj) return Err{obj.error()};
+    file = *obj;
+  }
+
+  Va start;
+  {
+    WriteLock g(&mmap_lock_);
+    if (exited()) return Err{-ENOMEM};
+    if (fixed) {
+      if (flags & MAP_FIXED_NOREPLACE) {
+        Vma* v = vmas_.find(addr);
+        if (v && v->start < addr + alen) return Err{-EEXIST};
+      } else {
+        do_munmap(*this, vmas_, addr, addr + alen);
+      }
+      start = addr;
+    } else {
+      // Anonymous mappings of whole 2 MiB multiples are PMD aligned so THPs can back them,
+      // as Linux does since 6.7 (thp_get_unmapped_area).
+      const uint64_t align = anon && alen % kPmdSize == 0 ? kPmdSize : kPageSize;
+      start = 0;
+      if (addr && page_aligned(addr) && addr >= kMmapMinAddr && addr + alen <= kTaskSize &&
+          addr + alen > addr) {
+        Vma* v = vmas_.find(addr);
+        if (!v || v->start >= addr + alen) start = addr;
+      }
+      if (!start) start = vmas_.find_gap_topdown(alen, kMmapMinAddr, kMmapBase, align);
+      if (!start) return Err{-ENOMEM};
+    }
+    auto vma = std::make_unique<Vma>();
+    vma->start = start;
+    vma->end = start + alen;
+    vma->flags = prot_to_vm_flags(prot) | VM_MAYWRITE | (type == MAP_SHARED ? VM_SHARED : 0);
+    vma->file = std::move(file);
+    vma->pgoff = offset >> kPageShift;
+    vmas_.try_merge(vmas_.insert(std::move(vma)));
+  }
+  if (flags & MAP_POPULATE) {
+    // Pre-fault like the kernel's populate: writable private mappings are faulted for write
+    // so that no COW is left to break later. Failures are ignored, as in Linux.
+    ReadLock g(&mmap_lock_);
+    Vma* v = vmas_.lookup(start);
+    const unsigned fl = v && (v->flags & VM_WRITE) ? kFaultWrite : 0;
+    for (Va va = start; v && va < start + alen;) {
+      if (!(v->flags & VM_READ)) break;
+      VmFault r = handle_mm_fault(*this, va, fl);
+      if (r == VmFault::kRetry) continue;
+      if (r != VmFault::kOk) break;
+      PmdSlot slot = pt_.pmd_lookup(va);
+      va = slot && slot.load_lockless().is_huge_present() ? pmd_align_down(va) + kPmdSize
+                                                          : va + kPageSize;
+    }
+  }
+  return start;
+}
+
+int AddressSpace::munmap(Va start, uint64_t len) {
+  if (!page_aligned(start) || len == 0 || start > kTaskSize) return -EINVAL;
+  const uint64_t alen = page_align_up(len);
+  if (alen < len || alen > kTaskSize - start) return -EINVAL;
+  WriteLock g(&mmap_lock_);
+  do_munmap(*this, vmas_, start, start + alen);
+  return 0;
+}
+
+int AddressSpace::mprotect(Va start, uint64_t len, int prot) {
+  if (!page_aligned(start) || (prot & ~(PROT_READ | PROT_WRITE | PROT_EXEC))) return -EINVAL;
+  const uint64_t alen = page_align_up(len);
+  if (alen < len || start + alen < start) return -ENOMEM;
+  if (alen == 0) return 0;  // as Linux: an empty mprotect succeeds and changes nothing
+  const Va end = start + alen;
+  WriteLock g(&mmap_lock_);
+  if (!fully_mapped(vmas_, start, end)) return -ENOMEM;
+  split_vma_at(*this, vmas_, start);
+  split_vma_at(*this, vmas_, end);
+  const uint32_t newprot = prot_to_vm_flags(prot);
+  {
+    MmuInvalidation inv(*this, start, end, MmuNotifyEvent::kProtectionVma);
+    for (Vma* v : vmas_in(vmas_, start, end)) {
+      const bool was_writable = v->flags & VM_WRITE;
+      v->flags = (v->flags & ~(VM_READ | VM_WRITE | VM_EXEC)) | newprot;
+      const bool writable = v->flags & VM_WRITE;
+      if (was_writable != writable || !(v->flags & VM_READ)) {
+        change_protection(*this, *v, v->start, v->end, writable && (v->flags & VM_READ));
+      }
+    }
+  }
+  merge_range(vmas_, start, end);
+  return 0;
+}
+
+int AddressSpace::madvise(Va start, uint64_t len, int advice) {
+  if (!page_aligned(start) || !valid_advice(advice)) return -EINVAL;
+  const uint64_t alen = page_align_up(len);
+  if (alen < len || start + alen < start) return -EINVAL;
+  if (alen == 0) return 0;  // as Linux
+  const Va end = start + alen;
+  if (end > kTaskSize) return -ENOMEM;
+
+  if (advice == MADV_DONTNEED || advice == MADV_FREE) {
+    // Only the entries change, not the VMAs: the read lock suffices, as in Linux.
+    ReadLock g(&mmap_lock_);
+    const bool holes = !fully_mapped(vmas_, start, end);
+    for (Vma* v = vmas_.find(start); v && v->start < end; v = vmas_.next(v)) {
+      if (v->flags & (VM_LOCKED | VM_PFNMAP)) return -EINVAL;
+      if (advice == MADV_FREE && (!v->is_anonymous() || v->is_shared())) return -EINVAL;
+    }
+    for (Vma* v = vmas_.find(start); v && v->start < end; v = vmas_.next(v)) {
+      const Va s = std::max(start, v->start), e = std::min(end, v->end);
+      MmuInvalidation inv(*this, s, e, MmuNotifyEvent::kClear);
+      if (advice == MADV_DONTNEED) zap_range(*this, *v, s, e);
+      else madvise_free_range(*this, *v, s, e);
+    }
+    return holes ? -ENOMEM : 0;
+  }
+
+  WriteLock g(&mmap_lock_);
+  const bool holes = !fully_mapped(vmas_, start, end);
+  if (advice == MADV_COLLAPSE) {
+    int err = 0;
+    for (Vma* v = vmas_.find(start); v && v->start < end; v = vmas_.next(v)) {
+      if (!v->is_anonymous() || v->is_shared() || (v->flags & VM_NOHUGEPAGE)) {
+        err = -EINVAL;
+        continue;
+      }
+      const Va hs = pmd_align_up(std::max(start, v->start));
+      const Va he = pmd_align_down(std::min(end, v->end));
+      for (Va h = hs; h + kPmdSize <= he; h += kPmdSize) {
+        int rc = collapse_huge_page(*this, *v, h);
+        if (rc) err = rc;
+      }
+    }
+    return err ? err : (holes ? -ENOMEM : 0);
+  }
+  if (advice == MADV_WIPEONFORK) {
+    for (Vma* v = vmas_.find(start); v && v->start < end; v = vmas_.next(v)) {
+      if (!v->is_anonymous() || v->is_shared()) return -EINVAL;
+    }
+  }
+  split_vma_at(*this, vmas_, start);
+  split_vma_at(*this, vmas_, end);
+  std::vector<Vma*> targets = vmas_in(vmas_, start, end);
+  for (Vma* v : targets) {
+    switch (advice) {
+      case MADV_HUGEPAGE: v->flags = (v->flags & ~VM_NOHUGEPAGE) | VM_HUGEPAGE; break;
+      case MADV_NOHUGEPAGE: v->flags = (v->flags & ~VM_HUGEPAGE) | VM_NOHUGEPAGE; break;
+      case MADV_DONTFORK: v->flags |= VM_DONTCOPY; break;
+      case MADV_DOFORK: v->flags &= ~VM_DONTCOPY; break;
+      case MADV_WIPEONFORK: v->flags |= VM_WIPEONFORK; break;
+      case MADV_KEEPONFORK: v->flags &= ~VM_WIPEONFORK; break;
+    }
+  }
+  merge_range(vmas_, start, end);
+  return holes ? -ENOMEM : 0;
+}
+
+}  // namespace gpusvm::mm

@@ -1,0 +1,188 @@
+// mremap: shrink, grow in place, or move page-table entries to a new range.
+#include <cerrno>
+#include <vector>
+
+#include "gpusvm/mm/mm_internal.h"
+
+namespace gpusvm::mm {
+namespace {
+
+// Re-points the mapping accounting of a moved entry from (mm, old_va) to (mm, new_va).
+void move_entry_rmap(AddressSpace& mm, Pte pte, Va old_va, Va new_va) {
+  PhysMem* mem = mm.mem();
+  if ((pte.present() && !pte.special()) || pte.is_device_private() || pte.is_device_exclusive()) {
+    Folio* page = mem->pfn_to_page(pte.pfn());
+    const uint32_t idx = static_cast<uint32_t>(page->page_index());
+    folio_move_rmap(page->head(), RmapItem{&mm, old_va, idx, pte.huge()}, &mm, new_va);
+  }
+}
+
+// Moves a whole huge leaf from src to an empty dst PMD. Returns false if dst is not none
+// (the caller splits and moves PTEs instead). The second lock is taken only when the tables
+// differ, which the static analysis cannot follow; the accessors assert both at run time.
+bool move_huge_pmd(AddressSpace& mm, PmdSlot src, PmdSlot dst, Va old_addr, Va new_addr)
+    GPUSVM_NO_THREAD_SAFETY_ANALYSIS {
+  SpinLockGuard gs(&src.table->lock);
+  const bool same = src.table == dst.table;
+  if (!same) dst.table->lock.lock_nested(1);
+  bool moved = false;
+  Pmd pmd = src.table->get(src.index);
+  if (pmd.is_leaf() && dst.table->get(dst.index).is_none()) {
+    src.table->set(src.index, Pmd());
+    PteTable* deposit = src.table->withdraw(src.index);
+    dst.table->set(dst.index, pmd);
+    dst.table->deposit(dst.index, deposit);
+    if (!mm.mem()->is_huge_zero_pfn(pmd.leaf().pfn()) || !pmd.leaf().present()) {
+      move_entry_rmap(mm, pmd.leaf(), old_addr, new_addr);
+    }
+    moved = true;
+  }
+  if (!same) dst.table->lock.unlock();
+  return moved;
+}
+
+// Moves the PTEs of [old_addr, old_addr + len) to new_addr; both ranges lie inside one PTE
+// table each, and the destination table exists. Conditional second lock: see move_huge_pmd.
+void move_ptes(AddressSpace& mm, PmdSlot src, PmdSlot dst, Va old_addr, Va new_addr, uint64_t len)
+    GPUSVM_NO_THREAD_SAFETY_ANALYSIS {
+  PageTable& pt = mm.page_table();
+  PteTable* ts = pt.pte_offset_map_lock(src, 0);
+  if (!ts) return;  // nothing mapped there any more
+  PteTable* td = dst.load_lockless().table();
+  const bool same = ts == td;
+  if (!same) td->ptl.lock_nested(1);
+  for (uint64_t off = 0; off < len; off += kPageSize) {
+    const unsigned si = pte_index(old_addr + off), di = pte_index(new_addr + off);
+    Pte pte = ts->get(si);
+    if (pte.is_none()) continue;
+    ts->set(si, Pte::none());
+    td->set(di, pte);
+    move_entry_rmap(mm, pte, old_addr + off, new_addr + off);
+  }
+  if (!same) td->ptl.unlock();
+  PageTable::pte_unmap_unlock(ts);
+}
+
+// Allocates every destination table the move needs, so the move itself cannot fail.
+int prepare_destination(AddressSpace& mm, Va old_addr, Va new_addr, uint64_t len) {
+  PageTable& pt = mm.page_table();
+  for (uint64_t off = 0; off < len;) {
+    const Va d = new_addr + off;
+    const uint64_t step = std::min(pmd_align_down(d) + kPmdSize - d, len - off);
+    Result<PmdSlot> slot = pt.pmd_alloc(d);
+    if (!slot) return slot.error();
+    PmdSlot src = pt.pmd_lookup(old_addr + off);
+    const bool whole_leaf = src && src.load_lockless().is_leaf() && pmd_aligned(old_addr + off) &&
+                            pmd_aligned(d) && step == kPmdSize;
+    if (!whole_leaf && pt.pte_alloc(*slot) != 0) return -ENOMEM;
+    off += step;
+  }
+  return 0;
+}
+
+void move_page_tables(AddressSpace& mm, Va old_addr, Va new_addr, uint64_t len) {
+  PageTable& pt = mm.page_table();
+  for (uint64_t off = 0; off < len;) {
+    const Va s = old_addr + off, d = new_addr + off;
+    const uint64_t step = std::min({pmd_align_down(s) + kPmdSize - s, pmd_align_down(d) + kPmdSize - d,
+                                    len - off});
+    PmdSlot src = pt.pmd_lookup(s);
+    if (src) {
+      PmdSlot dst = pt.pmd_lookup(d);
+      Pmd pmd = src.load_lockless();
+      if (pmd.is_leaf()) {
+        if (step == kPmdSize && pmd_aligned(s) && pmd_aligned(d) &&
+            move_huge_pmd(mm, src, dst, s, d)) {
+          off += step;
+          continue;
+        }
+        split_huge_pmd(mm, src, pmd_align_down(s));
+        if (!dst.load_lockless().is_table() && pt.pte_alloc(dst) != 0) {
+          panic("mremap: destination table vanished after preparation");
+        }
+      }
+      move_ptes(mm, src, dst, s, d, step);
+    }
+    off += step;
+  }
+}
+
+}  // namespace
+
+Result<Va> AddressSpace::mremap(Va old_addr, uint64_t old_len, uint64_t new_len, int flags,
+                                Va new_addr) {
+  if (flags & ~(MREMAP_MAYMOVE | MREMAP_FIXED | MREMAP_DONTUNMAP)) return Err{-EINVAL};
+  if ((flags & MREMAP_FIXED) && !(flags & MREMAP_MAYMOVE)) return Err{-EINVAL};
+  if ((flags & MREMAP_DONTUNMAP) && (!(flags & MREMAP_MAYMOVE) || old_len != new_len)) {
+    return Err{-EINVAL};
+  }
+  if (!page_aligned(old_addr)) return Err{-EINVAL};
+  const uint64_t olen = page_align_up(old_len), nlen = page_align_up(new_len);
+  // old_len == 0 duplicates a shared mapping in Linux; the model does not support it.
+  if (olen == 0 || nlen == 0 || olen < old_len || nlen < new_len) return Err{-EINVAL};
+  if (old_addr + olen < old_addr || old_addr + olen > kTaskSize) return Err{-EINVAL};
+  const bool fixed = flags & MREMAP_FIXED;
+  if (fixed) {
+    if (!page_aligned(new_addr) || new_addr + nlen < new_addr || new_addr + nlen > kTaskSize ||
+        new_addr < kMmapMinAddr) {
+      return Err{-EINVAL};
+    }
+    if (new_addr < old_addr + olen && old_addr < new_addr + nlen) return Err{-EINVAL};
+  }
+
+  WriteLock g(&mmap_lock_);
+  Vma* vma = vmas_.lookup(old_addr);
+  if (!vma || old_addr + olen > vma->end) return Err{-EFAULT};
+
+  uint64_t move_len = olen;
+  if (!fixed && !(flags & MREMAP_DONTUNMAP)) {
+    if (nlen <= olen) {
+      if (nlen < olen) do_munmap(*this, vmas_, old_addr + nlen, old_addr + olen);
+      return old_addr;
+    }
+    // Grow in place when the VMA ends at the old range and the space above is free.
+    Vma* next = vmas_.next(vma);
+    const Va want_end = old_addr + nlen;
+    if (old_addr + olen == vma->end && want_end <= kTaskSize && want_end > old_addr &&
+        (!next || next->start >= want_end)) {
+      vma->end = want_end;
+      return old_addr;
+    }
+    if (!(flags & MREMAP_MAYMOVE)) return Err{-ENOMEM};
+  }
+  if (fixed) {
+    do_munmap(*this, vmas_, new_addr, new_addr + nlen);
+    if (nlen < olen) {
+      do_munmap(*this, vmas_, old_addr + nlen, old_addr + olen);
+      move_len = nlen;
+    }
+    vma = vmas_.lookup(old_addr);
+  } else {
+    const uint64_t align = vma->is_anonymous() && nlen % kPmdSize == 0 ? kPmdSize : kPageSize;
+    new_addr = vmas_.find_gap_topdown(nlen, kMmapMinAddr, kMmapBase, align);
+    if (!new_addr) return Err{-ENOMEM};
+  }
+
+  // move_vma: isolate the source VMA, prepare tables, move entries, then switch VMAs.
+  if (vma->start < old_addr) {
+    split_huge_pmd_address(*this, old_addr);
+    vma = vmas_.split(vma, old_addr);
+  }
+  if (vma->end > old_addr + move_len) {
+    split_huge_pmd_address(*this, old_addr + move_len);
+    vmas_.split(vma, old_addr + move_len);
+  }
+  if (int rc = prepare_destination(*this, old_addr, new_addr, move_len)) return Err{rc};
+  {
+    MmuInvalidation inv(*this, old_addr, old_addr + move_len, MmuNotifyEvent::kUnmap);
+    move_page_tables(*this, old_addr, new_addr, move_len);
+  }
+  auto moved = std::make_unique<Vma>(*vma);
+  moved->start = new_addr;
+  moved->end = new_addr + nlen;
+  if (!(flags & MREMAP_DONTUNMAP)) (void)vmas_.erase(vma);
+  vmas_.try_merge(vmas_.insert(std::move(moved)));
+  return new_addr;
+}
+
+}  // namespace gpusvm::mm

@@ -1,0 +1,69 @@
+#include "gpusvm/mm/page_state.h"
+
+#include "gpusvm/mm/address_space.h"
+
+namespace gpusvm::mm {
+
+const char* page_kind_name(PageKind k) {
+  switch (k) {
+    case PageKind::kNone: return "none";
+    case PageKind::kZeroPage: return "zero";
+    case PageKind::kHugeZero: return "huge-zero";
+    case PageKind::kSmall: return "4k";
+    case PageKind::kThpPte: return "thp-pte";
+    case PageKind::kThpPmd: return "thp-pmd";
+    case PageKind::kSoftLeaf: return "soft-leaf";
+  }
+  return "?";
+}
+
+PageState query_page(AddressSpace& mm, Va va) {
+  PageState st;
+  PhysMem* mem = mm.mem();
+  ReadLock g(&mm.mmap_lock());
+  PmdSlot slot = mm.page_table().pmd_lookup(va);
+  if (!slot) return st;
+  Pte pte;
+  bool huge = false;
+  {
+    SpinLockGuard pl(&slot.table->lock);
+    Pmd pmd = slot.table->get(slot.index);
+    if (pmd.is_none()) return st;
+    if (pmd.is_leaf()) {
+      huge = true;
+      pte = pmd.leaf();
+      if (pte.present()) pte = pte.with_pfn(pte.pfn() + pte_index(va));
+    }
+  }
+  if (!huge) {
+    PteTable* t = mm.page_table().pte_offset_map_lock(slot);
+    if (!t) return st;
+    pte = t->get(pte_index(va));
+    PageTable::pte_unmap_unlock(t);
+  }
+  if (pte.is_none()) return st;
+  st.pfn = pte.pfn();
+  if (!pte.present()) {
+    st.kind = PageKind::kSoftLeaf;
+    st.writable = pte.soft_leaf_write();
+    return st;
+  }
+  st.writable = pte.write();
+  st.dirty = pte.dirty();
+  if (huge && mem->is_huge_zero_pfn(pte.pfn())) {
+    st.kind = PageKind::kHugeZero;
+    return st;
+  }
+  if (pte.special()) {
+    st.kind = PageKind::kZeroPage;
+    return st;
+  }
+  Folio* page = mem->pfn_to_page(pte.pfn());
+  Folio* head = page->head();
+  st.kind = huge ? PageKind::kThpPmd : head->large() ? PageKind::kThpPte : PageKind::kSmall;
+  st.anon_exclusive = page->test_page(kPageAnonExclusive);
+  st.mapcount = head->total_mapcount();
+  return st;
+}
+
+}  // namespace gpusvm::mm

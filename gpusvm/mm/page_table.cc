@@ -1,0 +1,115 @@
+#include "gpusvm/mm/page_table.h"
+
+#include <cerrno>
+#include <new>
+
+#include "gpusvm/base/fault_inject.h"
+
+namespace gpusvm::mm {
+namespace {
+GPUSVM_FAULT_POINT(g_fail_alloc_pgtable, "mm.alloc_pgtable");
+}  // namespace
+
+PageTable::PageTable() = default;
+
+PageTable::~PageTable() {
+  for (auto& pgd_slot : pgd_.e) {
+    PudTable* pud = pgd_slot.load(std::memory_order_relaxed);
+    if (!pud) continue;
+    for (auto& pud_slot : pud->e) {
+      PmdTable* pmd = pud_slot.load(std::memory_order_relaxed);
+      if (!pmd) continue;
+      for (unsigned i = 0; i < kPtrsPerTable; i++) {
+        Pmd v = pmd->load_lockless(i);
+        if (v.is_table()) delete v.table();
+        else if (!v.is_none()) panic("page table destroyed with a live PMD leaf");
+        delete pmd->deposited_[i];
+      }
+      delete pmd;
+    }
+    delete pud;
+  }
+}
+
+PteTable* PageTable::alloc_pte_table() {
+  if (g_fail_alloc_pgtable.should_fail()) return nullptr;
+  return new (std::nothrow) PteTable();
+}
+
+void PageTable::free_pte_table(PteTable* table) { delete table; }
+
+PmdSlot PageTable::pmd_lookup(Va va) const {
+  PudTable* pud = pgd_.e[pgd_index(va)].load(std::memory_order_acquire);
+  if (!pud) return {};
+  PmdTable* pmd = pud->e[pud_index(va)].load(std::memory_order_acquire);
+  if (!pmd) return {};
+  return PmdSlot{pmd, pmd_index(va)};
+}
+
+Result<PmdSlot> PageTable::pmd_alloc(Va va) {
+  std::atomic<PudTable*>& pgd_slot = pgd_.e[pgd_index(va)];
+  PudTable* pud = pgd_slot.load(std::memory_order_acquire);
+  if (!pud) {
+    if (g_fail_alloc_pgtable.should_fail()) return Err{-ENOMEM};
+    auto* fresh = new (std::nothrow) PudTable();
+    if (!fresh) return Err{-ENOMEM};
+    SpinLockGuard g(&page_table_lock_);
+    pud = pgd_slot.load(std::memory_order_relaxed);
+    if (!pud) {
+      // release: lockless walkers that load the slot (acquire) see an initialised table.
+      pgd_slot.store(fresh, std::memory_order_release);
+      pud = fresh;
+    } else {
+      delete fresh;
+    }
+  }
+  std::atomic<PmdTable*>& pud_slot = pud->e[pud_index(va)];
+  PmdTable* pmd = pud_slot.load(std::memory_order_acquire);
+  if (!pmd) {
+    if (g_fail_alloc_pgtable.should_fail()) return Err{-ENOMEM};
+    auto* fresh = new (std::nothrow) PmdTable();
+    if (!fresh) return Err{-ENOMEM};
+    SpinLockGuard g(&page_table_lock_);
+    pmd = pud_slot.load(std::memory_order_relaxed);
+    if (!pmd) {
+      pud_slot.store(fresh, std::memory_order_release);
+      pmd = fresh;
+    } else {
+      delete fresh;
+    }
+  }
+  return PmdSlot{pmd, pmd_index(va)};
+}
+
+int PageTable::pte_alloc(PmdSlot slot) {
+  if (!slot.load_lockless().is_none()) return 0;
+  PteTable* fresh = alloc_pte_table();
+  if (!fresh) return -ENOMEM;
+  {
+    SpinLockGuard g(&slot.table->lock);
+    if (slot.table->get(slot.index).is_none()) {
+      slot.table->set(slot.index, Pmd::make_table(fresh));
+      fresh = nullptr;
+      nr_pte_tables_.fetch_add(1, std::memory_order_relaxed);
+    }
+  }
+  delete fresh;  // lost the race: someone else installed a table or a leaf
+  return 0;
+}
+
+PteTable* PageTable::pte_offset_map_lock(PmdSlot slot, unsigned subclass) {
+  Pmd pmd = slot.load_lockless();
+  if (!pmd.is_table()) return nullptr;
+  PteTable* table = pmd.table();
+  table->ptl.lock_nested(subclass);
+  // The PMD may have changed between the load and the lock (collapse under the mmap write
+  // lock cannot happen while we hold the mmap lock, but a zap of a huge leaf racing a fault
+  // on a none PMD can): re-check, as pte_offset_map_lock does.
+  if (slot.load_lockless() != pmd) {
+    table->ptl.unlock();
+    return nullptr;
+  }
+  return table;
+}
+
+}  // namespace gpusvm::mm

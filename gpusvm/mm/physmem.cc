@@ -1,0 +1,360 @@
+#include "gpusvm/mm/physmem.h"
+
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+#include "gpusvm/base/fault_inject.h"
+#include "gpusvm/mm/devmap.h"
+
+namespace gpusvm::mm {
+namespace {
+GPUSVM_FAULT_POINT(g_fail_alloc_folio, "mm.alloc_folio");
+GPUSVM_FAULT_POINT(g_fail_alloc_thp, "mm.alloc_folio_thp");
+}  // namespace
+
+int check_user_range(Va start, uint64_t len) {
+  if (!page_aligned(start) || len == 0) return -EINVAL;
+  uint64_t alen = page_align_up(len);
+  if (alen < len || start + alen < start) return -EINVAL;
+  if (start + alen > kTaskSize) return -ENOMEM;
+  return 0;
+}
+
+// ---- Folio ----
+
+Folio* Folio::page(uint64_t i) {
+  return mem_ && !pagemap_ ? mem_->pfn_to_page(pfn_ + i) : pagemap_->pfn_to_page(pfn_ + i);
+}
+
+void Folio::get(int n) {
+  int old = refcount_.fetch_add(n, std::memory_order_relaxed);
+  if (old <= 0) panic("folio_get on a folio with refcount " + std::to_string(old) + " pfn " +
+                      std::to_string(pfn_));
+}
+
+bool Folio::try_get() {
+  int old = refcount_.load(std::memory_order_relaxed);
+  do {
+    if (old == 0) return false;
+  } while (!refcount_.compare_exchange_weak(old, old + 1, std::memory_order_acquire));
+  return true;
+}
+
+void Folio::put(int n) {
+  // acq_rel: the final put must see every write made by earlier holders before freeing.
+  int old = refcount_.fetch_sub(n, std::memory_order_acq_rel);
+  if (old < n) panic("folio_put underflow on pfn " + std::to_string(pfn_));
+  if (old != n) return;
+  if (test(kFolioZero)) panic("zero folio refcount reached zero");
+  if (pagemap_) {
+    pagemap_->free_folio(this);
+  } else {
+    mem_->free_folio(this);
+  }
+}
+
+int Folio::total_mapcount() const {
+  int n = entire_mapcount();
+  for (uint64_t i = 0; i < nr_pages(); i++) {
+    n += const_cast<Folio*>(this)->page(i)->page_mapcount();
+  }
+  return n;
+}
+
+std::byte* Folio::data(uint64_t i) const {
+  if (!pagemap_) return mem_->ram_data(pfn_ + i);
+  return pagemap_->page_data(pfn_ + i);
+}
+
+// ---- folio lock ----
+
+void folio_lock(Folio* folio) {
+  lockdep::check_order(folio, &kFolioLockClass);
+  for (;;) {
+    uint32_t f = folio->flags_.load(std::memory_order_relaxed);
+    if (!(f & kFolioLocked) &&
+        folio->flags_.compare_exchange_weak(f, f | kFolioLocked, std::memory_order_acquire)) {
+      break;
+    }
+    WaitQueue& wq = folio->mem()->folio_waitqueue(folio);
+    if (!wq.wait_for([folio] { return !folio_test_locked(folio); }, hang_timeout())) {
+      panic("folio_lock: pfn " + std::to_string(folio->pfn()) +
+            " stayed locked longer than the hang timeout");
+    }
+  }
+  lockdep::acquire(folio, &kFolioLockClass, LockMode::kExclusive);
+}
+
+bool folio_trylock(Folio* folio) {
+  uint32_t f = folio->flags_.load(std::memory_order_relaxed);
+  do {
+    if (f & kFolioLocked) return false;
+  } while (!folio->flags_.compare_exchange_weak(f, f | kFolioLocked, std::memory_order_acquire));
+  lockdep::acquire(folio, &kFolioLockClass, LockMode::kExclusive);
+  return true;
+}
+
+void folio_unlock(Folio* folio) {
+  lockdep::release(folio);
+  // release: the unlocking holder's writes are visible to the next locker (acquire above).
+  uint32_t old = folio->flags_.fetch_and(~static_cast<uint32_t>(kFolioLocked),
+                                         std::memory_order_release);
+  if (!(old & kFolioLocked)) panic("folio_unlock of an unlocked folio pfn " + std::to_string(folio->pfn()));
+  folio->mem()->folio_waitqueue(folio).wake_all();
+}
+
+bool folio_test_locked(const Folio* folio) { return folio->flags() & kFolioLocked; }
+
+void folio_assert_locked(const Folio* folio) {
+  if (!folio_test_locked(folio)) panic("folio pfn " + std::to_string(folio->pfn()) + " not locked");
+}
+
+bool folio_wait_unlocked(Folio* folio, std::chrono::nanoseconds timeout) {
+  return folio->mem()->folio_waitqueue(folio).wait_for(
+      [folio] { return !folio_test_locked(folio); }, timeout);
+}
+
+// ---- PhysMem ----
+
+Result<std::unique_ptr<PhysMem>> PhysMem::create(const Config& config) {
+  // Two blocks are reserved for the zero page and the huge zero folio.
+  if (config.ram_bytes == 0 || !pmd_aligned(config.ram_bytes) || config.ram_bytes > (1ULL << 40)) {
+    return Err{-EINVAL};
+  }
+  std::unique_ptr<PhysMem> mem(new PhysMem(config));
+  size_t bytes = config.ram_bytes + 2 * kPmdSize;
+  void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                   -1, 0);
+  if (p == MAP_FAILED) return Err{-ENOMEM};
+  mem->base_ = static_cast<std::byte*>(p);
+  mem->ram_pages_ = bytes >> kPageShift;
+  mem->frames_ = std::make_unique<Folio[]>(mem->ram_pages_);
+  const uint64_t nblocks = mem->ram_pages_ / kPagesPerPmd;
+  {
+    SpinLockGuard g(&mem->zone_lock_);
+    mem->blocks_.resize(nblocks);
+    // Block 0: the zero page (frame 0) and 511 frames never handed out. Block 1: huge zero.
+    for (uint64_t b = nblocks; b-- > 2;) {
+      mem->blocks_[b].whole_free = true;
+      mem->whole_free_.push_back(b);
+    }
+    mem->nr_free_ = (nblocks - 2) * kPagesPerPmd;
+  }
+  for (Pfn pfn = 0; pfn < mem->ram_pages_; pfn++) {
+    Folio& f = mem->frames_[pfn];
+    f.mem_ = mem.get();
+    f.pfn_ = pfn;
+    f.head_ = &f;
+    f.flags_.store(pfn >= 2 * kPagesPerPmd ? kFolioFree : 0, std::memory_order_relaxed);
+  }
+  mem->zero_page_ = &mem->frames_[0];
+  mem->init_folio(mem->zero_page_, 0);
+  mem->zero_page_->set(kFolioZero);
+  mem->huge_zero_ = &mem->frames_[kPagesPerPmd];
+  mem->init_folio(mem->huge_zero_, kPmdOrder);
+  mem->huge_zero_->set(kFolioZero);
+  return mem;
+}
+
+PhysMem::PhysMem(const Config& config)
+    : config_(config), thp_mode_(config.thp), use_zero_page_(config.use_zero_page) {}
+
+PhysMem::~PhysMem() {
+  if (base_) ::munmap(base_, ram_pages_ << kPageShift);
+}
+
+void PhysMem::init_folio(Folio* head, unsigned order) {
+  const uint64_t n = 1ULL << order;
+  for (uint64_t i = 0; i < n; i++) {
+    Folio* p = head + i;
+    p->head_ = head;
+    p->order_ = 0;
+    p->mapcount_.store(0, std::memory_order_relaxed);
+    p->page_flags_.store(0, std::memory_order_relaxed);
+    p->flags_.store(0, std::memory_order_relaxed);
+  }
+  head->order_ = static_cast<uint8_t>(order);
+  head->entire_mapcount_.store(0, std::memory_order_relaxed);
+  head->mapping_ = nullptr;
+  head->index_ = 0;
+  // release: publishes the initialised descriptor with the first reference.
+  head->refcount_.store(1, std::memory_order_release);
+}
+
+Folio* PhysMem::folio_alloc(unsigned order, bool zero) {
+  if (order != 0 && order != kPmdOrder) panic("folio_alloc: unsupported order " + std::to_string(order));
+  if (order == 0 ? g_fail_alloc_folio.should_fail() : g_fail_alloc_thp.should_fail()) {
+    stat_alloc_fail.add();
+    return nullptr;
+  }
+  Pfn pfn;
+  {
+    SpinLockGuard g(&zone_lock_);
+    if (order == kPmdOrder) {
+      if (whole_free_.empty()) {
+        stat_alloc_fail.add();
+        return nullptr;
+      }
+      uint64_t b = whole_free_.back();
+      whole_free_.pop_back();
+      blocks_[b].whole_free = false;
+      nr_free_ -= kPagesPerPmd;
+      pfn = b * kPagesPerPmd;
+    } else {
+      if (partial_.empty()) {
+        if (whole_free_.empty()) {
+          stat_alloc_fail.add();
+          return nullptr;
+        }
+        uint64_t b = whole_free_.back();
+        whole_free_.pop_back();
+        Block& blk = blocks_[b];
+        blk.whole_free = false;
+        blk.split = true;
+        blk.nr_free = kPagesPerPmd;
+        std::fill(std::begin(blk.free_bitmap), std::end(blk.free_bitmap), ~0ULL);
+        partial_.push_back(b);
+      }
+      uint64_t b = partial_.back();
+      Block& blk = blocks_[b];
+      unsigned bit = 0;
+      for (unsigned w = 0; w < kPagesPerPmd / 64; w++) {
+        if (blk.free_bitmap[w]) {
+          unsigned t = static_cast<unsigned>(__builtin_ctzll(blk.free_bitmap[w]));
+          blk.free_bitmap[w] &= ~(1ULL << t);
+          bit = w * 64 + t;
+          break;
+        }
+      }
+      if (--blk.nr_free == 0) partial_.pop_back();
+      nr_free_--;
+      pfn = b * kPagesPerPmd + bit;
+    }
+  }
+  Folio* head = &frames_[pfn];
+  init_folio(head, order);
+  if (zero) std::memset(ram_data(pfn), 0, kPageSize << order);
+  (order ? stat_alloc_thp : stat_alloc_order0).add();
+  return head;
+}
+
+void PhysMem::free_folio(Folio* folio) {
+  if (folio->total_mapcount() != 0) {
+    panic("freeing mapped folio pfn " + std::to_string(folio->pfn()));
+  }
+  if (folio->test(kFolioLocked)) panic("freeing locked folio pfn " + std::to_string(folio->pfn()));
+  if (folio->test(kFolioDeferredSplit)) {
+    SpinLockGuard g(&registry_lock_);
+    auto it = std::find(deferred_split_.begin(), deferred_split_.end(), folio);
+    if (it != deferred_split_.end()) deferred_split_.erase(it);
+  }
+  const uint64_t n = folio->nr_pages();
+  const Pfn pfn = folio->pfn();
+  for (uint64_t i = 0; i < n; i++) {
+    Folio* p = &frames_[pfn + i];
+    p->head_ = p;
+    p->order_ = 0;
+    p->flags_.store(kFolioFree, std::memory_order_relaxed);
+    p->page_flags_.store(0, std::memory_order_relaxed);
+    p->mapping_ = nullptr;
+  }
+  stat_free_pages.add(n);
+  SpinLockGuard g(&zone_lock_);
+  const uint64_t b = pfn / kPagesPerPmd;
+  Block& blk = blocks_[b];
+  nr_free_ += n;
+  if (n == kPagesPerPmd) {
+    blk.whole_free = true;
+    whole_free_.push_back(b);
+    return;
+  }
+  const unsigned bit = static_cast<unsigned>(pfn % kPagesPerPmd);
+  blk.free_bitmap[bit / 64] |= 1ULL << (bit % 64);
+  if (blk.nr_free++ == 0) partial_.push_back(b);
+  if (blk.nr_free == kPagesPerPmd) {
+    // Every frame of the block is free again: coalesce into a whole block.
+    partial_.erase(std::find(partial_.begin(), partial_.end(), b));
+    blk.split = false;
+    blk.nr_free = 0;
+    blk.whole_free = true;
+    whole_free_.push_back(b);
+  }
+}
+
+uint64_t PhysMem::free_pages() const {
+  SpinLockGuard g(&zone_lock_);
+  return nr_free_;
+}
+
+Folio* PhysMem::pfn_to_page(Pfn pfn) {
+  if (pfn < ram_pages_) return &frames_[pfn];
+  DevPagemap* pgmap = pfn_to_pagemap(pfn);
+  return pgmap ? pgmap->pfn_to_page(pfn) : nullptr;
+}
+
+Folio* PhysMem::folio_of(Pfn pfn) {
+  Folio* p = pfn_to_page(pfn);
+  return p ? p->head() : nullptr;
+}
+
+Result<Pfn> PhysMem::register_pagemap(DevPagemap* pgmap, uint64_t nr_pages) {
+  SpinLockGuard g(&registry_lock_);
+  if (next_device_pfn_ == 0) next_device_pfn_ = pmd_align_up(ram_pages_ << kPageShift) >> kPageShift;
+  // Device pfns are PMD aligned so device-private THPs are possible.
+  Pfn start = next_device_pfn_;
+  uint64_t span = pmd_align_up(nr_pages << kPageShift) >> kPageShift;
+  if (start + span > (1ULL << 40)) return Err{-ENOSPC};
+  next_device_pfn_ += span;
+  pagemaps_.push_back(PagemapRange{start, nr_pages, pgmap});
+  return start;
+}
+
+void PhysMem::unregister_pagemap(DevPagemap* pgmap) {
+  SpinLockGuard g(&registry_lock_);
+  std::erase_if(pagemaps_, [pgmap](const PagemapRange& r) { return r.pgmap == pgmap; });
+}
+
+DevPagemap* PhysMem::pfn_to_pagemap(Pfn pfn) {
+  SpinLockGuard g(&registry_lock_);
+  for (const PagemapRange& r : pagemaps_) {
+    if (pfn >= r.start && pfn < r.start + r.nr) return r.pgmap;
+  }
+  return nullptr;
+}
+
+void PhysMem::add_address_space(AddressSpace* mm) {
+  SpinLockGuard g(&registry_lock_);
+  spaces_.push_back(mm);
+}
+
+void PhysMem::remove_address_space(AddressSpace* mm) {
+  SpinLockGuard g(&registry_lock_);
+  std::erase(spaces_, mm);
+}
+
+std::vector<AddressSpace*> PhysMem::address_spaces() {
+  SpinLockGuard g(&registry_lock_);
+  return spaces_;
+}
+
+void PhysMem::deferred_split_folio(Folio* folio) {
+  if (!folio->large() || folio->test(kFolioDeferredSplit)) return;
+  SpinLockGuard g(&registry_lock_);
+  if (folio->test(kFolioDeferredSplit)) return;
+  folio->set(kFolioDeferredSplit);
+  deferred_split_.push_back(folio);
+}
+
+}  // namespace gpusvm::mm
+
+namespace gpusvm::mm {
+
+size_t PhysMem::deferred_split_count() const {
+  SpinLockGuard g(&registry_lock_);
+  return deferred_split_.size();
+}
+
+}  // namespace gpusvm::mm

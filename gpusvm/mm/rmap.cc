@@ -1,0 +1,86 @@
+// Mapping accounting and the reverse map: which (address space, address) entries map a folio.
+#include <algorithm>
+#include <string>
+
+#include "gpusvm/mm/physmem.h"
+
+namespace gpusvm::mm {
+namespace {
+
+bool same_item(const RmapItem& a, const RmapItem& b) {
+  return a.mm == b.mm && a.va == b.va && a.page == b.page && a.pmd == b.pmd;
+}
+
+}  // namespace
+
+void page_add_rmap_pte(Folio* page, AddressSpace* mm, Va va) {
+  Folio* head = page->head();
+  page->mapcount_.fetch_add(1, std::memory_order_acq_rel);
+  SpinLockGuard g(&head->rmap_lock_);
+  head->rmap_.push_back(RmapItem{mm, va, static_cast<uint32_t>(page->page_index()), false});
+}
+
+void page_remove_rmap_pte(Folio* page, AddressSpace* mm, Va va) {
+  Folio* head = page->head();
+  if (page->mapcount_.fetch_sub(1, std::memory_order_acq_rel) <= 0) {
+    panic("page_remove_rmap_pte: mapcount underflow on pfn " + std::to_string(page->pfn()));
+  }
+  {
+    const RmapItem item{mm, va, static_cast<uint32_t>(page->page_index()), false};
+    SpinLockGuard g(&head->rmap_lock_);
+    auto it = std::find_if(head->rmap_.begin(), head->rmap_.end(),
+                           [&](const RmapItem& r) { return same_item(r, item); });
+    if (it == head->rmap_.end()) {
+      panic("page_remove_rmap_pte: no rmap item for pfn " + std::to_string(page->pfn()));
+    }
+    *it = head->rmap_.back();
+    head->rmap_.pop_back();
+  }
+  // A large folio that lost some but not all of its mappings wastes the unmapped part until
+  // it is split: queue it as the kernel does (deferred_split_folio).
+  if (head->large() && head->entire_mapcount() == 0 && head->mapped() && !head->test(kFolioZero)) {
+    head->mem()->deferred_split_folio(head);
+  }
+}
+
+void folio_add_rmap_pmd(Folio* folio, AddressSpace* mm, Va haddr) {
+  folio->entire_mapcount_.fetch_add(1, std::memory_order_acq_rel);
+  SpinLockGuard g(&folio->rmap_lock_);
+  folio->rmap_.push_back(RmapItem{mm, haddr, 0, true});
+}
+
+void folio_remove_rmap_pmd(Folio* folio, AddressSpace* mm, Va haddr) {
+  if (folio->entire_mapcount_.fetch_sub(1, std::memory_order_acq_rel) <= 0) {
+    panic("folio_remove_rmap_pmd: entire_mapcount underflow on pfn " + std::to_string(folio->pfn()));
+  }
+  const RmapItem item{mm, haddr, 0, true};
+  SpinLockGuard g(&folio->rmap_lock_);
+  auto it = std::find_if(folio->rmap_.begin(), folio->rmap_.end(),
+                         [&](const RmapItem& r) { return same_item(r, item); });
+  if (it == folio->rmap_.end()) {
+    panic("folio_remove_rmap_pmd: no rmap item for pfn " + std::to_string(folio->pfn()));
+  }
+  *it = folio->rmap_.back();
+  folio->rmap_.pop_back();
+}
+
+void folio_move_rmap(Folio* folio, const RmapItem& item, AddressSpace* mm, Va va) {
+  Folio* head = folio->head();
+  SpinLockGuard g(&head->rmap_lock_);
+  for (RmapItem& r : head->rmap_) {
+    if (same_item(r, item)) {
+      r.mm = mm;
+      r.va = va;
+      return;
+    }
+  }
+  panic("folio_move_rmap: no rmap item for pfn " + std::to_string(head->pfn()));
+}
+
+std::vector<RmapItem> folio_rmap_snapshot(Folio* folio) {
+  Folio* head = folio->head();
+  SpinLockGuard g(&head->rmap_lock_);
+  return head->rmap_;
+}
+
+}  // namespace gpusvm::mm

@@ -1,0 +1,123 @@
+// Unmapping: zap_range and the huge-leaf zap.
+#include <vector>
+
+#include "gpusvm/mm/devmap.h"
+#include "gpusvm/mm/mm_internal.h"
+
+namespace gpusvm::mm {
+namespace {
+
+// Mapping references dropped by a zap, released after the page-table lock is dropped (the
+// kernel's mmu_gather batches frees after the TLB flush for the same reason: nobody can
+// still reach the page through the entry when it is freed).
+class PutBatch {
+ public:
+  void add(Folio* page) { pages_.push_back(page); }
+  ~PutBatch() {
+    // page->head(), not a head saved earlier: each reference belongs to the folio that holds
+    // this page when it is dropped.
+    for (Folio* p : pages_) p->head()->put();
+  }
+
+ private:
+  std::vector<Folio*> pages_;
+};
+
+// Drops what a PTE references. PTL held.
+void zap_one_pte(AddressSpace& mm, Pte pte, Va va, PutBatch& puts) {
+  PhysMem* mem = mm.mem();
+  if (pte.present()) {
+    if (pte.special()) return;  // zero page: not refcounted
+    Folio* page = mem->pfn_to_page(pte.pfn());
+    if (pte.dirty()) page->head()->set(kFolioDirty);
+    page_remove_rmap_pte(page, &mm, va);
+    puts.add(page);
+    return;
+  }
+  if (pte.is_device_private() || pte.is_device_exclusive()) {
+    // Both keep the page's mapping accounted (mapcount, rmap, reference) while the CPU
+    // cannot reach it.
+    Folio* page = mem->pfn_to_page(pte.pfn());
+    page_remove_rmap_pte(page, &mm, va);
+    puts.add(page);
+  }
+  // Migration entries hold nothing: the migrating thread owns the folio references and finds
+  // the entry gone when it restores (it then drops the page).
+}
+
+void zap_pte_range(AddressSpace& mm, PmdSlot slot, Va start, Va end) {
+  PutBatch puts;
+  PteTable* t = mm.page_table().pte_offset_map_lock(slot);
+  if (!t) return;  // the PMD changed under us (none now): nothing left to zap
+  uint64_t zapped = 0;
+  for (Va va = start; va < end; va += kPageSize) {
+    const unsigned i = pte_index(va);
+    Pte pte = t->get(i);
+    if (pte.is_none()) continue;
+    t->set(i, Pte::none());
+    zap_one_pte(mm, pte, va, puts);
+    zapped++;
+  }
+  PageTable::pte_unmap_unlock(t);
+  mm.stats().zapped_pages.add(zapped);
+}
+
+// Clears a huge leaf covering exactly [haddr, haddr + 2 MiB). Returns false if the PMD is no
+// longer a leaf (it was split meanwhile): the caller zaps PTEs instead.
+bool zap_huge_pmd(AddressSpace& mm, PmdSlot slot, Va haddr) {
+  PhysMem* mem = mm.mem();
+  PteTable* deposit = nullptr;
+  Folio* put = nullptr;
+  {
+    SpinLockGuard g(&slot.table->lock);
+    Pmd pmd = slot.table->get(slot.index);
+    if (!pmd.is_leaf()) return pmd.is_none();
+    slot.table->set(slot.index, Pmd());
+    deposit = slot.table->withdraw(slot.index);
+    Pte leaf = pmd.leaf();
+    if (leaf.present() && !mem->is_huge_zero_pfn(leaf.pfn())) {
+      Folio* folio = mem->folio_of(leaf.pfn());
+      if (leaf.dirty()) folio->set(kFolioDirty);
+      folio_remove_rmap_pmd(folio, &mm, haddr);
+      put = folio;
+    } else if (leaf.is_device_private()) {
+      Folio* folio = mem->folio_of(leaf.pfn());
+      folio_remove_rmap_pmd(folio, &mm, haddr);
+      put = folio;
+    }
+  }
+  PageTable::free_pte_table(deposit);
+  if (put) put->put();
+  mm.stats().zapped_pages.add(kPagesPerPmd);
+  return true;
+}
+
+}  // namespace
+
+void zap_range(AddressSpace& mm, const Vma& vma, Va start, Va end) {
+  mm.mmap_assert_locked();
+  (void)vma;
+  PageTable& pt = mm.page_table();
+  for (Va addr = start; addr < end;) {
+    const Va haddr = pmd_align_down(addr);
+    const Va next = std::min(haddr + kPmdSize, end);
+    PmdSlot slot = pt.pmd_lookup(addr);
+    if (!slot) {
+      addr = next;
+      continue;
+    }
+    Pmd pmd = slot.load_lockless();
+    if (pmd.is_leaf()) {
+      if (addr == haddr && next == haddr + kPmdSize && zap_huge_pmd(mm, slot, haddr)) {
+        addr = next;
+        continue;
+      }
+      split_huge_pmd(mm, slot, haddr);
+      pmd = slot.load_lockless();
+    }
+    if (pmd.is_table()) zap_pte_range(mm, slot, addr, next);
+    addr = next;
+  }
+}
+
+}  // namespace gpusvm::mm
