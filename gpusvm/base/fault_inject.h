@@ -22,6 +22,9 @@ namespace gpusvm {
 class FaultPoint {
  public:
   explicit FaultPoint(const char* name);
+  // Unregisters the point, so a point with automatic storage (a test's own) leaves no
+  // dangling entry behind.
+  ~FaultPoint();
   FaultPoint(const FaultPoint&) = delete;
   FaultPoint& operator=(const FaultPoint&) = delete;
 
@@ -64,7 +67,12 @@ struct Spec {
   uint64_t seed = 0;
 };
 
-// Arms the point called `name`. Returns 0, -ENOENT for an unknown name, -EINVAL for a bad spec.
+// Several points may share a name (one failure site reached from several places): arm() and
+// disarm() act on each of them, each counts its own hits, and hits()/failures() are the sums.
+
+// Arms the point called `name`. Returns 0, -ENOENT for an unknown name, -EINVAL for a bad spec
+// (probability outside [0, 1] or NaN; nth == 0 without a probability). A failed arm() leaves
+// the point as it was.
 [[nodiscard]] int arm(std::string_view name, const Spec& spec);
 void disarm(std::string_view name);
 void disarm_all();

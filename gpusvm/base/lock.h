@@ -9,7 +9,7 @@
 //    acquire a lock only if its rank is above every rank it holds, or equal with a higher
 //    nesting subclass (the kernel's spin_lock_nested). try_lock()/try_lock_shared() never
 //    wait, so, as in the kernel's lockdep, they skip the order check (a try on a lock this
-//    thread already holds just fails) and are still recorded as held;
+//    thread already holds exclusively just fails) and are still recorded as held;
 //  - never waits forever: an acquisition that takes longer than hang_timeout() panics with a
 //    diagnostic naming the lock, its holder and the locks the waiter holds, so a deadlock
 //    fails a test instead of hanging CI.
