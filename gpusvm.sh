@@ -260,7 +260,8 @@ check_preset() {
   die "unknown preset '$1' (one of: ${ALL_PRESETS[*]})"
 }
 
-# configure_and_build PRESET [cmake --build args...]: 0 on success.
+# configure_and_build PRESET [cmake --build args...]: 0 on success, 1 when the configure step
+# failed, 2 when the build failed.
 configure_and_build() {
   local preset="$1"
   shift
@@ -275,7 +276,7 @@ configure_and_build() {
   # The wrapper matters here too: gtest_discover_tests runs the test binaries after linking.
   if ! run_env cmake --build --preset "$preset" -j "$JOBS" "$@" </dev/null; then
     phase_end "FAILED"
-    return 1
+    return 2
   fi
   phase_end "ok"
 }
@@ -333,10 +334,13 @@ cmd_test() {
 
   local summary=() any_failed=0 total_passed=0 total_failed=0
   for p in "${presets[@]}"; do
-    local start result log passed failed
+    local start result log passed failed build_rc=0
     start="$(now)"
-    if ! configure_and_build "$p"; then
-      result="FAILED (configure/build)"
+    # -k 0: a target that fails to build does not stop the others, so the suites that did
+    # build still run below and the summary says which parts work.
+    configure_and_build "$p" -- -k 0 || build_rc=$?
+    if [[ $build_rc -eq 1 ]]; then
+      result="FAILED (configure)"
       any_failed=1
       total_failed=$((total_failed + 1))
     else
@@ -351,11 +355,15 @@ cmd_test() {
         result="PASSED ($passed tests)"
       else
         result="FAILED ($failed of $((passed + failed)) tests failed, ctest exit $rc)"
-        any_failed=1
         # ctest failing without a failed test (no tests found, a crash): count it once.
         [[ $failed -gt 0 ]] || total_failed=$((total_failed + 1))
       fi
       phase_end "$result"
+      if [[ $build_rc -ne 0 ]]; then
+        result="FAILED (build; ctest: $result)"
+        total_failed=$((total_failed + 1))
+      fi
+      [[ $rc -eq 0 && $build_rc -eq 0 ]] || any_failed=1
     fi
     summary+=("$(printf '%-8s %s in %ss' "$p:" "$result" "$(elapsed "$start")")")
   done
