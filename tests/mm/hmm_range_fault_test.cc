@@ -1,0 +1,203 @@
+// hmm_range_fault: snapshot, fault, write-fault, flags semantics, errors and owners.
+#include "gpusvm/mm/devmap.h"
+#include "gpusvm/mm/page_table.h"
+#include "tests/mm/mm_test_util.h"
+
+namespace gpusvm::mm::testing {
+namespace {
+
+class HmmRangeFaultTest : public MmTest {
+ protected:
+  void SetUp() override {
+    MmTest::SetUp();
+    base = map_anon(*as, 16 * kPmdSize);
+    ASSERT_NE(base, 0u);
+    ASSERT_EQ(notifier.insert(as.get(), base, 16 * kPmdSize, &mirror), 0);
+  }
+  void TearDown() override {
+    notifier.remove();
+    MmTest::TearDown();
+  }
+  Va base = 0;
+  TestMirror mirror;
+  MmuIntervalNotifier notifier;
+  std::vector<uint64_t> pfns;
+};
+
+TEST_F(HmmRangeFaultTest, SnapshotReportsWhatIsThere) {
+  ASSERT_EQ(cpu::store<uint64_t>(*as, base, 1), 0);                 // writable page
+  ASSERT_TRUE(cpu::load<uint64_t>(*as, base + kPageSize).ok());     // zero page
+  ASSERT_EQ(mirror_range(*as, notifier, base, base + 4 * kPageSize, 0, pfns), 0);
+  EXPECT_EQ(pfns[0] & (HMM_PFN_VALID | HMM_PFN_WRITE), HMM_PFN_VALID | HMM_PFN_WRITE);
+  EXPECT_EQ(hmm_pfn_to_pfn(pfns[0]), query_page(*as, base).pfn);
+  EXPECT_EQ(pfns[1] & (HMM_PFN_VALID | HMM_PFN_WRITE), HMM_PFN_VALID);
+  EXPECT_EQ(hmm_pfn_to_pfn(pfns[1]), mem->zero_pfn());
+  EXPECT_EQ(pfns[2], 0u);  // nothing there, nothing faulted
+  EXPECT_EQ(pfns[3], 0u);
+  EXPECT_EQ(hmm_pfn_to_map_order(pfns[0]), 0u);
+  EXPECT_EQ(query_page(*as, base + 2 * kPageSize).kind, PageKind::kNone);
+  EXPECT_EQ(as->stats().hmm_faults.get(), 0u);
+}
+
+TEST_F(HmmRangeFaultTest, FaultAndWriteFaultPopulate) {
+  ASSERT_EQ(mirror_range(*as, notifier, base, base + 8 * kPageSize, HMM_PFN_REQ_FAULT, pfns), 0);
+  for (uint64_t p : pfns) {
+    EXPECT_TRUE(p & HMM_PFN_VALID);
+    EXPECT_FALSE(p & HMM_PFN_WRITE);  // read faults map the zero page
+    EXPECT_EQ(hmm_pfn_to_pfn(p), mem->zero_pfn());
+  }
+  ASSERT_EQ(mirror_range(*as, notifier, base, base + 8 * kPageSize,
+                         HMM_PFN_REQ_FAULT | HMM_PFN_REQ_WRITE, pfns), 0);
+  for (size_t i = 0; i < pfns.size(); i++) {
+    EXPECT_EQ(pfns[i] & (HMM_PFN_VALID | HMM_PFN_WRITE), HMM_PFN_VALID | HMM_PFN_WRITE);
+    EXPECT_EQ(hmm_pfn_to_pfn(pfns[i]), query_page(*as, base + i * kPageSize).pfn);
+    EXPECT_EQ(query_page(*as, base + i * kPageSize).kind, PageKind::kSmall);
+  }
+  EXPECT_GT(as->stats().hmm_faults.get(), 0u);
+  // The device sees the same bytes as the CPU.
+  ASSERT_EQ(cpu::store<uint64_t>(*as, base + 3 * kPageSize, 0x77), 0);
+  Folio* page = mem->pfn_to_page(hmm_pfn_to_pfn(pfns[3]));
+  EXPECT_EQ(*reinterpret_cast<uint64_t*>(page->data()), 0x77u);
+}
+
+TEST_F(HmmRangeFaultTest, PerPageRequestsWithMask) {
+  // default_flags = 0 and pfn_flags_mask = REQ_FAULT: only pages whose input asks fault.
+  pfns.assign(4, 0);
+  pfns[1] = HMM_PFN_REQ_FAULT;
+  pfns[2] = HMM_PFN_REQ_FAULT | HMM_PFN_REQ_WRITE;
+  pfns[3] = HMM_PFN_DMA_MAPPED;  // caller-owned bit: preserved
+  HmmRange r{.notifier = &notifier, .notifier_seq = notifier.read_begin(), .start = base,
+             .end = base + 4 * kPageSize, .hmm_pfns = pfns.data(),
+             .pfn_flags_mask = HMM_PFN_REQ_FAULT | HMM_PFN_REQ_WRITE};
+  int rc;
+  do {
+    ReadLock g(&as->mmap_lock());
+    r.notifier_seq = notifier.read_begin();
+    rc = hmm_range_fault(&r);
+  } while (rc == -EBUSY);
+  ASSERT_EQ(rc, 0);
+  EXPECT_EQ(pfns[0], 0u);
+  EXPECT_EQ(pfns[1] & (HMM_PFN_VALID | HMM_PFN_WRITE), HMM_PFN_VALID);
+  EXPECT_EQ(pfns[2] & (HMM_PFN_VALID | HMM_PFN_WRITE), HMM_PFN_VALID | HMM_PFN_WRITE);
+  EXPECT_EQ(pfns[3], HMM_PFN_DMA_MAPPED);
+}
+
+TEST_F(HmmRangeFaultTest, ThpReportsPmdOrder) {
+  ASSERT_EQ(as->madvise(base, kPmdSize, MADV_HUGEPAGE), 0);
+  ASSERT_EQ(mirror_range(*as, notifier, base, base + kPmdSize, HMM_PFN_REQ_FAULT | HMM_PFN_REQ_WRITE, pfns), 0);
+  ASSERT_EQ(query_page(*as, base).kind, PageKind::kThpPmd);
+  const Pfn head = hmm_pfn_to_pfn(pfns[0]);
+  for (size_t i = 0; i < pfns.size(); i++) {
+    EXPECT_EQ(hmm_pfn_to_map_order(pfns[i]), kPmdOrder);
+    EXPECT_EQ(hmm_pfn_to_pfn(pfns[i]), head + i);
+  }
+  // A read snapshot of the huge zero folio reports order 9 and no write.
+  ASSERT_EQ(as->madvise(base + kPmdSize, kPmdSize, MADV_HUGEPAGE), 0);
+  ASSERT_EQ(mirror_range(*as, notifier, base + kPmdSize, base + 2 * kPmdSize, HMM_PFN_REQ_FAULT, pfns), 0);
+  EXPECT_EQ(hmm_pfn_to_map_order(pfns[5]), kPmdOrder);
+  EXPECT_FALSE(pfns[5] & HMM_PFN_WRITE);
+  EXPECT_TRUE(mem->is_huge_zero_pfn(hmm_pfn_to_pfn(pfns[5])));
+}
+
+TEST_F(HmmRangeFaultTest, ErrorsAndProtNone) {
+  ASSERT_EQ(as->mprotect(base, kPageSize, PROT_NONE), 0);
+  ASSERT_EQ(as->mprotect(base + kPageSize, kPageSize, PROT_READ), 0);
+  ASSERT_EQ(as->munmap(base + 2 * kPageSize, kPageSize), 0);
+  ASSERT_EQ(mirror_range(*as, notifier, base, base + 4 * kPageSize, 0, pfns), 0);
+  EXPECT_EQ(pfns[0], HMM_PFN_ERROR);  // PROT_NONE
+  EXPECT_EQ(pfns[1], 0u);             // readable, nothing there
+  EXPECT_EQ(pfns[2], HMM_PFN_ERROR);  // hole
+  EXPECT_EQ(mirror_range(*as, notifier, base, base + kPageSize, HMM_PFN_REQ_FAULT, pfns), -EFAULT);
+  EXPECT_EQ(mirror_range(*as, notifier, base + 2 * kPageSize, base + 3 * kPageSize, HMM_PFN_REQ_FAULT, pfns), -EFAULT);
+  EXPECT_EQ(mirror_range(*as, notifier, base + kPageSize, base + 2 * kPageSize,
+                         HMM_PFN_REQ_FAULT | HMM_PFN_REQ_WRITE, pfns), -EPERM);
+  EXPECT_EQ(mirror_range(*as, notifier, base + kPageSize, base + 2 * kPageSize, HMM_PFN_REQ_FAULT, pfns), 0);
+}
+
+TEST_F(HmmRangeFaultTest, BadArguments) {
+  pfns.assign(16, 0);
+  ReadLock g(&as->mmap_lock());
+  HmmRange ok{.notifier = &notifier, .notifier_seq = notifier.read_begin(), .start = base,
+              .end = base + kPageSize, .hmm_pfns = pfns.data()};
+  HmmRange r = ok;
+  r.notifier = nullptr;
+  EXPECT_EQ(hmm_range_fault(&r), -EINVAL);
+  r = ok;
+  r.start = base + 1;
+  EXPECT_EQ(hmm_range_fault(&r), -EINVAL);
+  r = ok;
+  r.end = r.start;
+  EXPECT_EQ(hmm_range_fault(&r), -EINVAL);
+  r = ok;
+  r.start = base - kPageSize;  // outside the notifier
+  EXPECT_EQ(hmm_range_fault(&r), -EINVAL);
+  r = ok;
+  r.default_flags = HMM_PFN_ERROR;
+  EXPECT_EQ(hmm_range_fault(&r), -EINVAL);
+  r = ok;
+  r.default_flags = HMM_PFN_REQ_MIGRATE;  // reserved until device migration exists
+  EXPECT_EQ(hmm_range_fault(&r), -EINVAL);
+  r = ok;
+  r.hmm_pfns = nullptr;
+  EXPECT_EQ(hmm_range_fault(&r), -EINVAL);
+  EXPECT_EQ(hmm_range_fault(nullptr), -EINVAL);
+  EXPECT_EQ(hmm_range_fault(&ok), 0);
+}
+
+TEST_F(HmmRangeFaultTest, InvalidationSinceReadBeginIsEbusy) {
+  pfns.assign(1, 0);
+  HmmRange r{.notifier = &notifier, .notifier_seq = notifier.read_begin(), .start = base,
+             .end = base + kPageSize, .hmm_pfns = pfns.data()};
+  ASSERT_EQ(as->madvise(base, kPageSize, MADV_DONTNEED), 0);  // invalidates the notifier
+  ReadLock g(&as->mmap_lock());
+  EXPECT_EQ(hmm_range_fault(&r), -EBUSY);
+  r.notifier_seq = notifier.read_begin();
+  EXPECT_EQ(hmm_range_fault(&r), 0);
+}
+
+// Device-private entries are reported only to their owner; others see 0 or must fault.
+class FakeDevice : public DevPagemapOps {
+ public:
+  void folio_free(Folio*) override { freed++; }
+  int freed = 0;
+};
+
+TEST_F(HmmRangeFaultTest, DevicePrivateOwnerRules) {
+  FakeDevice dev;
+  int owner_tag = 0, other_tag = 0;
+  auto pgmap = DevPagemap::create(mem.get(), 64, &owner_tag, &dev, /*storage=*/true);
+  ASSERT_TRUE(pgmap.ok());
+  // Map a device page at base the way a migration would: fault in the table, then install
+  // the device-private entry with its mapping accounting under the PTE lock.
+  ASSERT_TRUE(cpu::load<uint64_t>(*as, base).ok());
+  ASSERT_EQ(as->madvise(base, kPageSize, MADV_DONTNEED), 0);
+  Folio* dpage = (*pgmap)->folio_init((*pgmap)->first_pfn() + 3, 0);
+  ASSERT_NE(dpage, nullptr);
+  {
+    ReadLock g(&as->mmap_lock());
+    PmdSlot slot = as->page_table().pmd_lookup(base);
+    PteTable* t = as->page_table().pte_offset_map_lock(slot);
+    ASSERT_NE(t, nullptr);
+    page_add_rmap_pte(dpage, as.get(), base);
+    t->set(pte_index(base), Pte::make_soft_leaf(SoftLeafType::kDevicePrivateWrite, dpage->pfn()));
+    PageTable::pte_unmap_unlock(t);
+  }
+  EXPECT_MM_CHECK_OK(*mem);
+  ASSERT_EQ(mirror_range(*as, notifier, base, base + kPageSize, 0, pfns, &owner_tag), 0);
+  EXPECT_EQ(pfns[0], dpage->pfn() | HMM_PFN_VALID | HMM_PFN_WRITE);
+  // The owner is not faulted even when it asks for a fault.
+  ASSERT_EQ(mirror_range(*as, notifier, base, base + kPageSize, HMM_PFN_REQ_FAULT, pfns, &owner_tag), 0);
+  EXPECT_EQ(hmm_pfn_to_pfn(pfns[0]), dpage->pfn());
+  ASSERT_EQ(mirror_range(*as, notifier, base, base + kPageSize, 0, pfns, &other_tag), 0);
+  EXPECT_EQ(pfns[0], 0u);
+  // Another owner asking for the page must fault it back to RAM; with no migrate_to_ram
+  // provider the CPU fault fails and the request is -EFAULT.
+  EXPECT_EQ(mirror_range(*as, notifier, base, base + kPageSize, HMM_PFN_REQ_FAULT, pfns, &other_tag), -EFAULT);
+  EXPECT_EQ(query_page(*as, base).kind, PageKind::kSoftLeaf);
+  ASSERT_EQ(as->munmap(base, kPageSize), 0);
+  EXPECT_EQ(dev.freed, 1);  // unmapping dropped the last reference
+  EXPECT_EQ((*pgmap)->folios_in_use(), 0u);
+}
+
+}  // namespace
+}  // namespace gpusvm::mm::testing
