@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # gpusvm.sh: install what the build needs, build, run the demo, run the test suites.
 #
-#   ./gpusvm.sh demo [demo args...]   build the default preset and run gpusvm-demo
+#   ./gpusvm.sh demo [demo args...]   build gpusvm-demo (default preset) and run it
 #   ./gpusvm.sh test [preset...]      build and run ctest for default, asan and tsan
 #   ./gpusvm.sh build [preset]        configure and build one preset (default: default)
 #   ./gpusvm.sh help
@@ -70,7 +70,7 @@ usage() {
 usage: ./gpusvm.sh <command> [args]
 
 commands:
-  demo [args...]      configure and build the 'default' preset, then run
+  demo [args...]      configure the 'default' preset, build its gpusvm-demo target, then run
                       build/default/tools/gpusvm-demo/gpusvm-demo with the given args
   test [preset...]    for each preset (default: ${TEST_PRESETS_DEFAULT[*]}): configure, build,
                       and run 'ctest --preset <preset> -j$JOBS'. Goes on after a failure, prints
