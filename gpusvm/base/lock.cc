@@ -15,10 +15,11 @@ namespace {
 std::atomic<int64_t> g_hang_timeout_ms{60'000};
 
 struct HeldLock {
-  const void* lock;
+  const void* lock;  // the lock, or the class itself for class-counted locks
   const LockClass* cls;
   LockMode mode;
   unsigned subclass;
+  int count;  // acquisitions of a class-counted entry; 1 otherwise
 };
 
 // Deep enough for the deepest legal nesting (mmap lock, folio locks of a split, PMD and PTE
@@ -94,7 +95,49 @@ void check_order(const void* lock, const LockClass* cls, unsigned subclass) {
 void acquire(const void* lock, const LockClass* cls, LockMode mode, unsigned subclass) {
   HeldLocks& h = t_held;
   if (h.n == kMaxHeld) panic("held-lock list overflow acquiring " + describe(lock, cls));
-  h.locks[h.n++] = HeldLock{lock, cls, mode, subclass};
+  h.locks[h.n++] = HeldLock{lock, cls, mode, subclass, 1};
+}
+
+void check_class_order(const LockClass* cls) {
+  const HeldLocks& h = t_held;
+  for (int i = 0; i < h.n; i++) {
+    const HeldLock& held = h.locks[i];
+    if (held.lock == cls || !held.cls || held.cls->rank == 0) continue;
+    if (held.cls->rank >= cls->rank) {
+      panic("lock order violation: acquiring a " + std::string(cls->name) + " while holding " +
+            describe(held.lock, held.cls));
+    }
+  }
+}
+
+void acquire_class(const LockClass* cls) {
+  HeldLocks& h = t_held;
+  for (int i = 0; i < h.n; i++) {
+    if (h.locks[i].lock == cls) {
+      h.locks[i].count++;
+      return;
+    }
+  }
+  acquire(cls, cls, LockMode::kExclusive, 0);
+}
+
+void release_class(const LockClass* cls) {
+  HeldLocks& h = t_held;
+  for (int i = 0; i < h.n; i++) {
+    if (h.locks[i].lock == cls) {
+      if (--h.locks[i].count == 0) release(cls);
+      return;
+    }
+  }
+  panic(std::string("releasing a ") + cls->name + " this thread does not hold");
+}
+
+int class_held_count(const LockClass* cls) {
+  const HeldLocks& h = t_held;
+  for (int i = 0; i < h.n; i++) {
+    if (h.locks[i].lock == cls) return h.locks[i].count;
+  }
+  return 0;
 }
 
 void release(const void* lock) {

@@ -56,6 +56,13 @@ void acquire(const void* lock, const LockClass* cls, LockMode mode, unsigned sub
 void check_order(const void* lock, const LockClass* cls, unsigned subclass = 0);
 void release(const void* lock);
 bool held(const void* lock, LockMode* mode = nullptr);
+// Locks a thread may hold many of at once (folio locks: a migration locks every folio of its
+// range) are tracked per class with a count. Their order against other classes is checked;
+// their order among themselves is the caller's contract (pfn order, or trylock and back off).
+void check_class_order(const LockClass* cls);
+void acquire_class(const LockClass* cls);
+void release_class(const LockClass* cls);
+int class_held_count(const LockClass* cls);
 // Number of locks this thread holds (for "must hold no lock" assertions before sleeping).
 int held_count();
 // Highest rank among the locks this thread holds (0 when none): "no lock of rank >= R held"

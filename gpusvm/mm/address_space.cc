@@ -47,7 +47,11 @@ void AddressSpace::exit() {
   notifiers_.release();
   WriteLock g(&mmap_lock_);
   while (Vma* v = vmas_.find(0)) {
-    zap_range(*this, *v, v->start, v->end);
+    {
+      // Interval notifiers outlive release() and see the teardown, as in Linux's exit_mmap.
+      MmuInvalidation inv(*this, v->start, v->end, MmuNotifyEvent::kUnmap);
+      zap_range(*this, *v, v->start, v->end);
+    }
     (void)vmas_.erase(v);
   }
 }

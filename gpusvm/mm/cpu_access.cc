@@ -23,9 +23,12 @@ int access_page(AddressSpace& mm, Va va, bool write, Fn&& fn) {
   PageTable& pt = mm.page_table();
   ReadLock g(&mm.mmap_lock());
   for (int round = 0; round < kFaultBudget; round++) {
+    // A present entry is not enough: PROT_NONE keeps entries but forbids access, and then the
+    // fault handler reports SIGSEGV like the hardware fault would.
     Vma* vma = mm.vma_lookup(va);
-    if (!vma || !(vma->flags & VM_READ) || (write && !(vma->flags & VM_WRITE))) return -EFAULT;
-    if (PmdSlot slot = pt.pmd_lookup(va)) {
+    const bool allowed = vma && (vma->flags & VM_READ) && (!write || (vma->flags & VM_WRITE));
+    PmdSlot slot = allowed ? pt.pmd_lookup(va) : PmdSlot{};
+    if (slot) {
       if (slot.load_lockless().is_huge_present()) {
         SpinLockGuard pl(&slot.table->lock);
         const Pmd pmd = slot.table->get(slot.index);

@@ -1,5 +1,6 @@
 // CPU page faults (handle_mm_fault) on PTE and PMD entries.
 #include <cstring>
+#include <optional>
 
 #include "gpusvm/mm/devmap.h"
 #include "gpusvm/mm/mm_internal.h"
@@ -90,6 +91,10 @@ VmFault wp_page_copy(FaultCtx& f, Pte orig, Folio* src) {
   folio->set_page(kPageAnonExclusive);
   const unsigned i = pte_index(f.va);
   Folio* old_page = nullptr;
+  // Replacing a present page must reach device mirrors (they may map the old one); filling a
+  // none entry needs no invalidation.
+  std::optional<MmuInvalidation> inv;
+  if (orig.present()) inv.emplace(f.mm, f.va, f.va + kPageSize, MmuNotifyEvent::kClear);
   PteTable* t = f.mm.page_table().pte_offset_map_lock(f.slot);
   VmFault r = VmFault::kRetry;
   if (t && t->get(i) == orig) {

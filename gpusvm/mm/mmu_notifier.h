@@ -105,8 +105,9 @@ class MmuIntervalNotifier {
   MmuIntervalNotifier(const MmuIntervalNotifier&) = delete;
   MmuIntervalNotifier& operator=(const MmuIntervalNotifier&) = delete;
 
-  // mmu_interval_notifier_insert. Watches [start, start + length) of `mm`. Returns 0,
-  // -EINVAL (empty, overflowing or non-user range, already inserted, null ops), or -ENOMEM.
+  // mmu_interval_notifier_insert. Watches [start, start + length) of `mm`. Returns 0, or
+  // -EINVAL (empty, overflowing or non-user range, already inserted, null ops, or an address
+  // space that is exiting).
   // May be called while an invalidation is in progress: then the notifier becomes visible
   // when it ends, and read_begin() waits for that.
   [[nodiscard]] int insert(AddressSpace* mm, Va start, uint64_t length,
@@ -173,18 +174,20 @@ class MmuNotifierSubscriptions {
 
   // Runs every intersecting interval notifier's invalidate() (after making the sequence odd)
   // and every MmuNotifier's invalidate_range_start. Returns 0, or -EAGAIN when a callback
-  // refused a non-blockable range; in that case invalidate_range_end() must still be called.
-  // Context: mmap lock held, no page-table lock held.
+  // refused a non-blockable range; then the start has been undone and the caller must not
+  // call invalidate_range_end(). Context: mmap lock held, no page-table lock held.
   [[nodiscard]] int invalidate_range_start(const MmuNotifierRange& range);
   void invalidate_range_end(const MmuNotifierRange& range);
 
-  // mmu_notifier_register / unregister. register returns 0 or -EINVAL (null, or after
-  // release). unregister after release() is a no-op.
+  // mmu_notifier_register / unregister. register returns 0 or -EINVAL (null, already
+  // registered, or after release). unregister waits until no invalidation is active, so no
+  // callback of n runs after it returns; after release() it is a no-op.
   [[nodiscard]] int register_notifier(MmuNotifier* n);
   void unregister_notifier(MmuNotifier* n);
 
-  // exit_mmap: calls release() of every plain notifier and a kRelease invalidation of every
-  // interval notifier; afterwards no callback runs again.
+  // exit_mmap: calls release() of every plain notifier (which are then dropped) and a
+  // kRelease invalidation of every interval notifier. Interval notifiers stay inserted and,
+  // as in Linux, also see the UNMAP invalidations of the teardown that follows.
   void release();
 
   // Test and checker hooks.
@@ -198,6 +201,7 @@ class MmuNotifierSubscriptions {
   int insert(MmuIntervalNotifier* sub);
   void remove(MmuIntervalNotifier* sub);
   uint64_t read_begin(MmuIntervalNotifier* sub);
+  void finish_range();
 
   AddressSpace* const mm_;
   mutable SpinLock lock_{&kNotifierSubsLockClass};

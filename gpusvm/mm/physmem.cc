@@ -72,7 +72,7 @@ std::byte* Folio::data(uint64_t i) const {
 // ---- folio lock ----
 
 void folio_lock(Folio* folio) {
-  lockdep::check_order(folio, &kFolioLockClass);
+  lockdep::check_class_order(&kFolioLockClass);
   for (;;) {
     uint32_t f = folio->flags_.load(std::memory_order_relaxed);
     if (!(f & kFolioLocked) &&
@@ -85,7 +85,7 @@ void folio_lock(Folio* folio) {
             " stayed locked longer than the hang timeout");
     }
   }
-  lockdep::acquire(folio, &kFolioLockClass, LockMode::kExclusive);
+  lockdep::acquire_class(&kFolioLockClass);
 }
 
 bool folio_trylock(Folio* folio) {
@@ -93,12 +93,12 @@ bool folio_trylock(Folio* folio) {
   do {
     if (f & kFolioLocked) return false;
   } while (!folio->flags_.compare_exchange_weak(f, f | kFolioLocked, std::memory_order_acquire));
-  lockdep::acquire(folio, &kFolioLockClass, LockMode::kExclusive);
+  lockdep::acquire_class(&kFolioLockClass);
   return true;
 }
 
 void folio_unlock(Folio* folio) {
-  lockdep::release(folio);
+  lockdep::release_class(&kFolioLockClass);
   // release: the unlocking holder's writes are visible to the next locker (acquire above).
   uint32_t old = folio->flags_.fetch_and(~static_cast<uint32_t>(kFolioLocked),
                                          std::memory_order_release);

@@ -158,8 +158,10 @@ class Folio {
 };
 
 // The sleeping folio lock. folio_lock sleeps (bounded by hang_timeout(), then panics naming
-// the folio); must not be called with a spin lock held. Several folios are locked in pfn order
-// only (subclass = position), as migration of a range does.
+// the folio); must not be called with a page-table lock held (checked). A thread may hold many
+// (a migration locks its whole range): blocking acquisitions go in pfn order, anything else
+// uses folio_trylock and backs off. lockdep-lite counts them per thread, not per folio, so
+// folio_assert_locked checks the lock bit.
 void folio_lock(Folio* folio);
 [[nodiscard]] bool folio_trylock(Folio* folio);
 void folio_unlock(Folio* folio);

@@ -38,7 +38,8 @@ void page_remove_rmap_pte(Folio* page, AddressSpace* mm, Va va) {
   }
   // A large folio that lost some but not all of its mappings wastes the unmapped part until
   // it is split: queue it as the kernel does (deferred_split_folio).
-  if (head->large() && head->entire_mapcount() == 0 && head->mapped() && !head->test(kFolioZero)) {
+  if (head->large() && !head->test(kFolioDeferredSplit) && head->entire_mapcount() == 0 &&
+      !head->test(kFolioZero) && head->mapped()) {
     head->mem()->deferred_split_folio(head);
   }
 }

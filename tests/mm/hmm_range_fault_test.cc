@@ -61,14 +61,18 @@ TEST_F(HmmRangeFaultTest, FaultAndWriteFaultPopulate) {
 }
 
 TEST_F(HmmRangeFaultTest, PerPageRequestsWithMask) {
-  // default_flags = 0 and pfn_flags_mask = REQ_FAULT: only pages whose input asks fault.
-  pfns.assign(4, 0);
+  // Populate the table with zero pages first: in a hole, hmm faults the whole hole with the
+  // union of the requests, exactly as the kernel's hmm_vma_walk_hole does.
+  for (int i = 0; i < 4; i++) ASSERT_TRUE(cpu::load<uint64_t>(*as, base + i * kPageSize).ok());
+  // default_flags = 0 and pfn_flags_mask = REQ_FAULT|REQ_WRITE: only pages whose input asks
+  // are faulted. A fault covers the rest of the walk's PMD chunk (the kernel's
+  // hmm_vma_fault(addr, end)), so page 3 is write-faulted along with page 2.
+  pfns.assign(5, 0);
   pfns[1] = HMM_PFN_REQ_FAULT;
   pfns[2] = HMM_PFN_REQ_FAULT | HMM_PFN_REQ_WRITE;
   pfns[3] = HMM_PFN_DMA_MAPPED;  // caller-owned bit: preserved
-  HmmRange r{.notifier = &notifier, .notifier_seq = notifier.read_begin(), .start = base,
-             .end = base + 4 * kPageSize, .hmm_pfns = pfns.data(),
-             .pfn_flags_mask = HMM_PFN_REQ_FAULT | HMM_PFN_REQ_WRITE};
+  HmmRange r{.notifier = &notifier, .start = base, .end = base + 4 * kPageSize,
+             .hmm_pfns = pfns.data(), .pfn_flags_mask = HMM_PFN_REQ_FAULT | HMM_PFN_REQ_WRITE};
   int rc;
   do {
     ReadLock g(&as->mmap_lock());
@@ -76,10 +80,16 @@ TEST_F(HmmRangeFaultTest, PerPageRequestsWithMask) {
     rc = hmm_range_fault(&r);
   } while (rc == -EBUSY);
   ASSERT_EQ(rc, 0);
-  EXPECT_EQ(pfns[0], 0u);
-  EXPECT_EQ(pfns[1] & (HMM_PFN_VALID | HMM_PFN_WRITE), HMM_PFN_VALID);
-  EXPECT_EQ(pfns[2] & (HMM_PFN_VALID | HMM_PFN_WRITE), HMM_PFN_VALID | HMM_PFN_WRITE);
-  EXPECT_EQ(pfns[3], HMM_PFN_DMA_MAPPED);
+  EXPECT_EQ(pfns[0], HMM_PFN_VALID | mem->zero_pfn());
+  EXPECT_EQ(pfns[1], HMM_PFN_VALID | mem->zero_pfn());
+  EXPECT_EQ(pfns[2], HMM_PFN_VALID | HMM_PFN_WRITE | query_page(*as, base + 2 * kPageSize).pfn);
+  EXPECT_EQ(pfns[3] & ~HMM_PFN_FLAGS, query_page(*as, base + 3 * kPageSize).pfn);
+  EXPECT_EQ(pfns[3] & HMM_PFN_FLAGS, HMM_PFN_DMA_MAPPED | HMM_PFN_VALID | HMM_PFN_WRITE);
+  EXPECT_EQ(pfns[4], 0u);  // outside the range: untouched
+  EXPECT_EQ(query_page(*as, base + 2 * kPageSize).kind, PageKind::kSmall);
+  EXPECT_EQ(query_page(*as, base + kPageSize).kind, PageKind::kZeroPage);
+  // Replacing the zero pages invalidated the mirror (COW is a CLEAR of the old page).
+  EXPECT_TRUE(mirror.saw(MmuNotifyEvent::kClear));
 }
 
 TEST_F(HmmRangeFaultTest, ThpReportsPmdOrder) {

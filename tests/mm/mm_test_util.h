@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -45,15 +46,18 @@ inline void fill_pages(AddressSpace& as, Va start, uint64_t len, uint64_t gen) {
 }
 
 // Checks the first word of every page; returns the number of mismatches (and reports the
-// first few).
-inline int verify_pages(AddressSpace& as, Va start, uint64_t len, uint64_t gen) {
+// first few). `written_at`: where the data was written when it has moved since (mremap).
+inline int verify_pages(AddressSpace& as, Va start, uint64_t len, uint64_t gen,
+                        Va written_at = 0) {
   int bad = 0;
+  const Va origin = written_at ? written_at : start;
   for (Va va = start; va < start + len; va += kPageSize) {
+    const uint64_t want = pattern(origin + (va - start), gen);
     Result<uint64_t> v = cpu::load<uint64_t>(as, va);
-    if (!v || *v != pattern(va, gen)) {
+    if (!v || *v != want) {
       if (bad++ < 5) {
-        ADD_FAILURE() << "page " << std::hex << va << ": got "
-                      << (v ? *v : 0xdeadULL) << " want " << pattern(va, gen);
+        ADD_FAILURE() << "page " << std::hex << va << ": got " << (v ? *v : 0xdeadULL)
+                      << " want " << want;
       }
     }
   }
@@ -83,12 +87,16 @@ class TestMirror : public MmuIntervalNotifierOps {
     std::lock_guard<std::mutex> g(lock);
     n->set_seq(cur_seq);
     invalidations++;
-    last_event = range.event;
+    events.push_back(range.event);
     return true;
+  }
+  bool saw(MmuNotifyEvent e) {
+    std::lock_guard<std::mutex> g(lock);
+    return std::find(events.begin(), events.end(), e) != events.end();
   }
   std::mutex lock;
   int invalidations = 0;
-  MmuNotifyEvent last_event = MmuNotifyEvent::kUnmap;
+  std::vector<MmuNotifyEvent> events;
 };
 
 // Runs hmm_range_fault on [start, end) with the full protocol (read_begin, mmap read lock,

@@ -138,7 +138,7 @@ TEST_F(SyscallTest, MremapMovesGrowsAndShrinks) {
   Result<Va> m = as->mremap(va, 6 * kPageSize, 6 * kPageSize, MREMAP_MAYMOVE | MREMAP_FIXED, dst);
   ASSERT_TRUE(m.ok());
   EXPECT_EQ(*m, dst);
-  EXPECT_EQ(verify_pages(*as, dst, 6 * kPageSize, 6), 0);
+  EXPECT_EQ(verify_pages(*as, dst, 6 * kPageSize, 6, va), 0);
   EXPECT_EQ(cpu::load<uint64_t>(*as, va).error(), -EFAULT);
   EXPECT_MM_CHECK_OK(*mem);
   // Errors.
@@ -154,11 +154,11 @@ TEST_F(SyscallTest, MremapOfThpKeepsPmdWhenAlignedAndSplitsWhenNot) {
   const Va aligned = 0x400000000;
   ASSERT_TRUE(as->mremap(va, kPmdSize, kPmdSize, MREMAP_MAYMOVE | MREMAP_FIXED, aligned).ok());
   EXPECT_EQ(query_page(*as, aligned).kind, PageKind::kThpPmd);
-  EXPECT_EQ(verify_pages(*as, aligned, kPmdSize, 7), 0);
+  EXPECT_EQ(verify_pages(*as, aligned, kPmdSize, 7, va), 0);
   const Va unaligned = 0x500000000 + 3 * kPageSize;
   ASSERT_TRUE(as->mremap(aligned, kPmdSize, kPmdSize, MREMAP_MAYMOVE | MREMAP_FIXED, unaligned).ok());
   EXPECT_EQ(query_page(*as, unaligned).kind, PageKind::kThpPte);
-  EXPECT_EQ(verify_pages(*as, unaligned, kPmdSize, 7), 0);
+  EXPECT_EQ(verify_pages(*as, unaligned, kPmdSize, 7, va), 0);
   EXPECT_MM_CHECK_OK(*mem);
 }
 
@@ -168,7 +168,7 @@ TEST_F(SyscallTest, MremapDontunmapLeavesEmptySource) {
   Result<Va> m = as->mremap(va, 4 * kPageSize, 4 * kPageSize, MREMAP_MAYMOVE | MREMAP_DONTUNMAP);
   ASSERT_TRUE(m.ok());
   EXPECT_NE(*m, va);
-  EXPECT_EQ(verify_pages(*as, *m, 4 * kPageSize, 8), 0);
+  EXPECT_EQ(verify_pages(*as, *m, 4 * kPageSize, 8, va), 0);
   EXPECT_EQ(query_page(*as, va).kind, PageKind::kNone);
   EXPECT_EQ(*cpu::load<uint64_t>(*as, va), 0u);  // still mapped, now empty
 }
@@ -258,7 +258,8 @@ TEST_F(SyscallTest, ExitReleasesEverything) {
   ASSERT_EQ(n.insert(as.get(), a, 2 * kPmdSize, &mirror), 0);
   as->exit();
   EXPECT_TRUE(as->exited());
-  EXPECT_EQ(mirror.last_event, MmuNotifyEvent::kRelease);
+  EXPECT_TRUE(mirror.saw(MmuNotifyEvent::kRelease));
+  EXPECT_TRUE(mirror.saw(MmuNotifyEvent::kUnmap));  // the teardown that follows release
   EXPECT_EQ(mem->free_pages(), initial_free);
   as->exit();  // idempotent
   n.remove();
