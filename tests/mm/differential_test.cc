@@ -221,10 +221,10 @@ std::vector<Scenario> all_scenarios() {
                   .write(0, P)
                   .snapshot("parent wrote p1 (sole owner: reuse)"));
   v.push_back(Scenario("fork_thp_child_write",
-                       "fork shares the THP PMD-mapped in both; the child's write splits only "
-                       "the child's PMD and copies one 4 KiB page; the parent's later write "
-                       "splits its PMD and copies one page; after the child exits the parent "
-                       "reuses the remaining pages in place")
+                       "fork shares the THP PMD-mapped in both (map 2); the child's write splits "
+                       "only the child's PMD and copies one 4 KiB page; the parent's later write "
+                       "splits its PMD and copies one page; after the child exits every page is "
+                       "map 1")
                   .mmap_huge(0, M2)
                   .write(0, 0)
                   .fork()
@@ -236,8 +236,21 @@ std::vector<Scenario> all_scenarios() {
                   .write(0, 9 * P)
                   .snapshot("parent wrote p9")
                   .exit_proc(1)
-                  .snapshot("child exited")
+                  .snapshot("child exited"));
+  v.push_back(Scenario("fork_thp_pte_reuse_after_child_exit",
+                       "a write-protected PTE of a large folio that this process alone maps again "
+                       "(the child exited) is reused in place on a write fault, no copy (COW "
+                       "reuse of PTE-mapped THP, Linux 6.15+)")
+                  .needs(615, "Linux < 6.15 never reuses a page of a PTE-mapped large folio on "
+                              "a write fault; it copies")
+                  .mmap_huge(0, M2)
+                  .write(0, 0)
+                  .fork()
                   .in(0)
+                  .write(0, 9 * P)
+                  .exit_proc(1)
+                  .in(0)
+                  .snapshot("child exited")
                   .write(0, 11 * P)
                   .snapshot("parent wrote p11"));
   v.push_back(Scenario("fork_thp_parent_write",
@@ -281,6 +294,22 @@ std::vector<Scenario> all_scenarios() {
                   .write(0, 0)
                   .reserve(1, 3 * M2)
                   .mremap(0, 0, M2, M2, MREMAP_MAYMOVE | MREMAP_FIXED, 1, 16 * P));
+  v.push_back(Scenario("mremap_dontunmap",
+                       "MREMAP_DONTUNMAP moves the pages (a THP stays PMD-mapped at an aligned "
+                       "target) and leaves the old range mapped but empty")
+                  .mmap_huge(0, M2)
+                  .write(0, 0)
+                  .mmap(1, 4 * P)
+                  .write(1, 0)
+                  .read(1, P)
+                  .reserve(2, 4 * M2)
+                  .mremap(0, 0, M2, M2, MREMAP_MAYMOVE | MREMAP_FIXED | MREMAP_DONTUNMAP, 2, 0)
+                  .mremap(1, 0, 4 * P, 4 * P, MREMAP_MAYMOVE | MREMAP_FIXED | MREMAP_DONTUNMAP,
+                          2, 2 * M2)
+                  .snapshot("moved")
+                  .read(0, 0)
+                  .write(1, 0)
+                  .snapshot("old ranges touched again"));
   v.push_back(Scenario("mremap_huge_zero",
                        "a huge zero PMD moved to an aligned address stays a huge zero PMD; moved "
                        "to an unaligned one it becomes 512 zero-page PTEs")
