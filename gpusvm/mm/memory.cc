@@ -116,6 +116,16 @@ VmFault wp_page_copy(FaultCtx& f, Pte orig, Folio* src) {
   return r;
 }
 
+// A large anonymous folio whose every reference is a mapping of this address space (the
+// other side of a fork is gone): Linux >= 6.16 reuses it instead of copying.
+bool mapped_only_by(Folio* head, AddressSpace* mm) {
+  if (head->refcount() != head->total_mapcount()) return false;  // pinned or in flight
+  for (const RmapItem& item : folio_rmap_snapshot(head)) {
+    if (item.mm != mm) return false;
+  }
+  return true;
+}
+
 // Write fault on a present read-only PTE in a writable VMA (do_wp_page).
 VmFault do_wp_page(FaultCtx& f, PteTable* t, Pte pte) {
   PhysMem* mem = f.mm.mem();
@@ -136,7 +146,8 @@ VmFault do_wp_page(FaultCtx& f, PteTable* t, Pte pte) {
     // small folio whose one reference is this mapping (the other side of a COW already
     // copied). Checked under the PTL: a new sharer (fork) needs this PTL to map it.
     bool reuse = page->test_page(kPageAnonExclusive) ||
-                 (!head->large() && head->refcount() == 1 && head->page_mapcount() == 1);
+                 (!head->large() && head->refcount() == 1 && head->page_mapcount() == 1) ||
+                 (head->large() && mapped_only_by(head, &f.mm));
     if (reuse) {
       page->set_page(kPageAnonExclusive);
       t->set(i, pte.mkwrite().mkdirty().mkyoung());
@@ -211,6 +222,38 @@ VmFault handle_pte_fault(FaultCtx& f) {
   return VmFault::kSigbus;
 }
 
+// Write fault on the huge zero folio: map a new zeroed THP instead. Returns kSigbus (never a
+// real result here) when no THP could be allocated, so the caller falls back to a split.
+VmFault huge_zero_wp_pmd(FaultCtx& f, Pmd pmd) {
+  Folio* folio = f.mm.mem()->folio_alloc(kPmdOrder, /*zero=*/true);
+  if (!folio) {
+    f.mm.stats().faults_thp_fallback.add();
+    return VmFault::kSigbus;
+  }
+  folio->set(kFolioAnon);
+  for (uint64_t i = 0; i < kPagesPerPmd; i++) folio->page(i)->set_page(kPageAnonExclusive);
+  const Va haddr = pmd_align_down(f.va);
+  {
+    // Mirrors may map the huge zero folio: they must drop it before it is replaced.
+    MmuInvalidation inv(f.mm, haddr, haddr + kPmdSize, MmuNotifyEvent::kClear);
+    SpinLockGuard g(&f.slot.table->lock);
+    if (f.slot.table->get(f.slot.index) == pmd) {
+      folio_add_rmap_pmd(folio, &f.mm, haddr);
+      f.slot.table->set(f.slot.index, Pmd::make_leaf(Pte::make_present(folio->pfn(), true, true)
+                                                          .mkdirty()
+                                                          .mkyoung()));
+      folio = nullptr;
+    }
+  }
+  if (folio) {
+    folio->put();
+    return VmFault::kRetry;
+  }
+  f.mm.stats().faults_thp.add();
+  f.mm.stats().faults_cow.add();
+  return VmFault::kOk;
+}
+
 // A fault on a present huge leaf: only writes to read-only leaves need work.
 VmFault huge_pmd_fault(FaultCtx& f, Pmd pmd) {
   PhysMem* mem = f.mm.mem();
@@ -224,7 +267,12 @@ VmFault huge_pmd_fault(FaultCtx& f, Pmd pmd) {
     if (upd != leaf) f.slot.table->set(f.slot.index, Pmd::make_leaf(upd));
     return VmFault::kOk;
   }
-  if (!mem->is_huge_zero_pfn(leaf.pfn())) {
+  if (mem->is_huge_zero_pfn(leaf.pfn())) {
+    // Linux >= 6.13 (do_huge_zero_wp_pmd): replace the huge zero folio by a fresh THP;
+    // only when that allocation fails does the PMD split into zero PTEs.
+    VmFault r = huge_zero_wp_pmd(f, pmd);
+    if (r != VmFault::kSigbus) return r;
+  } else {
     // Reuse an exclusive THP in place (do_huge_pmd_wp_page); otherwise fall back to a 4 KiB
     // COW after splitting the PMD, as Linux does.
     SpinLockGuard g(&f.slot.table->lock);

@@ -19,7 +19,7 @@ int run_scenario(AddressSpace& as) {
   for (int i = 0; i < 16; i++) step(cpu::store<uint64_t>(as, *small + i * kPageSize, i + 1));
   step(cpu::load<uint64_t>(as, *huge).error());
   step(cpu::store<uint64_t>(as, *huge + kPmdSize, 7));
-  step(cpu::store<uint64_t>(as, *huge + 5 * kPageSize, 9));  // huge zero -> split + COW
+  step(cpu::store<uint64_t>(as, *huge + 5 * kPageSize, 9));  // huge zero -> THP, or split + COW
   Result<std::unique_ptr<AddressSpace>> child = as.fork();
   if (child) {
     step(cpu::store<uint64_t>(**child, *small, 100));

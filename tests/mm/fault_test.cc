@@ -68,18 +68,33 @@ TEST_F(FaultTest, HugeRegionReadMapsHugeZeroWriteMapsThp) {
   EXPECT_EQ(*cpu::load<uint64_t>(*as, va + kPmdSize + 7 * kPageSize), 77u);
 }
 
-// Linux splits the huge zero PMD on a write and COWs one 4 KiB page (do_huge_pmd_wp_page's
-// fallback): the rest stays mapped to the 4 KiB zero page.
-TEST_F(FaultTest, WriteToHugeZeroSplitsAndCopiesOnePage) {
-  Va va = map_anon(*as, kPmdSize, PROT_READ | PROT_WRITE, true);
+// Linux >= 6.13 replaces the huge zero PMD by a fresh THP on a write (do_huge_zero_wp_pmd);
+// when no THP can be allocated it splits the PMD into zero PTEs and COWs one 4 KiB page.
+TEST_F(FaultTest, WriteToHugeZeroAllocatesThp) {
+  TestMirror mirror;
+  MmuIntervalNotifier n;
+  Va va = map_anon(*as, 2 * kPmdSize, PROT_READ | PROT_WRITE, true);
+  ASSERT_EQ(n.insert(as.get(), va, 2 * kPmdSize, &mirror), 0);
   ASSERT_TRUE(cpu::load<uint64_t>(*as, va).ok());
   ASSERT_EQ(query_page(*as, va).kind, PageKind::kHugeZero);
   ASSERT_EQ(cpu::store<uint64_t>(*as, va + 9 * kPageSize, 9), 0);
-  EXPECT_EQ(query_page(*as, va + 9 * kPageSize).kind, PageKind::kSmall);
-  EXPECT_EQ(query_page(*as, va).kind, PageKind::kZeroPage);
-  EXPECT_EQ(query_page(*as, va + 10 * kPageSize).kind, PageKind::kZeroPage);
+  EXPECT_EQ(query_page(*as, va).kind, PageKind::kThpPmd);
+  EXPECT_EQ(*cpu::load<uint64_t>(*as, va + 9 * kPageSize), 9u);
+  EXPECT_EQ(*cpu::load<uint64_t>(*as, va + 10 * kPageSize), 0u);
+  EXPECT_TRUE(mirror.saw(MmuNotifyEvent::kClear));  // a mirror of the huge zero folio drops it
+  EXPECT_EQ(mem->free_pages(), initial_free - kPagesPerPmd);
+
+  ASSERT_TRUE(cpu::load<uint64_t>(*as, va + kPmdSize).ok());
+  ASSERT_EQ(query_page(*as, va + kPmdSize).kind, PageKind::kHugeZero);
+  {
+    fault_inject::ScopedArm arm("mm.alloc_folio_thp", {.nth = 1, .times = 0});
+    ASSERT_EQ(cpu::store<uint64_t>(*as, va + kPmdSize + 3 * kPageSize, 3), 0);
+  }
+  EXPECT_EQ(query_page(*as, va + kPmdSize + 3 * kPageSize).kind, PageKind::kSmall);
+  EXPECT_EQ(query_page(*as, va + kPmdSize).kind, PageKind::kZeroPage);
   EXPECT_EQ(as->stats().thp_split_pmd.get(), 1u);
-  EXPECT_EQ(mem->free_pages(), initial_free - 1);
+  EXPECT_EQ(mem->free_pages(), initial_free - kPagesPerPmd - 1);
+  n.remove();
 }
 
 TEST_F(FaultTest, ThpFallsBackTo4kWhenHugeAllocationFails) {
