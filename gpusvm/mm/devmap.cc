@@ -20,7 +20,7 @@ Result<std::unique_ptr<DevPagemap>> DevPagemap::create(PhysMem* mem, uint64_t nr
     f.mem_ = mem;
     f.pagemap_ = pgmap.get();
     f.pfn_ = *first + i;
-    f.head_ = &f;
+    f.head_.store(&f, std::memory_order_relaxed);
     f.flags_.store(kFolioDevicePrivate | kFolioFree, std::memory_order_relaxed);
   }
   return pgmap;
@@ -43,13 +43,13 @@ Folio* DevPagemap::folio_init(Pfn pfn, unsigned order) {
   }
   for (uint64_t i = 0; i < n; i++) {
     Folio* p = head + i;
-    p->head_ = head;
-    p->order_ = 0;
+    p->head_.store(head, std::memory_order_relaxed);
+    p->order_.store(0, std::memory_order_relaxed);
     p->mapcount_.store(0, std::memory_order_relaxed);
     p->page_flags_.store(0, std::memory_order_relaxed);
     p->flags_.store(kFolioDevicePrivate, std::memory_order_relaxed);
   }
-  head->order_ = static_cast<uint8_t>(order);
+  head->order_.store(static_cast<uint8_t>(order), std::memory_order_relaxed);
   head->entire_mapcount_.store(0, std::memory_order_relaxed);
   head->zone_device_data = nullptr;
   head->refcount_.store(1, std::memory_order_release);
@@ -64,8 +64,8 @@ void DevPagemap::free_folio(Folio* folio) {
   const uint64_t n = folio->nr_pages();
   for (uint64_t i = 0; i < n; i++) {
     Folio* p = folio + i;
-    p->head_ = p;
-    p->order_ = 0;
+    p->head_.store(p, std::memory_order_relaxed);
+    p->order_.store(0, std::memory_order_relaxed);
     p->flags_.store(kFolioDevicePrivate | kFolioFree, std::memory_order_relaxed);
     p->zone_device_data = nullptr;
   }

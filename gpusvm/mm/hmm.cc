@@ -111,16 +111,12 @@ int hmm_pte_hole(Va start, Va end, MmWalk& walk) {
   return pfns_fill(w, start, end, 0);
 }
 
-// Waits for the migration holding `pfn` and restarts the walk. The entry's lock must have
-// been dropped; a reference keeps the folio alive while waiting.
+// Waits for the migration holding `pfn` and restarts the walk at addr. The entry's lock
+// must have been dropped.
 int wait_migration_and_restart(MmWalk& walk, Pfn pfn, Va addr) {
   HmmWalk& w = *static_cast<HmmWalk*>(walk.priv);
   w.last = addr;
-  Folio* folio = walk.mm->mem()->folio_of(pfn);
-  if (folio->try_get()) {
-    (void)wait_for_migration(folio);
-    folio->put();
-  }
+  (void)wait_for_migration(walk.mm->mem()->pfn_to_page(pfn));
   return -EBUSY;
 }
 

@@ -1,5 +1,7 @@
 // Transparent huge pages: PMD-mapped faults, PMD splits, MADV_COLLAPSE.
+#include <algorithm>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #include "gpusvm/mm/mm_internal.h"
@@ -177,6 +179,128 @@ int collapse_huge_page(AddressSpace& mm, Vma& vma, Va haddr) {
   unlock_all();
   for (Folio* p : puts) p->head()->put();
   mm.stats().thp_collapse.add();
+  return 0;
+}
+
+}  // namespace gpusvm::mm
+
+namespace gpusvm::mm {
+namespace {
+
+struct SplitMapping {
+  Va va;
+  Pte orig;
+  uint32_t page;
+};
+
+bool page_is_zero(const Folio* page) {
+  static const std::byte kZero[kPageSize] = {};
+  return std::memcmp(page->data(), kZero, kPageSize) == 0;
+}
+
+// Puts the original entry back where our migration entry still is; otherwise (zapped
+// meanwhile) the mapping is simply gone. Returns true when it mapped `page` again.
+bool restore_mapping(AddressSpace& mm, const SplitMapping& m, Folio* page, bool use_zero_page) {
+  PmdSlot slot = mm.page_table().pmd_lookup(m.va);
+  PteTable* t = slot ? mm.page_table().pte_offset_map_lock(slot) : nullptr;
+  if (!t) return false;
+  const unsigned i = pte_index(m.va);
+  const Pte cur = t->get(i);
+  bool mapped = false;
+  if (cur.is_migration() && cur.pfn() == m.orig.pfn()) {
+    if (use_zero_page) {
+      t->set(i, Pte::make_zero(mm.mem()->zero_pfn()));
+    } else {
+      page->head()->get();
+      page_add_rmap_pte(page, &mm, m.va);
+      t->set(i, m.orig);
+      mapped = true;
+    }
+  }
+  PageTable::pte_unmap_unlock(t);
+  return mapped;
+}
+
+}  // namespace
+
+int split_folio_exclusive(AddressSpace& mm, Folio* folio) {
+  mm.mmap_assert_locked();
+  folio_assert_locked(folio);
+  PhysMem* mem = mm.mem();
+  if (!folio->large() || !folio->is_head() || !folio->test(kFolioAnon) ||
+      folio->entire_mapcount() != 0) {
+    return -EBUSY;
+  }
+  std::vector<RmapItem> items = folio_rmap_snapshot(folio);
+  Va lo = kTaskSize, hi = 0;
+  for (const RmapItem& it : items) {
+    if (it.mm != &mm || it.pmd) return -EBUSY;
+    lo = std::min(lo, it.va);
+    hi = std::max(hi, it.va + kPageSize);
+  }
+  std::optional<MmuInvalidation> inv;
+  if (!items.empty()) inv.emplace(mm, lo, hi, MmuNotifyEvent::kClear);
+
+  // 1. Unmap: every PTE becomes a migration entry, so CPU accesses wait on the folio lock
+  //    until step 4 maps the new folios back.
+  std::vector<SplitMapping> saved;
+  for (const RmapItem& it : items) {
+    PmdSlot slot = mm.page_table().pmd_lookup(it.va);
+    PteTable* t = mm.page_table().pte_offset_map_lock(slot);
+    if (!t) panic("split_folio: rmap item without a PTE table");
+    const unsigned i = pte_index(it.va);
+    const Pte pte = t->get(i);
+    if (!pte.present() || pte.pfn() != folio->pfn() + it.page) panic("split_folio: rmap item does not match its PTE");
+    Pte mig = Pte::make_soft_leaf(pte.write() ? SoftLeafType::kMigrationWrite : SoftLeafType::kMigrationRead, pte.pfn());
+    if (pte.young()) mig = mig.swp_mkyoung();
+    if (pte.dirty()) mig = mig.swp_mkdirty();
+    t->set(i, mig);
+    page_remove_rmap_pte(folio->page(it.page), &mm, it.va);
+    PageTable::pte_unmap_unlock(t);
+    saved.push_back(SplitMapping{it.va, pte, it.page});
+  }
+
+  // 2. Freeze: the only references left must be the unmapped mappings' and the caller's.
+  int expected = static_cast<int>(saved.size()) + 1;
+  if (!folio->refcount_.compare_exchange_strong(expected, 0, std::memory_order_acq_rel)) {
+    for (const SplitMapping& m : saved) {
+      if (!restore_mapping(mm, m, folio->page(m.page), false)) continue;
+      folio->put();  // restore took a new reference for the mapping; drop the old one
+    }
+    return -EAGAIN;
+  }
+
+  // 3. Split the descriptors. Every new folio starts locked (faults on its migration entries
+  //    wait for that) with one reference owned by this function; the first keeps the
+  //    caller's reference too.
+  mem->deferred_split_remove(folio);
+  const uint32_t inherit = folio->flags() & (kFolioAnon | kFolioDirty | kFolioLazyfree | kFolioYoung);
+  const uint64_t n = folio->nr_pages();
+  const Pfn pfn = folio->pfn();
+  for (uint64_t i = 0; i < n; i++) {
+    Folio* p = mem->pfn_to_page(pfn + i);
+    p->order_.store(0, std::memory_order_relaxed);
+    p->entire_mapcount_.store(0, std::memory_order_relaxed);
+    p->flags_.store(inherit | kFolioLocked, std::memory_order_relaxed);
+    p->refcount_.store(i == 0 ? 2 : 1, std::memory_order_relaxed);
+    p->head_.store(p, std::memory_order_release);  // publishes the fields above
+  }
+
+  // 4. Map back; all-zero subpages become the shared zero page and are freed below.
+  for (const SplitMapping& m : saved) {
+    Folio* page = mem->pfn_to_page(pfn + m.page);
+    (void)restore_mapping(mm, m, page, page_is_zero(page));
+  }
+
+  // 5. Unlock the new folios but the first (the caller's) and drop this function's references.
+  for (uint64_t i = 1; i < n; i++) {
+    Folio* p = mem->pfn_to_page(pfn + i);
+    p->flags_.fetch_and(~static_cast<uint32_t>(kFolioLocked), std::memory_order_release);
+    mem->folio_waitqueue(p).wake_all();
+    p->put();
+  }
+  folio->put();
+  mm.stats().thp_split_folio.add();
   return 0;
 }
 

@@ -19,9 +19,13 @@ const char* vm_fault_name(VmFault f) {
   return "?";
 }
 
-VmFault wait_for_migration(Folio* folio) {
-  // The migrating thread holds the folio lock from installing the migration entries until it
-  // removes them (migrate_vma_finalize); waiting for the unlock is waiting for the migration.
+VmFault wait_for_migration(Folio* page) {
+  // The migrating (or splitting) thread holds the folio lock from installing the migration
+  // entries until it removes them; waiting for the unlock is waiting for the migration. No
+  // reference is taken - it would make the migration's refcount freeze fail, which is why
+  // Linux waits without one too. Folio descriptors are never freed, so a descriptor reused
+  // meanwhile costs at most a spurious wakeup and a retry.
+  Folio* folio = page->head();
   if (!folio_wait_unlocked(folio, hang_timeout())) {
     panic("fault: migration of pfn " + std::to_string(folio->pfn()) +
           " did not finish within the hang timeout (leftover migration entry?)");
@@ -116,16 +120,6 @@ VmFault wp_page_copy(FaultCtx& f, Pte orig, Folio* src) {
   return r;
 }
 
-// A large anonymous folio whose every reference is a mapping of this address space (the
-// other side of a fork is gone): Linux >= 6.16 reuses it instead of copying.
-bool mapped_only_by(Folio* head, AddressSpace* mm) {
-  if (head->refcount() != head->total_mapcount()) return false;  // pinned or in flight
-  for (const RmapItem& item : folio_rmap_snapshot(head)) {
-    if (item.mm != mm) return false;
-  }
-  return true;
-}
-
 // Write fault on a present read-only PTE in a writable VMA (do_wp_page).
 VmFault do_wp_page(FaultCtx& f, PteTable* t, Pte pte) {
   PhysMem* mem = f.mm.mem();
@@ -147,7 +141,9 @@ VmFault do_wp_page(FaultCtx& f, PteTable* t, Pte pte) {
     // copied). Checked under the PTL: a new sharer (fork) needs this PTL to map it.
     bool reuse = page->test_page(kPageAnonExclusive) ||
                  (!head->large() && head->refcount() == 1 && head->page_mapcount() == 1) ||
-                 (head->large() && mapped_only_by(head, &f.mm));
+                 // A large folio mapped only by this mm (the other side of a fork is gone):
+                 // Linux >= 6.15 reuses it instead of copying.
+                 (head->large() && folio_mapped_only_by(head, &f.mm));
     if (reuse) {
       page->set_page(kPageAnonExclusive);
       t->set(i, pte.mkwrite().mkdirty().mkyoung());
@@ -206,14 +202,9 @@ VmFault handle_pte_fault(FaultCtx& f) {
     return VmFault::kOk;
   }
   if (pte.is_migration()) {
-    Folio* folio = mem->folio_of(pte.pfn());
-    bool ref = folio->try_get();
     PageTable::pte_unmap_unlock(t);
     f.mm.stats().faults_migration_wait.add();
-    if (!ref) return VmFault::kRetry;  // migration finished and freed the source
-    VmFault r = wait_for_migration(folio);
-    folio->put();
-    return r;
+    return wait_for_migration(mem->pfn_to_page(pte.pfn()));
   }
   // Device-private and device-exclusive entries are resolved by the migration layer
   // (migrate_to_ram / restoring the exclusive entry), which this model adds with device
@@ -323,12 +314,8 @@ VmFault handle_mm_fault(AddressSpace& mm, Va va, unsigned flags) {
   if (pmd.is_huge_soft_leaf()) {
     Pte leaf = pmd.leaf();
     if (leaf.is_migration()) {
-      Folio* folio = mm.mem()->folio_of(leaf.pfn());
-      if (!folio->try_get()) return VmFault::kRetry;
       mm.stats().faults_migration_wait.add();
-      VmFault r = wait_for_migration(folio);
-      folio->put();
-      return r;
+      return wait_for_migration(mm.mem()->pfn_to_page(leaf.pfn()));
     }
     return VmFault::kSigbus;  // device-private PMD: see handle_pte_fault
   }

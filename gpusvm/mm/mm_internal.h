@@ -43,6 +43,11 @@ inline constexpr Va kMmapBase = kTaskSize - (128ULL << 20);
 // at the ends, fires one UNMAP invalidation, zaps and removes the VMAs.
 void do_munmap(AddressSpace& mm, VmaTree& vmas, Va start, Va end);
 
+// Frees the PTE tables of the 2 MiB regions of [start, end) that no VMA touches any more
+// (free_pgtables), so a later mapping there starts from a none PMD (and may get a THP).
+// mmap lock held for write.
+void free_pgtables(AddressSpace& mm, const VmaTree& vmas, Va start, Va end);
+
 // Unmaps every entry in [start, end) (inside one VMA), dropping mapcounts, rmap items and
 // mapping references; splits a huge leaf that is only partly covered. The caller has started
 // the matching invalidation. mmap lock held (read suffices), no page-table lock held.
@@ -68,10 +73,20 @@ VmFault do_huge_pmd_anonymous_page(AddressSpace& mm, Vma& vma, PmdSlot slot, Va 
 // Returns 0, -ENOMEM (no THP), -EAGAIN (a page is busy: shared, locked or a soft leaf).
 [[nodiscard]] int collapse_huge_page(AddressSpace& mm, Vma& vma, Va haddr);
 
+// split_folio for a large anonymous folio mapped only by PTEs of `mm` (the kernel's
+// split_huge_page as MADV_FREE uses it): unmaps every mapping to a migration entry, freezes the
+// refcount, turns the folio into 4 KiB folios and maps them back; subpages that hold only
+// zeroes are mapped to the shared zero page instead (Linux >= 6.12) and freed.
+// Context: mmap lock of `mm` held, folio locked, one reference held by the caller (kept on
+// the first page, which stays locked). Returns 0, -EBUSY (PMD-mapped, mapped by another
+// process, not anonymous) or -EAGAIN (an unexpected reference: nothing changed).
+[[nodiscard]] int split_folio_exclusive(AddressSpace& mm, Folio* folio);
+
 // Copies one 4 KiB page's bytes.
 void copy_page_data(Folio* dst, const Folio* src);
 
-// Process-wide helpers of the fault path.
-VmFault wait_for_migration(Folio* folio);
+// migration_entry_wait: sleeps (bounded) until the folio holding `page` is unlocked, then
+// returns kRetry. Called with no page-table lock held.
+VmFault wait_for_migration(Folio* page);
 
 }  // namespace gpusvm::mm

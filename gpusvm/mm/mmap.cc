@@ -49,10 +49,38 @@ void do_munmap(AddressSpace& mm, VmaTree& vmas, Va start, Va end) {
   split_vma_at(mm, vmas, end);
   std::vector<Vma*> victims = vmas_in(vmas, start, end);
   if (victims.empty()) return;
-  MmuInvalidation inv(mm, start, end, MmuNotifyEvent::kUnmap);
-  for (Vma* v : victims) {
-    zap_range(mm, *v, v->start, v->end);
-    (void)vmas.erase(v);
+  {
+    MmuInvalidation inv(mm, start, end, MmuNotifyEvent::kUnmap);
+    for (Vma* v : victims) {
+      zap_range(mm, *v, v->start, v->end);
+      (void)vmas.erase(v);
+    }
+  }
+  free_pgtables(mm, vmas, start, end);
+}
+
+void free_pgtables(AddressSpace& mm, const VmaTree& vmas, Va start, Va end) {
+  mm.mmap_assert_write_locked();
+  PageTable& pt = mm.page_table();
+  for (Va haddr = pmd_align_down(start); haddr < end; haddr += kPmdSize) {
+    Vma* v = vmas.find(haddr);
+    if (v && v->start < haddr + kPmdSize) continue;  // still in use by a VMA
+    PmdSlot slot = pt.pmd_lookup(haddr);
+    if (!slot) continue;
+    PteTable* table = nullptr;
+    {
+      SpinLockGuard g(&slot.table->lock);
+      Pmd pmd = slot.table->get(slot.index);
+      if (!pmd.is_table()) continue;
+      table = pmd.table();
+      slot.table->set(slot.index, Pmd());
+    }
+    // No VMA covers the table, so the zap left it empty; the write lock keeps lockless
+    // walkers (which hold the mmap lock) away from it.
+    for (unsigned i = 0; i < kPtrsPerTable; i++) {
+      if (!table->load_lockless(i).is_none()) panic("free_pgtables: table still has entries");
+    }
+    PageTable::free_pte_table(table);
   }
 }
 
@@ -133,18 +161,37 @@ void madvise_free_range(AddressSpace& mm, const Vma& vma, Va start, Va end) {
         }
       }
     }
-    if (PteTable* t = pt.pte_offset_map_lock(slot)) {
-      for (Va va = addr; va < next; va += kPageSize) {
+    Folio* unsplittable = nullptr;
+    for (Va va = addr; va < next;) {
+      PteTable* t = pt.pte_offset_map_lock(slot);
+      if (!t) break;
+      Folio* split = nullptr;
+      for (; va < next; va += kPageSize) {
         const unsigned i = pte_index(va);
-        Pte pte = t->get(i);
+        const Pte pte = t->get(i);
         if (!pte.present() || pte.special()) continue;
         Folio* folio = mem->folio_of(pte.pfn());
-        if (folio->large() || folio->total_mapcount() != 1) continue;
+        if (folio->large()) {
+          // Part of a large folio: split it if only we map it (as Linux does), then look
+          // at this page again; a folio that cannot be split is left alone.
+          if (folio != unsplittable && folio_mapped_only_by(folio, &mm) && folio_trylock(folio)) {
+            folio->get();
+            split = folio;
+            break;
+          }
+          continue;
+        }
+        if (folio->total_mapcount() != 1) continue;
         folio->clear(kFolioDirty);
         folio->set(kFolioLazyfree);
         t->set(i, pte.mkclean().mkold());
       }
       PageTable::pte_unmap_unlock(t);
+      if (split) {
+        if (split_folio_exclusive(mm, split) != 0) unsplittable = split;
+        folio_unlock(split);
+        split->put();
+      }
     }
     addr = next;
   }

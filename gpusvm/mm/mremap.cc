@@ -182,6 +182,7 @@ Result<Va> AddressSpace::mremap(Va old_addr, uint64_t old_len, uint64_t new_len,
   moved->end = new_addr + nlen;
   if (!(flags & MREMAP_DONTUNMAP)) (void)vmas_.erase(vma);
   vmas_.try_merge(vmas_.insert(std::move(moved)));
+  if (!(flags & MREMAP_DONTUNMAP)) free_pgtables(*this, vmas_, old_addr, old_addr + move_len);
   return new_addr;
 }
 

@@ -90,7 +90,6 @@ int PageTable::pte_alloc(PmdSlot slot) {
     if (slot.table->get(slot.index).is_none()) {
       slot.table->set(slot.index, Pmd::make_table(fresh));
       fresh = nullptr;
-      nr_pte_tables_.fetch_add(1, std::memory_order_relaxed);
     }
   }
   delete fresh;  // lost the race: someone else installed a table or a leaf

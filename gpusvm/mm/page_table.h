@@ -144,12 +144,10 @@ class PageTable {
   static PteTable* alloc_pte_table();  // nullptr on failure ("mm.alloc_pgtable")
 
   SpinLock& page_table_lock() { return page_table_lock_; }
-  uint64_t nr_pte_tables() const { return nr_pte_tables_.load(std::memory_order_relaxed); }
 
  private:
   PgdTable pgd_;
   SpinLock page_table_lock_{&kPageTableLockClass};  // fills PGD/PUD slots
-  std::atomic<uint64_t> nr_pte_tables_{0};          // statistics
 };
 
 template <typename Fn>

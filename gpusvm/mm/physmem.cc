@@ -15,14 +15,6 @@ GPUSVM_FAULT_POINT(g_fail_alloc_folio, "mm.alloc_folio");
 GPUSVM_FAULT_POINT(g_fail_alloc_thp, "mm.alloc_folio_thp");
 }  // namespace
 
-int check_user_range(Va start, uint64_t len) {
-  if (!page_aligned(start) || len == 0) return -EINVAL;
-  uint64_t alen = page_align_up(len);
-  if (alen < len || start + alen < start) return -EINVAL;
-  if (start + alen > kTaskSize) return -ENOMEM;
-  return 0;
-}
-
 // ---- Folio ----
 
 Folio* Folio::page(uint64_t i) {
@@ -147,7 +139,7 @@ Result<std::unique_ptr<PhysMem>> PhysMem::create(const Config& config) {
     Folio& f = mem->frames_[pfn];
     f.mem_ = mem.get();
     f.pfn_ = pfn;
-    f.head_ = &f;
+    f.head_.store(&f, std::memory_order_relaxed);
     f.flags_.store(pfn >= 2 * kPagesPerPmd ? kFolioFree : 0, std::memory_order_relaxed);
   }
   mem->zero_page_ = &mem->frames_[0];
@@ -170,13 +162,13 @@ void PhysMem::init_folio(Folio* head, unsigned order) {
   const uint64_t n = 1ULL << order;
   for (uint64_t i = 0; i < n; i++) {
     Folio* p = head + i;
-    p->head_ = head;
-    p->order_ = 0;
+    p->head_.store(head, std::memory_order_relaxed);
+    p->order_.store(0, std::memory_order_relaxed);
     p->mapcount_.store(0, std::memory_order_relaxed);
     p->page_flags_.store(0, std::memory_order_relaxed);
     p->flags_.store(0, std::memory_order_relaxed);
   }
-  head->order_ = static_cast<uint8_t>(order);
+  head->order_.store(static_cast<uint8_t>(order), std::memory_order_relaxed);
   head->entire_mapcount_.store(0, std::memory_order_relaxed);
   head->mapping_ = nullptr;
   head->index_ = 0;
@@ -200,7 +192,12 @@ Folio* PhysMem::folio_alloc(unsigned order, bool zero) {
       }
       uint64_t b = whole_free_.back();
       whole_free_.pop_back();
-      blocks_[b].whole_free = false;
+      Block& blk = blocks_[b];
+      blk.whole_free = false;
+      // Every frame in use: a THP split later returns its frames one by one (free_folio).
+      blk.split = false;
+      blk.nr_free = 0;
+      std::fill(std::begin(blk.free_bitmap), std::end(blk.free_bitmap), 0ULL);
       nr_free_ -= kPagesPerPmd;
       pfn = b * kPagesPerPmd;
     } else {
@@ -246,17 +243,13 @@ void PhysMem::free_folio(Folio* folio) {
     panic("freeing mapped folio pfn " + std::to_string(folio->pfn()));
   }
   if (folio->test(kFolioLocked)) panic("freeing locked folio pfn " + std::to_string(folio->pfn()));
-  if (folio->test(kFolioDeferredSplit)) {
-    SpinLockGuard g(&registry_lock_);
-    auto it = std::find(deferred_split_.begin(), deferred_split_.end(), folio);
-    if (it != deferred_split_.end()) deferred_split_.erase(it);
-  }
+  deferred_split_remove(folio);
   const uint64_t n = folio->nr_pages();
   const Pfn pfn = folio->pfn();
   for (uint64_t i = 0; i < n; i++) {
     Folio* p = &frames_[pfn + i];
-    p->head_ = p;
-    p->order_ = 0;
+    p->head_.store(p, std::memory_order_relaxed);
+    p->order_.store(0, std::memory_order_relaxed);
     p->flags_.store(kFolioFree, std::memory_order_relaxed);
     p->page_flags_.store(0, std::memory_order_relaxed);
     p->mapping_ = nullptr;
@@ -272,6 +265,10 @@ void PhysMem::free_folio(Folio* folio) {
     return;
   }
   const unsigned bit = static_cast<unsigned>(pfn % kPagesPerPmd);
+  if (blk.free_bitmap[bit / 64] & (1ULL << (bit % 64))) {
+    panic("double free of frame " + std::to_string(pfn));
+  }
+  blk.split = true;  // a split THP's block now holds single frames
   blk.free_bitmap[bit / 64] |= 1ULL << (bit % 64);
   if (blk.nr_free++ == 0) partial_.push_back(b);
   if (blk.nr_free == kPagesPerPmd) {
@@ -351,6 +348,13 @@ void PhysMem::deferred_split_folio(Folio* folio) {
 }  // namespace gpusvm::mm
 
 namespace gpusvm::mm {
+
+void PhysMem::deferred_split_remove(Folio* folio) {
+  if (!folio->test(kFolioDeferredSplit)) return;
+  SpinLockGuard g(&registry_lock_);
+  folio->clear(kFolioDeferredSplit);
+  std::erase(deferred_split_, folio);
+}
 
 size_t PhysMem::deferred_split_count() const {
   SpinLockGuard g(&registry_lock_);

@@ -77,14 +77,16 @@ class Folio {
   Folio& operator=(const Folio&) = delete;
 
   Pfn pfn() const { return pfn_; }
-  unsigned order() const { return order_; }
-  uint64_t nr_pages() const { return 1ULL << order_; }
-  bool large() const { return order_ > 0; }
-  bool is_head() const { return head_ == this; }
-  Folio* head() const { return head_; }
+  unsigned order() const { return order_.load(std::memory_order_acquire); }
+  uint64_t nr_pages() const { return 1ULL << order(); }
+  bool large() const { return order() > 0; }
+  bool is_head() const { return head() == this; }
+  // acquire: pairs with the release stores of allocation and split, which publish the new
+  // folio's fields before a page points at it.
+  Folio* head() const { return head_.load(std::memory_order_acquire); }
   // Descriptor of page i of this folio (i < nr_pages()).
   Folio* page(uint64_t i);
-  uint64_t page_index() const { return pfn_ - head_->pfn_; }
+  uint64_t page_index() const { return pfn_ - head()->pfn_; }
   PhysMem* mem() const { return mem_; }
   DevPagemap* pagemap() const { return pagemap_; }
 
@@ -135,14 +137,18 @@ class Folio {
   friend void folio_lock(Folio*);
   friend bool folio_trylock(Folio*);
   friend void folio_unlock(Folio*);
+  friend int split_folio_exclusive(AddressSpace&, Folio*);
+  friend bool folio_mapped_only_by(Folio*, AddressSpace*);
   friend void folio_move_rmap(Folio*, const RmapItem&, AddressSpace*, Va);
 
-  // Identity: written at allocation/split while the folio has no other user.
-  Folio* head_ = this;
+  // Identity. head_ and order_ change at allocation, free and split; atomic because a fault
+  // racing a split may look a page's folio up while it is being split (it then waits on the
+  // folio lock, which the split holds on every new folio until it is done).
+  std::atomic<Folio*> head_{this};
   PhysMem* mem_ = nullptr;
   DevPagemap* pagemap_ = nullptr;
   Pfn pfn_ = 0;
-  uint8_t order_ = 0;
+  std::atomic<uint8_t> order_{0};
   ShmemObject* mapping_ = nullptr;
   uint64_t index_ = 0;
 
@@ -178,6 +184,9 @@ void page_add_rmap_pte(Folio* page, AddressSpace* mm, Va va);
 void page_remove_rmap_pte(Folio* page, AddressSpace* mm, Va va);
 void folio_add_rmap_pmd(Folio* folio, AddressSpace* mm, Va haddr);
 void folio_remove_rmap_pmd(Folio* folio, AddressSpace* mm, Va haddr);
+// True when every reference to the folio is a mapping in `mm` (no other process maps it, no
+// pin): the kernel's "exclusively mapped by this MM" test for large folios.
+bool folio_mapped_only_by(Folio* folio, AddressSpace* mm);
 // Re-points a record at a new address space / address (mremap, fork child creation).
 void folio_move_rmap(Folio* folio, const RmapItem& item, AddressSpace* mm, Va va);
 std::vector<RmapItem> folio_rmap_snapshot(Folio* folio);
@@ -245,7 +254,9 @@ class PhysMem {
   explicit PhysMem(const Config& config);
   friend class Folio;
   friend class DevPagemap;
+  friend int split_folio_exclusive(AddressSpace&, Folio*);
   void free_folio(Folio* folio);  // refcount reached zero
+  void deferred_split_remove(Folio* folio);
   void init_folio(Folio* head, unsigned order);
 
   const Config config_;

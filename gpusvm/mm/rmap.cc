@@ -78,6 +78,16 @@ void folio_move_rmap(Folio* folio, const RmapItem& item, AddressSpace* mm, Va va
   panic("folio_move_rmap: no rmap item for pfn " + std::to_string(head->pfn()));
 }
 
+bool folio_mapped_only_by(Folio* folio, AddressSpace* mm) {
+  Folio* head = folio->head();
+  if (head->refcount() != head->total_mapcount()) return false;  // pinned or in flight
+  SpinLockGuard g(&head->rmap_lock_);
+  for (const RmapItem& item : head->rmap_) {
+    if (item.mm != mm) return false;
+  }
+  return true;
+}
+
 std::vector<RmapItem> folio_rmap_snapshot(Folio* folio) {
   Folio* head = folio->head();
   SpinLockGuard g(&head->rmap_lock_);

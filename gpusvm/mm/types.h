@@ -46,11 +46,6 @@ inline constexpr bool page_aligned(uint64_t a) { return (a & (kPageSize - 1)) ==
 inline constexpr bool pmd_aligned(uint64_t a) { return (a & (kPmdSize - 1)) == 0; }
 inline constexpr uint64_t pages(uint64_t bytes) { return bytes >> kPageShift; }
 
-// Validates a user range [start, start + len): page-aligned start, non-zero length that does
-// not overflow and ends at or below kTaskSize. Returns 0 or -EINVAL (-ENOMEM for a range that
-// is well-formed but outside the user address space, as munmap/mprotect do).
-[[nodiscard]] int check_user_range(Va start, uint64_t len);
-
 // THP policy of the simulated machine (/sys/kernel/mm/transparent_hugepage/*).
 enum class ThpMode { kAlways, kMadvise, kNever };
 

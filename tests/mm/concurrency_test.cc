@@ -239,5 +239,35 @@ TEST_F(ConcurrencyTest, ThpSplitUnderConcurrentAccess) {
   EXPECT_GT(as->stats().thp_split_pmd.get(), 0u);
 }
 
+// Folio splits (partial MADV_FREE) while other threads read and write the same THP: accesses
+// that hit the split's migration entries wait and then see their data.
+TEST_F(ConcurrencyTest, FolioSplitUnderConcurrentAccess) {
+  constexpr int kRounds = 20;
+  std::atomic<int> errors{0};
+  for (int round = 0; round < kRounds; round++) {
+    Va va = map_anon(*as, kPmdSize, PROT_READ | PROT_WRITE, true);
+    fill_pages(*as, va, kPmdSize, round);
+    std::atomic<bool> stop{false};
+    std::thread reader([&] {
+      while (!stop.load(std::memory_order_relaxed)) {
+        for (uint64_t p = 16; p < kPagesPerPmd; p += 7) {
+          const Va a = va + p * kPageSize;
+          Result<uint64_t> v = cpu::load<uint64_t>(*as, a);
+          if (!v || *v != pattern(a, round)) errors++;
+          if (cpu::store<uint64_t>(*as, a + 16, p)) errors++;
+        }
+      }
+    });
+    EXPECT_EQ(as->madvise(va + kPageSize, kPageSize, MADV_FREE), 0);
+    stop.store(true);
+    reader.join();
+    EXPECT_EQ(query_page(*as, va + 100 * kPageSize).kind, PageKind::kSmall);
+    EXPECT_EQ(verify_pages(*as, va, kPmdSize, round), 0);
+    EXPECT_EQ(as->munmap(va, kPmdSize), 0);
+  }
+  EXPECT_EQ(errors.load(), 0);
+  EXPECT_EQ(as->stats().thp_split_folio.get(), static_cast<uint64_t>(kRounds));
+}
+
 }  // namespace
 }  // namespace gpusvm::mm::testing

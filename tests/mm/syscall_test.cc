@@ -91,6 +91,40 @@ TEST_F(SyscallTest, MadviseDontneedZeroesAndFreeMarksClean) {
   EXPECT_EQ(as->madvise(va, 64 * kPageSize, MADV_DONTNEED), -ENOMEM);  // hole after the VMA
 }
 
+// Linux splits the folio itself when MADV_FREE covers part of an exclusively mapped THP; since
+// 6.12 the split maps all-zero subpages to the shared zero page and frees them.
+TEST_F(SyscallTest, MadviseFreeOfPartThpSplitsFolioAndRemapsZeroPages) {
+  TestMirror mirror;
+  MmuIntervalNotifier n;
+  Va va = map_anon(*as, kPmdSize, PROT_READ | PROT_WRITE, true);
+  ASSERT_EQ(n.insert(as.get(), va, kPmdSize, &mirror), 0);
+  fill_pages(*as, va, kPmdSize / 2, 14);  // second half stays zero
+  ASSERT_EQ(query_page(*as, va).kind, PageKind::kThpPmd);
+  ASSERT_EQ(as->madvise(va + 4 * kPageSize, 2 * kPageSize, MADV_FREE), 0);
+  EXPECT_EQ(as->stats().thp_split_folio.get(), 1u);
+  for (uint64_t p = 0; p < kPagesPerPmd; p++) {
+    PageState st = query_page(*as, va + p * kPageSize);
+    EXPECT_EQ(st.kind, p < kPagesPerPmd / 2 ? PageKind::kSmall : PageKind::kZeroPage) << p;
+  }
+  EXPECT_FALSE(query_page(*as, va + 4 * kPageSize).dirty);  // lazily freeable now
+  EXPECT_TRUE(query_page(*as, va + 3 * kPageSize).dirty);
+  EXPECT_EQ(verify_pages(*as, va, kPmdSize / 2, 14), 0);
+  EXPECT_EQ(*cpu::load<uint64_t>(*as, va + kPmdSize - kPageSize), 0u);
+  EXPECT_EQ(mem->free_pages(), initial_free - kPagesPerPmd / 2);  // the zero half was freed
+  EXPECT_TRUE(mirror.saw(MmuNotifyEvent::kClear));
+  EXPECT_MM_CHECK_OK(*mem);
+  // A folio another process maps is not split.
+  Va va2 = map_anon(*as, kPmdSize, PROT_READ | PROT_WRITE, true);
+  fill_pages(*as, va2, kPmdSize, 15);
+  ASSERT_EQ(as->madvise(va2, kPageSize, MADV_DONTNEED), 0);  // PTE-mapped now
+  Result<std::unique_ptr<AddressSpace>> child = as->fork();
+  ASSERT_TRUE(child.ok());
+  ASSERT_EQ(as->madvise(va2 + 8 * kPageSize, kPageSize, MADV_FREE), 0);
+  EXPECT_EQ(query_page(*as, va2 + 8 * kPageSize).kind, PageKind::kThpPte);
+  EXPECT_EQ(as->stats().thp_split_folio.get(), 1u);
+  n.remove();
+}
+
 TEST_F(SyscallTest, MadviseDontneedOfWholeAndPartThp) {
   Va va = map_anon(*as, 2 * kPmdSize, PROT_READ | PROT_WRITE, true);
   fill_pages(*as, va, 2 * kPmdSize, 4);
