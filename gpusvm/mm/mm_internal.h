@@ -1,6 +1,7 @@
 // Internal interfaces shared by the .cc files of gpusvm/mm. Not for other layers.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "gpusvm/mm/address_space.h"
@@ -58,6 +59,25 @@ void zap_range(AddressSpace& mm, const Vma& vma, Va start, Va end);
 // PTEs, a device-private PMD becomes 512 device-private PTEs. Fires a CLEAR invalidation over
 // the 2 MiB. mmap lock held, no page-table lock held. Never fails.
 void split_huge_pmd(AddressSpace& mm, PmdSlot slot, Va haddr);
+
+// Calls fn(slot, addr, next) for each 2 MiB chunk [addr, next) of [start, end) that has a PMD
+// slot, after splitting a huge leaf that the chunk covers only in part. mmap lock held.
+template <typename Fn>
+void for_each_pmd_range(AddressSpace& mm, Va start, Va end, Fn&& fn) {
+  PageTable& pt = mm.page_table();
+  for (Va addr = start; addr < end;) {
+    const Va haddr = pmd_align_down(addr);
+    const Va next = std::min(haddr + kPmdSize, end);
+    PmdSlot slot = pt.pmd_lookup(addr);
+    if (slot) {
+      if (slot.load_lockless().is_leaf() && (addr != haddr || next != haddr + kPmdSize)) {
+        split_huge_pmd(mm, slot, haddr);
+      }
+      fn(slot, addr, next);
+    }
+    addr = next;
+  }
+}
 
 // Splits every huge leaf that straddles `addr` (not 2 MiB aligned) in the VMA containing it,
 // so that a VMA boundary at addr cuts no PMD mapping. mmap lock held.

@@ -98,17 +98,7 @@ void change_protection(AddressSpace& mm, const Vma& vma, Va start, Va end, bool 
     Folio* page = mem->pfn_to_page(pte.pfn());
     return page->head()->test(kFolioAnon) && page->test_page(kPageAnonExclusive);
   };
-  for (Va addr = start; addr < end;) {
-    const Va haddr = pmd_align_down(addr);
-    const Va next = std::min(haddr + kPmdSize, end);
-    PmdSlot slot = pt.pmd_lookup(addr);
-    if (!slot) {
-      addr = next;
-      continue;
-    }
-    if (slot.load_lockless().is_leaf() && (addr != haddr || next != haddr + kPmdSize)) {
-      split_huge_pmd(mm, slot, haddr);
-    }
+  for_each_pmd_range(mm, start, end, [&](PmdSlot slot, Va addr, Va next) {
     {
       SpinLockGuard g(&slot.table->lock);
       Pmd pmd = slot.table->get(slot.index);
@@ -128,27 +118,15 @@ void change_protection(AddressSpace& mm, const Vma& vma, Va start, Va end, bool 
       }
       PageTable::pte_unmap_unlock(t);
     }
-    addr = next;
-  }
+  });
 }
 
 // MADV_FREE on [start, end) of a private anonymous VMA: exclusive pages become clean and
 // lazily freeable. Partly covered THPs are split first.
-void madvise_free_range(AddressSpace& mm, const Vma& vma, Va start, Va end) {
+void madvise_free_range(AddressSpace& mm, Va start, Va end) {
   PhysMem* mem = mm.mem();
   PageTable& pt = mm.page_table();
-  (void)vma;
-  for (Va addr = start; addr < end;) {
-    const Va haddr = pmd_align_down(addr);
-    const Va next = std::min(haddr + kPmdSize, end);
-    PmdSlot slot = pt.pmd_lookup(addr);
-    if (!slot) {
-      addr = next;
-      continue;
-    }
-    if (slot.load_lockless().is_leaf() && (addr != haddr || next != haddr + kPmdSize)) {
-      split_huge_pmd(mm, slot, haddr);
-    }
+  for_each_pmd_range(mm, start, end, [&](PmdSlot slot, Va addr, Va next) {
     {
       SpinLockGuard g(&slot.table->lock);
       Pmd pmd = slot.table->get(slot.index);
@@ -193,8 +171,7 @@ void madvise_free_range(AddressSpace& mm, const Vma& vma, Va start, Va end) {
         split->put();
       }
     }
-    addr = next;
-  }
+  });
 }
 
 bool valid_advice(int advice) {
@@ -345,7 +322,7 @@ int AddressSpace::madvise(Va start, uint64_t len, int advice) {
       const Va s = std::max(start, v->start), e = std::min(end, v->end);
       MmuInvalidation inv(*this, s, e, MmuNotifyEvent::kClear);
       if (advice == MADV_DONTNEED) zap_range(*this, *v, s, e);
-      else madvise_free_range(*this, *v, s, e);
+      else madvise_free_range(*this, s, e);
     }
     return holes ? -ENOMEM : 0;
   }

@@ -176,6 +176,20 @@ void PhysMem::init_folio(Folio* head, unsigned order) {
   head->refcount_.store(1, std::memory_order_release);
 }
 
+int64_t PhysMem::take_whole_block_locked(bool as_frames) {
+  if (whole_free_.empty()) return -1;
+  const uint64_t b = whole_free_.back();
+  whole_free_.pop_back();
+  Block& blk = blocks_[b];
+  blk.whole_free = false;
+  // As frames: all 512 free in the bitmap. As a THP: all in use; if the THP is split later its
+  // frames come back one by one through free_folio.
+  blk.split = as_frames;
+  blk.nr_free = as_frames ? kPagesPerPmd : 0;
+  std::fill(std::begin(blk.free_bitmap), std::end(blk.free_bitmap), as_frames ? ~0ULL : 0ULL);
+  return static_cast<int64_t>(b);
+}
+
 Folio* PhysMem::folio_alloc(unsigned order, bool zero) {
   if (order != 0 && order != kPmdOrder) panic("folio_alloc: unsupported order " + std::to_string(order));
   if (order == 0 ? g_fail_alloc_folio.should_fail() : g_fail_alloc_thp.should_fail()) {
@@ -186,34 +200,21 @@ Folio* PhysMem::folio_alloc(unsigned order, bool zero) {
   {
     SpinLockGuard g(&zone_lock_);
     if (order == kPmdOrder) {
-      if (whole_free_.empty()) {
+      const int64_t b = take_whole_block_locked(/*as_frames=*/false);
+      if (b < 0) {
         stat_alloc_fail.add();
         return nullptr;
       }
-      uint64_t b = whole_free_.back();
-      whole_free_.pop_back();
-      Block& blk = blocks_[b];
-      blk.whole_free = false;
-      // Every frame in use: a THP split later returns its frames one by one (free_folio).
-      blk.split = false;
-      blk.nr_free = 0;
-      std::fill(std::begin(blk.free_bitmap), std::end(blk.free_bitmap), 0ULL);
       nr_free_ -= kPagesPerPmd;
-      pfn = b * kPagesPerPmd;
+      pfn = static_cast<uint64_t>(b) * kPagesPerPmd;
     } else {
       if (partial_.empty()) {
-        if (whole_free_.empty()) {
+        const int64_t b = take_whole_block_locked(/*as_frames=*/true);
+        if (b < 0) {
           stat_alloc_fail.add();
           return nullptr;
         }
-        uint64_t b = whole_free_.back();
-        whole_free_.pop_back();
-        Block& blk = blocks_[b];
-        blk.whole_free = false;
-        blk.split = true;
-        blk.nr_free = kPagesPerPmd;
-        std::fill(std::begin(blk.free_bitmap), std::end(blk.free_bitmap), ~0ULL);
-        partial_.push_back(b);
+        partial_.push_back(static_cast<uint64_t>(b));
       }
       uint64_t b = partial_.back();
       Block& blk = blocks_[b];

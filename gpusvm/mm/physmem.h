@@ -276,6 +276,9 @@ class PhysMem {
     bool whole_free = false;
   };
   mutable SpinLock zone_lock_{&kZoneLockClass};
+  // Takes a whole free block, set up to be handed out as single frames or as one THP.
+  // Returns its index, or -1 when none is left.
+  int64_t take_whole_block_locked(bool as_frames) GPUSVM_REQUIRES(zone_lock_);
   std::vector<Block> blocks_ GPUSVM_GUARDED_BY(zone_lock_);
   std::vector<uint64_t> whole_free_ GPUSVM_GUARDED_BY(zone_lock_);    // indices of whole free blocks
   std::vector<uint64_t> partial_ GPUSVM_GUARDED_BY(zone_lock_);       // split blocks with free frames
