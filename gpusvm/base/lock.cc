@@ -132,13 +132,6 @@ void release_class(const LockClass* cls) {
   panic(std::string("releasing a ") + cls->name + " this thread does not hold");
 }
 
-int class_held_count(const LockClass* cls) {
-  const HeldLocks& h = t_held;
-  for (int i = 0; i < h.n; i++) {
-    if (h.locks[i].lock == cls) return h.locks[i].count;
-  }
-  return 0;
-}
 
 void release(const void* lock) {
   HeldLocks& h = t_held;

@@ -62,7 +62,6 @@ bool held(const void* lock, LockMode* mode = nullptr);
 void check_class_order(const LockClass* cls);
 void acquire_class(const LockClass* cls);
 void release_class(const LockClass* cls);
-int class_held_count(const LockClass* cls);
 // Number of locks this thread holds (for "must hold no lock" assertions before sleeping).
 int held_count();
 // Highest rank among the locks this thread holds (0 when none): "no lock of rank >= R held"

@@ -212,7 +212,6 @@ class PhysMem {
 
   Folio* pfn_to_page(Pfn pfn);   // descriptor of the frame (nullptr outside every range)
   Folio* folio_of(Pfn pfn);      // head descriptor of the folio holding the frame
-  bool pfn_is_ram(Pfn pfn) const { return pfn < ram_pages_; }
   std::byte* ram_data(Pfn pfn) const { return base_ + (pfn << kPageShift); }
 
   Folio* zero_page() { return zero_page_; }

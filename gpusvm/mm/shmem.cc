@@ -21,14 +21,6 @@ ShmemObject::~ShmemObject() {
   pages_.clear();
 }
 
-Folio* ShmemObject::find_folio(uint64_t pgoff) {
-  MutexLock g(&lock_);
-  auto it = pages_.find(pgoff);
-  if (it == pages_.end()) return nullptr;
-  it->second->get();
-  return it->second;
-}
-
 Folio* ShmemObject::get_folio(uint64_t pgoff, bool* beyond_eof) {
   *beyond_eof = pgoff >= size_pages_;
   if (*beyond_eof) return nullptr;
@@ -46,11 +38,6 @@ Folio* ShmemObject::get_folio(uint64_t pgoff, bool* beyond_eof) {
   pages_.emplace(pgoff, folio);  // the cache's reference is the allocation's
   folio->get();                  // the caller's
   return folio;
-}
-
-size_t ShmemObject::cached_pages() const {
-  MutexLock g(&lock_);
-  return pages_.size();
 }
 
 }  // namespace gpusvm::mm

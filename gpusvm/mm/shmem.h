@@ -31,11 +31,8 @@ class ShmemObject {
   // The folio at page offset pgoff with an extra reference, allocating a zeroed one when
   // absent. nullptr for -ENOMEM (injected or real); `*beyond_eof` set when pgoff >= size.
   Folio* get_folio(uint64_t pgoff, bool* beyond_eof);
-  // The folio if cached (extra reference), else nullptr; never allocates.
-  Folio* find_folio(uint64_t pgoff);
   uint64_t size_pages() const { return size_pages_; }
   const std::string& name() const { return name_; }
-  size_t cached_pages() const;
   // Cache content for the checker: calls fn(pgoff, folio) with the lock held.
   template <typename Fn>
   void for_each_cached(Fn&& fn) const {
