@@ -52,7 +52,7 @@ int access_page(AddressSpace& mm, Va va, bool write, Fn&& fn) {
         PageTable::pte_unmap_unlock(t);
       }
     }
-    switch (handle_mm_fault(mm, va, write ? kFaultWrite : 0)) {
+    switch (handle_mm_fault(mm, va, write ? unsigned{kFaultWrite} : 0u)) {
       case VmFault::kOk:
       case VmFault::kRetry:
         continue;

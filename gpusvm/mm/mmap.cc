@@ -243,7 +243,7 @@ Result<Va> AddressSpace::mmap(Va addr, uint64_t len, int prot, int flags,
     auto vma = std::make_unique<Vma>();
     vma->start = start;
     vma->end = start + alen;
-    vma->flags = prot_to_vm_flags(prot) | VM_MAYWRITE | (type == MAP_SHARED ? VM_SHARED : 0);
+    vma->flags = prot_to_vm_flags(prot) | VM_MAYWRITE | (type == MAP_SHARED ? uint32_t{VM_SHARED} : 0u);
     vma->file = std::move(file);
     vma->pgoff = offset >> kPageShift;
     vmas_.try_merge(vmas_.insert(std::move(vma)));
@@ -253,7 +253,7 @@ Result<Va> AddressSpace::mmap(Va addr, uint64_t len, int prot, int flags,
     // so that no COW is left to break later. Failures are ignored, as in Linux.
     ReadLock g(&mmap_lock_);
     Vma* v = vmas_.lookup(start);
-    const unsigned fl = v && (v->flags & VM_WRITE) ? kFaultWrite : 0;
+    const unsigned fl = v && (v->flags & VM_WRITE) ? unsigned{kFaultWrite} : 0u;
     for (Va va = start; v && va < start + alen;) {
       if (!(v->flags & VM_READ)) break;
       VmFault r = handle_mm_fault(*this, va, fl);

@@ -37,11 +37,14 @@
 // before the first entry changes, invalidate_range_end() after the last, with the mmap lock
 // held and no page-table lock held (callbacks may sleep). A MmuNotifierRange carries the event
 // and an owner: a driver that migrates memory itself tags the MIGRATE invalidation with its
-// owner and may skip its own (seed 001) - the sequence still advances for every notifier.
+// owner and may skip the device work for its own (seed 001); its callback still calls
+// set_seq(), so the sequence advances for every notifier and no mirror commits stale data.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <vector>
 
 #include "gpusvm/base/lock.h"
@@ -98,6 +101,9 @@ class MmuIntervalNotifierOps {
                           uint64_t cur_seq) = 0;
 };
 
+// The interval tree of a MmuNotifierSubscriptions: notifiers keyed by start.
+using MmuNotifierItree = std::multimap<Va, MmuIntervalNotifier*>;
+
 class MmuIntervalNotifier {
  public:
   MmuIntervalNotifier() = default;
@@ -107,19 +113,21 @@ class MmuIntervalNotifier {
 
   // mmu_interval_notifier_insert. Watches [start, start + length) of `mm`. Returns 0, or
   // -EINVAL (empty, overflowing or non-user range, already inserted, null ops, or an address
-  // space that is exiting).
+  // space whose notifiers were released by exit: Linux requires the caller to hold a user of
+  // the mm, so inserting into an exited one is a caller bug, reported instead of ignored).
   // May be called while an invalidation is in progress: then the notifier becomes visible
   // when it ends, and read_begin() waits for that.
   [[nodiscard]] int insert(AddressSpace* mm, Va start, uint64_t length,
                            MmuIntervalNotifierOps* ops);
   // mmu_interval_notifier_remove. After it returns no callback runs or will run. Waits for
   // an invalidation in progress that covers the notifier. Must not be called from the
-  // notifier's own callback.
+  // notifier's own callback. A no-op when the notifier is not inserted.
   void remove();
 
   // mmu_interval_read_begin: returns the sequence to pass to read_retry(). Sleeps (bounded by
   // hang_timeout(), then panics naming the notifier) while an invalidation covering this
-  // notifier is in progress.
+  // notifier is in progress. The value is opaque: as in Linux it is the sequence of the last
+  // invalidation that reached this notifier (odd), not a count.
   uint64_t read_begin();
   // mmu_interval_read_retry: true if an invalidation started since read_begin() returned seq.
   // Authoritative only under the driver lock that the invalidate callback takes.
@@ -136,14 +144,26 @@ class MmuIntervalNotifier {
 
  private:
   friend class MmuNotifierSubscriptions;
+  enum class Deferred : uint8_t { kNone, kInsert, kRemove };
+
+  // Written by insert() before the notifier is published under the subscriptions lock, then
+  // constant until remove() returns; read by invalidations walking the tree.
   AddressSpace* mm_ = nullptr;
-  MmuNotifierSubscriptions* subs_ = nullptr;  // set while inserted
+  MmuNotifierSubscriptions* subs_ = nullptr;  // set while inserted; owner thread only
   MmuIntervalNotifierOps* ops_ = nullptr;
   Va start_ = 0;
   Va end_ = 0;
   // Written by set_seq() (driver lock held) and by insert; read by read_retry without the
   // subscriptions lock. acquire/release: pairs set_seq's store with read_retry's load.
   std::atomic<uint64_t> invalidate_seq_{0};
+
+  // Guarded by subs_->lock_ (clang cannot name a lock reached through a pointer; the
+  // subscriptions code asserts it). The tree node is allocated by insert() before the lock is
+  // taken and freed by remove() after it is dropped, so nothing allocates under it.
+  MmuNotifierItree::node_type node_;        // the node while not linked into the tree
+  MmuNotifierItree::iterator it_;           // its position while linked
+  Deferred deferred_ = Deferred::kNone;     // pending on the subscriptions' deferred list
+  MmuIntervalNotifier* deferred_next_ = nullptr;
 };
 
 // Whole-address-space notifier (mmu_notifier_register). Callbacks run in the same context as
@@ -161,12 +181,27 @@ class MmuNotifier {
   virtual void invalidate_range_end(const MmuNotifierRange& range) { (void)range; }
 };
 
+// Serializes register/unregister/release of plain notifiers. Rank 0 (outside the lock order):
+// release() callbacks run under it and may take driver locks of any rank, and no
+// invalidation ever takes it.
+inline constexpr LockClass kMmuNotifierListLockClass{"mmu_notifier_list", 0};
+
 // Per-address-space notifier state (mm->notifier_subscriptions). Owned by AddressSpace.
 //
-// Locking: lock_ (spin) guards the interval tree, the invalidation bookkeeping and the
-// deferred lists; it is never held across a callback. The tree is walked without lock_ while
-// active_invalidate_ranges_ > 0: inserts and removals are deferred until the last
-// invalidation ends, so the tree cannot change under a walker.
+// Locking:
+//  - lock_ (spin) guards the interval tree, the invalidation bookkeeping, the deferred list
+//    and the published plain-notifier list. It is never held across a callback and nothing
+//    allocates or frees under it.
+//  - The tree is walked without lock_ while the sequence is odd: an invalidation walks only
+//    after making it odd, it stays odd until the last active invalidation ends, and while it
+//    is odd inserts and removals are deferred to that end (mn_itree_inv_end), so the tree
+//    cannot change under a walker.
+//  - Plain notifiers are an immutable list published through a shared_ptr (an RCU-like
+//    scheme standing in for the kernel's SRCU): an invalidation takes a reference under lock_
+//    and calls the list's callbacks without any lock. register/unregister/release (serialized
+//    by list_mutex_) publish a new list; unregister and release then wait until every
+//    invalidation still holding the old list has dropped it, so no callback of a removed
+//    notifier runs after they return. Readers never block on writers.
 class MmuNotifierSubscriptions {
  public:
   explicit MmuNotifierSubscriptions(AddressSpace* mm) : mm_(mm) {}
@@ -180,45 +215,81 @@ class MmuNotifierSubscriptions {
   void invalidate_range_end(const MmuNotifierRange& range);
 
   // mmu_notifier_register / unregister. register returns 0 or -EINVAL (null, already
-  // registered, or after release). unregister waits until no invalidation is active, so no
-  // callback of n runs after it returns; after release() it is a no-op.
+  // registered, or after release). unregister waits until no invalidation still runs a
+  // callback of n, so none runs after it returns; unlike Linux it does not call n->release().
+  // After release() it is a no-op. Neither may be called from a notifier callback.
   [[nodiscard]] int register_notifier(MmuNotifier* n);
   void unregister_notifier(MmuNotifier* n);
 
-  // exit_mmap: calls release() of every plain notifier (which are then dropped) and a
-  // kRelease invalidation of every interval notifier. Interval notifiers stay inserted and,
-  // as in Linux, also see the UNMAP invalidations of the teardown that follows.
+  // exit_mmap: a kRelease invalidation of every interval notifier (blockable, unlike
+  // Linux's, so drivers may take their sleeping locks), then release() of every plain
+  // notifier, which are dropped: no plain callback runs after release() returns. Interval
+  // notifiers stay inserted and, as in Linux, also see the UNMAP invalidations of the
+  // teardown that follows. Later inserts and registrations fail with -EINVAL. Idempotent.
   void release();
 
   // Test and checker hooks.
-  bool invalidation_in_progress() const;
+  bool invalidation_in_progress() const;  // an invalidate_range_start without its end yet
+  // Inserted interval notifiers, counting deferred inserts and removals as done.
   size_t interval_count() const;
   StatCounter invalidations;          // invalidate_range_start calls
   StatCounter interval_callbacks;     // invalidate() calls made
 
  private:
   friend class MmuIntervalNotifier;
-  int insert(MmuIntervalNotifier* sub);
-  void remove(MmuIntervalNotifier* sub);
-  uint64_t read_begin(MmuIntervalNotifier* sub);
-  void finish_range();
+  struct PlainList;
+  using PlainListRef = std::shared_ptr<const PlainList>;
+
+  int insert(MmuIntervalNotifier* sub, MmuNotifierItree::node_type node) GPUSVM_EXCLUDES(lock_);
+  void remove(MmuIntervalNotifier* sub) GPUSVM_EXCLUDES(lock_);
+  uint64_t read_begin(MmuIntervalNotifier* sub) GPUSVM_EXCLUDES(lock_);
+
+  // mn_itree_inv_start_range: counts the range active and, when it intersects a notifier,
+  // makes the sequence odd. Returns whether the tree must be walked; *cur_seq is the
+  // sequence to hand to the callbacks, *plain the plain list to run (may be null).
+  bool itree_inv_start(const MmuNotifierRange& range, uint64_t* cur_seq, PlainListRef* plain)
+      GPUSVM_EXCLUDES(lock_);
+  // Calls invalidate() of every intersecting notifier. Returns false when one refused a
+  // non-blockable range (the rest are skipped, as in Linux).
+  bool itree_walk(const MmuNotifierRange& range, uint64_t cur_seq)
+      GPUSVM_NO_THREAD_SAFETY_ANALYSIS;  // reads itree_ without lock_: see the class comment
+  // mn_itree_inv_end: the last active range makes the sequence even, applies the deferred
+  // inserts/removes and wakes the waiters. *plain: the plain list to run the ends of.
+  void itree_inv_end(PlainListRef* plain) GPUSVM_EXCLUDES(lock_);
+  void apply_deferred_locked() GPUSVM_REQUIRES(lock_);
+  bool itree_intersects_locked(const MmuNotifierRange& range) const GPUSVM_REQUIRES(lock_);
+  // Plain invalidate_range_start of every notifier of `list`; on a refusal the ones that
+  // accepted get their end (mn_hlist_invalidate_range_start). Returns 0 or -EAGAIN.
+  static int plain_start(const PlainList& list, const MmuNotifierRange& range);
+  // Unpublished `list` (the caller's is the last reference it drops): waits until every
+  // invalidation still using it has dropped it.
+  void synchronize_plain(PlainListRef list, const char* what) GPUSVM_REQUIRES(list_mutex_);
+  void release_plain() GPUSVM_EXCLUDES(lock_, list_mutex_);
+  // Sleeps until the sequence differs from seq; panics after hang_timeout() naming `what`,
+  // the notifier and both sequences.
+  void wait_seq_changed(uint64_t seq, const MmuIntervalNotifier* sub, const char* what)
+      GPUSVM_EXCLUDES(lock_);
 
   AddressSpace* const mm_;
   mutable SpinLock lock_{&kNotifierSubsLockClass};
-  // Odd while at least one invalidation is active. Guarded by lock_; also read with acquire
-  // by read_begin's wait predicate.
+  // Odd while an invalidation that intersects a notifier (or a notifier inserted during an
+  // invalidation) is active. Written under lock_ with release; read under lock_, and with
+  // acquire by the lockless wait predicates of read_begin and remove.
   std::atomic<uint64_t> invalidate_seq_{2};
   long active_invalidate_ranges_ GPUSVM_GUARDED_BY(lock_) = 0;
   // Notifiers keyed by start. A lookup visits those with start < range.end and filters on
   // end: O(n) at worst, and n is small (drivers use few, large notifiers). Written under
-  // lock_ only while no invalidation is active; read by invalidations without lock_ (see the
-  // class comment).
-  std::multimap<Va, MmuIntervalNotifier*> itree_;
-  std::vector<MmuIntervalNotifier*> deferred_add_ GPUSVM_GUARDED_BY(lock_);
-  std::vector<MmuIntervalNotifier*> deferred_remove_ GPUSVM_GUARDED_BY(lock_);
-  std::vector<MmuNotifier*> notifiers_ GPUSVM_GUARDED_BY(lock_);
+  // lock_ only while the sequence is even; read by walkers without lock_ (class comment).
+  MmuNotifierItree itree_ GPUSVM_GUARDED_BY(lock_);
+  // Notifiers inserted or removed while the sequence was odd, linked through deferred_next_.
+  MmuIntervalNotifier* deferred_ GPUSVM_GUARDED_BY(lock_) = nullptr;
+  // Blocks inserts and registrations once release() started.
   bool released_ GPUSVM_GUARDED_BY(lock_) = false;
-  WaitQueue wq_;  // read_begin and remove wait here for invalidate_seq_ to move on
+  // The published plain-notifier list; null when empty. Replaced (swapped, never dropped)
+  // under lock_, by list_mutex_ holders only.
+  PlainListRef plain_ GPUSVM_GUARDED_BY(lock_);
+  Mutex list_mutex_{&kMmuNotifierListLockClass};
+  WaitQueue wq_;  // read_begin, remove and synchronize_plain wait here
 };
 
 }  // namespace gpusvm::mm

@@ -140,7 +140,7 @@ Result<std::unique_ptr<PhysMem>> PhysMem::create(const Config& config) {
     f.mem_ = mem.get();
     f.pfn_ = pfn;
     f.head_.store(&f, std::memory_order_relaxed);
-    f.flags_.store(pfn >= 2 * kPagesPerPmd ? kFolioFree : 0, std::memory_order_relaxed);
+    f.flags_.store(pfn >= 2 * kPagesPerPmd ? uint32_t{kFolioFree} : 0u, std::memory_order_relaxed);
   }
   mem->zero_page_ = &mem->frames_[0];
   mem->init_folio(mem->zero_page_, 0);

@@ -168,7 +168,9 @@ TEST_F(ConcurrencyTest, MirrorRacesMunmapMprotectForkAndDontneed) {
         case 2: {
           Result<std::unique_ptr<AddressSpace>> child = as->fork();
           EXPECT_TRUE(child.ok());
-          if (child.ok()) EXPECT_EQ(cpu::store<uint64_t>(**child, va, 1), 0);
+          if (child.ok()) {
+            EXPECT_EQ(cpu::store<uint64_t>(**child, va, 1), 0);
+          }
           break;
         }
         case 3:

@@ -75,8 +75,8 @@ INSTANTIATE_TEST_SUITE_P(Points, FaultInjectionTest,
                          ::testing::Values(InjectionCase{"mm.alloc_folio", 40},
                                            InjectionCase{"mm.alloc_folio_thp", 6},
                                            InjectionCase{"mm.alloc_pgtable", 30}),
-                         [](const auto& info) {
-                           std::string n = info.param.point;
+                         [](const ::testing::TestParamInfo<InjectionCase>& p) {
+                           std::string n = p.param.point;
                            for (char& ch : n) if (ch == '.') ch = '_';
                            return n;
                          });
