@@ -1,0 +1,195 @@
+// gpusvm-bench: benchmarks of gpusvm against a baseline measured in the same run.
+//
+//   gpusvm-bench [--case NAME ...] [--json] [--size BYTES] [--repeat N] [--list]
+//
+// Every case prints '#' detail lines and exactly one
+//   result <case> ours=<value><unit> baseline=<name>:<value><unit> ratio=<x>
+// line (ratio > 1: ours is better), or with --json one JSON object per case per line.
+// Exit status: 0 when every case ran and verified its data, 1 when one failed, 2 on bad
+// arguments.
+#include <sys/utsname.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <cmath>
+#include <cstdio>
+#include <exception>
+#include <string>
+#include <vector>
+
+#include "tools/gpusvm-bench/bench.h"
+
+namespace gpusvm::bench {
+namespace {
+
+std::string json_escape(const std::string& s) {
+  std::string out;
+  out.reserve(s.size() + 2);
+  for (char c : s) {
+    switch (c) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\n': out += "\\n"; break;
+      case '\t': out += "\\t"; break;
+      default:
+        if (static_cast<unsigned char>(c) < 0x20) {
+          out += fmt::format("\\u{:04x}", static_cast<unsigned>(c));
+        } else {
+          out += c;
+        }
+    }
+  }
+  return out;
+}
+
+std::string json_number(double v) { return std::isfinite(v) ? fmt::format("{:.6g}", v) : "null"; }
+
+// Values shown with enough digits to compare: 3 significant digits at least.
+std::string show(double v) {
+  if (v >= 100) return fmt::format("{:.0f}", v);
+  if (v >= 10) return fmt::format("{:.1f}", v);
+  return fmt::format("{:.2f}", v);
+}
+
+void print_human(const Case& c, const Report& r) {
+  std::printf("# --- %s: %s\n", c.name.c_str(), c.summary.c_str());
+  for (const std::string& d : r.details) std::printf("# %s\n", d.c_str());
+  std::printf("result %s ours=%s%s baseline=%s:%s%s ratio=%.2f\n", r.case_name.c_str(),
+              show(r.ours.value).c_str(), r.ours.unit.c_str(), r.baseline_name.c_str(),
+              show(r.baseline.value).c_str(), r.baseline.unit.c_str(), r.ratio);
+  std::fflush(stdout);
+}
+
+void print_json(const Case& c, const Report& r) {
+  std::string s = fmt::format(
+      R"({{"case":"{}","family":"{}","ok":true,"size":{},"repeat":{},)"
+      R"("ours":{{"value":{},"unit":"{}"}},"baseline":{{"name":"{}","value":{},"unit":"{}"}},)"
+      R"("ratio":{},"metrics":{{)",
+      json_escape(r.case_name), json_escape(c.family), r.size, r.repeat, json_number(r.ours.value),
+      json_escape(r.ours.unit), json_escape(r.baseline_name), json_number(r.baseline.value),
+      json_escape(r.baseline.unit), json_number(r.ratio));
+  for (size_t i = 0; i < r.metrics.size(); i++) {
+    s += fmt::format(R"({}"{}":{})", i ? "," : "", json_escape(r.metrics[i].first),
+                     json_number(r.metrics[i].second));
+  }
+  s += R"(},"details":[)";
+  for (size_t i = 0; i < r.details.size(); i++) {
+    s += fmt::format(R"({}"{}")", i ? "," : "", json_escape(r.details[i]));
+  }
+  s += "]}";
+  std::printf("%s\n", s.c_str());
+  std::fflush(stdout);
+}
+
+void print_failure(const Case& c, const std::string& what, bool json) {
+  if (json) {
+    std::printf(R"({"case":"%s","family":"%s","ok":false,"error":"%s"})"
+                "\n",
+                json_escape(c.name).c_str(), json_escape(c.family).c_str(),
+                json_escape(what).c_str());
+    std::fflush(stdout);
+  } else {
+    std::printf("# --- %s: FAILED\n", c.name.c_str());
+    std::fflush(stdout);
+  }
+  std::fprintf(stderr, "gpusvm-bench: case %s FAILED: %s\n", c.name.c_str(), what.c_str());
+}
+
+int run(int argc, char** argv) {
+  CLI::App app{"gpusvm-bench: gpusvm figures next to a baseline measured in the same run.\n"
+               "Each case prints '# ' detail lines and one line\n"
+               "  result <case> ours=<value><unit> baseline=<name>:<value><unit> ratio=<x>\n"
+               "where ratio > 1 always means gpusvm is better."};
+  std::vector<std::string> selected;
+  Options opt;
+  bool json = false, list = false;
+  app.add_option("--case", selected,
+                 "cases or case families to run (repeatable; default: all). See --list");
+  app.add_flag("--json", json, "print one JSON object per case instead of text");
+  app.add_option("--size", opt.size,
+                 "bytes of memory per case (suffixes k/m/g = KiB/MiB/GiB; rounded up to 2 MiB; "
+                 "default: per case)")
+      ->transform(CLI::AsSizeValue(false));
+  app.add_option("--repeat", opt.repeat, "timed runs per case; the median is reported")
+      ->check(CLI::Range(1, 1000));
+  app.add_flag("--list", list, "list the cases and exit");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e) == 0 ? 0 : 2;  // --help is a ParseError that exits 0
+  }
+
+  std::vector<Case>& cases = registry();
+  if (list) {
+    for (const Case& c : cases) {
+      std::printf("%-16s %-10s default size %-8s %s\n", c.name.c_str(), c.family.c_str(),
+                  human_bytes(c.default_size).c_str(), c.summary.c_str());
+    }
+    return 0;
+  }
+
+  // Selection: names or families, in the order given; every case at most once.
+  std::vector<const Case*> todo;
+  auto add = [&](const Case& c) {
+    for (const Case* t : todo) {
+      if (t == &c) return;
+    }
+    todo.push_back(&c);
+  };
+  if (selected.empty()) {
+    for (const Case& c : cases) add(c);
+  }
+  for (const std::string& name : selected) {
+    bool found = false;
+    for (const Case& c : cases) {
+      if (c.name == name || c.family == name) {
+        add(c);
+        found = true;
+      }
+    }
+    if (!found) {
+      std::fprintf(stderr, "gpusvm-bench: unknown case '%s'; cases:", name.c_str());
+      for (const Case& c : cases) std::fprintf(stderr, " %s", c.name.c_str());
+      std::fprintf(stderr, " (families:");
+      std::string last;
+      for (const Case& c : cases) {
+        if (c.family != last) std::fprintf(stderr, " %s", c.family.c_str());
+        last = c.family;
+      }
+      std::fprintf(stderr, ")\n");
+      return 2;
+    }
+  }
+
+  if (!json) {
+    utsname u{};
+    ::uname(&u);
+    std::printf("# gpusvm-bench: %zu case(s), median of %d run(s); host: %ld CPUs, %s %s\n",
+                todo.size(), opt.repeat, ::sysconf(_SC_NPROCESSORS_ONLN), u.sysname, u.release);
+    std::fflush(stdout);
+  }
+  int failed = 0;
+  for (const Case* c : todo) {
+    const uint64_t size = opt.size ? opt.size : c->default_size;
+    try {
+      Report r = c->run(opt, size);
+      r.size = mm::pmd_align_up(size);
+      r.repeat = opt.repeat;
+      if (r.case_name.empty()) r.case_name = c->name;
+      if (json) {
+        print_json(*c, r);
+      } else {
+        print_human(*c, r);
+      }
+    } catch (const std::exception& e) {
+      print_failure(*c, e.what(), json);
+      failed++;
+    }
+  }
+  return failed ? 1 : 0;
+}
+
+}  // namespace
+}  // namespace gpusvm::bench
+
+int main(int argc, char** argv) { return gpusvm::bench::run(argc, argv); }
