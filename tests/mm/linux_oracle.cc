@@ -2,6 +2,7 @@
 // See linux_oracle.h and docs/differential-testing.md.
 #include "tests/mm/linux_oracle.h"
 
+#include <atomic>
 #include <dirent.h>
 #include <fcntl.h>
 #include <setjmp.h>
@@ -112,7 +113,9 @@ bool read_all(int fd, void* buf, size_t len) {
 }
 
 // CPU accesses that may fault: SIGSEGV/SIGBUS become -EFAULT, like the model's cpu API.
-thread_local sigjmp_buf* t_fault_jmp = nullptr;
+// volatile: the signal handler reads it, and the compiler must not sink the store below the
+// faulting access (g++ -O2 did, and the handler then found no jump buffer).
+thread_local sigjmp_buf* volatile t_fault_jmp = nullptr;
 
 void on_fault(int sig) {
   if (t_fault_jmp) siglongjmp(*t_fault_jmp, 1);
@@ -132,6 +135,7 @@ int guarded_access(Va addr, uint64_t len, int kind, uint8_t byte) {
   volatile int rc = 0;
   if (sigsetjmp(jb, 1) == 0) {
     t_fault_jmp = &jb;
+    std::atomic_signal_fence(std::memory_order_seq_cst);
     auto* p = reinterpret_cast<volatile uint8_t*>(addr);
     if (kind == 0) {
       (void)*p;
