@@ -59,10 +59,9 @@ unsigned range_need_fault(HmmWalk& w, Va start, Va end, uint64_t cpu_flags) {
 }
 
 int pfns_fill(HmmWalk& w, Va start, Va end, uint64_t value) {
-  for (Va a = start; a < end; a += kPageSize) {
-    uint64_t* p = pfn_slot(w, a);
-    *p = (*p & HMM_PFN_INOUT_FLAGS) | value;
-  }
+  uint64_t* out = pfn_slot(w, start);
+  const uint64_t n = (end - start) >> kPageShift;
+  for (uint64_t i = 0; i < n; i++) out[i] = (out[i] & HMM_PFN_INOUT_FLAGS) | value;
   return 0;
 }
 
@@ -80,7 +79,7 @@ int hmm_vma_fault(Va addr, Va end, unsigned need, MmWalk& walk) {
     if (!(walk.vma->flags & VM_WRITE)) return -EPERM;
     flags |= kFaultWrite;
   }
-  walk.mm->stats().hmm_faults.add();
+  walk.mm->stats().hmm_faults.add((end - addr) >> kPageShift);
   for (; addr < end; addr += kPageSize) {
     VmFault r = handle_mm_fault(*walk.mm, addr, flags);
     if (r != VmFault::kOk && r != VmFault::kRetry) return -EFAULT;
@@ -152,10 +151,12 @@ int hmm_handle_pmd(PmdSlot slot, Va start, Va end, MmWalk& walk) {
   }
   if (!(cpu_flags & HMM_PFN_VALID)) return pfns_fill(w, start, end, 0);
   cpu_flags |= static_cast<uint64_t>(kPmdOrder) << HMM_PFN_ORDER_SHIFT;
-  for (Va a = start; a < end; a += kPageSize) {
-    uint64_t* p = pfn_slot(w, a);
-    *p = (*p & HMM_PFN_INOUT_FLAGS) | (leaf.pfn() + ((a - haddr) >> kPageShift)) | cpu_flags;
-  }
+  // Hoisted: the output may alias the range, so a per-page pfn_slot() reload would keep the
+  // compiler from vectorising the 512-word fill.
+  uint64_t* out = pfn_slot(w, start);
+  const uint64_t n = (end - start) >> kPageShift;
+  const uint64_t first = (leaf.pfn() + ((start - haddr) >> kPageShift)) | cpu_flags;
+  for (uint64_t i = 0; i < n; i++) out[i] = (out[i] & HMM_PFN_INOUT_FLAGS) | (first + i);
   return 0;
 }
 

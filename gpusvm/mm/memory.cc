@@ -245,8 +245,10 @@ VmFault huge_zero_wp_pmd(FaultCtx& f, Pmd pmd) {
   return VmFault::kOk;
 }
 
-// A fault on a present huge leaf: only writes to read-only leaves need work.
-VmFault huge_pmd_fault(FaultCtx& f, Pmd pmd) {
+// A fault on a present huge leaf: only writes to read-only leaves need work. Sets *fallback
+// when it split the PMD and the caller must continue with the PTE fault.
+VmFault huge_pmd_fault(FaultCtx& f, Pmd pmd, bool* fallback) {
+  *fallback = false;
   PhysMem* mem = f.mm.mem();
   const Pte leaf = pmd.leaf();
   const Va haddr = pmd_align_down(f.va);
@@ -278,9 +280,11 @@ VmFault huge_pmd_fault(FaultCtx& f, Pmd pmd) {
       return VmFault::kOk;
     }
   }
-  // Write to the huge zero folio or to a shared THP: split, then the PTE path handles it.
+  // Write to the huge zero folio (no THP available) or to a shared THP: split and let the PTE
+  // path handle it in this same fault (VM_FAULT_FALLBACK).
   split_huge_pmd(f.mm, f.slot, haddr);
-  return VmFault::kRetry;
+  *fallback = true;
+  return VmFault::kOk;
 }
 
 }  // namespace
@@ -310,7 +314,12 @@ VmFault handle_mm_fault(AddressSpace& mm, Va va, unsigned flags) {
     }
     pmd = slot->load_lockless();
   }
-  if (pmd.is_huge_present()) return huge_pmd_fault(f, pmd);
+  if (pmd.is_huge_present()) {
+    bool fallback = false;
+    VmFault r = huge_pmd_fault(f, pmd, &fallback);
+    if (!fallback) return r;
+    return handle_pte_fault(f);  // the PMD now points to a PTE table
+  }
   if (pmd.is_huge_soft_leaf()) {
     Pte leaf = pmd.leaf();
     if (leaf.is_migration()) {

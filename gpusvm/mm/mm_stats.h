@@ -26,7 +26,7 @@ namespace gpusvm::mm {
   X(thp_split_folio, "large folios split into small folios")                      \
   X(thp_collapse, "ranges collapsed into a THP (MADV_COLLAPSE)")                  \
   X(hmm_walks, "page walks done by hmm_range_fault")                              \
-  X(hmm_faults, "faults taken by hmm_range_fault")                                \
+  X(hmm_faults, "pages hmm_range_fault faulted (handle_mm_fault calls)")         \
   X(hmm_restarts, "hmm_range_fault walk restarts after a fault or wait")          \
   X(cow_copies, "pages copied for copy-on-write")                                 \
   X(zapped_pages, "pages unmapped by munmap/madvise/exit")

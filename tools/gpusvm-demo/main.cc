@@ -405,8 +405,8 @@ int run() {
     const bool w1 = write_pages(child, cA, A.at(16 * kMiB), kPageSize, 2, &why);
     const StatSnapshot c1 = snapshot(child);
     fmt::print("    child writes A+16 MiB (inside a THP): {}\n", fault_summary(c0, c1));
-    fmt::print("      (the first fault splits the shared THP's PMD into PTEs and retries, the second\n"
-               "       copies one 4 KiB page; Linux does both in one fault via VM_FAULT_FALLBACK)\n");
+    fmt::print("      (one fault splits the shared THP's PMD into PTEs and copies one 4 KiB page,\n"
+               "       as Linux does with VM_FAULT_FALLBACK)\n");
     fmt::print("      the child's A+16 MiB is now {}, A+16 MiB+4 KiB is {}\n",
                page_kind_name(query_page(child, A.at(16 * kMiB)).kind),
                page_kind_name(query_page(child, A.at(16 * kMiB + kPageSize)).kind));
