@@ -7,14 +7,15 @@
 // pagemap's migrate_to_ram. The `owner` pointer identifies the driver instance: hmm_range_fault
 // reports device-private pages only to the caller whose dev_private_owner matches.
 //
-// This issue provides registration, descriptors and storage; the migration issue adds the
-// folio_free / migrate_to_ram / folio_split call paths that use the ops.
+// CPU faults on device-private entries call ops->migrate_to_ram; a folio whose last reference
+// goes is handed to ops->folio_free.
 #pragma once
 
 #include <cstdint>
 #include <memory>
 
 #include "gpusvm/base/result.h"
+#include "gpusvm/mm/fault.h"
 #include "gpusvm/mm/physmem.h"
 
 namespace gpusvm::mm {
@@ -26,8 +27,14 @@ class DevPagemapOps {
  public:
   virtual ~DevPagemapOps() = default;
   // The folio's refcount reached zero: return its frames to the driver's allocator.
-  // Called with no page-table lock held... or under one (zap): must not sleep. Required.
+  // May run with page-table locks held (the last reference can go in a zap): must not sleep
+  // or take locks ranked below the zone lock. Required.
   virtual void folio_free(Folio* folio) = 0;
+  // A CPU touched a device-private page: migrate it (at least vmf.page) back to system
+  // memory, normally with migrate_vma_* and fault_page = vmf.page. Context: the mmap lock is
+  // held (read), vmf.page is locked and referenced by the caller and must stay locked; may
+  // sleep. Returns kOk (the access is retried), kSigbus or kOom. Required.
+  virtual VmFault migrate_to_ram(const VmFaultInfo& vmf) = 0;
 };
 
 class DevPagemap {

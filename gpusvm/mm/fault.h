@@ -8,6 +8,7 @@
 namespace gpusvm::mm {
 
 class AddressSpace;
+class Folio;
 struct Vma;
 
 enum class VmFault {
@@ -23,6 +24,16 @@ const char* vm_fault_name(VmFault f);
 enum FaultFlags : unsigned {
   kFaultWrite = 1u << 0,   // FAULT_FLAG_WRITE (stores and atomics)
   kFaultRemote = 1u << 1,  // a fault on behalf of a device (hmm_range_fault)
+};
+
+// What a device-memory provider learns about a CPU fault on one of its pages (struct
+// vm_fault): the faulting address space and address, the fault flags, and the device page,
+// which the fault handler has locked and holds a reference on for the call.
+struct VmFaultInfo {
+  AddressSpace* mm;
+  Va address;
+  unsigned flags;
+  Folio* page;
 };
 
 // Resolves one fault at va. Caller holds the mmap lock (read or write) and no other gpusvm

@@ -15,7 +15,8 @@
 //   order (hmm_pfn_to_map_order) kPmdOrder for a page mapped by a PMD, else 0
 // Device-private pages are reported (VALID|pfn, WRITE if the entry is writable) only when
 // their pagemap's owner equals dev_private_owner; any other device-private page is treated
-// like a swap entry: 0, or faulted back to RAM when a fault was requested.
+// like a swap entry: 0, or faulted back to RAM (its owner's migrate_to_ram) when a fault was
+// requested.
 #pragma once
 
 #include <cstdint>

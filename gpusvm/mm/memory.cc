@@ -206,9 +206,28 @@ VmFault handle_pte_fault(FaultCtx& f) {
     f.mm.stats().faults_migration_wait.add();
     return wait_for_migration(mem->pfn_to_page(pte.pfn()));
   }
-  // Device-private and device-exclusive entries are resolved by the migration layer
-  // (migrate_to_ram / restoring the exclusive entry), which this model adds with device
-  // memory; until a pagemap provides migrate_to_ram the CPU cannot reach such a page.
+  if (pte.is_device_private()) {
+    // do_swap_page for device-private memory: the page's driver moves it back. The page is
+    // referenced and locked for the call (the fault_page rules); a busy page is waited for.
+    Folio* page = mem->pfn_to_page(pte.pfn());
+    Folio* folio = page->head();
+    if (!folio->try_get()) {
+      PageTable::pte_unmap_unlock(t);
+      return VmFault::kRetry;  // being freed: the entry is about to go
+    }
+    PageTable::pte_unmap_unlock(t);
+    VmFault r = VmFault::kRetry;
+    if (folio_trylock(folio)) {
+      r = folio->pagemap()->ops()->migrate_to_ram(VmFaultInfo{&f.mm, f.va, f.write ? kFaultWrite : 0u, page});
+      folio_unlock(folio);
+    } else {
+      (void)folio_wait_unlocked(folio, hang_timeout());
+    }
+    folio->put();
+    return r;
+  }
+  // Device-exclusive entries are restored by the device-exclusive support (not yet present);
+  // until then the CPU cannot reach such a page.
   PageTable::pte_unmap_unlock(t);
   return VmFault::kSigbus;
 }

@@ -1,7 +1,6 @@
 // hmm_range_fault: snapshot, fault, write-fault, flags semantics, errors and owners.
-#include "gpusvm/mm/devmap.h"
-#include "gpusvm/mm/page_table.h"
 #include "tests/mm/mm_test_util.h"
+#include "tests/mm/test_device.h"
 
 namespace gpusvm::mm::testing {
 namespace {
@@ -165,48 +164,32 @@ TEST_F(HmmRangeFaultTest, InvalidationSinceReadBeginIsEbusy) {
   EXPECT_EQ(hmm_range_fault(&r), 0);
 }
 
-// Device-private entries are reported only to their owner; others see 0 or must fault.
-class FakeDevice : public DevPagemapOps {
- public:
-  void folio_free(Folio*) override { freed++; }
-  int freed = 0;
-};
-
+// Device-private entries are reported only to their owner; others see 0 or must fault them
+// back to system memory (through the owner's migrate_to_ram).
 TEST_F(HmmRangeFaultTest, DevicePrivateOwnerRules) {
-  FakeDevice dev;
-  int owner_tag = 0, other_tag = 0;
-  auto pgmap = DevPagemap::create(mem.get(), 64, &owner_tag, &dev, /*storage=*/true);
-  ASSERT_TRUE(pgmap.ok());
-  // Map a device page at base the way a migration would: fault in the table, then install
-  // the device-private entry with its mapping accounting under the PTE lock.
-  ASSERT_TRUE(cpu::load<uint64_t>(*as, base).ok());
-  ASSERT_EQ(as->madvise(base, kPageSize, MADV_DONTNEED), 0);
-  Folio* dpage = (*pgmap)->folio_init((*pgmap)->first_pfn() + 3, 0);
-  ASSERT_NE(dpage, nullptr);
-  {
-    ReadLock g(&as->mmap_lock());
-    PmdSlot slot = as->page_table().pmd_lookup(base);
-    PteTable* t = as->page_table().pte_offset_map_lock(slot);
-    ASSERT_NE(t, nullptr);
-    page_add_rmap_pte(dpage, as.get(), base);
-    t->set(pte_index(base), Pte::make_soft_leaf(SoftLeafType::kDevicePrivateWrite, dpage->pfn()));
-    PageTable::pte_unmap_unlock(t);
-  }
+  TestDevice dev(mem.get(), 64);
+  ASSERT_TRUE(dev.ok());
+  int other_tag = 0;
+  ASSERT_EQ(cpu::store<uint64_t>(*as, base, 0xabc), 0);
+  ASSERT_EQ(*dev.migrate_to_device(*as, base, base + kPageSize), 1u);
+  const PageState st = query_page(*as, base);
+  ASSERT_EQ(st.kind, PageKind::kSoftLeaf);
   EXPECT_MM_CHECK_OK(*mem);
-  ASSERT_EQ(mirror_range(*as, notifier, base, base + kPageSize, 0, pfns, &owner_tag), 0);
-  EXPECT_EQ(pfns[0], dpage->pfn() | HMM_PFN_VALID | HMM_PFN_WRITE);
+  ASSERT_EQ(mirror_range(*as, notifier, base, base + kPageSize, 0, pfns, &dev), 0);
+  EXPECT_EQ(pfns[0], st.pfn | HMM_PFN_VALID | HMM_PFN_WRITE);
   // The owner is not faulted even when it asks for a fault.
-  ASSERT_EQ(mirror_range(*as, notifier, base, base + kPageSize, HMM_PFN_REQ_FAULT, pfns, &owner_tag), 0);
-  EXPECT_EQ(hmm_pfn_to_pfn(pfns[0]), dpage->pfn());
+  ASSERT_EQ(mirror_range(*as, notifier, base, base + kPageSize, HMM_PFN_REQ_FAULT, pfns, &dev), 0);
+  EXPECT_EQ(hmm_pfn_to_pfn(pfns[0]), st.pfn);
+  EXPECT_EQ(dev.cpu_faults.load(), 0);
   ASSERT_EQ(mirror_range(*as, notifier, base, base + kPageSize, 0, pfns, &other_tag), 0);
   EXPECT_EQ(pfns[0], 0u);
-  // Another owner asking for the page must fault it back to RAM; with no migrate_to_ram
-  // provider the CPU fault fails and the request is -EFAULT.
-  EXPECT_EQ(mirror_range(*as, notifier, base, base + kPageSize, HMM_PFN_REQ_FAULT, pfns, &other_tag), -EFAULT);
-  EXPECT_EQ(query_page(*as, base).kind, PageKind::kSoftLeaf);
-  ASSERT_EQ(as->munmap(base, kPageSize), 0);
-  EXPECT_EQ(dev.freed, 1);  // unmapping dropped the last reference
-  EXPECT_EQ((*pgmap)->folios_in_use(), 0u);
+  // Another owner asking for the page faults it back to system memory.
+  ASSERT_EQ(mirror_range(*as, notifier, base, base + kPageSize, HMM_PFN_REQ_FAULT, pfns, &other_tag), 0);
+  EXPECT_EQ(dev.cpu_faults.load(), 1);
+  EXPECT_EQ(query_page(*as, base).kind, PageKind::kSmall);
+  EXPECT_EQ(hmm_pfn_to_pfn(pfns[0]), query_page(*as, base).pfn);
+  EXPECT_EQ(*cpu::load<uint64_t>(*as, base), 0xabcu);
+  EXPECT_EQ(dev.freed.load(), 1);  // the device page went back to the device's allocator
 }
 
 }  // namespace
