@@ -50,7 +50,7 @@ void AddressSpace::exit() {
     {
       // Interval notifiers outlive release() and see the teardown, as in Linux's exit_mmap.
       MmuInvalidation inv(*this, v->start, v->end, MmuNotifyEvent::kUnmap);
-      zap_range(*this, *v, v->start, v->end);
+      zap_range(*this, v->start, v->end);
     }
     (void)vmas_.erase(v);
   }

@@ -1,6 +1,7 @@
 #include "gpusvm/mm/cpu_access.h"
 
 #include <atomic>
+#include <chrono>
 #include <cerrno>
 #include <cstring>
 
@@ -11,9 +12,11 @@
 namespace gpusvm::mm::cpu {
 namespace {
 
-// A fault resolves an access in one or two rounds (a write to the huge zero folio: split,
-// then COW). Far more rounds mean a livelock or a bug; the budget turns it into -EBUSY.
-constexpr int kFaultBudget = 1000;
+// A fault normally resolves an access in one or two rounds, but an access can lose many
+// races in a row against a device that keeps migrating the page (each round waits for the
+// migration, then finds the page moved again). The budget is therefore time, not rounds:
+// an access still faulting after hang_timeout() is a livelock or a bug and fails -EBUSY.
+constexpr int kRoundsPerClockCheck = 64;
 
 // Runs fn(bytes of the page at va) with the access permitted by the page table and the
 // entry's lock held (see the exactness note in the header). Faults as a CPU would.
@@ -22,7 +25,13 @@ int access_page(AddressSpace& mm, Va va, bool write, Fn&& fn) {
   PhysMem* mem = mm.mem();
   PageTable& pt = mm.page_table();
   ReadLock g(&mm.mmap_lock());
-  for (int round = 0; round < kFaultBudget; round++) {
+  const auto deadline = std::chrono::steady_clock::now() + hang_timeout();
+  uint64_t round = 0;
+  for (;; round++) {
+    if (round % kRoundsPerClockCheck == kRoundsPerClockCheck - 1 &&
+        std::chrono::steady_clock::now() > deadline) {
+      break;
+    }
     // A present entry is not enough: PROT_NONE keeps entries but forbids access, and then the
     // fault handler reports SIGSEGV like the hardware fault would.
     Vma* vma = mm.vma_lookup(va);
@@ -63,8 +72,8 @@ int access_page(AddressSpace& mm, Va va, bool write, Fn&& fn) {
         return -ENOMEM;
     }
   }
-  log::get().error("cpu access at {:#x} ({}) still faulting after {} rounds", va,
-                   write ? "write" : "read", kFaultBudget);
+  log::get().error("cpu access at {:#x} ({}) still faulting after {} rounds and {} ms", va,
+                   write ? "write" : "read", round, hang_timeout().count());
   return -EBUSY;
 }
 

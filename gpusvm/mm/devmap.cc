@@ -58,17 +58,19 @@ Folio* DevPagemap::folio_init(Pfn pfn, unsigned order) {
 
 void DevPagemap::free_folio(Folio* folio) {
   if (folio->total_mapcount() != 0) panic("freeing mapped device folio pfn " + std::to_string(folio->pfn()));
-  // The driver sees the folio as it was (order, zone_device_data) and returns it to its
-  // allocator; then the frames become free descriptors again.
-  ops_->folio_free(folio);
+  // The frames become free descriptors first; the head keeps its order and zone_device_data
+  // for the driver's folio_free. Nothing here touches the descriptors after that call: the
+  // driver may hand the frames out again at once (folio_init resets the head).
   const uint64_t n = folio->nr_pages();
   for (uint64_t i = 0; i < n; i++) {
     Folio* p = folio + i;
-    p->head_.store(p, std::memory_order_relaxed);
-    p->order_.store(0, std::memory_order_relaxed);
-    p->flags_.store(kFolioDevicePrivate | kFolioFree, std::memory_order_relaxed);
-    p->zone_device_data = nullptr;
+    if (i > 0) {
+      p->head_.store(p, std::memory_order_relaxed);
+      p->zone_device_data = nullptr;
+    }
+    p->flags_.store(kFolioDevicePrivate | kFolioFree, std::memory_order_release);
   }
+  ops_->folio_free(folio);
 }
 
 uint64_t DevPagemap::folios_in_use() const {

@@ -52,7 +52,7 @@ void free_pgtables(AddressSpace& mm, const VmaTree& vmas, Va start, Va end);
 // Unmaps every entry in [start, end) (inside one VMA), dropping mapcounts, rmap items and
 // mapping references; splits a huge leaf that is only partly covered. The caller has started
 // the matching invalidation. mmap lock held (read suffices), no page-table lock held.
-void zap_range(AddressSpace& mm, const Vma& vma, Va start, Va end);
+void zap_range(AddressSpace& mm, Va start, Va end);
 
 // Splits the huge leaf at slot (if it still is one) into 512 PTEs using the deposited table:
 // a THP becomes PTE-mapped (the folio stays large), the huge zero folio becomes 512 zero-page

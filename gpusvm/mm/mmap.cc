@@ -52,7 +52,7 @@ void do_munmap(AddressSpace& mm, VmaTree& vmas, Va start, Va end) {
   {
     MmuInvalidation inv(mm, start, end, MmuNotifyEvent::kUnmap);
     for (Vma* v : victims) {
-      zap_range(mm, *v, v->start, v->end);
+      zap_range(mm, v->start, v->end);
       (void)vmas.erase(v);
     }
   }
@@ -321,7 +321,7 @@ int AddressSpace::madvise(Va start, uint64_t len, int advice) {
     for (Vma* v = vmas_.find(start); v && v->start < end; v = vmas_.next(v)) {
       const Va s = std::max(start, v->start), e = std::min(end, v->end);
       MmuInvalidation inv(*this, s, e, MmuNotifyEvent::kClear);
-      if (advice == MADV_DONTNEED) zap_range(*this, *v, s, e);
+      if (advice == MADV_DONTNEED) zap_range(*this, s, e);
       else madvise_free_range(*this, s, e);
     }
     return holes ? -ENOMEM : 0;

@@ -94,9 +94,8 @@ bool zap_huge_pmd(AddressSpace& mm, PmdSlot slot, Va haddr) {
 
 }  // namespace
 
-void zap_range(AddressSpace& mm, const Vma& vma, Va start, Va end) {
+void zap_range(AddressSpace& mm, Va start, Va end) {
   mm.mmap_assert_locked();
-  (void)vma;
   PageTable& pt = mm.page_table();
   for (Va addr = start; addr < end;) {
     const Va haddr = pmd_align_down(addr);

@@ -129,12 +129,12 @@ int run(int argc, char** argv) {
   }
 
   // Selection: names or families, in the order given; every case at most once.
-  std::vector<const Case*> todo;
+  std::vector<const Case*> to_run;
   auto add = [&](const Case& c) {
-    for (const Case* t : todo) {
+    for (const Case* t : to_run) {
       if (t == &c) return;
     }
-    todo.push_back(&c);
+    to_run.push_back(&c);
   };
   if (selected.empty()) {
     for (const Case& c : cases) add(c);
@@ -165,11 +165,11 @@ int run(int argc, char** argv) {
     utsname u{};
     ::uname(&u);
     std::printf("# gpusvm-bench: %zu case(s), median of %d run(s); host: %ld CPUs, %s %s\n",
-                todo.size(), opt.repeat, ::sysconf(_SC_NPROCESSORS_ONLN), u.sysname, u.release);
+                to_run.size(), opt.repeat, ::sysconf(_SC_NPROCESSORS_ONLN), u.sysname, u.release);
     std::fflush(stdout);
   }
   int failed = 0;
-  for (const Case* c : todo) {
+  for (const Case* c : to_run) {
     const uint64_t size = opt.size ? opt.size : c->default_size;
     try {
       Report r = c->run(opt, size);
