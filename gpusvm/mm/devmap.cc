@@ -41,18 +41,7 @@ Folio* DevPagemap::folio_init(Pfn pfn, unsigned order) {
   for (uint64_t i = 0; i < n; i++) {
     if (!(head[i].flags() & kFolioFree)) return nullptr;
   }
-  for (uint64_t i = 0; i < n; i++) {
-    Folio* p = head + i;
-    p->head_.store(head, std::memory_order_relaxed);
-    p->order_.store(0, std::memory_order_relaxed);
-    p->mapcount_.store(0, std::memory_order_relaxed);
-    p->page_flags_.store(0, std::memory_order_relaxed);
-    p->flags_.store(kFolioDevicePrivate, std::memory_order_relaxed);
-  }
-  head->order_.store(static_cast<uint8_t>(order), std::memory_order_relaxed);
-  head->entire_mapcount_.store(0, std::memory_order_relaxed);
-  head->zone_device_data = nullptr;
-  head->refcount_.store(1, std::memory_order_release);
+  Folio::init_frames(head, order, kFolioDevicePrivate);
   return head;
 }
 

@@ -143,10 +143,10 @@ Result<std::unique_ptr<PhysMem>> PhysMem::create(const Config& config) {
     f.flags_.store(pfn >= 2 * kPagesPerPmd ? uint32_t{kFolioFree} : 0u, std::memory_order_relaxed);
   }
   mem->zero_page_ = &mem->frames_[0];
-  mem->init_folio(mem->zero_page_, 0);
+  Folio::init_frames(mem->zero_page_, 0, 0);
   mem->zero_page_->set(kFolioZero);
   mem->huge_zero_ = &mem->frames_[kPagesPerPmd];
-  mem->init_folio(mem->huge_zero_, kPmdOrder);
+  Folio::init_frames(mem->huge_zero_, kPmdOrder, 0);
   mem->huge_zero_->set(kFolioZero);
   return mem;
 }
@@ -158,7 +158,7 @@ PhysMem::~PhysMem() {
   if (base_) ::munmap(base_, ram_pages_ << kPageShift);
 }
 
-void PhysMem::init_folio(Folio* head, unsigned order) {
+void Folio::init_frames(Folio* head, unsigned order, uint32_t flags) {
   const uint64_t n = 1ULL << order;
   for (uint64_t i = 0; i < n; i++) {
     Folio* p = head + i;
@@ -166,12 +166,13 @@ void PhysMem::init_folio(Folio* head, unsigned order) {
     p->order_.store(0, std::memory_order_relaxed);
     p->mapcount_.store(0, std::memory_order_relaxed);
     p->page_flags_.store(0, std::memory_order_relaxed);
-    p->flags_.store(0, std::memory_order_relaxed);
+    p->flags_.store(flags, std::memory_order_relaxed);
   }
   head->order_.store(static_cast<uint8_t>(order), std::memory_order_relaxed);
   head->entire_mapcount_.store(0, std::memory_order_relaxed);
   head->mapping_ = nullptr;
   head->index_ = 0;
+  head->zone_device_data = nullptr;
   // release: publishes the initialised descriptor with the first reference.
   head->refcount_.store(1, std::memory_order_release);
 }
@@ -233,7 +234,7 @@ Folio* PhysMem::folio_alloc(unsigned order, bool zero) {
     }
   }
   Folio* head = &frames_[pfn];
-  init_folio(head, order);
+  Folio::init_frames(head, order, 0);
   if (zero) std::memset(ram_data(pfn), 0, kPageSize << order);
   (order ? stat_alloc_thp : stat_alloc_order0).add();
   return head;

@@ -129,6 +129,10 @@ class Folio {
   friend class PhysMem;
   friend class DevPagemap;
   friend class ShmemObject;
+  // Turns the frames [head, head + 2^order) into one folio with refcount 1 and `flags`
+  // (allocation, for RAM and device frames alike). The frames must be free.
+  static void init_frames(Folio* head, unsigned order, uint32_t flags);
+
   friend void page_add_rmap_pte(Folio*, AddressSpace*, Va);
   friend void page_remove_rmap_pte(Folio*, AddressSpace*, Va);
   friend void folio_add_rmap_pmd(Folio*, AddressSpace*, Va);
@@ -256,7 +260,6 @@ class PhysMem {
   friend int split_folio_exclusive(AddressSpace&, Folio*);
   void free_folio(Folio* folio);  // refcount reached zero
   void deferred_split_remove(Folio* folio);
-  void init_folio(Folio* head, unsigned order);
 
   const Config config_;
   std::atomic<ThpMode> thp_mode_;
