@@ -92,7 +92,6 @@ class AddressSpace {
 
  private:
   explicit AddressSpace(PhysMem* mem);
-  friend class MmOps;  // the implementation of the system calls (mm_internal.h)
 
   PhysMem* const mem_;
   mutable RwLock mmap_lock_{&kMmapLockClass};

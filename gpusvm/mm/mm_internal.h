@@ -29,14 +29,6 @@ class MmuInvalidation {
   MmuNotifierRange range_;
 };
 
-// The implementation of AddressSpace's system calls; a friend of AddressSpace so it reaches
-// the VMA tree under the mmap lock held by the caller.
-class MmOps {
- public:
-  static VmaTree& vmas(AddressSpace& mm) GPUSVM_REQUIRES(mm.mmap_lock_) { return mm.vmas_; }
-  static void set_exited(AddressSpace& mm) { mm.exited_.store(true, std::memory_order_release); }
-};
-
 // Top of the mmap area: top-down allocation starts below a stack gap, as on x86-64.
 inline constexpr Va kMmapBase = kTaskSize - (128ULL << 20);
 
