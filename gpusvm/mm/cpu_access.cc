@@ -82,46 +82,37 @@ int check_span(Va va, size_t len) {
   return 0;
 }
 
+// Splits [va, va + len) at page boundaries and runs fn(bytes, offset in the range, length)
+// on each piece through access_page.
+template <typename Fn>
+int access_range(AddressSpace& mm, Va va, size_t len, bool write, Fn&& fn) {
+  if (int rc = check_span(va, len)) return rc;
+  for (size_t off = 0; off < len;) {
+    const size_t n = std::min<size_t>(len - off, kPageSize - ((va + off) & (kPageSize - 1)));
+    int rc = access_page(mm, va + off, write, [&](std::byte* p) { fn(p, off, n); });
+    if (rc) return rc;
+    off += n;
+  }
+  return 0;
+}
+
 }  // namespace
 
 int copy_out(AddressSpace& mm, Va va, void* dst, size_t len) {
-  if (int rc = check_span(va, len)) return rc;
   auto* out = static_cast<std::byte*>(dst);
-  while (len > 0) {
-    const size_t n = std::min<size_t>(len, kPageSize - (va & (kPageSize - 1)));
-    int rc = access_page(mm, va, false, [&](std::byte* p) { std::memcpy(out, p, n); });
-    if (rc) return rc;
-    va += n;
-    out += n;
-    len -= n;
-  }
-  return 0;
+  return access_range(mm, va, len, false,
+                      [&](std::byte* p, size_t off, size_t n) { std::memcpy(out + off, p, n); });
 }
 
 int copy_in(AddressSpace& mm, Va va, const void* src, size_t len) {
-  if (int rc = check_span(va, len)) return rc;
   const auto* in = static_cast<const std::byte*>(src);
-  while (len > 0) {
-    const size_t n = std::min<size_t>(len, kPageSize - (va & (kPageSize - 1)));
-    int rc = access_page(mm, va, true, [&](std::byte* p) { std::memcpy(p, in, n); });
-    if (rc) return rc;
-    va += n;
-    in += n;
-    len -= n;
-  }
-  return 0;
+  return access_range(mm, va, len, true,
+                      [&](std::byte* p, size_t off, size_t n) { std::memcpy(p, in + off, n); });
 }
 
 int memset(AddressSpace& mm, Va va, int c, size_t len) {
-  if (int rc = check_span(va, len)) return rc;
-  while (len > 0) {
-    const size_t n = std::min<size_t>(len, kPageSize - (va & (kPageSize - 1)));
-    int rc = access_page(mm, va, true, [&](std::byte* p) { std::memset(p, c, n); });
-    if (rc) return rc;
-    va += n;
-    len -= n;
-  }
-  return 0;
+  return access_range(mm, va, len, true,
+                      [&](std::byte* p, size_t, size_t n) { std::memset(p, c, n); });
 }
 
 namespace {

@@ -46,38 +46,35 @@ PmdSlot PageTable::pmd_lookup(Va va) const {
   return PmdSlot{pmd, pmd_index(va)};
 }
 
+namespace {
+
+// Returns the table in an upper-level slot, allocating and installing it if the slot is
+// empty; nullptr on (injected) allocation failure. A racing installer wins; ours is freed.
+template <typename Table>
+Table* populate_slot(std::atomic<Table*>& slot, SpinLock* lock) {
+  Table* t = slot.load(std::memory_order_acquire);
+  if (t) return t;
+  if (g_fail_alloc_pgtable.should_fail()) return nullptr;
+  auto* fresh = new (std::nothrow) Table();
+  if (!fresh) return nullptr;
+  SpinLockGuard g(lock);
+  t = slot.load(std::memory_order_relaxed);
+  if (t) {
+    delete fresh;
+    return t;
+  }
+  // release: lockless walkers that load the slot (acquire) see an initialised table.
+  slot.store(fresh, std::memory_order_release);
+  return fresh;
+}
+
+}  // namespace
+
 Result<PmdSlot> PageTable::pmd_alloc(Va va) {
-  std::atomic<PudTable*>& pgd_slot = pgd_.e[pgd_index(va)];
-  PudTable* pud = pgd_slot.load(std::memory_order_acquire);
-  if (!pud) {
-    if (g_fail_alloc_pgtable.should_fail()) return Err{-ENOMEM};
-    auto* fresh = new (std::nothrow) PudTable();
-    if (!fresh) return Err{-ENOMEM};
-    SpinLockGuard g(&page_table_lock_);
-    pud = pgd_slot.load(std::memory_order_relaxed);
-    if (!pud) {
-      // release: lockless walkers that load the slot (acquire) see an initialised table.
-      pgd_slot.store(fresh, std::memory_order_release);
-      pud = fresh;
-    } else {
-      delete fresh;
-    }
-  }
-  std::atomic<PmdTable*>& pud_slot = pud->e[pud_index(va)];
-  PmdTable* pmd = pud_slot.load(std::memory_order_acquire);
-  if (!pmd) {
-    if (g_fail_alloc_pgtable.should_fail()) return Err{-ENOMEM};
-    auto* fresh = new (std::nothrow) PmdTable();
-    if (!fresh) return Err{-ENOMEM};
-    SpinLockGuard g(&page_table_lock_);
-    pmd = pud_slot.load(std::memory_order_relaxed);
-    if (!pmd) {
-      pud_slot.store(fresh, std::memory_order_release);
-      pmd = fresh;
-    } else {
-      delete fresh;
-    }
-  }
+  PudTable* pud = populate_slot(pgd_.e[pgd_index(va)], &page_table_lock_);
+  if (!pud) return Err{-ENOMEM};
+  PmdTable* pmd = populate_slot(pud->e[pud_index(va)], &page_table_lock_);
+  if (!pmd) return Err{-ENOMEM};
   return PmdSlot{pmd, pmd_index(va)};
 }
 
