@@ -27,6 +27,9 @@ AddressSpace::AddressSpace(PhysMem* mem) : mem_(mem) {}
 
 AddressSpace::~AddressSpace() {
   exit();
+  // exit() removed every record naming this address space; a reverse-map walker that read
+  // one before may still be in our page tables: wait for it before they are freed.
+  { WriteLock walkers(&mem_->rmap_walk_lock()); }
   mem_->remove_address_space(this);
 }
 

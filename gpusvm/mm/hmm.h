@@ -17,6 +17,22 @@
 // their pagemap's owner equals dev_private_owner; any other device-private page is treated
 // like a swap entry: 0, or faulted back to RAM (its owner's migrate_to_ram) when a fault was
 // requested.
+//
+// Fault and migrate in one walk (seed 002, DESIGN §3.8): with HMM_PFN_REQ_MIGRATE in
+// default_flags and range.migrate set, the same walk also collects every page it may migrate:
+// under the page-table lock held from reading an entry to replacing it, a page that needs no
+// (more) fault is locked and replaced by a migration entry, and its word gains HMM_PFN_MIGRATE
+// (VALID|MIGRATE|pfn, WRITE if it was writable). A hole or the zero page of an anonymous VMA
+// gets VALID|MIGRATE without a source page (hmm_pfn_migrate_has_source). Which pages are taken
+// follows migrate->flags (REQ_MIGRATE implies MIGRATE_VMA_SELECT_SYSTEM) and
+// dev_private_owner. Then migrate_hmm_range_setup() (migrate.h) turns the words into the
+// migrate src array, and the driver goes on with migrate_vma_pages / _finalize.
+// While migrating: the range must lie in one VMA (-ERANGE); one MIGRATE invalidation tagged
+// with dev_private_owner covers the walk; the notifier sequence is checked only before it
+// starts (after that the migration entries, not the sequence, keep the collected pages
+// stable, and the walk's own invalidation must not make it fail); entries under another
+// migration are skipped, never waited on; on any error every migration entry installed is
+// restored before returning, so no caller ever meets a leftover one (seed 000).
 #pragma once
 
 #include <cstdint>
@@ -27,6 +43,7 @@ namespace gpusvm::mm {
 
 class AddressSpace;
 class MmuIntervalNotifier;
+struct MigrateVma;
 
 inline constexpr unsigned kBitsPerLong = 64;
 inline constexpr uint64_t HMM_PFN_VALID = 1ULL << (kBitsPerLong - 1);
@@ -61,7 +78,15 @@ struct HmmRange {
   uint64_t default_flags = 0;
   uint64_t pfn_flags_mask = 0;
   const void* dev_private_owner = nullptr;
+  // Fault-and-migrate: where migrate_hmm_range_setup() puts the result (src, dst, flags).
+  MigrateVma* migrate = nullptr;
 };
+
+// A VALID|MIGRATE word with a page behind it (not a hole or the zero page, whose pfn is 0).
+inline constexpr bool hmm_pfn_migrate_has_source(uint64_t hmm_pfn) {
+  return (hmm_pfn & (HMM_PFN_VALID | HMM_PFN_MIGRATE)) == (HMM_PFN_VALID | HMM_PFN_MIGRATE) &&
+         hmm_pfn_to_pfn(hmm_pfn) != 0;
+}
 
 // Returns 0 when every page was processed (which does not mean every page is VALID: check
 // each word), or:
@@ -71,8 +96,8 @@ struct HmmRange {
 //            VM_IO/VM_PFNMAP, the fault failed with SIGSEGV/SIGBUS/OOM: as in Linux, any
 //            VM_FAULT_ERROR is -EFAULT)
 //   -EPERM   a write fault was requested on a VMA without VM_WRITE
-// HMM_PFN_REQ_MIGRATE is reserved for the unified fault-and-migrate walk and rejected with
-// -EINVAL until device migration is registered (the migration issue).
+//   -ERANGE  migrating, and the range is not inside one VMA
+// HMM_PFN_REQ_MIGRATE without range.migrate (or in pfn_flags_mask) is -EINVAL.
 // Context: the caller holds the address space's mmap lock (read) - asserted - and no other
 // gpusvm lock. Faulting may sleep. Page-table locks are taken per PMD and never held across
 // a fault (asserted).

@@ -4,6 +4,7 @@
 //   mmap_lock (AddressSpace, rw, sleeping)
 //     -> shmem object lock (ShmemObject, mutex)            page-cache lookups in faults
 //       -> folio lock (sleeping bit lock; several only in pfn order, as subclasses)
+//         -> rmap walk lock (PhysMem, rw: the anon_vma lock of cross-mm rmap walks)
 //         -> notifier subscriptions lock (spin; never held across callbacks)
 //         -> page_table_lock (AddressSpace, spin: PGD/PUD/PMD table allocation)
 //           -> PMD lock (one per PMD table, spin)
@@ -27,6 +28,7 @@ namespace gpusvm::mm {
 inline constexpr LockClass kMmapLockClass{"mmap_lock", 100};
 inline constexpr LockClass kShmemLockClass{"shmem_lock", 150};
 inline constexpr LockClass kFolioLockClass{"folio_lock", 200};
+inline constexpr LockClass kRmapWalkLockClass{"rmap_walk", 250};
 inline constexpr LockClass kNotifierSubsLockClass{"mmu_notifier_subscriptions", 300};
 inline constexpr LockClass kPageTableLockClass{"page_table_lock", 400};
 inline constexpr LockClass kPmdLockClass{"pmd_lock", 500};

@@ -1,14 +1,16 @@
 // migrate_vma: move the pages of a range between system memory and device-private memory
-// (mm/migrate_device.c's contract).
+// (mm/migrate_device.c's contract, with seed 002's unified fault-and-migrate walk).
 //
 // A driver migrates [start, end) of one VMA in three steps, holding the mmap lock (read):
 //
-//   MigrateVma m{.mm, .start, .end, .src, .dst, .pgmap_owner, .flags = SELECT_*};
-//   migrate_vma_setup(&m);      // collect: lock each page that may move, replace its entry by
-//                               // a migration entry (CPU accesses now wait); src[i] says what
-//                               // was found; cpages counts the pages that may move
+//   MigrateVma m{.mm, .start, .end, .src, .dst, .pgmap_owner, .flags = SELECT_* [| FAULT]};
+//   migrate_vma_setup(&m);      // collect: lock each page that may move, replace its entries
+//                               // (in every address space that maps it) by migration
+//                               // entries (CPU accesses now wait); src[i] says what was
+//                               // found; cpages counts the pages that may move
 //   for each i with src[i] & MIGRATE_PFN_MIGRATE:
-//       allocate a destination folio, folio_lock() it, copy the data (src page or zeroes),
+//       allocate a destination folio, folio_lock() it, copy the data (the src page, or zeroes
+//       when src[i] has no MIGRATE_PFN_VALID: a hole or the zero page),
 //       dst[i] = migrate_pfn(dst_pfn)
 //   migrate_vma_pages(&m);      // commit: pages whose destination the driver did not provide,
 //                               // or that cannot move, lose MIGRATE_PFN_MIGRATE in src[i]
@@ -17,9 +19,17 @@
 //
 // "0 from setup means the call ran, not that every page can move": check src[i].
 //
-// This is the collect-walk path ("two-step": hmm_range_fault first if pages must be faulted
-// in). Pages of large folios are not collected yet (src[i] == 0); neither are pages that
-// another process also maps (fork), which need an rmap-driven unmap.
+// The collection is the unified walk of hmm_range_fault (hmm.h): with MIGRATE_VMA_FAULT,
+// pages that are not present (another device's memory, ...) are faulted in and collected in
+// the same walk. A driver that already has an hmm_range (drm_gpusvm's get_pages) can instead
+// call hmm_range_fault with HMM_PFN_REQ_MIGRATE and then migrate_hmm_range_setup().
+//
+// Large folios are split and collected 4 KiB at a time for now; pages of a large folio that
+// cannot be split (mapped by several processes) stay where they are.
+//
+// Eviction by device pfn, without a VMA or an mmap lock (the driver's memory is being taken
+// away): migrate_device_range / _pfns, then the driver fills dst, then migrate_device_pages
+// and migrate_device_finalize. Busy pages are left out (src = 0): the caller retries.
 #pragma once
 
 #include <cstdint>
@@ -30,6 +40,8 @@ namespace gpusvm::mm {
 
 class AddressSpace;
 class Folio;
+class PhysMem;
+struct HmmRange;
 
 inline constexpr uint64_t MIGRATE_PFN_VALID = 1ULL << 0;
 inline constexpr uint64_t MIGRATE_PFN_MIGRATE = 1ULL << 1;
@@ -43,7 +55,14 @@ inline constexpr Pfn migrate_pfn_to_pfn(uint64_t mpfn) { return mpfn >> MIGRATE_
 enum MigrateVmaFlags : unsigned {
   MIGRATE_VMA_SELECT_SYSTEM = 1u << 0,          // collect system-memory pages (and holes)
   MIGRATE_VMA_SELECT_DEVICE_PRIVATE = 1u << 1,  // collect device-private pages of pgmap_owner
+  MIGRATE_VMA_FAULT = 1u << 4,                  // fault non-present pages in, in the same walk
 };
+
+// How migrate_vma_setup walks the page table (ours, for benchmarks and tests that compare
+// the paths; the result is the same): one walk that faults and collects (the default), the
+// two-step path (a fault walk, then the collect walk), or the three-step path (collect, fault
+// what could not be taken, collect again). Without MIGRATE_VMA_FAULT all are one collect walk.
+enum class MigrateWalkMode : uint8_t { kUnified, kTwoStep, kThreeStep };
 
 struct MigrateVma {
   AddressSpace* mm = nullptr;
@@ -58,13 +77,34 @@ struct MigrateVma {
   // The folio a CPU fault is migrating back (already locked and referenced by the fault
   // handler): setup neither locks nor unlocks it (the fault_page rules of migrate_to_ram).
   Folio* fault_page = nullptr;
+  MigrateWalkMode walk_mode = MigrateWalkMode::kUnified;
 };
 
 // Returns 0, or -EINVAL: no mm/src/dst, unaligned or empty range, range not inside one
-// anonymous VMA, no SELECT flag or unknown flags. Context: mmap lock held (asserted), no
-// page-table lock; sleeps only in the invalidation callbacks.
+// anonymous VMA, no SELECT flag or unknown flags, a fault_page that is not a locked
+// device-private page. With MIGRATE_VMA_FAULT also the walk's errors (-EFAULT, -EPERM,
+// -EBUSY), after every entry it had replaced was restored (src is all 0 then).
+// Context: mmap lock held (asserted), no page-table lock; may sleep (faults, notifier
+// callbacks).
 [[nodiscard]] int migrate_vma_setup(MigrateVma* args);
 void migrate_vma_pages(MigrateVma* args);
 void migrate_vma_finalize(MigrateVma* args);
+
+// After hmm_range_fault(range) with HMM_PFN_REQ_MIGRATE returned 0: fills range->migrate
+// (mm, start, end, npages, src from the MIGRATE words, dst zeroed, cpages) and unmaps the
+// collected pages everywhere else, as migrate_vma_setup does after its walk. Then
+// migrate_vma_pages / _finalize as usual. Returns 0 or -EINVAL. mmap lock held.
+[[nodiscard]] int migrate_hmm_range_setup(HmmRange* range);
+
+// Collects the device pages [start, start + npages) of `mem` for eviction: every page in use
+// is locked and unmapped from every address space (found through the reverse map); src[i]
+// gets migrate_pfn(pfn) | MIGRATE_PFN_MIGRATE, or 0 for a free, busy or pinned page. Returns
+// 0, or -EINVAL for a range outside every registered pagemap. No mmap lock needed (none may be
+// held: the unmap takes page-table locks of any address space). May sleep.
+[[nodiscard]] int migrate_device_range(PhysMem* mem, uint64_t* src_pfns, Pfn start, uint64_t npages);
+// The same for a list of device pfns: src_pfns[i] holds a pfn on entry.
+[[nodiscard]] int migrate_device_pfns(PhysMem* mem, uint64_t* src_pfns, uint64_t npages);
+void migrate_device_pages(PhysMem* mem, uint64_t* src_pfns, uint64_t* dst_pfns, uint64_t npages);
+void migrate_device_finalize(PhysMem* mem, uint64_t* src_pfns, uint64_t* dst_pfns, uint64_t npages);
 
 }  // namespace gpusvm::mm

@@ -1,10 +1,12 @@
-// migrate_vma_setup / migrate_vma_pages / migrate_vma_finalize (the collect-walk path).
+// migrate_vma_setup / _pages / _finalize, migrate_hmm_range_setup and migrate_device_*.
 //
 // Reference and lock states of a collected source page (what mm::check sees afterwards):
-//   setup:    folio locked (unless it is fault_page), +1 reference held by the migration;
-//             its mapping at va replaced by a migration entry: mapcount, rmap item and the
-//             mapping's reference dropped.
-//   finalize: the migration entry becomes a mapping of the destination (or of the source
+//   collect:  folio locked (unless it is fault_page), +1 reference held by the migration;
+//             each mapping replaced by a migration entry: mapcount and the mapping's
+//             reference dropped, its rmap record kept as a migration record.
+//   unmap:    mappings in other address spaces the same way (try_to_migrate); a page that
+//             is still mapped or carries other references is restored now (src = 0).
+//   finalize: every migration entry becomes a mapping of the destination (or of the source
 //             again), which takes its own reference; the source is unlocked and the
 //             migration's reference dropped (freeing it when it moved).
 #include "gpusvm/mm/migrate.h"
@@ -14,142 +16,95 @@
 #include <vector>
 
 #include "gpusvm/mm/devmap.h"
+#include "gpusvm/mm/hmm.h"
+#include "gpusvm/mm/migrate_internal.h"
 #include "gpusvm/mm/mm_internal.h"
 
 namespace gpusvm::mm {
 namespace {
 
+constexpr unsigned kSelectMask = MIGRATE_VMA_SELECT_SYSTEM | MIGRATE_VMA_SELECT_DEVICE_PRIVATE;
+
 bool folio_is_device(const Folio* folio) { return folio->pagemap() != nullptr; }
 
-// The migration entry that replaces a present or device-private mapping, carrying its
-// write permission, exclusivity and young/dirty bits.
-Pte make_migration_entry(Pte orig, Folio* page) {
-  const bool write = orig.present() ? orig.write() : orig.soft_leaf_write();
-  SoftLeafType type = write ? SoftLeafType::kMigrationWrite
-                      : page->test_page(kPageAnonExclusive) ? SoftLeafType::kMigrationReadExclusive
-                                                            : SoftLeafType::kMigrationRead;
-  Pte e = Pte::make_soft_leaf(type, orig.pfn());
-  if (orig.young()) e = e.swp_mkyoung();
-  if (orig.dirty()) e = e.swp_mkdirty();
-  if (orig.soft_dirty()) e = e.swp_mksoft_dirty();
-  return e;
+// The arrays of one migration and what is special about it; shared by the VMA and the
+// device-pfn flavours.
+struct MigrateArrays {
+  PhysMem* mem;
+  uint64_t* src;
+  uint64_t* dst;
+  uint64_t npages;
+  Folio* fault_page;
+};
+
+Folio* src_folio(const MigrateArrays& a, uint64_t i) {
+  if (!(a.src[i] & MIGRATE_PFN_VALID)) return nullptr;
+  return a.mem->pfn_to_page(migrate_pfn_to_pfn(a.src[i]))->head();
 }
 
-// remove_migration_pte: where the migration entry for `src` still is at va, map `dst`
-// (which may be src itself) with the entry's permissions. Returns false when the entry is
-// gone (zapped meanwhile). No page-table lock held on entry.
-bool remove_migration_pte(AddressSpace& mm, Va va, Folio* src, Folio* dst) {
-  PmdSlot slot = mm.page_table().pmd_lookup(va);
-  PteTable* t = slot ? mm.page_table().pte_offset_map_lock(slot) : nullptr;
-  if (!t) return false;
-  const unsigned i = pte_index(va);
-  const Pte cur = t->get(i);
-  bool done = false;
-  if (cur.is_migration() && cur.pfn() == src->pfn()) {
-    const bool write = cur.soft_leaf_type() == SoftLeafType::kMigrationWrite;
-    Pte e;
-    if (folio_is_device(dst)) {
-      e = Pte::make_soft_leaf(write ? SoftLeafType::kDevicePrivateWrite : SoftLeafType::kDevicePrivateRead,
-                              dst->pfn());
-    } else {
-      e = Pte::make_present(dst->pfn(), write);
-      if (cur.swp_young()) e = e.mkyoung();
-      if (cur.swp_dirty()) e = e.mkdirty();
-    }
-    if (write || cur.soft_leaf_type() == SoftLeafType::kMigrationReadExclusive) {
-      dst->set_page(kPageAnonExclusive);
-    }
-    dst->get();
-    page_add_rmap_pte(dst, &mm, va);
-    t->set(i, e);
-    done = true;
-  }
-  PageTable::pte_unmap_unlock(t);
-  return done;
+Folio* dst_folio(const MigrateArrays& a, uint64_t i) {
+  if (!(a.dst[i] & MIGRATE_PFN_VALID)) return nullptr;
+  return a.mem->pfn_to_page(migrate_pfn_to_pfn(a.dst[i]))->head();
 }
 
-// Collects one PTE under its lock. Returns the src word; *drop is set to a page whose mapping
-// reference must be dropped after the lock is released.
-uint64_t collect_pte(MigrateVma& m, const Vma& vma, PteTable* t, Va va, Folio** drop) {
-  PhysMem* mem = m.mm->mem();
-  const unsigned i = pte_index(va);
-  const Pte pte = t->get(i);
-  if (pte.is_none()) {
-    // A hole of an anonymous mapping can receive a new page.
-    if (vma.is_anonymous() && (m.flags & MIGRATE_VMA_SELECT_SYSTEM)) return MIGRATE_PFN_MIGRATE;
-    return 0;
-  }
-  Folio* page = nullptr;
-  if (pte.present()) {
-    if (!(m.flags & MIGRATE_VMA_SELECT_SYSTEM)) return 0;
-    if (pte.special()) return mem->is_zero_pfn(pte.pfn()) ? MIGRATE_PFN_MIGRATE : 0;
-    page = mem->pfn_to_page(pte.pfn());
-  } else if (pte.is_device_private()) {
-    if (!(m.flags & MIGRATE_VMA_SELECT_DEVICE_PRIVATE)) return 0;
-    page = mem->pfn_to_page(pte.pfn());
-    if (page->pagemap()->owner() != m.pgmap_owner) return 0;
-  } else {
-    return 0;  // migration in flight, device-exclusive: not ours to take
-  }
-  Folio* folio = page->head();
-  if (folio->large() || !folio->test(kFolioAnon)) return 0;  // see the header's limits
-  folio->get();
-  if (folio != m.fault_page && !folio_trylock(folio)) {
-    *drop = folio;  // busy: skip it, as the kernel does
-    return 0;
-  }
-  const bool write = pte.present() ? pte.write() : pte.soft_leaf_write();
-  t->set(i, make_migration_entry(pte, page));
-  page->clear_page(kPageAnonExclusive);  // carried by the entry type
-  page_remove_rmap_pte(page, m.mm, va);
-  *drop = folio;  // the mapping's reference; the migration keeps the one taken above
-  return migrate_pfn(page->pfn()) | MIGRATE_PFN_MIGRATE | (write ? MIGRATE_PFN_WRITE : 0);
+// Gives a collected page back: its entries map it again, it is unlocked and released.
+void release_collected(const MigrateArrays& a, uint64_t i) {
+  Folio* folio = src_folio(a, i);
+  remove_migration_ptes(folio, folio);
+  if (folio != a.fault_page) folio_unlock(folio);
+  folio->put();
+  a.src[i] = 0;
 }
 
-void collect(MigrateVma& m, const Vma& vma) {
-  PageTable& pt = m.mm->page_table();
-  std::vector<Folio*> drops;
-  for_each_pmd_range(*m.mm, m.start, m.end, [&](PmdSlot slot, Va addr, Va next) {
-    if (slot.load_lockless().is_leaf()) split_huge_pmd(*m.mm, slot, pmd_align_down(addr));
-    PteTable* t = pt.pte_offset_map_lock(slot);
-    for (Va va = addr; va < next; va += kPageSize) {
-      uint64_t& src = m.src[(va - m.start) >> kPageShift];
-      if (!t) {
-        src = vma.is_anonymous() && (m.flags & MIGRATE_VMA_SELECT_SYSTEM) ? MIGRATE_PFN_MIGRATE : 0;
+// migrate_device_unmap: every collected page must end up mapped nowhere and referenced only
+// by the migration (and the faulting CPU, for fault_page); pages mapped by another process
+// are unmapped there through the reverse map. Pages that cannot move go back now. Returns
+// the number of pages that may move (holes included).
+uint64_t migrate_unmap(const MigrateArrays& a) {
+  uint64_t cpages = 0;
+  for (uint64_t i = 0; i < a.npages; i++) {
+    if (!(a.src[i] & MIGRATE_PFN_MIGRATE)) continue;
+    Folio* folio = src_folio(a, i);
+    if (folio) {
+      const int expected = 1 + (folio == a.fault_page ? 1 : 0);
+      if ((folio->mapped() && !try_to_migrate(folio)) || folio->refcount() != expected) {
+        release_collected(a, i);
         continue;
       }
-      Folio* drop = nullptr;
-      src = collect_pte(m, vma, t, va, &drop);
-      if (drop) drops.push_back(drop);
     }
-    if (t) PageTable::pte_unmap_unlock(t);
-  });
-  // Regions without any PMD table are holes too.
-  for (Va va = m.start; va < m.end; va += kPageSize) {
-    if (pt.pmd_lookup(va)) continue;
-    if (vma.is_anonymous() && (m.flags & MIGRATE_VMA_SELECT_SYSTEM)) {
-      m.src[(va - m.start) >> kPageShift] = MIGRATE_PFN_MIGRATE;
+    cpages++;
+  }
+  return cpages;
+}
+
+// migrate_vma_pages' per-page commit for a page with a source (no insertion).
+void commit_page(const MigrateArrays& a, uint64_t i) {
+  Folio* dst = dst_folio(a, i);
+  if (!dst) {
+    a.src[i] &= ~MIGRATE_PFN_MIGRATE;
+    return;
+  }
+  Folio* src = src_folio(a, i);
+  // folio_migrate_flags: the destination inherits what the source was.
+  dst->set(kFolioAnon);
+  if (src->test(kFolioDirty)) dst->set(kFolioDirty);
+}
+
+void finalize(const MigrateArrays& a) {
+  for (uint64_t i = 0; i < a.npages; i++) {
+    Folio* src = src_folio(a, i);
+    Folio* dst = dst_folio(a, i);
+    if (src) {
+      const bool moved = (a.src[i] & MIGRATE_PFN_MIGRATE) && dst;
+      remove_migration_ptes(src, moved ? dst : src);
+      if (src != a.fault_page) folio_unlock(src);
+      src->put();  // the migration's reference: frees the source when it moved
+    }
+    if (dst) {
+      folio_unlock(dst);
+      dst->put();  // the driver's allocation reference; the mappings hold their own
     }
   }
-  for (Folio* f : drops) f->put();
-}
-
-// migrate_device_unmap's check: a collected page may move only if nothing but the
-// migration (and the faulting CPU, for fault_page) references it and nobody maps it any more
-// (another process after fork would still see the old page).
-bool page_can_move(const MigrateVma& m, Folio* folio) {
-  const int expected = 1 + (folio == m.fault_page ? 1 : 0);
-  return folio->total_mapcount() == 0 && folio->refcount() == expected;
-}
-
-Folio* src_folio(const MigrateVma& m, uint64_t i) {
-  if (!(m.src[i] & MIGRATE_PFN_VALID)) return nullptr;
-  return m.mm->mem()->pfn_to_page(migrate_pfn_to_pfn(m.src[i]))->head();
-}
-
-Folio* dst_folio(const MigrateVma& m, uint64_t i) {
-  if (!(m.dst[i] & MIGRATE_PFN_VALID)) return nullptr;
-  return m.mm->mem()->pfn_to_page(migrate_pfn_to_pfn(m.dst[i]))->head();
 }
 
 // The entry at va for a hole or zero page: replaced by the new page (migrate_vma_insert_page).
@@ -178,12 +133,92 @@ bool insert_page(MigrateVma& m, const Vma& vma, Va va, Folio* dst) {
   return ok;
 }
 
+// migrate_hmm_range_setup's conversion: VALID|MIGRATE words become src words (in place when
+// hmm_pfns == src).
+void hmm_pfns_to_src(const uint64_t* hmm_pfns, uint64_t* src, uint64_t npages) {
+  for (uint64_t i = 0; i < npages; i++) {
+    const uint64_t w = hmm_pfns[i];
+    if ((w & (HMM_PFN_VALID | HMM_PFN_MIGRATE)) != (HMM_PFN_VALID | HMM_PFN_MIGRATE)) {
+      src[i] = 0;
+    } else if (!hmm_pfn_migrate_has_source(w)) {
+      src[i] = MIGRATE_PFN_MIGRATE;
+    } else {
+      src[i] = migrate_pfn(hmm_pfn_to_pfn(w)) | MIGRATE_PFN_MIGRATE |
+               ((w & HMM_PFN_WRITE) ? MIGRATE_PFN_WRITE : 0);
+    }
+  }
+}
+
+// The collection walk(s) of migrate_vma_setup, by walk mode (see MigrateWalkMode). The
+// result is left in m.src as hmm words.
+int collect(MigrateVma& m, unsigned select) {
+  AddressSpace& mm = *m.mm;
+  const bool fault = m.flags & MIGRATE_VMA_FAULT;
+  HmmRange r{.start = m.start, .end = m.end, .hmm_pfns = m.src,
+             .dev_private_owner = m.pgmap_owner, .migrate = &m};
+  if (!fault || m.walk_mode == MigrateWalkMode::kUnified) {
+    r.default_flags = fault ? HMM_PFN_REQ_FAULT : 0;
+    return hmm_walk_range(mm, &r, select, m.fault_page);
+  }
+  if (m.walk_mode == MigrateWalkMode::kTwoStep) {
+    // hmm_range_fault first, then migrate_vma_setup's own walk.
+    r.default_flags = HMM_PFN_REQ_FAULT;
+    if (int rc = hmm_walk_range(mm, &r, 0, nullptr)) return rc;
+    for (uint64_t i = 0; i < m.npages; i++) m.src[i] = 0;
+    r.default_flags = 0;
+    return hmm_walk_range(mm, &r, select, m.fault_page);
+  }
+  // Three steps: collect, fault what was not taken, collect that again.
+  r.default_flags = 0;
+  if (int rc = hmm_walk_range(mm, &r, select, m.fault_page)) return rc;
+  std::vector<uint64_t> again(m.npages);
+  for (uint64_t i = 0; i < m.npages; i++) again[i] = (m.src[i] & HMM_PFN_MIGRATE) ? 0 : HMM_PFN_REQ_FAULT;
+  HmmRange rf{.start = m.start, .end = m.end, .hmm_pfns = again.data(),
+              .pfn_flags_mask = HMM_PFN_REQ_FAULT, .dev_private_owner = m.pgmap_owner};
+  int rc = hmm_walk_range(mm, &rf, 0, nullptr);
+  if (rc == 0) {
+    for (uint64_t& w : again) w = 0;
+    HmmRange rm{.start = m.start, .end = m.end, .hmm_pfns = again.data(),
+                .dev_private_owner = m.pgmap_owner, .migrate = &m};
+    rc = hmm_walk_range(mm, &rm, select, m.fault_page);
+  }
+  if (rc != 0) {
+    // Give back what the first walk took.
+    hmm_pfns_to_src(m.src, m.src, m.npages);
+    MigrateArrays a{mm.mem(), m.src, m.dst, m.npages, m.fault_page};
+    for (uint64_t i = 0; i < m.npages; i++) {
+      if (src_folio(a, i)) release_collected(a, i);
+    }
+    return rc;
+  }
+  for (uint64_t i = 0; i < m.npages; i++) {
+    if (!(m.src[i] & HMM_PFN_MIGRATE) && (again[i] & HMM_PFN_MIGRATE)) m.src[i] = again[i];
+  }
+  return 0;
+}
+
+// Collects one device folio for eviction (migrate_device_range's per-pfn step).
+uint64_t collect_device_pfn(PhysMem* mem, Pfn pfn) {
+  Folio* page = mem->pfn_to_page(pfn);
+  if (!page || !page->pagemap()) return 0;
+  Folio* folio = page->head();
+  if (folio != page || !folio->try_get()) return 0;  // free (or a tail page)
+  if (!folio_trylock(folio)) {
+    folio->put();
+    return 0;
+  }
+  return migrate_pfn(pfn) | MIGRATE_PFN_MIGRATE;
+}
+
 }  // namespace
 
 int migrate_vma_setup(MigrateVma* m) {
-  constexpr unsigned kKnown = MIGRATE_VMA_SELECT_SYSTEM | MIGRATE_VMA_SELECT_DEVICE_PRIVATE;
+  constexpr unsigned kKnown = kSelectMask | MIGRATE_VMA_FAULT;
   if (!m || !m->mm || !m->src || !m->dst || !page_aligned(m->start) || !page_aligned(m->end) ||
-      m->start >= m->end || !(m->flags & kKnown) || (m->flags & ~kKnown)) {
+      m->start >= m->end || !(m->flags & kSelectMask) || (m->flags & ~kKnown)) {
+    return -EINVAL;
+  }
+  if (m->fault_page && (!folio_is_device(m->fault_page) || !folio_test_locked(m->fault_page))) {
     return -EINVAL;
   }
   AddressSpace& mm = *m->mm;
@@ -195,23 +230,29 @@ int migrate_vma_setup(MigrateVma* m) {
   m->npages = (m->end - m->start) >> kPageShift;
   m->cpages = 0;
   for (uint64_t i = 0; i < m->npages; i++) m->src[i] = m->dst[i] = 0;
-  {
-    MmuInvalidation inv(mm, m->start, m->end, MmuNotifyEvent::kMigrate, m->pgmap_owner);
-    collect(*m, *vma);
+  if (int rc = collect(*m, m->flags & kSelectMask)) {
+    for (uint64_t i = 0; i < m->npages; i++) m->src[i] = 0;
+    return rc;
   }
-  // Pages that cannot move go back to where they were now (migrate_device_unmap's restore).
-  for (uint64_t i = 0; i < m->npages; i++) {
-    if (!(m->src[i] & MIGRATE_PFN_MIGRATE)) continue;
-    Folio* folio = src_folio(*m, i);
-    if (folio && !page_can_move(*m, folio)) {
-      (void)remove_migration_pte(mm, m->start + i * kPageSize, folio, folio);
-      if (folio != m->fault_page) folio_unlock(folio);
-      folio->put();
-      m->src[i] = 0;
-      continue;
-    }
-    m->cpages++;
+  hmm_pfns_to_src(m->src, m->src, m->npages);
+  m->cpages = migrate_unmap(MigrateArrays{mm.mem(), m->src, m->dst, m->npages, m->fault_page});
+  return 0;
+}
+
+int migrate_hmm_range_setup(HmmRange* range) {
+  if (!range || !range->notifier || !range->migrate || !range->hmm_pfns ||
+      !(range->default_flags & HMM_PFN_REQ_MIGRATE)) {
+    return -EINVAL;
   }
+  MigrateVma& m = *range->migrate;
+  m.mm = range->notifier->mm();
+  m.mm->mmap_assert_locked();
+  m.start = range->start;
+  m.end = range->end;
+  m.npages = (m.end - m.start) >> kPageShift;
+  for (uint64_t i = 0; i < m.npages; i++) m.dst[i] = 0;
+  hmm_pfns_to_src(range->hmm_pfns, m.src, m.npages);
+  m.cpages = migrate_unmap(MigrateArrays{m.mm->mem(), m.src, m.dst, m.npages, m.fault_page});
   return 0;
 }
 
@@ -219,43 +260,54 @@ void migrate_vma_pages(MigrateVma* m) {
   AddressSpace& mm = *m->mm;
   mm.mmap_assert_locked();
   const Vma* vma = mm.vma_lookup(m->start);
+  const MigrateArrays a{mm.mem(), m->src, m->dst, m->npages, m->fault_page};
   std::optional<MmuInvalidation> inv;
   for (uint64_t i = 0; i < m->npages; i++) {
     if (!(m->src[i] & MIGRATE_PFN_MIGRATE)) continue;
-    Folio* dst = dst_folio(*m, i);
-    if (!dst) {
-      m->src[i] &= ~MIGRATE_PFN_MIGRATE;
-      continue;
-    }
-    Folio* src = src_folio(*m, i);
-    if (!src) {
+    Folio* dst = dst_folio(a, i);
+    if (dst && !src_folio(a, i)) {
       // A hole or the zero page: the new page is inserted into the page table here.
       if (!inv) inv.emplace(mm, m->start + i * kPageSize, m->end, MmuNotifyEvent::kMigrate, m->pgmap_owner);
       if (!vma || !insert_page(*m, *vma, m->start + i * kPageSize, dst)) m->src[i] &= ~MIGRATE_PFN_MIGRATE;
       continue;
     }
-    // folio_migrate_flags: the destination inherits what the source was.
-    dst->set(kFolioAnon);
-    if (src->test(kFolioDirty)) dst->set(kFolioDirty);
+    commit_page(a, i);
   }
 }
 
 void migrate_vma_finalize(MigrateVma* m) {
-  AddressSpace& mm = *m->mm;
-  for (uint64_t i = 0; i < m->npages; i++) {
-    Folio* src = src_folio(*m, i);
-    Folio* dst = dst_folio(*m, i);
-    if (src) {
-      const bool moved = (m->src[i] & MIGRATE_PFN_MIGRATE) && dst;
-      (void)remove_migration_pte(mm, m->start + i * kPageSize, src, moved ? dst : src);
-      if (src != m->fault_page) folio_unlock(src);
-      src->put();  // the migration's reference: frees the source when it moved
+  finalize(MigrateArrays{m->mm->mem(), m->src, m->dst, m->npages, m->fault_page});
+}
+
+int migrate_device_pfns(PhysMem* mem, uint64_t* src_pfns, uint64_t npages) {
+  if (!mem || !src_pfns) return -EINVAL;
+  for (uint64_t i = 0; i < npages; i++) src_pfns[i] = collect_device_pfn(mem, src_pfns[i]);
+  (void)migrate_unmap(MigrateArrays{mem, src_pfns, nullptr, npages, nullptr});
+  return 0;
+}
+
+int migrate_device_range(PhysMem* mem, uint64_t* src_pfns, Pfn start, uint64_t npages) {
+  if (!mem || !src_pfns || npages == 0) return -EINVAL;
+  DevPagemap* pgmap = mem->pfn_to_pagemap(start);
+  if (!pgmap || !pgmap->contains(start + npages - 1)) return -EINVAL;
+  for (uint64_t i = 0; i < npages; i++) src_pfns[i] = start + i;
+  return migrate_device_pfns(mem, src_pfns, npages);
+}
+
+void migrate_device_pages(PhysMem* mem, uint64_t* src_pfns, uint64_t* dst_pfns, uint64_t npages) {
+  const MigrateArrays a{mem, src_pfns, dst_pfns, npages, nullptr};
+  for (uint64_t i = 0; i < npages; i++) {
+    if (!(src_pfns[i] & MIGRATE_PFN_MIGRATE)) continue;
+    if (!src_folio(a, i)) {
+      src_pfns[i] &= ~MIGRATE_PFN_MIGRATE;  // nothing to insert without a VMA
+      continue;
     }
-    if (dst) {
-      folio_unlock(dst);
-      dst->put();  // the driver's allocation reference; a mapping holds its own
-    }
+    commit_page(a, i);
   }
+}
+
+void migrate_device_finalize(PhysMem* mem, uint64_t* src_pfns, uint64_t* dst_pfns, uint64_t npages) {
+  finalize(MigrateArrays{mem, src_pfns, dst_pfns, npages, nullptr});
 }
 
 }  // namespace gpusvm::mm

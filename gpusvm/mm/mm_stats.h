@@ -28,6 +28,8 @@ namespace gpusvm::mm {
   X(hmm_walks, "page walks done by hmm_range_fault")                              \
   X(hmm_faults, "pages hmm_range_fault faulted (handle_mm_fault calls)")         \
   X(hmm_restarts, "hmm_range_fault walk restarts after a fault or wait")          \
+  X(migrate_walks, "page walks that installed migration entries (part of hmm_walks)") \
+  X(migrate_collected, "mappings replaced by migration entries")                  \
   X(cow_copies, "pages copied for copy-on-write")                                 \
   X(zapped_pages, "pages unmapped by munmap/madvise/exit")
 

@@ -68,6 +68,8 @@ void free_pgtables(AddressSpace& mm, const VmaTree& vmas, Va start, Va end) {
     PmdSlot slot = pt.pmd_lookup(haddr);
     if (!slot) continue;
     PteTable* table = nullptr;
+    // An rmap walker from another address space may be following a record into this table.
+    WriteLock walkers(&mm.mem()->rmap_walk_lock());
     {
       SpinLockGuard g(&slot.table->lock);
       Pmd pmd = slot.table->get(slot.index);

@@ -10,10 +10,13 @@ namespace {
 // Re-points the mapping accounting of a moved entry from (mm, old_va) to (mm, new_va).
 void move_entry_rmap(AddressSpace& mm, Pte pte, Va old_va, Va new_va) {
   PhysMem* mem = mm.mem();
-  if ((pte.present() && !pte.special()) || pte.is_device_private() || pte.is_device_exclusive()) {
+  if ((pte.present() && !pte.special()) || pte.is_device_private() || pte.is_device_exclusive() ||
+      pte.is_migration()) {
     Folio* page = mem->pfn_to_page(pte.pfn());
     const uint32_t idx = static_cast<uint32_t>(page->page_index());
-    folio_move_rmap(page->head(), RmapItem{&mm, old_va, idx, pte.huge()}, &mm, new_va);
+    // A migration entry's record is a migration record (remove_migration_ptes finds the
+    // entry at its new address through it).
+    folio_move_rmap(page->head(), RmapItem{&mm, old_va, idx, pte.huge(), pte.is_migration()}, &mm, new_va);
   }
 }
 

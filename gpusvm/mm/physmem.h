@@ -62,12 +62,16 @@ enum PageFlag : uint32_t {
 };
 
 // One reverse-map record: `mm` maps page `page` of this folio at `va` (a PTE mapping), or
-// the whole folio at `va` (a PMD mapping).
+// the whole folio at `va` (a PMD mapping). While the folio is being migrated, a mapping that
+// was replaced by a migration entry keeps its record with `migration` set (it no longer
+// counts in the mapcount): that is how remove_migration_ptes finds every entry to restore,
+// in every address space, as the kernel finds them through the anon_vma.
 struct RmapItem {
   AddressSpace* mm;
   Va va;
   uint32_t page;  // index within the folio; 0 for a PMD mapping
   bool pmd;
+  bool migration = false;
 };
 
 class Folio {
@@ -144,6 +148,11 @@ class Folio {
   friend int split_folio_exclusive(AddressSpace&, Folio*);
   friend bool folio_mapped_only_by(Folio*, AddressSpace*);
   friend void folio_move_rmap(Folio*, const RmapItem&, AddressSpace*, Va);
+  friend void page_rmap_pte_to_migration(Folio*, AddressSpace*, Va);
+  friend void folio_rmap_pmd_to_migration(Folio*, AddressSpace*, Va);
+  friend void folio_add_migration_item(Folio*, const RmapItem&);
+  friend bool folio_remove_migration_item(Folio*, const RmapItem&);
+  friend std::vector<RmapItem> folio_take_migration_items(Folio*);
 
   // Identity. head_ and order_ change at allocation, free and split; atomic because a fault
   // racing a split may look a page's folio up while it is being split (it then waits on the
@@ -194,6 +203,19 @@ bool folio_mapped_only_by(Folio* folio, AddressSpace* mm);
 // Re-points a record at a new address space / address (mremap, fork child creation).
 void folio_move_rmap(Folio* folio, const RmapItem& item, AddressSpace* mm, Va va);
 std::vector<RmapItem> folio_rmap_snapshot(Folio* folio);
+
+// Migration records (see RmapItem). The caller holds the folio lock (the migration owns the
+// folio) and the page-table lock of the entry it changes.
+// The PTE (PMD) mapping of page at (mm, va) became a migration entry: mapcount - 1, the record
+// stays, marked.
+void page_rmap_pte_to_migration(Folio* page, AddressSpace* mm, Va va);
+void folio_rmap_pmd_to_migration(Folio* folio, AddressSpace* mm, Va haddr);
+// fork copied a migration entry (item.migration must be set); mremap moves one with
+// folio_move_rmap. Zapping one removes its record: false if there was none.
+void folio_add_migration_item(Folio* folio, const RmapItem& item);
+bool folio_remove_migration_item(Folio* folio, const RmapItem& item);
+// Removes and returns every migration record of the folio (remove_migration_ptes).
+std::vector<RmapItem> folio_take_migration_items(Folio* folio);
 
 class PhysMem {
  public:
@@ -251,6 +273,13 @@ class PhysMem {
   void deferred_split_folio(Folio* folio);
   size_t deferred_split_count() const;
 
+  // The reverse-map walk lock (the kernel's anon_vma lock, one for the machine). An rmap walk
+  // that reaches into another address space's page tables without its mmap lock
+  // (try_to_migrate, remove_migration_ptes) holds it shared; freeing a page table that is
+  // still linked or an address space holds it exclusive, so a walker never follows a record
+  // into freed memory. Ranked after the folio lock, before page-table locks.
+  RwLock& rmap_walk_lock() { return rmap_walk_lock_; }
+
   StatCounter stat_alloc_order0, stat_alloc_thp, stat_alloc_fail, stat_free_pages;
 
  private:
@@ -277,6 +306,7 @@ class PhysMem {
     bool split = false;   // handed out as order-0 frames
     bool whole_free = false;
   };
+  RwLock rmap_walk_lock_{&kRmapWalkLockClass};
   mutable SpinLock zone_lock_{&kZoneLockClass};
   // Takes a whole free block, set up to be handed out as single frames or as one THP.
   // Returns its index, or -1 when none is left.

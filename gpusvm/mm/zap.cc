@@ -41,6 +41,13 @@ void zap_one_pte(AddressSpace& mm, Pte pte, Va va, PutBatch& puts) {
     page_remove_rmap_pte(page, &mm, va);
     puts.add(page);
   }
+  if (pte.is_migration()) {
+    // The entry's migration record goes with it: the migration must not look for the entry
+    // (nor for this address space, which may be exiting).
+    Folio* page = mem->pfn_to_page(pte.pfn());
+    (void)folio_remove_migration_item(
+        page, RmapItem{&mm, va, static_cast<uint32_t>(page->page_index()), false, true});
+  }
   // Migration entries hold nothing: the migrating thread owns the folio references and finds
   // the entry gone when it restores (it then drops the page).
 }

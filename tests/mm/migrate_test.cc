@@ -76,7 +76,9 @@ TEST_F(MigrateTest, ToSystemMovesOnlyThisOwnersPages) {
   EXPECT_EQ(other.free_pages(), 16u);
 }
 
-TEST_F(MigrateTest, BusySharedAndLargePagesStay) {
+// A busy page stays; a page shared with a child after fork moves for both processes (the
+// reverse map unmaps the child's mapping too); a THP is split and moves page by page.
+TEST_F(MigrateTest, BusyPageStaysSharedAndLargePagesMove) {
   Va va = map_anon(*as, 8 * kPageSize);
   fill_pages(*as, va, 8 * kPageSize, 3);
   // Page 1 is locked by another thread (holding a folio lock while taking the mmap lock
@@ -90,26 +92,43 @@ TEST_F(MigrateTest, BusySharedAndLargePagesStay) {
     folio_unlock(busy);
   });
   while (phase.load() != 1) std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  // Page 2 is shared with a child after fork: moving it would fork the data.
+  // Pages 1..7 are shared with a child after fork; page 0 is written again (exclusive).
   Result<std::unique_ptr<AddressSpace>> child = as->fork();
   ASSERT_TRUE(child.ok());
-  ASSERT_EQ(cpu::store<uint64_t>(*as, va, pattern(va, 3)), 0);  // page 0: exclusive again
+  ASSERT_EQ(cpu::store<uint64_t>(*as, va, pattern(va, 3)), 0);
   Result<uint64_t> moved = dev->migrate_to_device(*as, va, va + 8 * kPageSize);
   phase = 2;
   holder.join();
   ASSERT_TRUE(moved.ok());
-  EXPECT_EQ(*moved, 1u);  // only page 0 is exclusive; 1..7 are shared with the child
+  EXPECT_EQ(*moved, 7u);
   EXPECT_EQ(query_page(*as, va).kind, PageKind::kSoftLeaf);
+  EXPECT_TRUE(query_page(*as, va).writable);
   EXPECT_EQ(query_page(*as, va + kPageSize).kind, PageKind::kSmall);
+  for (uint64_t p = 2; p < 8; p++) {
+    // One device page, mapped read-only by both processes.
+    const PageState mine = query_page(*as, va + p * kPageSize);
+    const PageState theirs = query_page(**child, va + p * kPageSize);
+    EXPECT_EQ(mine.kind, PageKind::kSoftLeaf) << p;
+    EXPECT_EQ(theirs.kind, PageKind::kSoftLeaf) << p;
+    EXPECT_EQ(mine.pfn, theirs.pfn) << p;
+    EXPECT_FALSE(mine.writable) << p;
+    EXPECT_TRUE(dev->pgmap()->contains(mine.pfn)) << p;
+  }
+  EXPECT_MM_CHECK_OK(*mem);
+  // The child's reads fault the shared pages back for both processes.
+  EXPECT_EQ(verify_pages(**child, va + kPageSize, 7 * kPageSize, 3), 0);
   EXPECT_EQ(query_page(*as, va + 2 * kPageSize).kind, PageKind::kSmall);
-  EXPECT_EQ(verify_pages(**child, va, 8 * kPageSize, 3), 0);
+  EXPECT_EQ(query_page(*as, va + 2 * kPageSize).pfn, query_page(**child, va + 2 * kPageSize).pfn);
   EXPECT_MM_CHECK_OK(*mem);
   child->reset();
   EXPECT_EQ(verify_pages(*as, va, 8 * kPageSize, 3), 0);
-  // A THP is not collected by this path yet.
+  // A THP is split and collected page by page.
   Va huge = map_anon(*as, kPmdSize, PROT_READ | PROT_WRITE, true);
   fill_pages(*as, huge, kPmdSize, 4);
-  ASSERT_EQ(*dev->migrate_to_device(*as, huge, huge + kPmdSize), 0u);
+  ASSERT_EQ(query_page(*as, huge).kind, PageKind::kThpPmd);
+  ASSERT_EQ(*dev->migrate_to_device(*as, huge, huge + kPmdSize), kPagesPerPmd);
+  EXPECT_EQ(query_page(*as, huge + 5 * kPageSize).kind, PageKind::kSoftLeaf);
+  EXPECT_MM_CHECK_OK(*mem);
   EXPECT_EQ(verify_pages(*as, huge, kPmdSize, 4), 0);
 }
 

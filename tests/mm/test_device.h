@@ -61,11 +61,33 @@ class TestDevice : public DevPagemapOps {
 
   // Migrates [start, end) to device memory; returns the number of pages that moved.
   // Caller holds no lock.
-  Result<uint64_t> migrate_to_device(AddressSpace& as, Va start, Va end) {
-    return migrate(as, start, end, MIGRATE_VMA_SELECT_SYSTEM, /*to_device=*/true);
+  Result<uint64_t> migrate_to_device(AddressSpace& as, Va start, Va end, unsigned extra_flags = 0,
+                                     MigrateWalkMode mode = MigrateWalkMode::kUnified) {
+    return migrate(as, start, end, MIGRATE_VMA_SELECT_SYSTEM | extra_flags, /*to_device=*/true, mode);
   }
   Result<uint64_t> migrate_to_system(AddressSpace& as, Va start, Va end) {
-    return migrate(as, start, end, MIGRATE_VMA_SELECT_DEVICE_PRIVATE, /*to_device=*/false);
+    return migrate(as, start, end, MIGRATE_VMA_SELECT_DEVICE_PRIVATE, /*to_device=*/false,
+                   MigrateWalkMode::kUnified);
+  }
+  // Evicts every device page in use (migrate_device_range, as a driver that loses its memory
+  // does). Returns the number of pages moved. Caller holds no lock.
+  Result<uint64_t> evict_all() {
+    const uint64_t n = pgmap_->nr_pages();
+    std::vector<uint64_t> src(n), dst(n);
+    if (int rc = migrate_device_range(mem_, src.data(), pgmap_->first_pfn(), n)) return Err{rc};
+    for (uint64_t i = 0; i < n; i++) {
+      if (!(src[i] & MIGRATE_PFN_MIGRATE)) continue;
+      Folio* page = mem_->folio_alloc(0, /*zero=*/false);
+      if (!page) continue;
+      folio_lock(page);
+      std::memcpy(page->data(), mem_->pfn_to_page(migrate_pfn_to_pfn(src[i]))->data(), kPageSize);
+      dst[i] = migrate_pfn(page->pfn());
+    }
+    migrate_device_pages(mem_, src.data(), dst.data(), n);
+    uint64_t moved = 0;
+    for (uint64_t i = 0; i < n; i++) moved += (src[i] & MIGRATE_PFN_MIGRATE) ? 1 : 0;
+    migrate_device_finalize(mem_, src.data(), dst.data(), n);
+    return moved;
   }
 
   std::atomic<int> cpu_faults{0};
@@ -82,11 +104,12 @@ class TestDevice : public DevPagemapOps {
     return nullptr;
   }
 
-  Result<uint64_t> migrate(AddressSpace& as, Va start, Va end, unsigned select, bool to_device) {
+  Result<uint64_t> migrate(AddressSpace& as, Va start, Va end, unsigned select, bool to_device,
+                           MigrateWalkMode mode) {
     const uint64_t n = (end - start) >> kPageShift;
     std::vector<uint64_t> src(n), dst(n);
     MigrateVma m{.mm = &as, .start = start, .end = end, .src = src.data(), .dst = dst.data(),
-                 .pgmap_owner = this, .flags = select};
+                 .pgmap_owner = this, .flags = select, .walk_mode = mode};
     ReadLock g(&as.mmap_lock());
     if (int rc = migrate_vma_setup(&m)) return Err{rc};
     for (uint64_t i = 0; i < n; i++) {

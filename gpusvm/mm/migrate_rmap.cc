@@ -1,0 +1,125 @@
+// The reverse-map side of migration: try_to_migrate and remove_migration_ptes.
+//
+// A walker here may reach into an address space whose mmap lock it does not hold (the other
+// side of a fork; migrate_device_range holds none at all). Three rules keep that safe:
+//  - it holds PhysMem::rmap_walk_lock() shared, and whoever frees a page table that may still
+//    be reachable, or an address space, holds it exclusive first (free_pgtables, ~AddressSpace);
+//  - every record it follows was read under the folio's rmap lock, and a zap removes records
+//    under the entry's PTL, so a record names a live address space;
+//  - it re-reads the entry under its PTL and acts only if the entry still maps the page.
+#include <string>
+
+#include "gpusvm/base/lock.h"
+#include "gpusvm/mm/devmap.h"
+#include "gpusvm/mm/migrate_internal.h"
+#include "gpusvm/mm/mm_internal.h"
+
+namespace gpusvm::mm {
+namespace {
+
+// Bounds the passes of remove_migration_ptes: each pass restores every record it took, so a
+// further pass happens only when fork copied one of our entries meanwhile.
+constexpr int kRestorePassBudget = 1000;
+
+bool is_device(const Folio* folio) { return folio->pagemap() != nullptr; }
+
+// The mapping that replaces migration entry `mig` of a page now living in `dst`.
+Pte entry_from_migration(Pte mig, const Folio* dst) {
+  const bool write = mig.soft_leaf_type() == SoftLeafType::kMigrationWrite;
+  if (is_device(dst)) {
+    Pte e = Pte::make_soft_leaf(write ? SoftLeafType::kDevicePrivateWrite : SoftLeafType::kDevicePrivateRead,
+                                dst->pfn());
+    return mig.soft_dirty() ? e.swp_mksoft_dirty() : e;
+  }
+  Pte e = Pte::make_present(dst->pfn(), write);
+  if (mig.swp_young()) e = e.mkyoung();
+  if (mig.swp_dirty()) e = e.mkdirty();
+  return e;
+}
+
+// Restores one PTE migration record onto dst's page `item.page`. Rmap walk lock held.
+void restore_pte(const RmapItem& item, Folio* src, Folio* dst) {
+  AddressSpace& mm = *item.mm;
+  PmdSlot slot = mm.page_table().pmd_lookup(item.va);
+  PteTable* t = slot ? mm.page_table().pte_offset_map_lock(slot) : nullptr;
+  if (!t) return;  // zapped and its table freed
+  const unsigned i = pte_index(item.va);
+  const Pte cur = t->get(i);
+  if (cur.is_migration() && cur.pfn() == src->pfn() + item.page) {
+    Folio* page = dst->page(item.page);
+    if (cur.soft_leaf_type() != SoftLeafType::kMigrationRead) page->set_page(kPageAnonExclusive);
+    dst->get();
+    page_add_rmap_pte(page, &mm, item.va);
+    t->set(i, entry_from_migration(cur, page));
+  }
+  PageTable::pte_unmap_unlock(t);
+}
+
+}  // namespace
+
+Pte make_migration_entry(Pte orig, const Folio* page) {
+  const bool write = orig.present() ? orig.write() : orig.soft_leaf_write();
+  const SoftLeafType type = write ? SoftLeafType::kMigrationWrite
+                            : page->test_page(kPageAnonExclusive) ? SoftLeafType::kMigrationReadExclusive
+                                                                  : SoftLeafType::kMigrationRead;
+  Pte e = Pte::make_soft_leaf(type, orig.pfn());
+  if (orig.young()) e = e.swp_mkyoung();
+  if (orig.dirty()) e = e.swp_mkdirty();
+  if (orig.soft_dirty()) e = e.swp_mksoft_dirty();
+  return e;
+}
+
+Folio* install_migration_pte(AddressSpace& mm, PteTable* t, Va va, Pte orig, Folio* page) {
+  t->ptl.assert_held();
+  folio_assert_locked(page->head());
+  if (orig.dirty()) page->head()->set(kFolioDirty);
+  t->set(pte_index(va), make_migration_entry(orig, page));
+  page->clear_page(kPageAnonExclusive);  // carried by the entry type until it is restored
+  page_rmap_pte_to_migration(page, &mm, va);
+  return page->head();
+}
+
+bool try_to_migrate(Folio* folio) {
+  folio_assert_locked(folio);
+  PhysMem* mem = folio->mem();
+  ReadLock walk(&mem->rmap_walk_lock());
+  for (const RmapItem& item : folio_rmap_snapshot(folio)) {
+    if (item.migration) continue;
+    if (item.pmd) return false;  // a PMD mapping elsewhere: not split here
+    AddressSpace& mm = *item.mm;
+    Folio* drop = nullptr;
+    {
+      MmuInvalidation inv(mm, item.va, item.va + kPageSize, MmuNotifyEvent::kClear);
+      PmdSlot slot = mm.page_table().pmd_lookup(item.va);
+      PteTable* t = slot ? mm.page_table().pte_offset_map_lock(slot) : nullptr;
+      if (!t) continue;  // the mapping went away (and so did the record)
+      const Pte pte = t->get(pte_index(item.va));
+      Folio* page = folio->page(item.page);
+      const bool maps_page = (pte.present() || pte.is_device_private() || pte.is_device_exclusive()) &&
+                             !pte.special() && pte.pfn() == page->pfn();
+      if (maps_page) drop = install_migration_pte(mm, t, item.va, pte, page);
+      PageTable::pte_unmap_unlock(t);
+    }
+    // The folio keeps the migration's own reference, so this is never the last one.
+    if (drop) drop->put();
+  }
+  return !folio->mapped();
+}
+
+void remove_migration_ptes(Folio* src, Folio* dst) {
+  folio_assert_locked(src);
+  PhysMem* mem = src->mem();
+  ReadLock walk(&mem->rmap_walk_lock());
+  for (int pass = 0; pass < kRestorePassBudget; pass++) {
+    std::vector<RmapItem> items = folio_take_migration_items(src);
+    if (items.empty()) return;
+    for (const RmapItem& item : items) {
+      if (item.pmd) panic("remove_migration_ptes: PMD migration records are not supported yet");
+      restore_pte(item, src, dst);
+    }
+  }
+  panic("remove_migration_ptes: migration records of pfn " + std::to_string(src->pfn()) +
+        " keep reappearing");
+}
+
+}  // namespace gpusvm::mm
