@@ -1,74 +1,158 @@
 // fork: copy the address space with copy-on-write sharing of private pages.
 #include <cerrno>
+#include <chrono>
+#include <string>
 
+#include "gpusvm/base/fault_inject.h"
+#include "gpusvm/base/log.h"
+#include "gpusvm/mm/device_exclusive.h"
 #include "gpusvm/mm/mm_internal.h"
 
 namespace gpusvm::mm {
 namespace {
 
-// copy_present_pte / copy_nonpresent_pte for one entry. Both PTLs held. Returns the entries
-// to store in the parent and the child, or -EBUSY for an entry fork cannot copy.
-int copy_one_pte(AddressSpace& dst_mm, Va va, bool cow, Pte src, Pte* src_out, Pte* dst_out) {
-  PhysMem* mem = dst_mm.mem();
+// Makes the restore of a device-exclusive entry find its folio busy (retry path).
+GPUSVM_FAULT_POINT(g_fail_fork_exclusive_trylock, "mm.fork.exclusive_trylock");
+
+// What copy_one_pte decided for an entry it could not copy under the current locks.
+enum class CopyStop {
+  kNone,  // copied
+  kBusy,  // a device-exclusive entry whose folio is locked: wait for it and retry
+};
+
+struct CopyCtx {
+  AddressSpace& dst_mm;
+  const Vma& vma;  // the VMA being copied (the flags are the parent's)
+  bool cow;
+  Folio* busy = nullptr;  // kBusy: the folio to wait for, referenced
+};
+
+// copy_present_pte: the child shares the page; a COW mapping write-protects both sides.
+void copy_present_pte(CopyCtx& c, Va va, Pte src, Pte* src_out, Pte* dst_out) {
+  if (src.special()) return;  // zero page: shared freely
+  Folio* page = c.dst_mm.mem()->pfn_to_page(src.pfn());
+  Folio* head = page->head();
+  head->get();
+  page_add_rmap_pte(page, &c.dst_mm, va);
+  if (head->test(kFolioAnon)) page->clear_page(kPageAnonExclusive);
+  if (c.cow && src.write()) {
+    *src_out = src.wrprotect();
+    *dst_out = src.wrprotect();
+  }
+  *dst_out = dst_out->mkold();
+}
+
+// A migration entry (copy_nonpresent_pte): the child gets a copy that, like the parent's
+// entry, holds no mapcount or reference. In a COW mapping a writable or read-exclusive entry
+// becomes a read entry on both sides (the page is shared from now on, so the migration
+// restores both read-only and neither anon-exclusive); young/dirty/soft-dirty are kept. The
+// copy gets a migration record in the folio's reverse map, so remove_migration_ptes finds it
+// when the migration ends, as Linux finds it through the child's anon_vma chain; a zap of the
+// copy removes the record, mremap moves it. Only a migration that runs without the parent's
+// mmap lock (migrate_device_*, or a driver that dropped it between setup and finalize) can
+// leave an entry for fork to meet: fork holds the mmap lock for write.
+void copy_migration_entry(CopyCtx& c, Va va, Pte src, Pte* src_out, Pte* dst_out) {
+  if (c.cow && src.soft_leaf_type() != SoftLeafType::kMigrationRead) {
+    const uint64_t type = static_cast<uint64_t>(SoftLeafType::kMigrationRead) << pte_bits::kTypeShift;
+    const Pte ro((src.raw() & ~pte_bits::kTypeMask) | type);
+    *src_out = ro;
+    *dst_out = ro;
+  }
+  Folio* page = c.dst_mm.mem()->pfn_to_page(src.pfn());
+  folio_add_migration_item(
+      page, RmapItem{&c.dst_mm, va, static_cast<uint32_t>(page->page_index()), false, true});
+}
+
+// copy_present_pte / copy_nonpresent_pte for one entry. Both PTLs held (the parent's is
+// `ts`). Sets the entries to store in the parent and the child, or says why it stopped.
+CopyStop copy_one_pte(CopyCtx& c, PteTable* ts, Va va, Pte src, Pte* src_out, Pte* dst_out) {
+  PhysMem* mem = c.dst_mm.mem();
   *src_out = src;
   *dst_out = src;
   if (src.present()) {
-    if (src.special()) return 0;  // zero page: shared freely
-    Folio* page = mem->pfn_to_page(src.pfn());
-    Folio* head = page->head();
-    head->get();
-    page_add_rmap_pte(page, &dst_mm, va);
-    if (head->test(kFolioAnon)) page->clear_page(kPageAnonExclusive);
-    if (cow && src.write()) {
-      *src_out = src.wrprotect();
-      *dst_out = src.wrprotect();
-    }
-    *dst_out = dst_out->mkold();
-    return 0;
+    copy_present_pte(c, va, src, src_out, dst_out);
+    return CopyStop::kNone;
   }
   if (src.is_device_private()) {
     // Device-private pages are shared read-only after fork, as in Linux: a write by either
     // side faults and migrates the page back.
     Folio* page = mem->pfn_to_page(src.pfn());
     page->head()->get();
-    page_add_rmap_pte(page, &dst_mm, va);
+    page_add_rmap_pte(page, &c.dst_mm, va);
     page->clear_page(kPageAnonExclusive);
-    if (cow && src.soft_leaf_write()) {
+    if (c.cow && src.soft_leaf_write()) {
       Pte ro = Pte::make_soft_leaf(SoftLeafType::kDevicePrivateRead, src.pfn());
       *src_out = ro;
       *dst_out = ro;
     }
-    return 0;
+    return CopyStop::kNone;
   }
-  // Migration and device-exclusive entries are transient states owned by a migration or a
-  // device; the migration layer resolves them before fork may copy (not reachable until it
-  // creates them).
-  return -EBUSY;
+  if (src.is_migration()) {
+    copy_migration_entry(c, va, src, src_out, dst_out);
+    return CopyStop::kNone;
+  }
+  if (src.is_device_exclusive()) {
+    // Seed 004 rule 9: give the page back to the parent's CPU mapping first (the device
+    // learns of it through fork's PROTECTION_PAGE invalidation), then copy it as present.
+    // The folio lock can only be tried here, under the PTLs.
+    Folio* page = mem->pfn_to_page(src.pfn());
+    Folio* folio = page->head();
+    if (g_fail_fork_exclusive_trylock.should_fail() || !folio_trylock(folio)) {
+      folio->get();  // the entry's reference keeps it alive until we get ours
+      c.busy = folio;
+      return CopyStop::kBusy;
+    }
+    restore_exclusive_pte_locked(c.vma, ts, va, src, page);
+    folio_unlock(folio);
+    const Pte present = ts->get(pte_index(va));
+    *src_out = present;
+    *dst_out = present;
+    copy_present_pte(c, va, present, src_out, dst_out);
+    return CopyStop::kNone;
+  }
+  panic("fork: unknown PTE " + std::to_string(src.raw()));
 }
 
-int copy_pte_range(AddressSpace& src_mm, AddressSpace& dst_mm, PmdSlot src_slot, Va start,
-                   Va end, bool cow) {
+// Copies the PTEs of [start, end) (inside one PTE table). A device-exclusive entry whose folio
+// is locked cannot be restored under the PTLs: both are dropped, the folio is waited for
+// (bounded by hang_timeout()) and the copy resumes at that entry - everything before it is
+// copied, nothing after it was touched.
+int copy_pte_range(AddressSpace& src_mm, AddressSpace& dst_mm, const Vma& vma, PmdSlot src_slot,
+                   Va start, Va end, bool cow) {
   Result<PmdSlot> dst_slot = dst_mm.page_table().pmd_alloc(start);
   if (!dst_slot) return dst_slot.error();
   if (dst_mm.page_table().pte_alloc(*dst_slot) != 0) return -ENOMEM;
-  PteTable* ts = src_mm.page_table().pte_offset_map_lock(src_slot, 0);
-  if (!ts) return 0;
-  PteTable* td = dst_slot->load_lockless().table();
-  td->ptl.lock_nested(1);
-  int rc = 0;
-  for (Va va = start; va < end; va += kPageSize) {
-    const unsigned i = pte_index(va);
-    Pte pte = ts->get(i);
-    if (pte.is_none()) continue;
-    Pte s, d;
-    rc = copy_one_pte(dst_mm, va, cow, pte, &s, &d);
-    if (rc) break;
-    if (s != pte) ts->set(i, s);
-    td->set(i, d);
+  const auto deadline = std::chrono::steady_clock::now() + hang_timeout();
+  for (Va va = start; va < end;) {
+    CopyCtx c{dst_mm, vma, cow};
+    CopyStop stop = CopyStop::kNone;
+    PteTable* ts = src_mm.page_table().pte_offset_map_lock(src_slot, 0);
+    if (!ts) return 0;
+    PteTable* td = dst_slot->load_lockless().table();
+    td->ptl.lock_nested(1);
+    for (; va < end; va += kPageSize) {
+      const unsigned i = pte_index(va);
+      const Pte pte = ts->get(i);
+      if (pte.is_none()) continue;
+      Pte s, d;
+      stop = copy_one_pte(c, ts, va, pte, &s, &d);
+      if (stop != CopyStop::kNone) break;
+      if (s != ts->get(i)) ts->set(i, s);
+      td->set(i, d);
+    }
+    td->ptl.unlock();
+    PageTable::pte_unmap_unlock(ts);
+    if (stop == CopyStop::kBusy) {
+      const bool unlocked = folio_wait_unlocked(c.busy, hang_timeout());
+      c.busy->put();
+      if (!unlocked || std::chrono::steady_clock::now() > deadline) {
+        log::get().error("fork: device-exclusive page at {:#x} stayed locked for {} ms", va,
+                         hang_timeout().count());
+        return -EBUSY;
+      }
+    }
   }
-  td->ptl.unlock();
-  PageTable::pte_unmap_unlock(ts);
-  return rc;
+  return 0;
 }
 
 // copy_huge_pmd. Returns 1 when the PMD was not a leaf any more (copy its PTEs instead).
@@ -87,7 +171,7 @@ int copy_huge_pmd(AddressSpace& src_mm, AddressSpace& dst_mm, PmdSlot src_slot, 
     if (!pmd.is_leaf()) {
       rc = 1;
     } else if (!pmd.leaf().present()) {
-      rc = -EBUSY;  // PMD migration / device entries: see copy_one_pte
+      rc = -EBUSY;  // PMD migration / device-private PMD entries: not copied yet
     } else {
       Pte leaf = pmd.leaf();
       if (!mem->is_huge_zero_pfn(leaf.pfn())) {
@@ -123,7 +207,7 @@ int copy_page_range(AddressSpace& src_mm, AddressSpace& dst_mm, const Vma& vma) 
       if (pmd.is_leaf()) rc = copy_huge_pmd(src_mm, dst_mm, slot, haddr, cow);
       if (rc < 0) return rc;
       if (rc == 1 && slot.load_lockless().is_table()) {
-        rc = copy_pte_range(src_mm, dst_mm, slot, addr, next, cow);
+        rc = copy_pte_range(src_mm, dst_mm, vma, slot, addr, next, cow);
         if (rc) return rc;
       }
     }

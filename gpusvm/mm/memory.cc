@@ -2,6 +2,7 @@
 #include <cstring>
 #include <optional>
 
+#include "gpusvm/mm/device_exclusive.h"
 #include "gpusvm/mm/devmap.h"
 #include "gpusvm/mm/mm_internal.h"
 #include "gpusvm/mm/shmem.h"
@@ -184,6 +185,43 @@ VmFault do_file_fault(FaultCtx& f) {
   return r;
 }
 
+// A CPU access to a page a device holds exclusively (remove_device_exclusive_entry): the
+// device loses its access through a CLEAR invalidation with no owner (the newer mainline
+// event; 6.12 fired EXCLUSIVE here) and the PTE becomes present again. Called with the PTE
+// lock of `t` held (the entry read there is `orig`); returns with it dropped.
+//
+// The reference is taken under the PTE lock: once it is dropped, a racing zap may remove the
+// entry and free the folio. A folio that is already free means the entry is gone. A busy folio
+// is waited for and the fault retried (folio_lock_or_retry); the entry is re-checked under
+// the PTE lock after the folio lock and the invalidation start, which cannot be done under it.
+VmFault remove_device_exclusive_entry(FaultCtx& f, PteTable* t, Pte orig) {
+  Folio* page = f.mm.mem()->pfn_to_page(orig.pfn());
+  Folio* folio = page->head();
+  const bool got = folio->try_get();
+  PageTable::pte_unmap_unlock(t);
+  if (!got) return VmFault::kRetry;
+  if (!folio_trylock(folio)) {
+    (void)folio_wait_unlocked(folio, hang_timeout());
+    folio->put();
+    return VmFault::kRetry;
+  }
+  bool restored = false;
+  {
+    MmuInvalidation inv(f.mm, f.va, f.va + kPageSize, MmuNotifyEvent::kClear);
+    t = f.mm.page_table().pte_offset_map_lock(f.slot);
+    if (t) {
+      restored = t->get(pte_index(f.va)) == orig;
+      if (restored) restore_exclusive_pte_locked(f.vma, t, f.va, orig, page);
+      PageTable::pte_unmap_unlock(t);
+    }
+    folio_unlock(folio);
+  }
+  folio->put();
+  // Either way the access runs again: on the restored PTE (a write to a page restored
+  // read-only then takes the write-protect fault), or on whatever replaced the entry.
+  return restored ? VmFault::kOk : VmFault::kRetry;
+}
+
 VmFault handle_pte_fault(FaultCtx& f) {
   PhysMem* mem = f.mm.mem();
   const unsigned i = pte_index(f.va);
@@ -226,10 +264,9 @@ VmFault handle_pte_fault(FaultCtx& f) {
     folio->put();
     return r;
   }
-  // Device-exclusive entries are restored by the device-exclusive support (not yet present);
-  // until then the CPU cannot reach such a page.
+  if (pte.is_device_exclusive()) return remove_device_exclusive_entry(f, t, pte);  // unlocks
   PageTable::pte_unmap_unlock(t);
-  return VmFault::kSigbus;
+  return VmFault::kSigbus;  // an entry type this model does not create
 }
 
 // Write fault on the huge zero folio: map a new zeroed THP instead. Returns kSigbus (never a

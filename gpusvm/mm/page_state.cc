@@ -17,6 +17,20 @@ const char* page_kind_name(PageKind k) {
   return "?";
 }
 
+namespace {
+
+void fill_folio_state(PageState& st, Folio* page) {
+  Folio* head = page->head();
+  st.anon_exclusive = page->test_page(kPageAnonExclusive);
+  st.mapcount = head->total_mapcount();
+  st.refcount = head->refcount();
+  st.page_mapcount = page->page_mapcount();
+  st.large = head->large();
+  st.folio_dirty = head->test(kFolioDirty);
+}
+
+}  // namespace
+
 PageState query_page(AddressSpace& mm, Va va) {
   PageState st;
   PhysMem* mem = mm.mem();
@@ -45,7 +59,9 @@ PageState query_page(AddressSpace& mm, Va va) {
   st.pfn = pte.pfn();
   if (!pte.present()) {
     st.kind = PageKind::kSoftLeaf;
+    st.leaf = pte.soft_leaf_type();
     st.writable = pte.soft_leaf_write();
+    if (pte.is_device_private() || pte.is_device_exclusive()) fill_folio_state(st, mem->pfn_to_page(pte.pfn()));
     return st;
   }
   st.writable = pte.write();
@@ -61,8 +77,7 @@ PageState query_page(AddressSpace& mm, Va va) {
   Folio* page = mem->pfn_to_page(pte.pfn());
   Folio* head = page->head();
   st.kind = huge ? PageKind::kThpPmd : head->large() ? PageKind::kThpPte : PageKind::kSmall;
-  st.anon_exclusive = page->test_page(kPageAnonExclusive);
-  st.mapcount = head->total_mapcount();
+  fill_folio_state(st, page);
   return st;
 }
 
