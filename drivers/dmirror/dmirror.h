@@ -1,0 +1,145 @@
+// Dmirror: one open dmirror file - a device mirror of the opener's address space, and the
+// ioctls of uapi/dmirror.h (the file half of lib/test_hmm.c).
+//
+// Design notes
+//  - Opening inserts one interval notifier over the whole user address space. Its callback
+//    advances the notifier sequence (set_seq) and erases the device page-table entries of
+//    the range, with the one exception below.
+//  - READ / WRITE copy through the device page table. A missing entry (for WRITE: or one not
+//    tagged writable) triggers a device fault pass: hmm_range_fault over [that page, end) in
+//    32-page chunks with the read_begin / read_retry protocol, entries stored under the mutex.
+//    `faults` counts the passes, `cpages` the pages copied.
+//  - MIGRATE_TO_DEV / MIGRATE_TO_SYS run migrate_vma per VMA and per 512-page chunk.
+//  - Own-migration invalidations (the owner-skip decision, docs/dmirror.md): test_hmm returns
+//    early for a MIGRATE invalidation tagged with its own device, without set_seq, because it
+//    rewrites the entries of the pages it migrates itself. Here:
+//      * the callback always calls set_seq, so a mirror fault of this file that sampled the
+//        sequence before the migration retries instead of storing the page that moves;
+//      * it skips erasing only for the migration this very file runs, in this thread (the
+//        callback runs synchronously in the migrating thread; a thread-local marks it). Every
+//        other file - of this device or another, in any thread - erases as usual;
+//      * the migrating file erases the entries of the pages it collected before copying them
+//        (the device unmaps its own MMU before the copy) and stores the destinations after
+//        migrate_vma_pages, unless a foreign invalidation hit the chunk meanwhile (then it
+//        stores nothing and the next access faults).
+//    Pages of the range that were not collected keep their entries: they did not move.
+//
+// Locking: mutex_ (lock_order.h) guards the device page table and the list of migrations in
+// flight. It is never held across a call into gpusvm/mm. flags_ is atomic (FLAGS may race
+// with a migration consuming FAIL_ALLOC).
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "drivers/devfs/device.h"
+#include "drivers/dmirror/device_pt.h"
+#include "drivers/dmirror/dmirror_device.h"
+#include "drivers/dmirror/lock_order.h"
+#include "gpusvm/base/lock.h"
+#include "gpusvm/mm/address_space.h"
+#include "gpusvm/mm/hmm.h"
+#include "gpusvm/mm/migrate.h"
+#include "gpusvm/mm/mmu_notifier.h"
+#include "uapi/dmirror.h"
+
+namespace gpusvm::dmirror {
+
+class Dmirror final : public devfs::File, private mm::MmuIntervalNotifierOps {
+ public:
+  // Errors: -EINVAL (the address space has exited), -ENOMEM.
+  static Result<std::shared_ptr<Dmirror>> create(std::shared_ptr<DmirrorDevice> dev,
+                                                 std::shared_ptr<mm::AddressSpace> mm);
+  // release: removes the notifier (no callback runs after it) and frees the page table.
+  ~Dmirror() override;
+  Dmirror(const Dmirror&) = delete;
+  Dmirror& operator=(const Dmirror&) = delete;
+
+  // devfs::File. arg is a struct hmm_dmirror_cmd. Errors common to every request: -EFAULT
+  // (null arg), -EINVAL (unaligned addr, npages 0 or overflowing, unknown request), then the
+  // request's own (see dmirror.cc).
+  int ioctl(devfs::Process& caller, unsigned long request, void* arg) override;
+
+  DmirrorDevice& device() const { return *dev_; }
+  // Device page-table entries (tests).
+  size_t pt_entries() const GPUSVM_EXCLUDES(mutex_);
+
+ private:
+  class SnapshotInterval;
+  // The driver's copy of the caller's buffer (copy_to_user happens only on success).
+  struct Bounce {
+    mm::Va addr;                 // first page of the request
+    std::vector<std::byte> buf;  // npages * kPageSize
+    uint64_t cpages = 0;         // pages copied so far, from addr
+  };
+  // A migration of [start, end) by this file in flight; `hit` is set by a foreign
+  // invalidation of the range.
+  struct MigrationRecord {
+    mm::Va start;
+    mm::Va end;
+    bool hit;
+  };
+
+  Dmirror(std::shared_ptr<DmirrorDevice> dev, std::shared_ptr<mm::AddressSpace> mm)
+      : dev_(std::move(dev)), mm_(std::move(mm)) {}
+
+  // MmuIntervalNotifierOps.
+  bool invalidate(mm::MmuIntervalNotifier* n, const mm::MmuNotifierRange& range,
+                  uint64_t cur_seq) override;
+  // Takes mutex_ for an invalidation: sleeps when the range is blockable, else trylock.
+  bool lock_for_invalidation(const mm::MmuNotifierRange& range) GPUSVM_TRY_ACQUIRE(true, mutex_);
+
+  // The requests (cmd already validated; cpages/faults zeroed).
+  int read(hmm_dmirror_cmd& cmd) GPUSVM_EXCLUDES(mutex_);
+  int write(hmm_dmirror_cmd& cmd) GPUSVM_EXCLUDES(mutex_);
+  int migrate_to_dev(hmm_dmirror_cmd& cmd) GPUSVM_EXCLUDES(mutex_);
+  int migrate_to_sys(hmm_dmirror_cmd& cmd) GPUSVM_EXCLUDES(mutex_);
+  int snapshot(hmm_dmirror_cmd& cmd) GPUSVM_EXCLUDES(mutex_);
+  int exclusive(hmm_dmirror_cmd& cmd) GPUSVM_EXCLUDES(mutex_);
+  int check_exclusive(hmm_dmirror_cmd& cmd) GPUSVM_EXCLUDES(mutex_);
+
+  // Device fault over [start, end): hmm_range_fault in chunks, entries stored. Returns 0,
+  // -EFAULT / -EPERM (hmm_range_fault), -EBUSY (1 s budget spent retrying).
+  int fault(mm::Va start, mm::Va end, bool write) GPUSVM_EXCLUDES(mutex_);
+  // One chunk: the read_begin / hmm_range_fault / read_retry loop; returns with mutex_ held
+  // on success (the caller stores the result), without it on error.
+  int range_fault(mm::HmmRange* range) GPUSVM_TRY_ACQUIRE(0, mutex_);
+  void store_range_locked(const mm::HmmRange& range) GPUSVM_REQUIRES(mutex_);
+  // Copies between the device page table and the bounce buffer, from b->done onwards.
+  // -ENOENT at the first page without a (writable) entry.
+  int do_read_locked(mm::Va end, Bounce* b) GPUSVM_REQUIRES(mutex_);
+  int do_write_locked(mm::Va end, Bounce* b) GPUSVM_REQUIRES(mutex_);
+  uint8_t snapshot_entry(uint64_t hmm_pfn) const;
+
+  // Migration helpers (dmirror_migrate.cc).
+  // One migrate_vma chunk system -> device: collect, copy, commit, map.
+  int migrate_chunk_to_dev(mm::MigrateVma* args) GPUSVM_EXCLUDES(mutex_);
+  // One migrate_vma chunk device -> system. Adds the pages moved to *moved. -ENOMEM when a
+  // system page could not be allocated (nothing of the chunk moved then).
+  int migrate_chunk_to_sys(mm::MigrateVma* args, uint64_t* moved) GPUSVM_EXCLUDES(mutex_);
+  // Erases the entries of the pages args collected (before their bytes are copied).
+  void unmap_collected(const mm::MigrateVma& args) GPUSVM_EXCLUDES(mutex_);
+  // Stores the migrated pages' destinations, unless `rec` was hit.
+  void map_migrated(const mm::MigrateVma& args, const MigrationRecord& rec) GPUSVM_REQUIRES(mutex_);
+  // One-shot FAIL_ALLOC: true (and the flag cleared) if it was set.
+  bool consume_fail_alloc();
+  // Marks, for the calling thread, that this file runs a migration: migrate_vma_setup and
+  // migrate_vma_pages call our notifier synchronously from this thread, and the callback
+  // recognises its own migration by this mark (see the design notes). RAII, nests.
+  class MigratorScope;
+  bool migrating_in_this_thread() const;
+
+  const std::shared_ptr<DmirrorDevice> dev_;
+  const std::shared_ptr<mm::AddressSpace> mm_;
+  mm::MmuIntervalNotifier notifier_;
+  std::atomic<uint64_t> flags_{0};  // HMM_DMIRROR_FLAG_*; FLAGS replaces, allocation consumes
+
+  mutable Mutex mutex_{&kDmirrorMutexClass};
+  DevicePt pt_ GPUSVM_GUARDED_BY(mutex_);
+  std::vector<MigrationRecord*> migrations_ GPUSVM_GUARDED_BY(mutex_);
+};
+
+}  // namespace gpusvm::dmirror

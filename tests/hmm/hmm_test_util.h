@@ -1,0 +1,105 @@
+// The harness of the hmm-tests port (tools/testing/selftests/mm/hmm-tests.c): a machine with
+// two device-private dmirror units registered as "hmm_dmirror0" / "hmm_dmirror1", a process,
+// and the test's helpers (hmm_dmirror_cmd, buffers). Everything reaches the driver through
+// devfs::open / ioctl on the uapi, as hmm-tests does through /dev.
+//
+// Mapping of the C harness: FIXTURE(hmm) -> Hmm, FIXTURE(hmm2) -> Hmm2 (value parameter =
+// the device type; only device-private exists, see docs/dmirror.md); `ptr[i] = i` loops ->
+// one CPU copy of the same values into simulated memory (the same faults, page by page);
+// buffer->mirror -> a host buffer (uapi: cmd.ptr is a pointer in the calling program);
+// fork() -> devfs::Process::fork() with the child's body on a std::thread.
+//
+// Every test ends (TearDown) with mm::check over the whole machine: reference counts,
+// mapcounts, no migration entry left, no folio left locked - after closing the fds, and
+// again after the processes exited (then no device page may be in use).
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "drivers/devfs/process.h"
+#include "drivers/devfs/registry.h"
+#include "drivers/dmirror/dmirror_device.h"
+#include "gpusvm/mm/check.h"
+#include "gpusvm/mm/cpu_access.h"
+#include "gpusvm/mm/physmem.h"
+#include "uapi/dmirror.h"
+
+namespace gpusvm::hmm_tests {
+
+using mm::Va;
+
+enum class DeviceType { kDevicePrivate };
+
+inline constexpr uint64_t kPageSize = mm::kPageSize;
+inline constexpr unsigned kPageShift = mm::kPageShift;
+inline constexpr uint64_t HMM_BUFFER_SIZE = 1024 << 12;
+inline constexpr uint64_t TWOMEG = 1ULL << 21;
+inline constexpr int NTIMES = 10;
+
+inline constexpr uint64_t align_up(uint64_t x, uint64_t a) { return (x + a - 1) & ~(a - 1); }
+
+#define EXPECT_MM_CHECK_OK(mem)                                \
+  do {                                                         \
+    ::gpusvm::mm::CheckReport r_ = ::gpusvm::mm::check(mem);   \
+    EXPECT_TRUE(r_.ok()) << r_.to_string();                    \
+  } while (0)
+
+// struct hmm_buffer: the mapping in the simulated process and the host mirror buffer.
+struct HmmBuffer {
+  devfs::Process* proc = nullptr;
+  Va ptr = 0;
+  uint64_t size = 0;
+  std::vector<int> mirror;  // size / sizeof(int) ints (at least one page's worth of bytes)
+  uint64_t cpages = 0;
+  uint64_t faults = 0;
+
+  // mmap(NULL, size, prot, flags | MAP_ANONYMOUS?) in proc; ASSERTs on failure.
+  static std::unique_ptr<HmmBuffer> map(devfs::Process& p, uint64_t size, uint64_t mirror_bytes,
+                                        int prot, int flags);
+  ~HmmBuffer();  // hmm_buffer_free: munmap(ptr, size)
+  uint8_t* mirror_bytes() { return reinterpret_cast<uint8_t*>(mirror.data()); }
+};
+
+// hmm_dmirror_cmd(): addr = buffer->ptr, ptr = the mirror, npages; retried on -EINTR; on
+// success copies cpages/faults into the buffer. Returns 0 or the negative errno.
+int hmm_dmirror_cmd(devfs::Process& p, int fd, unsigned long request, HmmBuffer* buffer,
+                    uint64_t npages);
+
+// CPU access to n ints at va of the process (ptr[i] = f(i) / reads), in one access each way.
+[[nodiscard]] int cpu_write_ints(devfs::Process& p, Va va, uint64_t n, int (*f)(uint64_t));
+std::vector<int> cpu_read_ints(devfs::Process& p, Va va, uint64_t n, int* rc);
+
+// The machine: PhysMem, "/dev" with two dmirror units, and the first process.
+class HmmMachine {
+ public:
+  void start();
+  void stop();  // processes exit, then the checks, then the devices go
+  std::unique_ptr<mm::PhysMem> mem;
+  devfs::DeviceRegistry registry;
+  std::shared_ptr<dmirror::DmirrorDevice> dev[2];
+  std::unique_ptr<devfs::Process> proc;
+};
+
+int hmm_open(devfs::Process& p, int unit);
+
+class Hmm : public ::testing::TestWithParam<DeviceType>, protected HmmMachine {
+ protected:
+  void SetUp() override;
+  void TearDown() override;
+  int fd = -1;
+};
+
+class Hmm2 : public ::testing::TestWithParam<DeviceType>, protected HmmMachine {
+ protected:
+  void SetUp() override;
+  void TearDown() override;
+  int fd0 = -1;
+  int fd1 = -1;
+};
+
+}  // namespace gpusvm::hmm_tests
