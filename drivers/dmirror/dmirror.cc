@@ -73,10 +73,15 @@ bool Dmirror::invalidate(mm::MmuIntervalNotifier* n, const mm::MmuNotifierRange&
   // Always: a mirror fault of this file that sampled the sequence before this invalidation
   // must retry, whoever caused it (seed 001: the skip below must not break the protocol).
   n->set_seq(cur_seq);
-  const bool own_migration = range.event == mm::MmuNotifyEvent::kMigrate &&
-                             range.owner == dev_->owner() && migrating_in_this_thread();
+  // Raised by a migrate_vma call of this file in this thread (its MIGRATE invalidations, and
+  // e.g. the PMD split of its collection): part of the migration, which handles its pages.
+  const bool ours = migrating_in_this_thread();
+  const bool own_migration =
+      ours && range.event == mm::MmuNotifyEvent::kMigrate && range.owner == dev_->owner();
   if (!own_migration) {
     pt_.erase_range(range.start >> kPageShift, mm::page_align_up(range.end) >> kPageShift);
+  }
+  if (!ours) {
     for (MigrationRecord* m : migrations_) {
       if (m->start < range.end && range.start < m->end) m->hit = true;
     }
