@@ -57,6 +57,13 @@ size_t Dmirror::pt_entries() const {
   return pt_.size();
 }
 
+std::optional<DptEntry> Dmirror::pt_lookup(Va va) const {
+  MutexLock g(&mutex_);
+  const DptEntry* e = pt_.find(va >> kPageShift);
+  if (!e) return std::nullopt;
+  return *e;
+}
+
 // ---- notifier ----
 
 bool Dmirror::lock_for_invalidation(const mm::MmuNotifierRange& range) {
@@ -138,9 +145,11 @@ int Dmirror::range_fault(mm::HmmRange* range) {
     }
     if (rc == -EBUSY) continue;
     if (rc) return rc;
+    if (dev_->config().after_range_fault) dev_->config().after_range_fault();
     mutex_.lock();
     if (notifier_.read_retry(range->notifier_seq)) {
       mutex_.unlock();
+      dev_->fault_retries.add();
       continue;
     }
     return 0;  // with mutex_ held: the caller stores the result before an invalidation can run

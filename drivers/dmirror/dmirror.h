@@ -33,6 +33,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "drivers/devfs/device.h"
@@ -64,8 +65,9 @@ class Dmirror final : public devfs::File, private mm::MmuIntervalNotifierOps {
   int ioctl(devfs::Process& caller, unsigned long request, void* arg) override;
 
   DmirrorDevice& device() const { return *dev_; }
-  // Device page-table entries (tests).
+  // The device page table, for tests: number of entries, and the entry of va's page.
   size_t pt_entries() const GPUSVM_EXCLUDES(mutex_);
+  std::optional<DptEntry> pt_lookup(mm::Va va) const GPUSVM_EXCLUDES(mutex_);
 
  private:
   class SnapshotInterval;

@@ -18,6 +18,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <utility>
 #include <vector>
@@ -39,6 +40,10 @@ class DmirrorDevice final : public devfs::Device,
   struct Config {
     uint64_t chunk_pages = 4096;  // frames per device-memory chunk (16 MiB)
     unsigned max_chunks = 64;     // device memory limit: chunk_pages * max_chunks
+    // Test hook for deterministic interleavings: called by a device fault after
+    // hmm_range_fault returned 0 and before the read_retry check and commit, with no lock
+    // held. Null outside tests.
+    std::function<void()> after_range_fault;
   };
 
   // A device with one chunk of memory. Errors: -EINVAL (bad config), -ENOMEM, -ENOSPC.
@@ -62,6 +67,7 @@ class DmirrorDevice final : public devfs::Device,
   }
   mm::PhysMem* mem() const { return mem_; }
   int id() const { return id_; }
+  const Config& config() const { return config_; }
 
   // Allocates one device page: refcount 1, unlocked. Returns nullptr when device memory is
   // exhausted. May add a chunk (allocates host memory, registers a pagemap). Context: may
@@ -88,6 +94,7 @@ class DmirrorDevice final : public devfs::Device,
   uint64_t pages_in_use() const GPUSVM_EXCLUDES(devmem_lock_);
   size_t chunk_count() const GPUSVM_EXCLUDES(devmem_lock_);
   StatCounter cpu_faults;     // migrate_to_ram calls
+  StatCounter fault_retries;  // device faults that found the notifier invalidated (read_retry)
   StatCounter chunks_added;
 
  private:
