@@ -123,6 +123,20 @@ void change_protection(AddressSpace& mm, const Vma& vma, Va start, Va end, bool 
   });
 }
 
+// Whether split_folio_exclusive can take the large folio of a page mapped in the locked PTE
+// table `t` (which covers [table_va, table_va + 2 MiB)): every mapping of the folio is a
+// present PTE of `mm` in this table. split_folio_exclusive handles present PTEs only; a page a
+// device holds exclusively (Linux's try_to_migrate would convert that entry too) or a mapping
+// in another table keeps the folio whole here. PTE lock of t held.
+bool folio_splittable_here(AddressSpace& mm, PteTable* t, Va table_va, Folio* folio) {
+  t->ptl.assert_held();
+  for (const RmapItem& item : folio_rmap_snapshot(folio)) {
+    if (item.pmd || item.mm != &mm || pmd_align_down(item.va) != table_va) return false;
+    if (!t->get(pte_index(item.va)).present()) return false;
+  }
+  return true;
+}
+
 // MADV_FREE on [start, end) of a private anonymous VMA: exclusive pages become clean and
 // lazily freeable. Partly covered THPs are split first.
 void madvise_free_range(AddressSpace& mm, Va start, Va end) {
@@ -154,7 +168,8 @@ void madvise_free_range(AddressSpace& mm, Va start, Va end) {
         if (folio->large()) {
           // Part of a large folio: split it if only we map it (as Linux does), then look
           // at this page again; a folio that cannot be split is left alone.
-          if (folio != unsplittable && folio_mapped_only_by(folio, &mm) && folio_trylock(folio)) {
+          if (folio != unsplittable && folio_mapped_only_by(folio, &mm) &&
+              folio_splittable_here(mm, t, pmd_align_down(va), folio) && folio_trylock(folio)) {
             folio->get();
             split = folio;
             break;
