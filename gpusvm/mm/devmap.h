@@ -35,6 +35,11 @@ class DevPagemapOps {
   // held (read), vmf.page is locked and referenced by the caller and must stay locked; may
   // sleep. Returns kOk (the access is retried), kSigbus or kOom. Required.
   virtual VmFault migrate_to_ram(const VmFaultInfo& vmf) = 0;
+  // A large device folio was split into 4 KiB folios (a migration to small destinations,
+  // seed 003); `folio` is the first of them. The driver re-links any per-page data it keeps
+  // (zone_device_data) and must expect folio_free for each of the small folios. Called with
+  // the folios locked by the migration; must not sleep. Optional.
+  virtual void folio_split(Folio* folio) { (void)folio; }
 };
 
 class DevPagemap {

@@ -24,6 +24,10 @@ const char* vm_fault_name(VmFault f);
 enum FaultFlags : unsigned {
   kFaultWrite = 1u << 0,   // FAULT_FLAG_WRITE (stores and atomics)
   kFaultRemote = 1u << 1,  // a fault on behalf of a device (hmm_range_fault)
+  // FAULT_FLAG_RETRY_NOWAIT: do not wait for a migration in flight, return kRetry at once.
+  // A caller that holds folio locks of its own migration (the unified walk) must not sleep on
+  // another migration's: the two could wait on each other.
+  kFaultRetryNowait = 1u << 2,
 };
 
 // What a device-memory provider learns about a CPU fault on one of its pages (struct
@@ -34,6 +38,9 @@ struct VmFaultInfo {
   Va address;
   unsigned flags;
   Folio* page;
+  // The fault came through a device-private PMD (vmf->pte == NULL in the kernel): page is the
+  // head of a 2 MiB folio and the driver migrates the whole folio.
+  bool pmd = false;
 };
 
 // Resolves one fault at va. Caller holds the mmap lock (read or write) and no other gpusvm

@@ -46,6 +46,7 @@ struct HmmWalk {
   // Migrating: the select flags (0 when not migrating) and what the walk owns meanwhile.
   unsigned select = 0;
   Folio* fault_page = nullptr;
+  bool no_wait = false;  // folio locks of a migration are held: never wait on another one
   std::vector<Folio*> puts;          // references to drop once no page-table lock is held
   std::vector<Folio*> unsplittable;  // large folios whose split failed: left where they are
   bool migrating() const { return select != 0; }
@@ -97,6 +98,35 @@ uint64_t hole_value(const HmmWalk& w, const Vma* vma) {
   return 0;
 }
 
+// A migrating walk takes a whole aligned 2 MiB as one compound entry when asked to.
+bool compound_selected(const HmmWalk& w, Va start, Va end) {
+  return (w.select & MIGRATE_VMA_SELECT_COMPOUND) && pmd_aligned(start) && end - start == kPmdSize;
+}
+
+// A 2 MiB hole (or the huge zero folio) that may receive one 2 MiB destination: the first
+// word says so (COMPOUND), the other 511 belong to it.
+int fill_compound_hole(HmmWalk& w, Va start) {
+  uint64_t* out = pfn_slot(w, start);
+  out[0] = (out[0] & HMM_PFN_INOUT_FLAGS) | HMM_PFN_VALID | HMM_PFN_MIGRATE | HMM_PFN_COMPOUND;
+  for (uint64_t i = 1; i < kPagesPerPmd; i++) out[i] = (out[i] & HMM_PFN_INOUT_FLAGS) | HMM_PFN_VALID;
+  return 0;
+}
+
+// Output for [start, end) of a hole in `vma`.
+int fill_hole(HmmWalk& w, const Vma* vma, Va start, Va end) {
+  const uint64_t value = hole_value(w, vma);
+  for (Va a = start; a < end;) {
+    const Va next = std::min(pmd_align_down(a) + kPmdSize, end);
+    if (value && compound_selected(w, a, next)) {
+      fill_compound_hole(w, a);
+    } else {
+      pfns_fill(w, a, next, value);
+    }
+    a = next;
+  }
+  return 0;
+}
+
 // hmm_vma_fault: faults every page of [addr, end) and asks the walk to restart at addr.
 // No page-table lock may be held here (faults sleep and take those locks themselves); folio
 // locks of pages this walk has collected may be, as the kernel's unified walk holds them.
@@ -111,6 +141,9 @@ int hmm_vma_fault(Va addr, Va end, unsigned need, MmWalk& walk) {
     if (!(walk.vma->flags & VM_WRITE)) return -EPERM;
     flags |= kFaultWrite;
   }
+  // A walk that holds folio locks of collected pages never sleeps on a migration: the entry
+  // may be its own (the three-step path) or another migrator's that waits for ours.
+  if (w.no_wait) flags |= kFaultRetryNowait;
   walk.mm->stats().hmm_faults.add((end - addr) >> kPageShift);
   for (; addr < end; addr += kPageSize) {
     VmFault r = handle_mm_fault(*walk.mm, addr, flags);
@@ -139,7 +172,7 @@ int hmm_pte_hole(Va start, Va end, MmWalk& walk) {
     return pfns_fill(w, start, end, HMM_PFN_ERROR);
   }
   if (need) return hmm_vma_fault(start, end, need, walk);
-  return pfns_fill(w, start, end, hole_value(w, walk.vma));
+  return fill_hole(w, walk.vma, start, end);
 }
 
 // Waits for the migration holding `pfn` and restarts the walk at addr. The entry's lock
@@ -156,6 +189,40 @@ bool owned_device_private(MmWalk& walk, Pte entry) {
   if (!entry.is_device_private()) return false;
   DevPagemap* pgmap = walk.mm->mem()->pfn_to_pagemap(entry.pfn());
   return pgmap && w.range->dev_private_owner && pgmap->owner() == w.range->dev_private_owner;
+}
+
+// migrate_vma_collect_huge_pmd: under one PMD-lock hold, replaces a whole THP or device-private
+// PMD over [haddr, haddr + 2 MiB) by a PMD migration entry (the folio moves as one), or marks
+// the huge zero folio as a compound hole. A busy folio is reported but not taken. Returns 1
+// when the PMD changed since it was read (the caller reads it again), else 0.
+int migrate_prepare_pmd(HmmWalk& w, MmWalk& walk, PmdSlot slot, Va haddr) {
+  PhysMem* mem = walk.mm->mem();
+  SpinLockGuard g(&slot.table->lock);
+  const Pmd pmd = slot.table->get(slot.index);
+  if (!pmd.is_leaf()) return 1;
+  const Pte leaf = pmd.leaf();
+  if (leaf.present() && mem->is_huge_zero_pfn(leaf.pfn())) return fill_compound_hole(w, haddr);
+  if (!leaf.present() && !leaf.is_device_private()) return 1;  // not what was read
+  const bool write = leaf.present() ? leaf.write() : leaf.soft_leaf_write();
+  uint64_t* out = pfn_slot(w, haddr);
+  const uint64_t flags = HMM_PFN_VALID | (write ? HMM_PFN_WRITE : 0) |
+                         (static_cast<uint64_t>(kPmdOrder) << HMM_PFN_ORDER_SHIFT);
+  for (uint64_t i = 0; i < kPagesPerPmd; i++) out[i] = (out[i] & HMM_PFN_INOUT_FLAGS) | (leaf.pfn() + i) | flags;
+  Folio* folio = mem->folio_of(leaf.pfn());
+  if (!folio->test(kFolioAnon) || folio->pfn() != leaf.pfn()) return 0;
+  folio->get();
+  if (folio != w.fault_page && (g_fail_migrate_trylock.should_fail() || !folio_trylock(folio))) {
+    w.puts.push_back(folio);  // busy: reported, not taken
+    return 0;
+  }
+  if (leaf.dirty()) folio->set(kFolioDirty);
+  slot.table->set(slot.index, Pmd::make_leaf(make_migration_entry(leaf, folio)));
+  for (uint64_t i = 0; i < kPagesPerPmd; i++) folio->page(i)->clear_page(kPageAnonExclusive);
+  folio_rmap_pmd_to_migration(folio, walk.mm, haddr);
+  w.puts.push_back(folio);  // the mapping's reference; the migration keeps the one above
+  out[0] |= HMM_PFN_MIGRATE | HMM_PFN_COMPOUND;
+  walk.mm->stats().migrate_collected.add();
+  return 0;
 }
 
 // A huge leaf (present or device-private) read under the PMD lock. Returns 1 when the caller
@@ -176,7 +243,7 @@ int hmm_handle_pmd(PmdSlot slot, Va start, Va end, MmWalk& walk) {
   } else if (owned_device_private(walk, leaf)) {
     cpu_flags = HMM_PFN_VALID | (leaf.soft_leaf_write() ? HMM_PFN_WRITE : 0);
   }
-  if (w.migrating() && leaf.is_migration()) {
+  if (w.no_wait && leaf.is_migration()) {
     return pfns_fill(w, start, end, 0);  // another migration owns it: skip, never wait
   }
   const unsigned need = range_need_fault(w, start, end, cpu_flags);
@@ -187,7 +254,8 @@ int hmm_handle_pmd(PmdSlot slot, Va start, Va end, MmWalk& walk) {
   const bool selectable = leaf.present() ? (w.select & MIGRATE_VMA_SELECT_SYSTEM)
                                          : (w.select & MIGRATE_VMA_SELECT_DEVICE_PRIVATE);
   if (w.migrating() && (cpu_flags & HMM_PFN_VALID) && selectable) {
-    // Pages are collected 4 KiB at a time: split the mapping and walk its PTEs.
+    if (compound_selected(w, start, end)) return migrate_prepare_pmd(w, walk, slot, haddr);
+    // Only part of it is asked for: split the mapping and collect its pages one by one.
     split_huge_pmd(*walk.mm, slot, haddr);
     return 1;
   }
@@ -227,7 +295,7 @@ PteAction hmm_handle_pte(MmWalk& walk, Va addr, Pte pte, unsigned* need) {
   } else if (owned_device_private(walk, pte)) {
     // The caller's own device memory: reported as is, never faulted back.
     value = pte.pfn() | HMM_PFN_VALID | (pte.soft_leaf_write() ? HMM_PFN_WRITE : 0);
-  } else if (w.migrating() && pte.is_migration()) {
+  } else if (w.no_wait && pte.is_migration()) {
     value = 0;  // another migration owns the page: skipped, never waited on
   } else {
     *need = pte_need_fault(*w.range, req, 0);
@@ -362,11 +430,12 @@ void abort_collected(HmmWalk& w, PhysMem* mem) {
 
 }  // namespace
 
-int hmm_walk_range(AddressSpace& mm, HmmRange* range, unsigned select, Folio* fault_page) {
+int hmm_walk_range(AddressSpace& mm, HmmRange* range, unsigned select, Folio* fault_page, bool no_wait) {
   mm.mmap_assert_locked();
   HmmWalk w{range, range->start};
   w.select = select;
   w.fault_page = fault_page;
+  w.no_wait = no_wait || select != 0;
   std::optional<MmuInvalidation> inv;
   if (w.migrating()) {
     const Vma* vma = mm.vma_lookup(range->start);
@@ -413,7 +482,7 @@ int hmm_range_fault(HmmRange* range) {
   }
   AddressSpace& mm = *range->notifier->mm();
   const unsigned select = migrate ? (range->migrate->flags | MIGRATE_VMA_SELECT_SYSTEM) : 0;
-  return hmm_walk_range(mm, range, select, nullptr);
+  return hmm_walk_range(mm, range, select, nullptr, false);
 }
 
 }  // namespace gpusvm::mm

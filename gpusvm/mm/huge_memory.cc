@@ -4,6 +4,8 @@
 #include <optional>
 #include <vector>
 
+#include "gpusvm/mm/devmap.h"
+#include "gpusvm/mm/migrate_internal.h"
 #include "gpusvm/mm/mm_internal.h"
 
 namespace gpusvm::mm {
@@ -28,6 +30,16 @@ void split_huge_pmd(AddressSpace& mm, PmdSlot slot, Va haddr) {
     SpinLockGuard tg(&t->ptl);
     if (leaf.present() && mem->is_huge_zero_pfn(leaf.pfn())) {
       for (unsigned i = 0; i < kPtrsPerTable; i++) t->set(i, Pte::make_zero(mem->zero_pfn()));
+    } else if (leaf.is_migration()) {
+      // A PMD migration entry (a migration without our mmap lock: eviction, another
+      // process's): 512 PTE migration entries, each with its own record.
+      Folio* folio = mem->folio_of(leaf.pfn());
+      const Pte pte(leaf.raw() & ~pte_bits::kHuge);
+      for (unsigned i = 0; i < kPtrsPerTable; i++) {
+        t->set(i, pte.with_pfn(leaf.pfn() + i));
+        folio_add_migration_item(folio, RmapItem{&mm, haddr + i * kPageSize, i, false, true});
+      }
+      (void)folio_remove_migration_item(folio, RmapItem{&mm, haddr, 0, true, true});
     } else {
       Folio* folio = mem->folio_of(leaf.pfn());
       for (unsigned i = 0; i < kPtrsPerTable; i++) {
@@ -301,6 +313,80 @@ int split_folio_exclusive(AddressSpace& mm, Folio* folio) {
   }
   folio->put();
   mm.stats().thp_split_folio.add();
+  return 0;
+}
+
+namespace {
+
+// The PMD migration entry of `folio` at (mm, haddr) becomes 512 PTE migration entries in the
+// deposited table. Returns false when the entry is gone (zapped). Rmap walk lock held.
+bool split_pmd_migration_entry(AddressSpace& mm, Va haddr, const Folio* folio) {
+  PmdSlot slot = mm.page_table().pmd_lookup(haddr);
+  if (!slot) return false;
+  SpinLockGuard g(&slot.table->lock);
+  const Pmd pmd = slot.table->get(slot.index);
+  if (!pmd.is_huge_soft_leaf() || !pmd.leaf().is_migration() || pmd.leaf().pfn() != folio->pfn()) {
+    return false;
+  }
+  PteTable* t = slot.table->withdraw(slot.index);
+  if (!t) panic("split_pmd_migration_entry: PMD migration entry without a deposited table");
+  {
+    SpinLockGuard tg(&t->ptl);  // not reachable yet; set() asserts it
+    const Pte leaf(pmd.leaf().raw() & ~pte_bits::kHuge);
+    for (unsigned i = 0; i < kPtrsPerTable; i++) t->set(i, leaf.with_pfn(folio->pfn() + i));
+  }
+  slot.table->set(slot.index, Pmd::make_table(t));
+  return true;
+}
+
+}  // namespace
+
+int split_migrating_folio(Folio* folio, int extra_refs) {
+  folio_assert_locked(folio);
+  if (!folio->large() || !folio->is_head() || folio->mapped()) return -EBUSY;
+  PhysMem* mem = folio->mem();
+  {
+    WriteLock walk(&mem->rmap_walk_lock());  // records change owner below: no walker in flight
+    // 1. Every PMD migration entry becomes PTE migration entries, its record 512 records.
+    std::vector<RmapItem> records;
+    for (const RmapItem& it : folio_take_migration_items(folio)) {
+      if (!it.pmd) {
+        records.push_back(it);
+      } else if (split_pmd_migration_entry(*it.mm, it.va, folio)) {
+        for (uint32_t i = 0; i < kPagesPerPmd; i++) {
+          records.push_back(RmapItem{it.mm, it.va + i * kPageSize, i, false, true});
+        }
+      }
+    }
+    // 2. Freeze: nobody but the migration may hold the folio now.
+    int expected = 1 + extra_refs;
+    if (!folio->refcount_.compare_exchange_strong(expected, 0, std::memory_order_acq_rel)) {
+      for (const RmapItem& r : records) folio_add_migration_item(folio, r);
+      return -EAGAIN;
+    }
+    // 3. Split the descriptors: every new folio locked with one reference (the first keeps
+    //    the migration's and the extra ones), owning its page's records.
+    mem->deferred_split_remove(folio);
+    const uint32_t inherit = folio->flags() & (kFolioAnon | kFolioDirty | kFolioYoung | kFolioDevicePrivate);
+    for (uint64_t i = 0; i < kPagesPerPmd; i++) {
+      Folio* p = folio->page(i);
+      p->order_.store(0, std::memory_order_relaxed);
+      p->entire_mapcount_.store(0, std::memory_order_relaxed);
+      p->flags_.store(inherit | kFolioLocked, std::memory_order_relaxed);
+      p->refcount_.store(i == 0 ? 1 + extra_refs : 1, std::memory_order_relaxed);
+      p->head_.store(p, std::memory_order_release);  // publishes the fields above
+    }
+    for (RmapItem r : records) {
+      Folio* page = mem->pfn_to_page(folio->pfn() + r.page);
+      r.page = 0;
+      folio_add_migration_item(page, r);
+    }
+  }
+  // The new folios but the first are locked by this thread for the migration, which unlocks
+  // them in finalize (lockdep counts folio locks per thread).
+  for (uint64_t i = 1; i < kPagesPerPmd; i++) lockdep::acquire_class(&kFolioLockClass);
+  if (DevPagemap* pgmap = folio->pagemap()) pgmap->ops()->folio_split(folio);
+  mem->stat_split_migrating.add();
   return 0;
 }
 

@@ -42,6 +42,7 @@ struct FaultCtx {
   Va va;
   bool write;
   PmdSlot slot;
+  bool nowait = false;  // kFaultRetryNowait
 };
 
 // Installs a fresh anonymous page at the (none) PTE. Allocation happens before the PTL is
@@ -241,6 +242,7 @@ VmFault handle_pte_fault(FaultCtx& f) {
   }
   if (pte.is_migration()) {
     PageTable::pte_unmap_unlock(t);
+    if (f.nowait) return VmFault::kRetry;
     f.mm.stats().faults_migration_wait.add();
     return wait_for_migration(mem->pfn_to_page(pte.pfn()));
   }
@@ -258,7 +260,7 @@ VmFault handle_pte_fault(FaultCtx& f) {
     if (folio_trylock(folio)) {
       r = folio->pagemap()->ops()->migrate_to_ram(VmFaultInfo{&f.mm, f.va, f.write ? kFaultWrite : 0u, page});
       folio_unlock(folio);
-    } else {
+    } else if (!f.nowait) {
       (void)folio_wait_unlocked(folio, hang_timeout());
     }
     folio->put();
@@ -303,6 +305,31 @@ VmFault huge_zero_wp_pmd(FaultCtx& f, Pmd pmd) {
 
 // A fault on a present huge leaf: only writes to read-only leaves need work. Sets *fallback
 // when it split the PMD and the caller must continue with the PTE fault.
+// A CPU access to a device-private PMD: the driver migrates the whole 2 MiB folio back, as
+// for a PTE (the fault_page rules): the folio is referenced under the PMD lock (a racing zap
+// may free it once the lock is dropped), locked for the call (a busy folio is waited for and
+// the fault retried).
+VmFault do_huge_pmd_device_private(FaultCtx& f, Pte leaf) {
+  Folio* folio = nullptr;
+  {
+    SpinLockGuard g(&f.slot.table->lock);
+    const Pmd now = f.slot.table->get(f.slot.index);
+    if (!now.is_huge_soft_leaf() || now.leaf().raw() != leaf.raw()) return VmFault::kRetry;
+    folio = f.mm.mem()->folio_of(leaf.pfn());
+    if (!folio->try_get()) return VmFault::kRetry;
+  }
+  VmFault r = VmFault::kRetry;
+  if (folio_trylock(folio)) {
+    r = folio->pagemap()->ops()->migrate_to_ram(
+        VmFaultInfo{&f.mm, f.va, f.write ? kFaultWrite : 0u, folio, /*pmd=*/true});
+    folio_unlock(folio);
+  } else if (!f.nowait) {
+    (void)folio_wait_unlocked(folio, hang_timeout());
+  }
+  folio->put();
+  return r;
+}
+
 VmFault huge_pmd_fault(FaultCtx& f, Pmd pmd, bool* fallback) {
   *fallback = false;
   PhysMem* mem = f.mm.mem();
@@ -359,7 +386,7 @@ VmFault handle_mm_fault(AddressSpace& mm, Va va, unsigned flags) {
     mm.stats().faults_oom.add();
     return VmFault::kOom;
   }
-  FaultCtx f{mm, *vma, page_align_down(va), write, *slot};
+  FaultCtx f{mm, *vma, page_align_down(va), write, *slot, (flags & kFaultRetryNowait) != 0};
   Pmd pmd = slot->load_lockless();
   if (pmd.is_none() && vma->is_anonymous() && mm.thp_allowed(*vma, va)) {
     bool fallback = false;
@@ -379,10 +406,12 @@ VmFault handle_mm_fault(AddressSpace& mm, Va va, unsigned flags) {
   if (pmd.is_huge_soft_leaf()) {
     Pte leaf = pmd.leaf();
     if (leaf.is_migration()) {
+      if (flags & kFaultRetryNowait) return VmFault::kRetry;
       mm.stats().faults_migration_wait.add();
       return wait_for_migration(mm.mem()->pfn_to_page(leaf.pfn()));
     }
-    return VmFault::kSigbus;  // device-private PMD: see handle_pte_fault
+    if (leaf.is_device_private()) return do_huge_pmd_device_private(f, leaf);
+    return VmFault::kSigbus;
   }
   if (mm.page_table().pte_alloc(*slot) != 0) {
     mm.stats().faults_oom.add();

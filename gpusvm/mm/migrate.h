@@ -24,8 +24,14 @@
 // the same walk. A driver that already has an hmm_range (drm_gpusvm's get_pages) can instead
 // call hmm_range_fault with HMM_PFN_REQ_MIGRATE and then migrate_hmm_range_setup().
 //
-// Large folios are split and collected 4 KiB at a time for now; pages of a large folio that
-// cannot be split (mapped by several processes) stay where they are.
+// Large folios: with MIGRATE_VMA_SELECT_COMPOUND, a THP or device-private PMD mapping (or a
+// hole, or the huge zero folio) covering an aligned 2 MiB of the range is collected whole:
+// src[i] of its first page gets MIGRATE_PFN_COMPOUND and the other 511 words are 0. The driver
+// then provides one 2 MiB destination (dst[i] = migrate_pfn(pfn) | MIGRATE_PFN_COMPOUND,
+// tails 0) or 512 small ones in dst[i..i+511]; migrate_vma_pages then splits the source
+// folio (seed 003: it is already unmapped) or inserts 512 small pages for a hole. Without
+// the flag, and for a folio only partly inside the range, the folio is split first and its
+// pages collected one by one; one that cannot be split (mapped by several processes) stays.
 //
 // Eviction by device pfn, without a VMA or an mmap lock (the driver's memory is being taken
 // away): migrate_device_range / _pfns, then the driver fills dst, then migrate_device_pages
@@ -55,6 +61,7 @@ inline constexpr Pfn migrate_pfn_to_pfn(uint64_t mpfn) { return mpfn >> MIGRATE_
 enum MigrateVmaFlags : unsigned {
   MIGRATE_VMA_SELECT_SYSTEM = 1u << 0,          // collect system-memory pages (and holes)
   MIGRATE_VMA_SELECT_DEVICE_PRIVATE = 1u << 1,  // collect device-private pages of pgmap_owner
+  MIGRATE_VMA_SELECT_COMPOUND = 1u << 3,        // collect an aligned 2 MiB folio (or hole) whole
   MIGRATE_VMA_FAULT = 1u << 4,                  // fault non-present pages in, in the same walk
 };
 

@@ -24,6 +24,7 @@ namespace gpusvm::mm {
 namespace {
 
 constexpr unsigned kSelectMask = MIGRATE_VMA_SELECT_SYSTEM | MIGRATE_VMA_SELECT_DEVICE_PRIVATE;
+constexpr unsigned kWalkFlags = kSelectMask | MIGRATE_VMA_SELECT_COMPOUND;
 
 bool folio_is_device(const Folio* folio) { return folio->pagemap() != nullptr; }
 
@@ -72,22 +73,62 @@ uint64_t migrate_unmap(const MigrateArrays& a) {
         continue;
       }
     }
-    cpages++;
+    cpages += (a.src[i] & MIGRATE_PFN_COMPOUND) ? kPagesPerPmd : 1;
   }
   return cpages;
 }
 
-// migrate_vma_pages' per-page commit for a page with a source (no insertion).
-void commit_page(const MigrateArrays& a, uint64_t i) {
-  Folio* dst = dst_folio(a, i);
-  if (!dst) {
-    a.src[i] &= ~MIGRATE_PFN_MIGRATE;
-    return;
-  }
-  Folio* src = src_folio(a, i);
-  // folio_migrate_flags: the destination inherits what the source was.
+// folio_migrate_flags: the destination inherits what the source was.
+void migrate_flags(Folio* dst, const Folio* src) {
   dst->set(kFolioAnon);
   if (src->test(kFolioDirty)) dst->set(kFolioDirty);
+}
+
+// A compound source whose driver provided 4 KiB destinations: split the (unmapped) source
+// folio so that each page migrates on its own (seed 003). src[i..i+511] then describe the
+// 512 new folios. Returns false if the split failed (nothing migrates then).
+bool split_compound_src(const MigrateArrays& a, uint64_t i) {
+  Folio* src = src_folio(a, i);
+  const uint64_t word = a.src[i];
+  if (i + kPagesPerPmd > a.npages || split_migrating_folio(src, src == a.fault_page ? 1 : 0) != 0) {
+    return false;
+  }
+  for (uint64_t j = 0; j < kPagesPerPmd; j++) {
+    a.src[i + j] = migrate_pfn(src->pfn() + j) | MIGRATE_PFN_MIGRATE | (word & MIGRATE_PFN_WRITE);
+  }
+  return true;
+}
+
+// migrate_vma_pages' commit for entry i, which has a source page. Returns how many entries
+// it covered.
+uint64_t commit_page(const MigrateArrays& a, uint64_t i) {
+  Folio* dst = dst_folio(a, i);
+  Folio* src = src_folio(a, i);
+  const bool compound = a.src[i] & MIGRATE_PFN_COMPOUND;
+  if (!dst) {
+    a.src[i] &= ~MIGRATE_PFN_MIGRATE;
+    return 1;
+  }
+  if (compound && !(a.dst[i] & MIGRATE_PFN_COMPOUND)) {
+    if (!split_compound_src(a, i)) {
+      a.src[i] &= ~MIGRATE_PFN_MIGRATE;
+      return kPagesPerPmd;
+    }
+    for (uint64_t j = 0; j < kPagesPerPmd; j++) {
+      if (Folio* d = dst_folio(a, i + j); d && !d->large()) {
+        migrate_flags(d, src_folio(a, i + j));
+      } else {
+        a.src[i + j] &= ~MIGRATE_PFN_MIGRATE;
+      }
+    }
+    return kPagesPerPmd;
+  }
+  if (compound != (dst->order() == kPmdOrder)) {
+    a.src[i] &= ~MIGRATE_PFN_MIGRATE;  // a destination of the wrong size: refused
+    return 1;
+  }
+  migrate_flags(dst, src);
+  return compound ? kPagesPerPmd : 1;
 }
 
 void finalize(const MigrateArrays& a) {
@@ -133,6 +174,70 @@ bool insert_page(MigrateVma& m, const Vma& vma, Va va, Folio* dst) {
   return ok;
 }
 
+// A 2 MiB hole (or huge zero folio) receives one 2 MiB destination as a PMD mapping
+// (migrate_vma_insert_huge_pmd_page). Fails if the PMD was populated meanwhile.
+bool insert_huge_page(MigrateVma& m, const Vma& vma, Va haddr, Folio* dst) {
+  Result<PmdSlot> slot = m.mm->page_table().pmd_alloc(haddr);
+  if (!slot) return false;
+  PteTable* deposit = PageTable::alloc_pte_table();
+  if (!deposit) return false;
+  bool ok = false;
+  {
+    SpinLockGuard g(&slot->table->lock);
+    const Pmd cur = slot->table->get(slot->index);
+    const bool huge_zero = cur.is_huge_present() && m.mm->mem()->is_huge_zero_pfn(cur.leaf().pfn());
+    if (cur.is_none() || huge_zero) {
+      const bool write = vma.flags & VM_WRITE;
+      Pte e = folio_is_device(dst)
+                  ? Pte::make_soft_leaf(write ? SoftLeafType::kDevicePrivateWrite
+                                              : SoftLeafType::kDevicePrivateRead, dst->pfn(), true)
+                  : Pte::make_present(dst->pfn(), write, true).mkdirty().mkyoung();
+      dst->set(kFolioAnon);
+      for (uint64_t i = 0; i < kPagesPerPmd; i++) dst->page(i)->set_page(kPageAnonExclusive);
+      dst->get();
+      folio_add_rmap_pmd(dst, m.mm, haddr);
+      slot->table->set(slot->index, Pmd::make_leaf(e));
+      if (!huge_zero) {
+        slot->table->deposit(slot->index, deposit);  // the huge zero PMD has one already
+        deposit = nullptr;
+      }
+      ok = true;
+    }
+  }
+  PageTable::free_pte_table(deposit);
+  return ok;
+}
+
+// A hole entry i of migrate_vma_pages: insert the destination(s). Returns how many entries
+// it covered.
+uint64_t insert_hole(MigrateVma& m, const Vma* vma, uint64_t i) {
+  const MigrateArrays a{m.mm->mem(), m.src, m.dst, m.npages, m.fault_page};
+  const Va va = m.start + i * kPageSize;
+  Folio* dst = dst_folio(a, i);
+  if (!(m.src[i] & MIGRATE_PFN_COMPOUND)) {
+    if (!dst || dst->large() || !vma || !insert_page(m, *vma, va, dst)) m.src[i] &= ~MIGRATE_PFN_MIGRATE;
+    return 1;
+  }
+  if (dst && (m.dst[i] & MIGRATE_PFN_COMPOUND)) {
+    if (!vma || dst->order() != kPmdOrder || !insert_huge_page(m, *vma, va, dst)) {
+      m.src[i] &= ~MIGRATE_PFN_MIGRATE;
+    }
+    return kPagesPerPmd;
+  }
+  // 512 small destinations: the huge zero folio (if that is what is there) is split first.
+  if (PmdSlot slot = m.mm->page_table().pmd_lookup(va); slot && slot.load_lockless().is_leaf()) {
+    split_huge_pmd(*m.mm, slot, va);
+  }
+  for (uint64_t j = 0; j < kPagesPerPmd && i + j < m.npages; j++) {
+    m.src[i + j] = MIGRATE_PFN_MIGRATE;
+    Folio* d = dst_folio(a, i + j);
+    if (!d || d->large() || !vma || !insert_page(m, *vma, va + j * kPageSize, d)) {
+      m.src[i + j] &= ~MIGRATE_PFN_MIGRATE;
+    }
+  }
+  return kPagesPerPmd;
+}
+
 // migrate_hmm_range_setup's conversion: VALID|MIGRATE words become src words (in place when
 // hmm_pfns == src).
 void hmm_pfns_to_src(const uint64_t* hmm_pfns, uint64_t* src, uint64_t npages) {
@@ -141,9 +246,10 @@ void hmm_pfns_to_src(const uint64_t* hmm_pfns, uint64_t* src, uint64_t npages) {
     if ((w & (HMM_PFN_VALID | HMM_PFN_MIGRATE)) != (HMM_PFN_VALID | HMM_PFN_MIGRATE)) {
       src[i] = 0;
     } else if (!hmm_pfn_migrate_has_source(w)) {
-      src[i] = MIGRATE_PFN_MIGRATE;
+      src[i] = MIGRATE_PFN_MIGRATE | ((w & HMM_PFN_COMPOUND) ? MIGRATE_PFN_COMPOUND : 0);
     } else {
       src[i] = migrate_pfn(hmm_pfn_to_pfn(w)) | MIGRATE_PFN_MIGRATE |
+               ((w & HMM_PFN_COMPOUND) ? MIGRATE_PFN_COMPOUND : 0) |
                ((w & HMM_PFN_WRITE) ? MIGRATE_PFN_WRITE : 0);
     }
   }
@@ -158,29 +264,29 @@ int collect(MigrateVma& m, unsigned select) {
              .dev_private_owner = m.pgmap_owner, .migrate = &m};
   if (!fault || m.walk_mode == MigrateWalkMode::kUnified) {
     r.default_flags = fault ? HMM_PFN_REQ_FAULT : 0;
-    return hmm_walk_range(mm, &r, select, m.fault_page);
+    return hmm_walk_range(mm, &r, select, m.fault_page, false);
   }
   if (m.walk_mode == MigrateWalkMode::kTwoStep) {
     // hmm_range_fault first, then migrate_vma_setup's own walk.
     r.default_flags = HMM_PFN_REQ_FAULT;
-    if (int rc = hmm_walk_range(mm, &r, 0, nullptr)) return rc;
+    if (int rc = hmm_walk_range(mm, &r, 0, nullptr, false)) return rc;
     for (uint64_t i = 0; i < m.npages; i++) m.src[i] = 0;
     r.default_flags = 0;
-    return hmm_walk_range(mm, &r, select, m.fault_page);
+    return hmm_walk_range(mm, &r, select, m.fault_page, false);
   }
   // Three steps: collect, fault what was not taken, collect that again.
   r.default_flags = 0;
-  if (int rc = hmm_walk_range(mm, &r, select, m.fault_page)) return rc;
+  if (int rc = hmm_walk_range(mm, &r, select, m.fault_page, false)) return rc;
   std::vector<uint64_t> again(m.npages);
   for (uint64_t i = 0; i < m.npages; i++) again[i] = (m.src[i] & HMM_PFN_MIGRATE) ? 0 : HMM_PFN_REQ_FAULT;
   HmmRange rf{.start = m.start, .end = m.end, .hmm_pfns = again.data(),
               .pfn_flags_mask = HMM_PFN_REQ_FAULT, .dev_private_owner = m.pgmap_owner};
-  int rc = hmm_walk_range(mm, &rf, 0, nullptr);
+  int rc = hmm_walk_range(mm, &rf, 0, nullptr, /*no_wait=*/true);  // holds step 1's locks
   if (rc == 0) {
     for (uint64_t& w : again) w = 0;
     HmmRange rm{.start = m.start, .end = m.end, .hmm_pfns = again.data(),
                 .dev_private_owner = m.pgmap_owner, .migrate = &m};
-    rc = hmm_walk_range(mm, &rm, select, m.fault_page);
+    rc = hmm_walk_range(mm, &rm, select, m.fault_page, false);
   }
   if (rc != 0) {
     // Give back what the first walk took.
@@ -207,13 +313,13 @@ uint64_t collect_device_pfn(PhysMem* mem, Pfn pfn) {
     folio->put();
     return 0;
   }
-  return migrate_pfn(pfn) | MIGRATE_PFN_MIGRATE;
+  return migrate_pfn(pfn) | MIGRATE_PFN_MIGRATE | (folio->large() ? MIGRATE_PFN_COMPOUND : 0);
 }
 
 }  // namespace
 
 int migrate_vma_setup(MigrateVma* m) {
-  constexpr unsigned kKnown = kSelectMask | MIGRATE_VMA_FAULT;
+  constexpr unsigned kKnown = kWalkFlags | MIGRATE_VMA_FAULT;
   if (!m || !m->mm || !m->src || !m->dst || !page_aligned(m->start) || !page_aligned(m->end) ||
       m->start >= m->end || !(m->flags & kSelectMask) || (m->flags & ~kKnown)) {
     return -EINVAL;
@@ -230,7 +336,7 @@ int migrate_vma_setup(MigrateVma* m) {
   m->npages = (m->end - m->start) >> kPageShift;
   m->cpages = 0;
   for (uint64_t i = 0; i < m->npages; i++) m->src[i] = m->dst[i] = 0;
-  if (int rc = collect(*m, m->flags & kSelectMask)) {
+  if (int rc = collect(*m, m->flags & kWalkFlags)) {
     for (uint64_t i = 0; i < m->npages; i++) m->src[i] = 0;
     return rc;
   }
@@ -262,16 +368,18 @@ void migrate_vma_pages(MigrateVma* m) {
   const Vma* vma = mm.vma_lookup(m->start);
   const MigrateArrays a{mm.mem(), m->src, m->dst, m->npages, m->fault_page};
   std::optional<MmuInvalidation> inv;
-  for (uint64_t i = 0; i < m->npages; i++) {
-    if (!(m->src[i] & MIGRATE_PFN_MIGRATE)) continue;
-    Folio* dst = dst_folio(a, i);
-    if (dst && !src_folio(a, i)) {
-      // A hole or the zero page: the new page is inserted into the page table here.
-      if (!inv) inv.emplace(mm, m->start + i * kPageSize, m->end, MmuNotifyEvent::kMigrate, m->pgmap_owner);
-      if (!vma || !insert_page(*m, *vma, m->start + i * kPageSize, dst)) m->src[i] &= ~MIGRATE_PFN_MIGRATE;
+  for (uint64_t i = 0; i < m->npages;) {
+    if (!(m->src[i] & MIGRATE_PFN_MIGRATE)) {
+      i++;
       continue;
     }
-    commit_page(a, i);
+    if (!src_folio(a, i)) {
+      // A hole or the zero page: the new page is inserted into the page table here.
+      if (!inv) inv.emplace(mm, m->start + i * kPageSize, m->end, MmuNotifyEvent::kMigrate, m->pgmap_owner);
+      i += insert_hole(*m, vma, i);
+      continue;
+    }
+    i += commit_page(a, i);
   }
 }
 
@@ -296,13 +404,14 @@ int migrate_device_range(PhysMem* mem, uint64_t* src_pfns, Pfn start, uint64_t n
 
 void migrate_device_pages(PhysMem* mem, uint64_t* src_pfns, uint64_t* dst_pfns, uint64_t npages) {
   const MigrateArrays a{mem, src_pfns, dst_pfns, npages, nullptr};
-  for (uint64_t i = 0; i < npages; i++) {
-    if (!(src_pfns[i] & MIGRATE_PFN_MIGRATE)) continue;
-    if (!src_folio(a, i)) {
-      src_pfns[i] &= ~MIGRATE_PFN_MIGRATE;  // nothing to insert without a VMA
-      continue;
+  for (uint64_t i = 0; i < npages;) {
+    if (!(src_pfns[i] & MIGRATE_PFN_MIGRATE)) {
+      i++;
+    } else if (!src_folio(a, i)) {
+      src_pfns[i++] &= ~MIGRATE_PFN_MIGRATE;  // nothing to insert without a VMA
+    } else {
+      i += commit_page(a, i);
     }
-    commit_page(a, i);
   }
 }
 

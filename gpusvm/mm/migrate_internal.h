@@ -19,9 +19,12 @@ struct HmmRange;
 // range->dev_private_owner allow (see hmm.h), with one MIGRATE invalidation over the range,
 // which must lie in one VMA (-ERANGE). range->notifier may be null (migrate_vma_setup); if
 // set, its sequence is checked before the walk (and between passes of a non-migrating walk).
-// fault_page: the folio a CPU fault is migrating, locked by the fault handler.
+// fault_page: the folio a CPU fault is migrating, locked by the fault handler. no_wait: the
+// caller holds folio locks of a migration (implied when migrating): migration entries are
+// skipped, never waited on, and faults do not wait on them either.
 // On error a migrating walk has restored every entry it replaced. mmap lock held.
-[[nodiscard]] int hmm_walk_range(AddressSpace& mm, HmmRange* range, unsigned select, Folio* fault_page);
+[[nodiscard]] int hmm_walk_range(AddressSpace& mm, HmmRange* range, unsigned select, Folio* fault_page,
+                                 bool no_wait);
 
 // The migration entry that replaces a present, device-private or device-exclusive mapping of
 // `page`: writable iff the mapping was, read-exclusive for a read-only anon-exclusive page,
@@ -50,5 +53,15 @@ bool try_to_migrate(Folio* folio);
 // mapcount on dst. Entries zapped meanwhile are skipped. Context: src locked; no page-table
 // lock held.
 void remove_migration_ptes(Folio* src, Folio* dst);
+
+// Splits a large folio that a migration holds - locked, mapped nowhere (every mapping is a
+// migration entry), referenced only by the migration (+ extra_refs, the fault handler's for
+// fault_page) - into 4 KiB folios (seed 003's split during migration): PMD migration entries
+// become 512 PTE migration entries (from the deposited table), every new folio is locked with
+// one reference (the first keeps the old ones) and owns its pages' migration records.
+// Returns 0, or -EAGAIN when an unexpected reference appeared (the folio stays whole; its
+// entries may now be PTE migration entries, which restore correctly).
+// Context: no page-table lock; takes the rmap walk lock exclusive.
+[[nodiscard]] int split_migrating_folio(Folio* folio, int extra_refs);
 
 }  // namespace gpusvm::mm

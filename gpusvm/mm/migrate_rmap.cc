@@ -55,6 +55,23 @@ void restore_pte(const RmapItem& item, Folio* src, Folio* dst) {
   PageTable::pte_unmap_unlock(t);
 }
 
+// Restores one PMD migration record: a PMD mapping of the 2 MiB folio dst. Rmap walk lock held.
+void restore_pmd(const RmapItem& item, Folio* src, Folio* dst) {
+  AddressSpace& mm = *item.mm;
+  PmdSlot slot = mm.page_table().pmd_lookup(item.va);
+  if (!slot) return;
+  SpinLockGuard g(&slot.table->lock);
+  const Pmd pmd = slot.table->get(slot.index);
+  if (!pmd.is_huge_soft_leaf() || !pmd.leaf().is_migration() || pmd.leaf().pfn() != src->pfn()) return;
+  const Pte mig = pmd.leaf();
+  if (mig.soft_leaf_type() != SoftLeafType::kMigrationRead) {
+    for (uint64_t i = 0; i < kPagesPerPmd; i++) dst->page(i)->set_page(kPageAnonExclusive);
+  }
+  dst->get();
+  folio_add_rmap_pmd(dst, &mm, item.va);
+  slot.table->set(slot.index, Pmd::make_leaf(entry_from_migration(mig, dst)));
+}
+
 }  // namespace
 
 Pte make_migration_entry(Pte orig, const Folio* page) {
@@ -114,8 +131,11 @@ void remove_migration_ptes(Folio* src, Folio* dst) {
     std::vector<RmapItem> items = folio_take_migration_items(src);
     if (items.empty()) return;
     for (const RmapItem& item : items) {
-      if (item.pmd) panic("remove_migration_ptes: PMD migration records are not supported yet");
-      restore_pte(item, src, dst);
+      if (item.pmd) {
+        restore_pmd(item, src, dst);
+      } else {
+        restore_pte(item, src, dst);
+      }
     }
   }
   panic("remove_migration_ptes: migration records of pfn " + std::to_string(src->pfn()) +

@@ -146,6 +146,7 @@ class Folio {
   friend bool folio_trylock(Folio*);
   friend void folio_unlock(Folio*);
   friend int split_folio_exclusive(AddressSpace&, Folio*);
+  friend int split_migrating_folio(Folio*, int);
   friend bool folio_mapped_only_by(Folio*, AddressSpace*);
   friend void folio_move_rmap(Folio*, const RmapItem&, AddressSpace*, Va);
   friend void page_rmap_pte_to_migration(Folio*, AddressSpace*, Va);
@@ -281,12 +282,14 @@ class PhysMem {
   RwLock& rmap_walk_lock() { return rmap_walk_lock_; }
 
   StatCounter stat_alloc_order0, stat_alloc_thp, stat_alloc_fail, stat_free_pages;
+  StatCounter stat_split_migrating;  // large folios split during a migration (seed 003)
 
  private:
   explicit PhysMem(const Config& config);
   friend class Folio;
   friend class DevPagemap;
   friend int split_folio_exclusive(AddressSpace&, Folio*);
+  friend int split_migrating_folio(Folio*, int);
   void free_folio(Folio* folio);  // refcount reached zero
   void deferred_split_remove(Folio* folio);
 

@@ -91,6 +91,8 @@ bool zap_huge_pmd(AddressSpace& mm, PmdSlot slot, Va haddr) {
       Folio* folio = mem->folio_of(leaf.pfn());
       folio_remove_rmap_pmd(folio, &mm, haddr);
       put = folio;
+    } else if (leaf.is_migration()) {
+      (void)folio_remove_migration_item(mem->folio_of(leaf.pfn()), RmapItem{&mm, haddr, 0, true, true});
     }
   }
   PageTable::free_pte_table(deposit);
