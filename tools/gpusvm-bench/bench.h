@@ -9,7 +9,8 @@
 // `gpusvm-bench --case walk` runs every case of the family, `--case walk-4k` just that one.
 // A case returns one Report: exactly one measured figure for gpusvm ("ours") and one for the
 // baseline measured in the same run on the same data, and their ratio, always oriented so
-// that ratio > 1 means ours is better (DESIGN.md §10). A case that finds wrong data, a failed
+// that ratio > 1 means ours is better (DESIGN.md §10). A case that sweeps a parameter (the
+// thp-migration sizes) sets run_many instead and returns one such Report per point. A case that finds wrong data, a failed
 // call or an mm::check problem throws Failure: a benchmark of a broken walk is worthless.
 #pragma once
 
@@ -49,7 +50,7 @@ struct Report {
   std::string baseline_name;  // "plain-walk", "linux"
   Figure baseline;
   double ratio = 0;  // > 1: ours is better
-  uint64_t size = 0;
+  uint64_t size = 0;  // bytes measured; 0: main() fills in the case's size
   int repeat = 0;
   // Human-readable lines (printed with a leading '#') and named numbers (for --json).
   std::vector<std::string> details;
@@ -81,7 +82,10 @@ struct Case {
   std::string family;   // "walk": selects every case of the family
   std::string summary;  // one line for --list
   uint64_t default_size = 0;
+  // Exactly one of run / run_many is set. run_many returns one Report per measured point,
+  // each with its own case_name and size, printed in order.
   std::function<Report(const Options& opt, uint64_t size)> run;
+  std::function<std::vector<Report>(const Options& opt, uint64_t size)> run_many;
 };
 
 std::vector<Case>& registry();

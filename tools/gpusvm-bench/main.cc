@@ -52,7 +52,7 @@ std::string show(double v) {
 }
 
 void print_human(const Case& c, const Report& r) {
-  std::printf("# --- %s: %s\n", c.name.c_str(), c.summary.c_str());
+  std::printf("# --- %s: %s\n", r.case_name.c_str(), c.summary.c_str());
   for (const std::string& d : r.details) std::printf("# %s\n", d.c_str());
   std::printf("result %s ours=%s%s baseline=%s:%s%s ratio=%.2f\n", r.case_name.c_str(),
               show(r.ours.value).c_str(), r.ours.unit.c_str(), r.baseline_name.c_str(),
@@ -122,7 +122,7 @@ int run(int argc, char** argv) {
   std::vector<Case>& cases = registry();
   if (list) {
     for (const Case& c : cases) {
-      std::printf("%-16s %-10s default size %-8s %s\n", c.name.c_str(), c.family.c_str(),
+      std::printf("%-24s %-14s default size %-8s %s\n", c.name.c_str(), c.family.c_str(),
                   human_bytes(c.default_size).c_str(), c.summary.c_str());
     }
     return 0;
@@ -172,14 +172,21 @@ int run(int argc, char** argv) {
   for (const Case* c : to_run) {
     const uint64_t size = opt.size ? opt.size : c->default_size;
     try {
-      Report r = c->run(opt, size);
-      r.size = mm::pmd_align_up(size);
-      r.repeat = opt.repeat;
-      if (r.case_name.empty()) r.case_name = c->name;
-      if (json) {
-        print_json(*c, r);
+      std::vector<Report> reports;
+      if (c->run_many) {
+        reports = c->run_many(opt, size);
       } else {
-        print_human(*c, r);
+        reports.push_back(c->run(opt, size));
+      }
+      for (Report& r : reports) {
+        if (r.size == 0) r.size = mm::pmd_align_up(size);
+        r.repeat = opt.repeat;
+        if (r.case_name.empty()) r.case_name = c->name;
+        if (json) {
+          print_json(*c, r);
+        } else {
+          print_human(*c, r);
+        }
       }
     } catch (const std::exception& e) {
       print_failure(*c, e.what(), json);
