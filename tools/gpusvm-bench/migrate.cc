@@ -277,8 +277,9 @@ void verify_data(WalkMigrateBench& b, mm::AddressSpace& as, Va base, int run, co
 }
 
 struct RunResult {
-  double ns_per_range = 0;
-  WalkStats walks;  // summed over the run's ranges
+  double ns_per_range = 0;        // the run's mean
+  std::vector<double> range_ns;   // every range's time
+  WalkStats walks;                // summed over the run's ranges
 };
 
 // One run of one path over every range: fresh data, timed collection, restore, verify.
@@ -296,7 +297,9 @@ RunResult walk_migrate_run(WalkMigrateBench& b, Path path, int run, Report* chec
     ReadLock g(&as.mmap_lock());
     const WalkStats before = WalkStats::of(as);
     mm::MigrateVma mv;
-    total_ns += collect_range(b, notifier, path, start, mv);
+    const uint64_t ns = collect_range(b, notifier, path, start, mv);
+    total_ns += ns;
+    r.range_ns.push_back(static_cast<double>(ns));
     r.walks += WalkStats::of(as) - before;
     // Everything must be collected, and for a writing device writable (or without source).
     if (mv.cpages != kPagesPerPmd) {
@@ -357,8 +360,11 @@ Report run_walk_migrate(const Options& opt, uint64_t size, State state) {
                "kTwoStep / kThreeStep");
   }
 
-  // One untimed warm-up run of each path, then runs rotating which path goes first.
-  std::array<std::vector<double>, 3> ns;
+  // One untimed warm-up run of each path, then runs rotating which path goes first. The figure
+  // is the median over every range of every run: a range takes tens of microseconds, and on a
+  // shared machine a run is often preempted once, which the per-range median ignores (the
+  // per-run means, printed too, show it).
+  std::array<std::vector<double>, 3> ns, samples;
   std::array<WalkStats, 3> walks{};
   int run = 0;
   for (Path p : kPaths) (void)walk_migrate_run(b, p, run++, nullptr);
@@ -368,6 +374,7 @@ Report run_walk_migrate(const Options& opt, uint64_t size, State state) {
       const bool last = r + 1 == opt.repeat && j + 1 == kPaths.size();
       const RunResult res = walk_migrate_run(b, kPaths[pi], run++, last ? &rep : nullptr);
       ns[pi].push_back(res.ns_per_range);
+      samples[pi].insert(samples[pi].end(), res.range_ns.begin(), res.range_ns.end());
       walks[pi] += res.walks;
     }
   }
@@ -377,10 +384,10 @@ Report run_walk_migrate(const Options& opt, uint64_t size, State state) {
   std::array<double, 3> med{};
   const double runs_ranges = static_cast<double>(opt.repeat) * b.ranges;
   for (size_t pi = 0; pi < kPaths.size(); pi++) {
-    med[pi] = median(ns[pi]);
+    med[pi] = median(samples[pi]);
     const WalkStats& w = walks[pi];
     rep.detail("{:<10} {:>9.0f} ns/range; per range: {:.2f} walks, {:.2f} passes, {:.2f} migrate walks, "
-               "{:.1f} pages faulted; runs (us/range) {}",
+               "{:.1f} pages faulted; run means (us/range) {}",
                path_name(kPaths[pi]), med[pi], w.walks() / runs_ranges, w.passes / runs_ranges,
                w.migrate_walks / runs_ranges, w.faults / runs_ranges,
                runs_string([&] {
@@ -460,7 +467,8 @@ const char* backing_name(Backing b) {
 
 // One backing's measurements at one size.
 struct Directions {
-  std::vector<double> s2d_ns, d2s_ns;  // per run, for iters * size bytes
+  std::vector<double> s2d_ns, d2s_ns;          // per run, for iters * size bytes
+  std::vector<double> s2d_buf_ns, d2s_buf_ns;  // per buffer of `size`, every run
   BenchDevice::Moved s2d, d2s;         // the last run's
   mm::PageKind kind_before = mm::PageKind::kNone, kind_after = mm::PageKind::kNone;
   uint64_t thp_blocks = 0;             // 2 MiB blocks PMD-mapped after population
@@ -497,13 +505,15 @@ void thp_run(ThpBench& t, uint64_t size, uint64_t iters, Backing backing, int ru
   }
   const uint64_t pmd0 = as.stats().thp_split_pmd.get(), folio0 = as.stats().thp_split_folio.get();
 
-  auto migrate_all = [&](bool to_device, BenchDevice::Moved& moved) {
+  auto migrate_all = [&](bool to_device, BenchDevice::Moved& moved, std::vector<double>& samples) {
     uint64_t ns = 0;
     moved = {};
     for (Va base : bufs) {
       const uint64_t t0 = now_ns();
       const BenchDevice::Moved r = t.dev->migrate(as, base, base + size, to_device, backing == kThp);
-      ns += now_ns() - t0;
+      const uint64_t t1 = now_ns();
+      ns += t1 - t0;
+      samples.push_back(static_cast<double>(t1 - t0));
       if (r.pages != npages) {
         fail("migration of {} at {:#x} {}: {} of {} pages moved ({} without destination)", human_bytes(size),
              base, to_device ? "to the device" : "to system memory", r.pages, npages, r.no_dst);
@@ -515,7 +525,7 @@ void thp_run(ThpBench& t, uint64_t size, uint64_t iters, Backing backing, int ru
     }
     return static_cast<double>(ns);
   };
-  d.s2d_ns.push_back(migrate_all(true, d.s2d));
+  d.s2d_ns.push_back(migrate_all(true, d.s2d, d.s2d_buf_ns));
   for (Va base : bufs) {
     for (Va va = base; va < base + size; va += kPageSize) {
       const mm::PageState st = mm::query_page(as, va);
@@ -524,7 +534,7 @@ void thp_run(ThpBench& t, uint64_t size, uint64_t iters, Backing backing, int ru
       }
     }
   }
-  d.d2s_ns.push_back(migrate_all(false, d.d2s));
+  d.d2s_ns.push_back(migrate_all(false, d.d2s, d.d2s_buf_ns));
   d.splits_pmd = as.stats().thp_split_pmd.get() - pmd0;
   d.splits_folio = as.stats().thp_split_folio.get() - folio0;
   d.kind_after = mm::query_page(as, bufs[0]).kind;
@@ -545,14 +555,25 @@ void thp_run(ThpBench& t, uint64_t size, uint64_t iters, Backing backing, int ru
   for (Va base : bufs) require_ok(as.munmap(base, size), "munmap");
 }
 
-// The baseline: memcpy of `iters` chunks of `size` between two host buffers (timed). The
-// source is rewritten first (untimed), as the migration's source was just populated.
-double memcpy_run(ThpBench& t, uint64_t size, uint64_t iters, int run) {
+// The baseline: memcpy of the run's `iters` chunks of `size` (a host buffer, rewritten first,
+// untimed, as the migration's source was just populated) each into the same `size` bytes of a
+// second host buffer, each chunk timed (into *chunk_ns); returns the run's total. One
+// destination reused, because the migration's destinations are recycled frames too (the
+// device's free list and PhysMem hand back the folio freed last): a cold destination would
+// make the baseline slower than the migration it is the ceiling of.
+double memcpy_run(ThpBench& t, uint64_t size, uint64_t iters, int run, std::vector<double>* chunk_ns) {
   std::memset(t.copy_from.data(), run + 1, iters * size);
-  const uint64_t t0 = now_ns();
-  for (uint64_t k = 0; k < iters; k++) std::memcpy(t.copy_to.data() + k * size, t.copy_from.data() + k * size, size);
-  const double ns = static_cast<double>(now_ns() - t0);
-  if (std::memcmp(t.copy_to.data(), t.copy_from.data(), iters * size) != 0) fail("memcpy baseline: copy differs");
+  double ns = 0;
+  for (uint64_t k = 0; k < iters; k++) {
+    const uint64_t t0 = now_ns();
+    std::memcpy(t.copy_to.data(), t.copy_from.data() + k * size, size);
+    const uint64_t t1 = now_ns();
+    ns += static_cast<double>(t1 - t0);
+    if (chunk_ns) chunk_ns->push_back(static_cast<double>(t1 - t0));
+  }
+  if (std::memcmp(t.copy_to.data(), t.copy_from.data() + (iters - 1) * size, size) != 0) {
+    fail("memcpy baseline: copy differs");
+  }
   return ns;
 }
 
@@ -581,7 +602,7 @@ std::vector<Report> run_thp_migration(const Options& opt, uint64_t size_limit) {
     std::array<Directions, 3> dirs;  // by Backing
     std::vector<Backing> backings = {kThp, k4k};
     if (kSelectCompound != 0) backings.push_back(kThpSplit);
-    std::vector<double> copy_ns;
+    std::vector<double> copy_ns, copy_chunk_ns;
     // Warm-up run of everything (r = 0, not kept), then runs rotating the order; the memcpy
     // baseline runs after the first backing.
     for (int r = 0; r <= opt.repeat; r++) {
@@ -591,18 +612,19 @@ std::vector<Report> run_thp_migration(const Options& opt, uint64_t size_limit) {
         const Backing bk = backings[(j + r) % backings.size()];
         thp_run(t, size, iters, bk, r, into[bk]);
         if (j == 0) {
-          const double c = memcpy_run(t, size, iters, r);
+          const double c = memcpy_run(t, size, iters, r, r > 0 ? &copy_chunk_ns : nullptr);
           if (r > 0) copy_ns.push_back(c);
         }
       }
     }
-    const double copy_gbs = gb_per_s(bytes, median(copy_ns));
+    // Figures: the median over every buffer (chunk) of every run, robust against a run that
+    // was preempted on a shared machine; the per-run figures are printed as well.
+    const double copy_gbs = gb_per_s(size, median(copy_chunk_ns));
     std::array<std::array<double, 2>, 3> gbs{};  // [backing][direction]
     for (Backing bi : backings) {
       for (int di = 0; di < 2; di++) {
         const Directions& d = dirs[bi];
-        const std::vector<double>& ns = di == 0 ? d.s2d_ns : d.d2s_ns;
-        gbs[bi][di] = gb_per_s(bytes, median(ns));
+        gbs[bi][di] = gb_per_s(size, median(di == 0 ? d.s2d_buf_ns : d.d2s_buf_ns));
       }
     }
     for (int di = 0; di < 2; di++) {
@@ -610,6 +632,8 @@ std::vector<Report> run_thp_migration(const Options& opt, uint64_t size_limit) {
         const Directions& d = dirs[bi];
         const BenchDevice::Moved& mv = di == 0 ? d.s2d : d.d2s;
         const std::vector<double>& ns = di == 0 ? d.s2d_ns : d.d2s_ns;
+        const double buf_ns = median(di == 0 ? d.s2d_buf_ns : d.d2s_buf_ns);
+        const double per_2mib = static_cast<double>(size) / kPmdSize;
         Report rep;
         rep.case_name = fmt::format("thp-migration-{}-{}-{}", size_name(size), di == 0 ? "sys2dev" : "dev2sys",
                                     backing_name(static_cast<Backing>(bi)));
@@ -625,10 +649,10 @@ std::vector<Report> run_thp_migration(const Options& opt, uint64_t size_limit) {
         for (double v : ns) g.push_back(gb_per_s(bytes, v));
         std::vector<double> cg;
         for (double v : copy_ns) cg.push_back(gb_per_s(bytes, v));
-        rep.detail("runs (GB/s): migration {}; memcpy {}", runs_string(g), runs_string(cg));
+        rep.detail("per-run figures (GB/s): migration {}; memcpy {}", runs_string(g), runs_string(cg));
         rep.detail("{:.1f} us per 2 MiB migrated ({:.0f} ns per 4 KiB page); memcpy {:.1f} us per 2 MiB",
-                   median(ns) / (static_cast<double>(bytes) / kPmdSize) / 1000, median(ns) / (bytes / kPageSize),
-                   median(copy_ns) / (static_cast<double>(bytes) / kPmdSize) / 1000);
+                   buf_ns / per_2mib / 1000, buf_ns / (size / kPageSize),
+                   median(copy_chunk_ns) / per_2mib / 1000);
         rep.detail("device's destinations per run: {} of 2 MiB, {} of 4 KiB; compound src entries {}; mm splits in "
                    "the round trip: {} PMD, {} folio; page kind before {}, after the round trip {}",
                    mv.compound_dst, mv.small_dst, mv.compound_src, d.splits_pmd, d.splits_folio,
@@ -643,7 +667,7 @@ std::vector<Report> run_thp_migration(const Options& opt, uint64_t size_limit) {
             const Directions& sp = dirs[kThpSplit];
             const std::vector<double>& sns = di == 0 ? sp.s2d_ns : sp.d2s_ns;
             rep.detail("the same THP source without MIGRATE_VMA_SELECT_COMPOUND (split, then 4 KiB pages): {:.2f} "
-                       "GB/s (runs {}; {} PMD / {} folio splits per run); compound/split {:.2f}",
+                       "GB/s (per run {}; {} PMD / {} folio splits per run); compound/split {:.2f}",
                        gbs[kThpSplit][di], runs_string([&] {
                          std::vector<double> v;
                          for (double x : sns) v.push_back(gb_per_s(bytes, x));
@@ -654,7 +678,7 @@ std::vector<Report> run_thp_migration(const Options& opt, uint64_t size_limit) {
           }
         }
         rep.metric("memcpy_gb_s", copy_gbs);
-        rep.metric("ns_per_2mib", median(ns) / (static_cast<double>(bytes) / kPmdSize));
+        rep.metric("ns_per_2mib", buf_ns / per_2mib);
         rep.metric("compound_dst", static_cast<double>(mv.compound_dst));
         rep.metric("split_folio", static_cast<double>(d.splits_folio));
         for (size_t i = 0; i < g.size(); i++) rep.metric(fmt::format("ours_run{}_gb_s", i), g[i]);
