@@ -41,7 +41,7 @@ Folio* install_migration_pte(AddressSpace& mm, PteTable* t, Va va, Pte orig, Fol
 // try_to_migrate: every mapping of the locked folio in any address space (found through the
 // reverse map) becomes a migration entry, each after a CLEAR invalidation in that address
 // space (as the kernel's rmap walk does: no owner, every mirror drops the page). Returns true when the folio is mapped nowhere any more.
-// PMD-mapped folios are left alone (false). Context: folio locked; no page-table lock; the
+// PMD mappings become PMD migration entries. Context: folio locked; no page-table lock; the
 // caller may hold one mmap lock (read) but needs none: the rmap walk lock keeps the other
 // address spaces' tables alive. May sleep (notifier callbacks).
 bool try_to_migrate(Folio* folio);

@@ -72,6 +72,32 @@ void restore_pmd(const RmapItem& item, Folio* src, Folio* dst) {
   slot.table->set(slot.index, Pmd::make_leaf(entry_from_migration(mig, dst)));
 }
 
+// try_to_migrate for a PMD mapping of the whole folio: a PMD migration entry. Returns false
+// if the mapping is there but cannot be taken (a huge zero or foreign leaf is not ours).
+// Rmap walk lock held.
+bool try_to_migrate_pmd(const RmapItem& item, Folio* folio) {
+  AddressSpace& mm = *item.mm;
+  MmuInvalidation inv(mm, item.va, item.va + kPmdSize, MmuNotifyEvent::kClear);
+  PmdSlot slot = mm.page_table().pmd_lookup(item.va);
+  if (!slot) return true;
+  bool took = false;
+  {
+    SpinLockGuard g(&slot.table->lock);
+    const Pmd pmd = slot.table->get(slot.index);
+    if (!pmd.is_leaf()) return true;  // gone (and its record with it)
+    const Pte leaf = pmd.leaf();
+    if ((leaf.present() || leaf.is_device_private()) && leaf.pfn() == folio->pfn()) {
+      if (leaf.dirty()) folio->set(kFolioDirty);
+      slot.table->set(slot.index, Pmd::make_leaf(make_migration_entry(leaf, folio)));
+      for (uint64_t i = 0; i < kPagesPerPmd; i++) folio->page(i)->clear_page(kPageAnonExclusive);
+      folio_rmap_pmd_to_migration(folio, &mm, item.va);
+      took = true;
+    }
+  }
+  if (took) folio->put();  // the mapping's reference; the migration holds its own
+  return true;
+}
+
 }  // namespace
 
 Pte make_migration_entry(Pte orig, const Folio* page) {
@@ -102,7 +128,10 @@ bool try_to_migrate(Folio* folio) {
   ReadLock walk(&mem->rmap_walk_lock());
   for (const RmapItem& item : folio_rmap_snapshot(folio)) {
     if (item.migration) continue;
-    if (item.pmd) return false;  // a PMD mapping elsewhere: not split here
+    if (item.pmd) {
+      if (!try_to_migrate_pmd(item, folio)) return false;
+      continue;
+    }
     AddressSpace& mm = *item.mm;
     Folio* drop = nullptr;
     {

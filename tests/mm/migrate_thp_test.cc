@@ -1,0 +1,169 @@
+// Compound (2 MiB) migration: THPs and device-private PMDs moving whole, holes and the huge
+// zero folio receiving 2 MiB destinations, and the split during migration when only 4 KiB
+// destinations can be had (seed 003), in both directions.
+#include <thread>
+
+#include "tests/mm/mm_test_util.h"
+#include "tests/mm/test_device.h"
+
+namespace gpusvm::mm::testing {
+namespace {
+
+class MigrateThpTest : public MmTest {
+ protected:
+  void SetUp() override {
+    MmTest::SetUp();
+    dev = std::make_unique<TestDevice>(mem.get(), 4 * kPagesPerPmd);
+    ASSERT_TRUE(dev->ok());
+    va = map_anon(*as, kPmdSize, PROT_READ | PROT_WRITE, /*huge=*/true);
+    ASSERT_NE(va, 0u);
+    ASSERT_TRUE(pmd_aligned(va));
+  }
+  void TearDown() override {
+    if (as) as->exit();
+    EXPECT_EQ(dev->free_pages(), 4 * kPagesPerPmd) << "device pages leaked";
+    dev.reset();
+    MmTest::TearDown();
+  }
+  Result<uint64_t> to_device() { return dev->migrate_to_device(*as, va, va + kPmdSize, MIGRATE_VMA_SELECT_COMPOUND); }
+  Result<uint64_t> to_system() { return dev->migrate_to_system(*as, va, va + kPmdSize, MIGRATE_VMA_SELECT_COMPOUND); }
+  // Every page of the range maps page i of one 2 MiB device folio through a PMD.
+  void expect_device_pmd() {
+    const PageState first = query_page(*as, va);
+    EXPECT_EQ(first.kind, PageKind::kSoftLeaf);
+    EXPECT_TRUE(first.large);
+    ASSERT_TRUE(dev->pgmap()->contains(first.pfn));
+    EXPECT_EQ(mem->folio_of(first.pfn)->order(), kPmdOrder);
+    EXPECT_EQ(mem->folio_of(first.pfn)->entire_mapcount(), 1);
+  }
+
+  std::unique_ptr<TestDevice> dev;
+  Va va = 0;
+};
+
+TEST_F(MigrateThpTest, ThpMovesWholeBothWays) {
+  fill_pages(*as, va, kPmdSize, 1);
+  ASSERT_EQ(query_page(*as, va).kind, PageKind::kThpPmd);
+  const uint64_t free_before = mem->free_pages();
+  ASSERT_EQ(*to_device(), kPagesPerPmd);
+  expect_device_pmd();
+  EXPECT_EQ(mem->free_pages(), free_before + kPagesPerPmd);  // the THP was freed
+  EXPECT_EQ(as->stats().thp_split_pmd.get(), 0u);
+  EXPECT_EQ(as->stats().thp_split_folio.get(), 0u);
+  EXPECT_MM_CHECK_OK(*mem);
+  ASSERT_EQ(*to_system(), kPagesPerPmd);
+  EXPECT_EQ(query_page(*as, va).kind, PageKind::kThpPmd);
+  EXPECT_TRUE(query_page(*as, va).writable);
+  EXPECT_EQ(dev->free_pages(), 4 * kPagesPerPmd);
+  EXPECT_MM_CHECK_OK(*mem);
+  EXPECT_EQ(verify_pages(*as, va, kPmdSize, 1), 0);
+  EXPECT_EQ(as->stats().thp_split_pmd.get(), 0u);
+}
+
+// A CPU access to a device-private PMD brings the whole folio back in one fault.
+TEST_F(MigrateThpTest, CpuFaultOnDevicePmdMigratesWholeFolio) {
+  fill_pages(*as, va, kPmdSize, 2);
+  ASSERT_EQ(*to_device(), kPagesPerPmd);
+  EXPECT_EQ(*cpu::load<uint64_t>(*as, va + 100 * kPageSize), pattern(va + 100 * kPageSize, 2));
+  EXPECT_EQ(dev->cpu_faults.load(), 1);
+  EXPECT_EQ(query_page(*as, va).kind, PageKind::kThpPmd);
+  EXPECT_EQ(dev->free_pages(), 4 * kPagesPerPmd);
+  EXPECT_MM_CHECK_OK(*mem);
+  EXPECT_EQ(verify_pages(*as, va, kPmdSize, 2), 0);
+  EXPECT_EQ(dev->cpu_faults.load(), 1);
+}
+
+// Seed 003, system -> device: the driver could only get 4 KiB device pages, so the unmapped
+// source THP is split inside migrate_vma_pages and each page moves on its own.
+TEST_F(MigrateThpTest, SmallDeviceDestinationsSplitSourceThp) {
+  fill_pages(*as, va, kPmdSize, 3);
+  dev->fail_thp_alloc = true;
+  ASSERT_EQ(*to_device(), kPagesPerPmd);
+  EXPECT_EQ(mem->stat_split_migrating.get(), 1u);
+  for (uint64_t p = 0; p < kPagesPerPmd; p += 97) {
+    const PageState st = query_page(*as, va + p * kPageSize);
+    EXPECT_EQ(st.kind, PageKind::kSoftLeaf) << p;
+    EXPECT_FALSE(st.large) << p;
+    EXPECT_TRUE(st.writable) << p;
+  }
+  EXPECT_MM_CHECK_OK(*mem);
+  EXPECT_EQ(verify_pages(*as, va, kPmdSize, 3), 0);  // 512 CPU faults, one page each
+  EXPECT_EQ(dev->cpu_faults.load(), static_cast<int>(kPagesPerPmd));
+}
+
+// Seed 003, device -> system from a CPU fault: only 4 KiB system pages, so the device folio
+// (the fault page, locked by the fault handler) is split; the handler's lock and reference
+// stay on the first page.
+TEST_F(MigrateThpTest, SmallSystemDestinationsSplitDeviceFolioOnFault) {
+  fill_pages(*as, va, kPmdSize, 4);
+  ASSERT_EQ(*to_device(), kPagesPerPmd);
+  dev->fail_thp_alloc = true;
+  EXPECT_EQ(*cpu::load<uint64_t>(*as, va + 7 * kPageSize), pattern(va + 7 * kPageSize, 4));
+  EXPECT_EQ(dev->cpu_faults.load(), 1);
+  EXPECT_EQ(dev->splits.load(), 1);
+  EXPECT_EQ(query_page(*as, va).kind, PageKind::kSmall);
+  EXPECT_EQ(query_page(*as, va + kPmdSize - kPageSize).kind, PageKind::kSmall);
+  EXPECT_EQ(dev->free_pages(), 4 * kPagesPerPmd);  // 512 small device folios freed
+  EXPECT_MM_CHECK_OK(*mem);
+  EXPECT_EQ(verify_pages(*as, va, kPmdSize, 4), 0);
+}
+
+// An untouched 2 MiB and the huge zero folio are compound holes: one device THP each, or 512
+// small device pages when no 2 MiB device folio can be had.
+TEST_F(MigrateThpTest, HoleAndHugeZeroGetCompoundDestinations) {
+  ASSERT_EQ(*to_device(), kPagesPerPmd);  // untouched: a hole
+  expect_device_pmd();
+  EXPECT_MM_CHECK_OK(*mem);
+  EXPECT_EQ(*cpu::load<uint64_t>(*as, va + 5 * kPageSize), 0u);
+  EXPECT_EQ(query_page(*as, va).kind, PageKind::kThpPmd);  // came back whole
+  ASSERT_EQ(as->madvise(va, kPmdSize, MADV_DONTNEED), 0);
+  ASSERT_EQ(*cpu::load<uint64_t>(*as, va), 0u);
+  ASSERT_EQ(query_page(*as, va).kind, PageKind::kHugeZero);
+  ASSERT_EQ(*to_device(), kPagesPerPmd);
+  expect_device_pmd();
+  EXPECT_MM_CHECK_OK(*mem);
+  ASSERT_EQ(*to_system(), kPagesPerPmd);
+  ASSERT_EQ(as->madvise(va, kPmdSize, MADV_DONTNEED), 0);
+  ASSERT_EQ(*cpu::load<uint64_t>(*as, va), 0u);  // huge zero again
+  dev->fail_thp_alloc = true;
+  ASSERT_EQ(*to_device(), kPagesPerPmd);
+  EXPECT_EQ(query_page(*as, va + 3 * kPageSize).kind, PageKind::kSoftLeaf);
+  EXPECT_FALSE(query_page(*as, va + 3 * kPageSize).large);
+  EXPECT_MM_CHECK_OK(*mem);
+  fill_pages(*as, va, kPmdSize, 5);  // CPU writes fault every page back
+  EXPECT_EQ(verify_pages(*as, va, kPmdSize, 5), 0);
+}
+
+// Eviction by device pfn collects the 2 MiB device folio whole; a partial munmap racing the
+// eviction splits its PMD migration entry, and finalize restores what is left.
+TEST_F(MigrateThpTest, EvictionOfDeviceThpRacesPartialMunmap) {
+  fill_pages(*as, va, kPmdSize, 6);
+  ASSERT_EQ(*to_device(), kPagesPerPmd);
+  const uint64_t n = dev->pgmap()->nr_pages();
+  std::vector<uint64_t> src(n), dst(n);
+  ASSERT_EQ(migrate_device_range(mem.get(), src.data(), dev->pgmap()->first_pfn(), n), 0);
+  EXPECT_EQ(TestDevice::count_moved(src.data(), n), kPagesPerPmd);
+  std::thread process([&] { EXPECT_EQ(as->munmap(va, kPmdSize / 2), 0); });
+  process.join();
+  dev->copy_to_new_pages(src.data(), dst.data(), n, /*to_device=*/false);
+  migrate_device_pages(mem.get(), src.data(), dst.data(), n);
+  migrate_device_finalize(mem.get(), src.data(), dst.data(), n);
+  EXPECT_EQ(dev->free_pages(), 4 * kPagesPerPmd);
+  EXPECT_EQ(query_page(*as, va + kPmdSize / 2).kind, PageKind::kThpPte);  // a PTE-mapped THP
+  EXPECT_MM_CHECK_OK(*mem);
+  EXPECT_EQ(verify_pages(*as, va + kPmdSize / 2, kPmdSize / 2, 6), 0);
+}
+
+// Without SELECT_COMPOUND, a THP is split first and moves as 512 small pages.
+TEST_F(MigrateThpTest, WithoutCompoundThpIsSplitFirst) {
+  fill_pages(*as, va, kPmdSize, 7);
+  ASSERT_EQ(*dev->migrate_to_device(*as, va, va + kPmdSize), kPagesPerPmd);
+  EXPECT_EQ(as->stats().thp_split_pmd.get(), 1u);
+  EXPECT_EQ(as->stats().thp_split_folio.get(), 1u);
+  EXPECT_FALSE(query_page(*as, va).large);
+  EXPECT_MM_CHECK_OK(*mem);
+  EXPECT_EQ(verify_pages(*as, va, kPmdSize, 7), 0);
+}
+
+}  // namespace
+}  // namespace gpusvm::mm::testing
