@@ -262,8 +262,13 @@ int split_folio_exclusive(AddressSpace& mm, Folio* folio) {
     if (!t) panic("split_folio: rmap item without a PTE table");
     const unsigned i = pte_index(it.va);
     const Pte pte = t->get(i);
-    if (!pte.present() || pte.pfn() != folio->pfn() + it.page) panic("split_folio: rmap item does not match its PTE");
-    Pte mig = Pte::make_soft_leaf(pte.write() ? SoftLeafType::kMigrationWrite : SoftLeafType::kMigrationRead, pte.pfn());
+    // Present PTEs, or device-private PTEs of a device folio (a device PMD split by munmap,
+    // mprotect or mremap, collected page by page by a migration).
+    if (!(pte.present() || pte.is_device_private()) || pte.pfn() != folio->pfn() + it.page) {
+      panic("split_folio: rmap item does not match its PTE");
+    }
+    const bool write = pte.present() ? pte.write() : pte.soft_leaf_write();
+    Pte mig = Pte::make_soft_leaf(write ? SoftLeafType::kMigrationWrite : SoftLeafType::kMigrationRead, pte.pfn());
     if (pte.young()) mig = mig.swp_mkyoung();
     if (pte.dirty()) mig = mig.swp_mkdirty();
     t->set(i, mig);
@@ -286,7 +291,8 @@ int split_folio_exclusive(AddressSpace& mm, Folio* folio) {
   //    wait for that) with one reference owned by this function; the first keeps the
   //    caller's reference too.
   mem->deferred_split_remove(folio);
-  const uint32_t inherit = folio->flags() & (kFolioAnon | kFolioDirty | kFolioLazyfree | kFolioYoung);
+  const uint32_t inherit =
+      folio->flags() & (kFolioAnon | kFolioDirty | kFolioLazyfree | kFolioYoung | kFolioDevicePrivate);
   const uint64_t n = folio->nr_pages();
   const Pfn pfn = folio->pfn();
   for (uint64_t i = 0; i < n; i++) {
@@ -301,9 +307,11 @@ int split_folio_exclusive(AddressSpace& mm, Folio* folio) {
   // 4. Map back; all-zero subpages become the shared zero page and are freed below.
   for (const SplitMapping& m : saved) {
     Folio* page = mem->pfn_to_page(pfn + m.page);
-    (void)restore_mapping(mm, m, page, page_is_zero(page));
+    // Device memory is never replaced by the zero page: its bytes are the device's.
+    (void)restore_mapping(mm, m, page, !folio->pagemap() && page_is_zero(page));
   }
 
+  if (DevPagemap* pgmap = folio->pagemap()) pgmap->ops()->folio_split(folio);
   // 5. Unlock the new folios but the first (the caller's) and drop this function's references.
   for (uint64_t i = 1; i < n; i++) {
     Folio* p = mem->pfn_to_page(pfn + i);

@@ -154,6 +154,31 @@ TEST_F(MigrateThpTest, EvictionOfDeviceThpRacesPartialMunmap) {
   EXPECT_EQ(verify_pages(*as, va + kPmdSize / 2, kPmdSize / 2, 6), 0);
 }
 
+// A partial munmap splits the device-private PMD: the rest of the device folio is mapped by
+// PTEs. A CPU fault on one of them splits the folio (it is the fault page, locked by the
+// fault handler) and brings that page back; a migration brings back the rest.
+TEST_F(MigrateThpTest, PartialUnmapOfDevicePmdThenFaultAndMigrateBack) {
+  fill_pages(*as, va, kPmdSize, 8);
+  ASSERT_EQ(*to_device(), kPagesPerPmd);
+  ASSERT_EQ(as->munmap(va, kPmdSize / 4), 0);
+  const Va rest = va + kPmdSize / 4;
+  const PageState st = query_page(*as, rest);
+  EXPECT_EQ(st.kind, PageKind::kSoftLeaf);
+  EXPECT_TRUE(st.large);  // still one device folio, now PTE-mapped
+  EXPECT_MM_CHECK_OK(*mem);
+  EXPECT_EQ(*cpu::load<uint64_t>(*as, rest + 10 * kPageSize), pattern(rest + 10 * kPageSize, 8));
+  EXPECT_EQ(dev->cpu_faults.load(), 1);
+  EXPECT_EQ(dev->splits.load(), 1);
+  EXPECT_EQ(query_page(*as, rest + 10 * kPageSize).kind, PageKind::kSmall);
+  EXPECT_FALSE(query_page(*as, rest + 11 * kPageSize).large);
+  EXPECT_MM_CHECK_OK(*mem);
+  ASSERT_EQ(*dev->migrate_to_system(*as, rest, va + kPmdSize), 3 * kPagesPerPmd / 4 - 1);
+  EXPECT_EQ(dev->free_pages(), 4 * kPagesPerPmd);
+  EXPECT_MM_CHECK_OK(*mem);
+  EXPECT_EQ(verify_pages(*as, rest, 3 * kPmdSize / 4, 8), 0);
+  EXPECT_EQ(dev->cpu_faults.load(), 1);
+}
+
 // Without SELECT_COMPOUND, a THP is split first and moves as 512 small pages.
 TEST_F(MigrateThpTest, WithoutCompoundThpIsSplitFirst) {
   fill_pages(*as, va, kPmdSize, 7);
