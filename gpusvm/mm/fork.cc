@@ -155,6 +155,40 @@ int copy_pte_range(AddressSpace& src_mm, AddressSpace& dst_mm, const Vma& vma, P
   return 0;
 }
 
+// The child's copy of the huge leaf `leaf` at haddr (copy_huge_pmd / copy_huge_non_present_pmd);
+// *src_out is what the parent keeps. Both PMD locks held.
+//  - present THP: shared, COW write-protects both sides; the huge zero folio is shared freely;
+//  - device-private PMD: shared read-only, like the PTE case (+1 reference, entire mapcount
+//    and rmap item for the child);
+//  - PMD migration entry: copied as a read entry on both sides with a PMD migration record for
+//    the child, like the PTE case (no reference, no mapcount).
+Pte copy_huge_leaf(PhysMem* mem, AddressSpace& dst_mm, Va haddr, bool cow, Pte leaf, Pte* src_out) {
+  *src_out = leaf;
+  if (leaf.present() && mem->is_huge_zero_pfn(leaf.pfn())) return leaf.mkold();
+  Folio* folio = mem->folio_of(leaf.pfn());
+  if (leaf.is_migration()) {
+    if (cow && leaf.soft_leaf_type() != SoftLeafType::kMigrationRead) {
+      const uint64_t type = static_cast<uint64_t>(SoftLeafType::kMigrationRead) << pte_bits::kTypeShift;
+      *src_out = Pte((leaf.raw() & ~pte_bits::kTypeMask) | type);
+    }
+    folio_add_migration_item(folio, RmapItem{&dst_mm, haddr, 0, true, true});
+    return *src_out;
+  }
+  folio->get();
+  folio_add_rmap_pmd(folio, &dst_mm, haddr);
+  for (uint64_t i = 0; i < kPagesPerPmd; i++) folio->page(i)->clear_page(kPageAnonExclusive);
+  if (leaf.is_device_private()) {
+    if (cow && leaf.soft_leaf_write()) {
+      Pte ro = Pte::make_soft_leaf(SoftLeafType::kDevicePrivateRead, leaf.pfn(), /*huge=*/true);
+      if (leaf.soft_dirty()) ro = ro.swp_mksoft_dirty();
+      *src_out = ro;
+    }
+    return *src_out;
+  }
+  if (cow && leaf.write()) *src_out = leaf.wrprotect();
+  return src_out->mkold();
+}
+
 // copy_huge_pmd. Returns 1 when the PMD was not a leaf any more (copy its PTEs instead).
 int copy_huge_pmd(AddressSpace& src_mm, AddressSpace& dst_mm, PmdSlot src_slot, Va haddr,
                   bool cow) {
@@ -167,24 +201,14 @@ int copy_huge_pmd(AddressSpace& src_mm, AddressSpace& dst_mm, PmdSlot src_slot, 
   {
     SpinLockGuard gs(&src_slot.table->lock);
     SpinLockGuard gd(&dst_slot->table->lock, 1);
-    Pmd pmd = src_slot.table->get(src_slot.index);
+    const Pmd pmd = src_slot.table->get(src_slot.index);
     if (!pmd.is_leaf()) {
       rc = 1;
-    } else if (!pmd.leaf().present()) {
-      rc = -EBUSY;  // PMD migration / device-private PMD entries: not copied yet
     } else {
-      Pte leaf = pmd.leaf();
-      if (!mem->is_huge_zero_pfn(leaf.pfn())) {
-        Folio* folio = mem->folio_of(leaf.pfn());
-        folio->get();
-        folio_add_rmap_pmd(folio, &dst_mm, haddr);
-        for (uint64_t i = 0; i < kPagesPerPmd; i++) folio->page(i)->clear_page(kPageAnonExclusive);
-        if (cow && leaf.write()) {
-          leaf = leaf.wrprotect();
-          src_slot.table->set(src_slot.index, Pmd::make_leaf(leaf));
-        }
-      }
-      dst_slot->table->set(dst_slot->index, Pmd::make_leaf(leaf.mkold()));
+      Pte keep;
+      const Pte child = copy_huge_leaf(mem, dst_mm, haddr, cow, pmd.leaf(), &keep);
+      if (keep != pmd.leaf()) src_slot.table->set(src_slot.index, Pmd::make_leaf(keep));
+      dst_slot->table->set(dst_slot->index, Pmd::make_leaf(child));
       dst_slot->table->deposit(dst_slot->index, deposit);
       deposit = nullptr;
     }

@@ -216,6 +216,95 @@ TEST_F(ForkDeviceTest, Fork_MigrationEntry_Grandchild_AllThreeShareNewPage) {
   }
 }
 
+// The same with a PMD migration entry (a compound migration of a whole THP): fork copies it
+// as a read entry with a PMD migration record; finalize maps the new 2 MiB folio by PMD in
+// both processes, read-only; a write by the child splits its PMD and copies 4 KiB.
+TEST_F(ForkDeviceTest, Fork_PmdMigrationEntryBetweenSetupAndFinalize_BothMapNewThp) {
+  Va va = map_anon(*as, kPmdSize, PROT_READ | PROT_WRITE, /*huge=*/true);
+  ASSERT_TRUE(pmd_aligned(va));
+  fill_pages(*as, va, kPmdSize, 1);
+  ASSERT_EQ(query_page(*as, va).kind, PageKind::kThpPmd);
+  std::vector<uint64_t> src(kPagesPerPmd), dst(kPagesPerPmd);
+  MigrateVma m{.mm = as.get(), .start = va, .end = va + kPmdSize, .src = src.data(),
+               .dst = dst.data(), .pgmap_owner = this,
+               .flags = MIGRATE_VMA_SELECT_SYSTEM | MIGRATE_VMA_SELECT_COMPOUND};
+  Folio* new_thp = nullptr;
+  {
+    ReadLock g(&as->mmap_lock());
+    ASSERT_EQ(migrate_vma_setup(&m), 0);
+    ASSERT_TRUE((src[0] & MIGRATE_PFN_MIGRATE) && (src[0] & MIGRATE_PFN_COMPOUND));
+    new_thp = mem->folio_alloc(kPmdOrder, /*zero=*/false);
+    ASSERT_NE(new_thp, nullptr);
+    folio_lock(new_thp);
+    std::memcpy(new_thp->data(), mem->pfn_to_page(migrate_pfn_to_pfn(src[0]))->data(), kPmdSize);
+    dst[0] = migrate_pfn(new_thp->pfn()) | MIGRATE_PFN_COMPOUND;
+    migrate_vma_pages(&m);
+    ASSERT_TRUE(src[0] & MIGRATE_PFN_MIGRATE);
+  }
+  std::unique_ptr<AddressSpace> child;
+  on_other_thread([&] {
+    expect_leaf(*as, va, SoftLeafType::kMigrationWrite);
+    child = fork_on_other_thread(*as);
+    ASSERT_NE(child, nullptr);
+    expect_leaf(*as, va + 7 * kPageSize, SoftLeafType::kMigrationRead);
+    expect_leaf(*child, va + 7 * kPageSize, SoftLeafType::kMigrationRead);
+  });
+  ASSERT_NE(child, nullptr);
+  migrate_vma_finalize(&m);
+  for (AddressSpace* mm : {as.get(), child.get()}) {
+    PageState st = query_page(*mm, va + 3 * kPageSize);
+    EXPECT_EQ(st.kind, PageKind::kThpPmd);
+    EXPECT_EQ(st.pfn, new_thp->pfn() + 3);
+    EXPECT_FALSE(st.writable);
+    EXPECT_FALSE(st.anon_exclusive);
+    EXPECT_EQ(st.mapcount, 2);
+    EXPECT_EQ(st.refcount, 2);
+  }
+  EXPECT_MM_CHECK_OK(*mem);
+  EXPECT_EQ(verify_pages(*as, va, kPmdSize, 1), 0);
+  EXPECT_EQ(verify_pages(*child, va, kPmdSize, 1), 0);
+  fill_pages(*child, va + 5 * kPageSize, kPageSize, 2);
+  EXPECT_EQ(verify_pages(*as, va, kPmdSize, 1), 0);
+  EXPECT_EQ(verify_pages(*child, va + 5 * kPageSize, kPageSize, 2), 0);
+  EXPECT_MM_CHECK_OK(*mem);
+}
+
+// A device-private PMD (a THP migrated to the device whole) is shared read-only by fork like
+// a device-private PTE: one reference and one entire mapcount for each process.
+TEST_F(ForkDeviceTest, Fork_DevicePrivatePmd_SharedReadOnly) {
+  TestDevice dev(mem.get(), 2 * kPagesPerPmd);
+  ASSERT_TRUE(dev.ok());
+  Va va = map_anon(*as, kPmdSize, PROT_READ | PROT_WRITE, /*huge=*/true);
+  fill_pages(*as, va, kPmdSize, 1);
+  Result<uint64_t> moved = dev.migrate_to_device(*as, va, va + kPmdSize, MIGRATE_VMA_SELECT_COMPOUND);
+  ASSERT_TRUE(moved.ok());
+  ASSERT_EQ(*moved, kPagesPerPmd);
+  PageState before = query_page(*as, va);
+  ASSERT_EQ(before.leaf, SoftLeafType::kDevicePrivateWrite);
+  ASSERT_TRUE(before.large);
+  Result<std::unique_ptr<AddressSpace>> child = as->fork();
+  ASSERT_TRUE(child.ok()) << child.error();
+  for (AddressSpace* mm : {as.get(), child->get()}) {
+    PageState st = query_page(*mm, va + 9 * kPageSize);
+    EXPECT_EQ(st.leaf, SoftLeafType::kDevicePrivateRead);
+    EXPECT_EQ(st.pfn, before.pfn);
+    EXPECT_EQ(st.refcount, 2);
+    EXPECT_EQ(st.mapcount, 2);
+    EXPECT_FALSE(st.anon_exclusive);
+  }
+  EXPECT_MM_CHECK_OK(*mem);
+  // A CPU access of either process brings the data back for both.
+  EXPECT_EQ(verify_pages(**child, va, kPmdSize, 1), 0);
+  EXPECT_EQ(verify_pages(*as, va, kPmdSize, 1), 0);
+  EXPECT_FALSE(dev.pgmap()->contains(query_page(*as, va).pfn));
+  EXPECT_MM_CHECK_OK(*mem);
+  fill_pages(*as, va, kPageSize, 2);  // COW: the child keeps its bytes
+  EXPECT_EQ(verify_pages(**child, va, kPmdSize, 1), 0);
+  child->reset();
+  as->exit();
+  EXPECT_EQ(dev.free_pages(), 2 * kPagesPerPmd);
+}
+
 // Seed notes §8 item 10: eviction (migrate_device_range, no mmap lock) installs migration
 // entries; a fork between collection and finalize copies them; both processes end up with
 // the evicted data in system memory, shared read-only.
