@@ -1,6 +1,7 @@
 // Compound (2 MiB) migration: THPs and device-private PMDs moving whole, holes and the huge
 // zero folio receiving 2 MiB destinations, and the split during migration when only 4 KiB
 // destinations can be had (seed 003), in both directions.
+#include <atomic>
 #include <thread>
 
 #include "tests/mm/mm_test_util.h"
@@ -177,6 +178,33 @@ TEST_F(MigrateThpTest, PartialUnmapOfDevicePmdThenFaultAndMigrateBack) {
   EXPECT_MM_CHECK_OK(*mem);
   EXPECT_EQ(verify_pages(*as, rest, 3 * kPmdSize / 4, 8), 0);
   EXPECT_EQ(dev->cpu_faults.load(), 1);
+}
+
+// A CPU thread reads and writes while the 2 MiB migrates back and forth, whole or split
+// (every third round only 4 KiB destinations): every access sees the data.
+TEST_F(MigrateThpTest, CompoundMigrationRacesCpu) {
+  fill_pages(*as, va, kPmdSize, 9);
+  std::atomic<bool> stop{false};
+  std::atomic<int> errors{0};
+  std::thread cpu_thread([&] {
+    uint64_t n = 0;
+    while (!stop.load(std::memory_order_relaxed)) {
+      const Va a = va + ((n++ * 131) % kPagesPerPmd) * kPageSize;
+      Result<uint64_t> v = cpu::load<uint64_t>(*as, a);
+      if (!v || *v != pattern(a, 9)) errors++;
+      if (cpu::store<uint64_t>(*as, a + 8, n)) errors++;
+    }
+  });
+  for (int round = 0; round < 24; round++) {
+    dev->fail_thp_alloc = round % 3 == 2;
+    if (!to_device().ok()) errors++;
+    if (!to_system().ok()) errors++;
+  }
+  stop = true;
+  cpu_thread.join();
+  EXPECT_EQ(errors.load(), 0);
+  EXPECT_MM_CHECK_OK(*mem);
+  EXPECT_EQ(verify_pages(*as, va, kPmdSize, 9), 0);
 }
 
 // Without SELECT_COMPOUND, a THP is split first and moves as 512 small pages.
