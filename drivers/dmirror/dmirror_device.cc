@@ -3,11 +3,13 @@
 
 #include <cerrno>
 #include <chrono>
+#include <string>
 #include <thread>
+#include <vector>
 
 #include "drivers/devfs/process.h"
 #include "drivers/dmirror/dmirror.h"
-#include "drivers/dmirror/page_copy.h"
+#include "drivers/dmirror/migrate_copy.h"
 #include "gpusvm/mm/migrate.h"
 
 namespace gpusvm::dmirror {
@@ -28,6 +30,7 @@ DmirrorDevice::~DmirrorDevice() {
   {
     SpinLockGuard g(&free_lock_);
     free_.clear();
+    free_huge_.clear();
   }
   MutexLock g(&devmem_lock_);
   chunks_.clear();  // each DevPagemap checks that none of its pages is still in use
@@ -50,9 +53,9 @@ int DmirrorDevice::add_chunk() {
   chunk->pgmap = std::move(*pgmap);
   {
     SpinLockGuard f(&free_lock_);
-    // Pushed in reverse so that pages are handed out in pfn order.
-    for (uint64_t i = config_.chunk_pages; i-- > 0;) {
-      free_.push_back(FreePage{chunk.get(), chunk->pgmap->first_pfn() + i});
+    // Pushed in reverse so that blocks are handed out in pfn order.
+    for (uint64_t i = config_.chunk_pages; i >= mm::kPagesPerPmd; i -= mm::kPagesPerPmd) {
+      free_huge_.push_back(FreePage{chunk.get(), chunk->pgmap->first_pfn() + i - mm::kPagesPerPmd});
     }
   }
   chunks_.push_back(std::move(chunk));
@@ -60,37 +63,52 @@ int DmirrorDevice::add_chunk() {
   return 0;
 }
 
-mm::Folio* DmirrorDevice::alloc_page() {
-  // Two rounds: the free list, then once more after adding a chunk.
+bool DmirrorDevice::take_free(unsigned order, FreePage* out) {
+  SpinLockGuard g(&free_lock_);
+  if (order == 0 && free_.empty() && !free_huge_.empty()) {
+    // Break a block into pages (pushed in reverse: handed out in pfn order).
+    const FreePage block = free_huge_.back();
+    free_huge_.pop_back();
+    for (uint64_t i = mm::kPagesPerPmd; i-- > 0;) free_.push_back(FreePage{block.chunk, block.pfn + i});
+  }
+  std::vector<FreePage>& list = order ? free_huge_ : free_;
+  if (list.empty()) return false;
+  *out = list.back();
+  list.pop_back();
+  out->chunk->in_use += 1ULL << order;
+  return true;
+}
+
+mm::Folio* DmirrorDevice::alloc_folio(unsigned order) {
+  // Two rounds: the free lists, then once more after adding a chunk.
   for (int round = 0; round < 2; round++) {
-    for (;;) {
-      FreePage fp;
-      {
-        SpinLockGuard g(&free_lock_);
-        if (free_.empty()) break;
-        fp = free_.back();
-        free_.pop_back();
-      }
-      if (mm::Folio* f = fp.chunk->pgmap->folio_init(fp.pfn, 0)) {
-        f->zone_device_data = fp.chunk;
-        SpinLockGuard g(&free_lock_);
-        fp.chunk->in_use++;
-        return f;
-      }
-      // Cannot happen while the free list only holds free frames; skip the frame if it does.
+    FreePage fp;
+    if (take_free(order, &fp)) {
+      mm::Folio* f = fp.chunk->pgmap->folio_init(fp.pfn, order);
+      if (!f) panic("dmirror: free device frames in use at pfn " + std::to_string(fp.pfn));
+      f->zone_device_data = fp.chunk;
+      return f;
     }
     if (round == 0 && add_chunk() != 0) return nullptr;
   }
   return nullptr;
 }
 
+mm::Folio* DmirrorDevice::alloc_page() { return alloc_folio(0); }
+mm::Folio* DmirrorDevice::alloc_huge() { return alloc_folio(mm::kPmdOrder); }
+
 void DmirrorDevice::folio_free(mm::Folio* folio) {
   auto* chunk = static_cast<Chunk*>(folio->zone_device_data);
+  const uint64_t n = folio->nr_pages();
   SpinLockGuard g(&free_lock_);
-  if (!chunk->removing) {
-    for (uint64_t i = 0; i < folio->nr_pages(); i++) free_.push_back(FreePage{chunk, folio->pfn() + i});
-  }
-  chunk->in_use -= 1;  // the last access to the chunk (see Chunk)
+  if (!chunk->removing) (n > 1 ? free_huge_ : free_).push_back(FreePage{chunk, folio->pfn()});
+  chunk->in_use -= n;  // the last access to the chunk (see Chunk)
+}
+
+void DmirrorDevice::folio_split(mm::Folio* folio) {
+  void* chunk = folio->zone_device_data;
+  mm::DevPagemap* pgmap = folio->pagemap();
+  for (uint64_t i = 1; i < mm::kPagesPerPmd; i++) pgmap->pfn_to_page(folio->pfn() + i)->zone_device_data = chunk;
 }
 
 bool DmirrorDevice::any_page_in_use() const {
@@ -103,16 +121,13 @@ bool DmirrorDevice::any_page_in_use() const {
 }
 
 uint64_t DmirrorDevice::evict_copy(uint64_t* src, uint64_t* dst, uint64_t n) {
+  for (uint64_t i = 0; i < n; i++) dst[i] = 0;
   uint64_t collected = 0;
-  for (uint64_t i = 0; i < n; i++) {
-    dst[i] = 0;
+  for (uint64_t i = 0; i < n; i += src_pages(src[i])) {
     if (!(src[i] & mm::MIGRATE_PFN_MIGRATE)) continue;
-    collected++;
-    mm::Folio* dpage = mem_->folio_alloc(0, /*zero=*/false);
-    if (!dpage) continue;  // stays on the device this round; retried
-    mm::folio_lock(dpage);
-    dev_copy_page(dpage->data(), mem_->pfn_to_page(mm::migrate_pfn_to_pfn(src[i]))->data());
-    dst[i] = mm::migrate_pfn(dpage->pfn());
+    collected += src_pages(src[i]);
+    // No memory: the page stays on the device this round and is collected again.
+    (void)alloc_and_copy(*this, MigrateTarget::kSystem, src, dst, i, /*fail=*/false);
   }
   return collected;
 }
@@ -144,6 +159,7 @@ int DmirrorDevice::release_chunks() {
     SpinLockGuard f(&free_lock_);
     for (auto& c : chunks_) c->removing = true;
     free_.clear();  // every chunk goes, so every free page goes
+    free_huge_.clear();
     taken.swap(dying_);
     for (auto& c : chunks_) taken.push_back(std::move(c));
     chunks_.clear();
@@ -180,29 +196,35 @@ size_t DmirrorDevice::chunk_count() const {
 mm::VmFault DmirrorDevice::migrate_to_ram(const mm::VmFaultInfo& vmf) {
   cpu_faults.add();
   mm::Folio* folio = vmf.page->head();
-  const mm::Va start = mm::page_align_down(vmf.address);
-  uint64_t src = 0;
-  uint64_t dst = 0;
-  mm::MigrateVma args{.mm = vmf.mm, .start = start, .end = start + kPageSize, .src = &src,
-                      .dst = &dst, .pgmap_owner = owner(),
-                      .flags = mm::MIGRATE_VMA_SELECT_DEVICE_PRIVATE, .fault_page = folio};
-  // No file of this device is the migrator here: every mirror erases the page (the MIGRATE
-  // invalidation is not skipped by anyone), so no file keeps an entry for the moving page.
+  // A fault through a device-private PMD migrates the whole 2 MiB folio, else one page.
+  const uint64_t n = vmf.pmd ? mm::kPagesPerPmd : 1;
+  const mm::Va start = vmf.pmd ? mm::pmd_align_down(vmf.address) : mm::page_align_down(vmf.address);
+  std::vector<uint64_t> src(n), dst(n);
+  mm::MigrateVma args{.mm = vmf.mm, .start = start, .end = start + n * kPageSize, .src = src.data(),
+                      .dst = dst.data(), .pgmap_owner = owner(),
+                      .flags = mm::MIGRATE_VMA_SELECT_DEVICE_PRIVATE | mm::MIGRATE_VMA_SELECT_COMPOUND,
+                      .fault_page = folio};
+  // No file of this device is the migrator here: every mirror erases the range (nobody skips
+  // this MIGRATE invalidation), so no file keeps an entry for the moving pages.
   if (mm::migrate_vma_setup(&args) != 0) return mm::VmFault::kSigbus;
-  mm::VmFault ret = mm::VmFault::kOk;
-  if ((src & mm::MIGRATE_PFN_MIGRATE) && (src & mm::MIGRATE_PFN_VALID)) {
-    mm::Folio* dpage = mem_->folio_alloc(0, /*zero=*/false);
-    if (dpage) {
-      mm::folio_lock(dpage);
-      dev_copy_page(dpage->data(), mem_->pfn_to_page(mm::migrate_pfn_to_pfn(src))->data());
-      dst = mm::migrate_pfn(dpage->pfn()) | (src & mm::MIGRATE_PFN_WRITE);
-    } else {
-      ret = mm::VmFault::kOom;
+  constexpr uint64_t kValidMigrate = mm::MIGRATE_PFN_VALID | mm::MIGRATE_PFN_MIGRATE;
+  for (uint64_t i = 0; i < n; i += src_pages(src[i])) {
+    if ((src[i] & kValidMigrate) != kValidMigrate) continue;
+    if (!alloc_and_copy(*this, MigrateTarget::kSystem, src.data(), dst.data(), i, /*fail=*/false)) {
+      for (uint64_t k = 0; k < n; k++) {
+        if (!(dst[k] & mm::MIGRATE_PFN_VALID)) continue;
+        mm::Folio* d = mem_->pfn_to_page(mm::migrate_pfn_to_pfn(dst[k]));
+        dst[k] = 0;
+        mm::folio_unlock(d);
+        d->put();
+      }
+      mm::migrate_vma_finalize(&args);
+      return mm::VmFault::kOom;
     }
   }
-  if (ret == mm::VmFault::kOk) mm::migrate_vma_pages(&args);
+  mm::migrate_vma_pages(&args);
   mm::migrate_vma_finalize(&args);
-  return ret;
+  return mm::VmFault::kOk;
 }
 
 }  // namespace gpusvm::dmirror

@@ -5,8 +5,10 @@
 //    is this device (the page owner that hmm_range_fault and migrate_vma compare). The pagemap
 //    keeps the frames' bytes in host memory (DevPagemap storage); that is the "backing store"
 //    test_hmm keeps in a system page per device page.
-//  - A chunk is added when the free list runs dry (test_hmm adds 256 MiB chunks; the size is
-//    a Config field here so tests stay small). RELEASE evicts every page of every chunk to
+//  - A chunk is added when the free lists run dry (test_hmm adds 256 MiB chunks; the size is
+//    a Config field here so tests stay small). A new chunk is a list of free 2 MiB blocks; a
+//    small allocation breaks a block into 512 free pages when no free page is left (freed
+//    pages are not merged back; a freed 2 MiB folio returns as a block). RELEASE evicts every page of every chunk to
 //    system memory and drops the chunks; the next allocation adds a new one.
 //  - Every file opened on the device shares its device memory and its owner: files are
 //    mirrors (Dmirror, dmirror.h) of the opener's address space.
@@ -73,6 +75,9 @@ class DmirrorDevice final : public devfs::Device,
   // exhausted. May add a chunk (allocates host memory, registers a pagemap). Context: may
   // hold folio locks, not the devmem lock or any lock ranked above it.
   mm::Folio* alloc_page() GPUSVM_EXCLUDES(devmem_lock_, free_lock_);
+  // Allocates one 2 MiB device folio (refcount 1, unlocked), adding a chunk when no free
+  // aligned block is left. nullptr when device memory is exhausted. Context as alloc_page.
+  mm::Folio* alloc_huge() GPUSVM_EXCLUDES(devmem_lock_, free_lock_);
 
   // HMM_DMIRROR_RELEASE: evicts every page of every chunk to system memory and drops the
   // chunks. Returns 0, or -EBUSY when a page could not be evicted within the retry budget
@@ -86,6 +91,8 @@ class DmirrorDevice final : public devfs::Device,
   // migrate_vma (fault_page = vmf.page). Context: mmap lock (read) held, vmf.page locked and
   // referenced by the fault handler; may sleep.
   mm::VmFault migrate_to_ram(const mm::VmFaultInfo& vmf) override;
+  // A 2 MiB device folio was split into 512 small ones: each gets its chunk link.
+  void folio_split(mm::Folio* folio) override;
 
   // Whether any device page is in use (allocated and not freed).
   bool any_page_in_use() const GPUSVM_EXCLUDES(devmem_lock_, free_lock_);
@@ -117,9 +124,12 @@ class DmirrorDevice final : public devfs::Device,
   // Migrates every page of `chunk` in use to system memory (migrate_device_range) until none
   // is in use. Returns 0, or -EBUSY when pages stayed busy past the retry budget.
   int evict_chunk(Chunk* chunk) GPUSVM_EXCLUDES(free_lock_);
-  // Copies `chunk`'s collected pages to new system pages (fills dst). Returns the number
-  // collected.
+  // Copies `chunk`'s collected pages to new system memory (fills dst). Returns the number
+  // of pages collected.
   uint64_t evict_copy(uint64_t* src, uint64_t* dst, uint64_t n);
+  mm::Folio* alloc_folio(unsigned order) GPUSVM_EXCLUDES(devmem_lock_, free_lock_);
+  // Takes a free page, or a free 2 MiB block (order kPmdOrder), from the free lists.
+  bool take_free(unsigned order, FreePage* out) GPUSVM_EXCLUDES(free_lock_);
 
   mm::PhysMem* const mem_;
   const int id_;
@@ -130,7 +140,8 @@ class DmirrorDevice final : public devfs::Device,
   // Chunks a release could not empty (pages stayed busy): retried by the next release.
   std::vector<std::unique_ptr<Chunk>> dying_ GPUSVM_GUARDED_BY(devmem_lock_);
   mutable SpinLock free_lock_{&kDmirrorFreeLockClass};
-  std::vector<FreePage> free_ GPUSVM_GUARDED_BY(free_lock_);
+  std::vector<FreePage> free_ GPUSVM_GUARDED_BY(free_lock_);       // free 4 KiB pages
+  std::vector<FreePage> free_huge_ GPUSVM_GUARDED_BY(free_lock_);  // free aligned 2 MiB blocks
 };
 
 }  // namespace gpusvm::dmirror

@@ -6,7 +6,7 @@
 #include <vector>
 
 #include "drivers/dmirror/dmirror.h"
-#include "drivers/dmirror/page_copy.h"
+#include "drivers/dmirror/migrate_copy.h"
 
 namespace gpusvm::dmirror {
 
@@ -51,18 +51,32 @@ bool Dmirror::consume_fail_alloc() {
 
 void Dmirror::unmap_collected(const mm::MigrateVma& args) {
   MutexLock g(&mutex_);
-  for (uint64_t i = 0; i < args.npages; i++) {
-    if (args.src[i] & mm::MIGRATE_PFN_MIGRATE) pt_.erase((args.start >> kPageShift) + i);
+  for (uint64_t i = 0; i < args.npages; i += src_pages(args.src[i])) {
+    if (!(args.src[i] & mm::MIGRATE_PFN_MIGRATE)) continue;
+    const uint64_t first = (args.start >> kPageShift) + i;
+    pt_.erase_range(first, first + src_pages(args.src[i]));
   }
 }
 
 void Dmirror::map_migrated(const mm::MigrateVma& args, const MigrationRecord& rec) {
   mutex_.assert_held();
   if (rec.hit) return;  // a foreign invalidation overlapped: the next access faults instead
-  for (uint64_t i = 0; i < args.npages; i++) {
-    if (!(args.src[i] & mm::MIGRATE_PFN_MIGRATE) || !(args.dst[i] & mm::MIGRATE_PFN_VALID)) continue;
-    const uint8_t tags = (args.dst[i] & mm::MIGRATE_PFN_WRITE) ? kDptWrite : 0;
-    pt_.store((args.start >> kPageShift) + i, DptEntry{mm::migrate_pfn_to_pfn(args.dst[i]), tags});
+  for (uint64_t i = 0; i < args.npages; i += src_pages(args.src[i])) {
+    if (!(args.src[i] & mm::MIGRATE_PFN_MIGRATE)) continue;
+    const uint64_t first = (args.start >> kPageShift) + i;
+    if (args.dst[i] & mm::MIGRATE_PFN_COMPOUND) {  // one 2 MiB destination
+      const uint8_t tags = (args.dst[i] & mm::MIGRATE_PFN_WRITE) ? kDptWrite : 0;
+      for (uint64_t j = 0; j < mm::kPagesPerPmd; j++) {
+        pt_.store(first + j, DptEntry{mm::migrate_pfn_to_pfn(args.dst[i]) + j, tags});
+      }
+      continue;
+    }
+    for (uint64_t j = 0; j < src_pages(args.src[i]); j++) {  // one or 512 small destinations
+      const uint64_t d = args.dst[i + j];
+      if (!(d & mm::MIGRATE_PFN_VALID)) continue;
+      const uint8_t tags = (d & mm::MIGRATE_PFN_WRITE) ? kDptWrite : 0;
+      pt_.store(first + j, DptEntry{mm::migrate_pfn_to_pfn(d), tags});
+    }
   }
 }
 
@@ -86,22 +100,15 @@ int Dmirror::migrate_chunk_to_dev(mm::MigrateVma* args) {
   // The device stops using the sources before their bytes are copied.
   unmap_collected(*args);
   mm::PhysMem* mem = dev_->mem();
-  for (uint64_t i = 0; i < args->npages; i++) {
+  for (uint64_t i = 0; i < args->npages; i += src_pages(args->src[i])) {
     if (!(args->src[i] & mm::MIGRATE_PFN_MIGRATE)) continue;
-    mm::Folio* spage = (args->src[i] & mm::MIGRATE_PFN_VALID)
-                           ? mem->pfn_to_page(mm::migrate_pfn_to_pfn(args->src[i]))
-                           : nullptr;
-    if (spage && spage->pagemap()) continue;  // SELECT_SYSTEM never collects device pages
-    if (consume_fail_alloc()) continue;       // FAIL_ALLOC: this page stays where it is
-    mm::Folio* dpage = dev_->alloc_page();
-    if (!dpage) continue;  // device memory exhausted: this page stays
-    mm::folio_lock(dpage);
-    if (spage) {
-      dev_copy_page(dpage->data(), spage->data());
-    } else {
-      dev_clear_page(dpage->data());  // a hole or the zero page
+    if ((args->src[i] & mm::MIGRATE_PFN_VALID) &&
+        mem->pfn_to_page(mm::migrate_pfn_to_pfn(args->src[i]))->pagemap()) {
+      continue;  // SELECT_SYSTEM never collects device pages
     }
-    args->dst[i] = mm::migrate_pfn(dpage->pfn()) | (args->src[i] & mm::MIGRATE_PFN_WRITE);
+    // FAIL_ALLOC: an order-0 page stays where it is; a compound one gets 512 small pages.
+    // Device memory exhausted: the page stays.
+    (void)alloc_and_copy(*dev_, MigrateTarget::kDevice, args->src, args->dst, i, consume_fail_alloc());
   }
   {
     MigratorScope s(this);
@@ -126,38 +133,28 @@ int Dmirror::migrate_chunk_to_sys(mm::MigrateVma* args, uint64_t* moved) {
   if (rc) return rc;
   unmap_collected(*args);
   mm::PhysMem* mem = dev_->mem();
-  bool oom = false;
-  for (uint64_t i = 0; i < args->npages && !oom; i++) {
-    if (!(args->src[i] & mm::MIGRATE_PFN_MIGRATE) || !(args->src[i] & mm::MIGRATE_PFN_VALID)) continue;
-    mm::Folio* spage = mem->pfn_to_page(mm::migrate_pfn_to_pfn(args->src[i]));
-    mm::Folio* dpage = consume_fail_alloc() ? nullptr : mem->folio_alloc(0, /*zero=*/false);
-    if (!dpage) {
-      oom = true;
-      break;
+  constexpr uint64_t kValidMigrate = mm::MIGRATE_PFN_VALID | mm::MIGRATE_PFN_MIGRATE;
+  for (uint64_t i = 0; i < args->npages; i += src_pages(args->src[i])) {
+    if ((args->src[i] & kValidMigrate) != kValidMigrate) continue;
+    if (!alloc_and_copy(*dev_, MigrateTarget::kSystem, args->src, args->dst, i, consume_fail_alloc())) {
+      // Out of memory: nothing of the chunk moves; give back what was allocated.
+      for (uint64_t k = 0; k < args->npages; k++) {
+        if (!(args->dst[k] & mm::MIGRATE_PFN_VALID)) continue;
+        mm::Folio* d = mem->pfn_to_page(mm::migrate_pfn_to_pfn(args->dst[k]));
+        args->dst[k] = 0;
+        mm::folio_unlock(d);
+        d->put();
+      }
+      mm::migrate_vma_finalize(args);
+      return -ENOMEM;
     }
-    mm::folio_lock(dpage);
-    dev_copy_page(dpage->data(), spage->data());
-    args->dst[i] = mm::migrate_pfn(dpage->pfn()) | (args->src[i] & mm::MIGRATE_PFN_WRITE);
-  }
-  if (oom) {
-    // Nothing of the chunk moves: give back the pages allocated so far, restore every source.
-    for (uint64_t i = 0; i < args->npages; i++) {
-      if (!(args->dst[i] & mm::MIGRATE_PFN_VALID)) continue;
-      mm::Folio* dpage = mem->pfn_to_page(mm::migrate_pfn_to_pfn(args->dst[i]));
-      mm::folio_unlock(dpage);
-      dpage->put();
-      args->dst[i] = 0;
-    }
-    mm::migrate_vma_finalize(args);
-    return -ENOMEM;
   }
   {
     MigratorScope s(this);
     mm::migrate_vma_pages(args);
   }
-  for (uint64_t i = 0; i < args->npages; i++) {
-    const uint64_t both = mm::MIGRATE_PFN_VALID | mm::MIGRATE_PFN_MIGRATE;
-    if ((args->src[i] & both) == both) ++*moved;
+  for (uint64_t i = 0; i < args->npages; i += src_pages(args->src[i])) {
+    if ((args->src[i] & kValidMigrate) == kValidMigrate) *moved += src_pages(args->src[i]);
   }
   mm::migrate_vma_finalize(args);
   return 0;
@@ -180,7 +177,7 @@ int Dmirror::migrate_to_dev(hmm_dmirror_cmd& cmd) {
       const Va next = std::min({end, addr + kMigrateChunkPages * kPageSize, vma->end});
       mm::MigrateVma args{.mm = mm_.get(), .start = addr, .end = next, .src = src.data(),
                           .dst = dst.data(), .pgmap_owner = dev_->owner(),
-                          .flags = mm::MIGRATE_VMA_SELECT_SYSTEM};
+                          .flags = mm::MIGRATE_VMA_SELECT_SYSTEM | mm::MIGRATE_VMA_SELECT_COMPOUND};
       if (int rc = migrate_chunk_to_dev(&args)) return rc;
       addr = next;
     }
@@ -212,7 +209,7 @@ int Dmirror::migrate_to_sys(hmm_dmirror_cmd& cmd) {
     const Va next = std::min({end, addr + kMigrateChunkPages * kPageSize, vma->end});
     mm::MigrateVma args{.mm = mm_.get(), .start = addr, .end = next, .src = src.data(),
                         .dst = dst.data(), .pgmap_owner = dev_->owner(),
-                        .flags = mm::MIGRATE_VMA_SELECT_DEVICE_PRIVATE};
+                        .flags = mm::MIGRATE_VMA_SELECT_DEVICE_PRIVATE | mm::MIGRATE_VMA_SELECT_COMPOUND};
     if (int rc = migrate_chunk_to_sys(&args, &moved)) return rc;
     addr = next;
   }
