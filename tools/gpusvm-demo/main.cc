@@ -10,6 +10,7 @@
 //   5. mprotect of 64 KiB inside a THP: the PMD mapping is split into PTEs
 //   6. a device mirror: hmm_range_fault snapshot of A and B, then REQ_FAULT walks
 //   7. verification of every page's data, pages by kind, fault counters, mm::check
+//   8. a device migration round trip through the dmirror device (migrate_demo.cc)
 // Exit status 0 when every check passed, 1 otherwise.
 #include <CLI/CLI.hpp>
 #include <array>
@@ -33,6 +34,7 @@
 #include "gpusvm/mm/mmu_notifier.h"
 #include "gpusvm/mm/page_state.h"
 #include "gpusvm/mm/physmem.h"
+#include "tools/gpusvm-demo/migrate_demo.h"
 
 namespace gpusvm::demo {
 namespace {
@@ -526,8 +528,15 @@ int run() {
   expect(mem.free_pages() == free_at_start, "after exit every frame is free again",
          fmt::format("{} free, {} at start", mem.free_pages(), free_at_start));
   check_ok(mem, "after exit");
+  fmt::print("\n");
 
-  fmt::print("\n{} in {:.2f} s\n", g_failures ? fmt::format("FAILED: {} check(s)", g_failures) : "all checks passed",
+  if (run_migration_demo([](bool ok, const std::string& what, const std::string& why) {
+        return expect(ok, what, why);
+      }) != 0) {
+    g_failures++;
+  }
+
+  fmt::print("{} in {:.2f} s\n", g_failures ? fmt::format("FAILED: {} check(s)", g_failures) : "all checks passed",
              static_cast<double>(ns_now() - t_start) / 1e9);
   return g_failures ? 1 : 0;
 }
