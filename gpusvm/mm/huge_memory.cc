@@ -262,9 +262,10 @@ int split_folio_exclusive(AddressSpace& mm, Folio* folio) {
     if (!t) panic("split_folio: rmap item without a PTE table");
     const unsigned i = pte_index(it.va);
     const Pte pte = t->get(i);
-    // Present PTEs, or device-private PTEs of a device folio (a device PMD split by munmap,
-    // mprotect or mremap, collected page by page by a migration).
-    if (!(pte.present() || pte.is_device_private()) || pte.pfn() != folio->pfn() + it.page) {
+    // Present PTEs, device-private PTEs of a device folio (a device PMD split by munmap,
+    // mprotect or mremap, collected page by page by a migration) and device-exclusive PTEs.
+    if (!(pte.present() || pte.is_device_private() || pte.is_device_exclusive()) ||
+        pte.pfn() != folio->pfn() + it.page) {
       panic("split_folio: rmap item does not match its PTE");
     }
     const bool write = pte.present() ? pte.write() : pte.soft_leaf_write();
@@ -274,7 +275,11 @@ int split_folio_exclusive(AddressSpace& mm, Folio* folio) {
     t->set(i, mig);
     page_remove_rmap_pte(folio->page(it.page), &mm, it.va);
     PageTable::pte_unmap_unlock(t);
-    saved.push_back(SplitMapping{it.va, pte, it.page});
+    // A device-exclusive page comes back to the CPU as try_to_migrate would hand it back: a
+    // read-only present PTE (the CLEAR invalidation above told the device); a write fault
+    // reuses it if it is still anon-exclusive.
+    const Pte restore = pte.is_device_exclusive() ? Pte::make_present(pte.pfn(), false).mkyoung() : pte;
+    saved.push_back(SplitMapping{it.va, restore, it.page});
   }
 
   // 2. Freeze: the only references left must be the unmapped mappings' and the caller's.

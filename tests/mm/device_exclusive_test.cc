@@ -513,10 +513,8 @@ TEST_F(DeviceExclusiveTest, MadviseFree_ThpWithDeviceExclusivePte_NotSplitDataIn
 // Seed 004 rule 7 (TryToMigrate_DeviceExclusive_ConvertsAndRestores / SplitThp_With-
 // ExclusivePtes_DataIntact): migrating other pages of a PTE-mapped THP splits the folio, and
 // the split must take the device-exclusive page like try_to_migrate does: a read migration
-// entry, then a present PTE, the device told by CLEAR. Disabled until split_folio_exclusive
-// (huge_memory.cc) accepts device-exclusive entries: today it panics "rmap item does not
-// match its PTE".
-TEST_F(DeviceExclusiveTest, DISABLED_MigrateVma_ThpWithDeviceExclusivePage_SplitConvertsEntry) {
+// entry, then a present PTE, the device told by CLEAR.
+TEST_F(DeviceExclusiveTest, MigrateVma_ThpWithDeviceExclusivePage_SplitConvertsEntry) {
   TestDevice dev(mem.get(), 64);
   ASSERT_TRUE(dev.ok());
   Va va = map_anon(*as, kPmdSize, PROT_READ | PROT_WRITE, /*huge=*/true);
