@@ -216,6 +216,54 @@ TEST_F(MigrateWalkTest, FaultFailsAfterEntriesInstalled_RestoresAll) {
   notifier.remove();
 }
 
+// An invalidation since read_begin: -EBUSY before anything changes (the sequence is checked
+// before the walk's own MIGRATE invalidation starts; after that the migration entries keep
+// the collected pages stable).
+TEST_F(MigrateWalkTest, ReqMigrateStaleSequence_EbusyNothingInstalled) {
+  const Va va = map_anon(*as, 8 * kPageSize);
+  fill_pages(*as, va, 8 * kPageSize, 12);
+  RecordingMirror mirror;
+  MmuIntervalNotifier notifier;
+  ASSERT_EQ(notifier.insert(as.get(), va, 8 * kPageSize, &mirror), 0);
+  std::vector<uint64_t> pfns(8), src(8), dst(8);
+  MigrateVma m{.src = src.data(), .dst = dst.data(), .pgmap_owner = dev.get()};
+  HmmRange r{.notifier = &notifier, .notifier_seq = notifier.read_begin(), .start = va,
+             .end = va + 8 * kPageSize, .hmm_pfns = pfns.data(),
+             .default_flags = HMM_PFN_REQ_FAULT | HMM_PFN_REQ_MIGRATE,
+             .dev_private_owner = dev.get(), .migrate = &m};
+  ASSERT_EQ(as->mprotect(va, 8 * kPageSize, PROT_READ), 0);  // invalidates the notifier
+  {
+    ReadLock g(&as->mmap_lock());
+    EXPECT_EQ(hmm_range_fault(&r), -EBUSY);
+  }
+  EXPECT_EQ(mirror.count(MmuNotifyEvent::kMigrate, dev.get()), 0);
+  EXPECT_EQ(as->stats().migrate_collected.get(), 0u);
+  for (uint64_t i = 0; i < 8; i++) EXPECT_EQ(query_page(*as, va + i * kPageSize).kind, PageKind::kSmall);
+  notifier.remove();
+}
+
+// migrate_vma_setup's fault_page must be a locked device-private page (the CPU fault
+// handler's): anything else is -EINVAL with nothing touched.
+TEST_F(MigrateWalkTest, FaultPageMustBeLockedDevicePage) {
+  const Va va = map_anon(*as, 2 * kPageSize);
+  fill_pages(*as, va, 2 * kPageSize, 13);
+  ASSERT_EQ(*dev->migrate_to_device(*as, va, va + kPageSize), 1u);
+  Folio* device_page = mem->folio_of(query_page(*as, va).pfn);
+  Folio* system_page = mem->folio_of(query_page(*as, va + kPageSize).pfn);
+  uint64_t src[2], dst[2];
+  MigrateVma m{.mm = as.get(), .start = va, .end = va + 2 * kPageSize, .src = src, .dst = dst,
+               .pgmap_owner = dev.get(), .flags = MIGRATE_VMA_SELECT_DEVICE_PRIVATE};
+  {
+    ReadLock g(&as->mmap_lock());
+    m.fault_page = device_page;  // not locked
+    EXPECT_EQ(migrate_vma_setup(&m), -EINVAL);
+    m.fault_page = system_page;
+    EXPECT_EQ(migrate_vma_setup(&m), -EINVAL);
+  }
+  EXPECT_EQ(query_page(*as, va).leaf, SoftLeafType::kDevicePrivateWrite);
+  EXPECT_EQ(verify_pages(*as, va, 2 * kPageSize, 13), 0);
+}
+
 TEST_F(MigrateWalkTest, TrylockFailure_PageSkippedOthersMove) {
   constexpr uint64_t kPages = 16;
   const Va va = map_anon(*as, kPages * kPageSize);
