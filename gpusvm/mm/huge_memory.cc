@@ -4,6 +4,7 @@
 #include <optional>
 #include <vector>
 
+#include "gpusvm/base/fault_inject.h"
 #include "gpusvm/mm/devmap.h"
 #include "gpusvm/mm/migrate_internal.h"
 #include "gpusvm/mm/mm_internal.h"
@@ -331,6 +332,10 @@ int split_folio_exclusive(AddressSpace& mm, Folio* folio) {
 
 namespace {
 
+// A reference taken by someone else between the migration's pin check and the split (a
+// speculative folio_try_get): the freeze fails. Injectable, as it is otherwise hard to hit.
+GPUSVM_FAULT_POINT(g_fail_split_freeze, "mm.migrate_split_freeze");
+
 // The PMD migration entry of `folio` at (mm, haddr) becomes 512 PTE migration entries in the
 // deposited table. Returns false when the entry is gone (zapped). Rmap walk lock held.
 bool split_pmd_migration_entry(AddressSpace& mm, Va haddr, const Folio* folio) {
@@ -373,7 +378,8 @@ int split_migrating_folio(Folio* folio, int extra_refs) {
     }
     // 2. Freeze: nobody but the migration may hold the folio now.
     int expected = 1 + extra_refs;
-    if (!folio->refcount_.compare_exchange_strong(expected, 0, std::memory_order_acq_rel)) {
+    if (g_fail_split_freeze.should_fail() ||
+        !folio->refcount_.compare_exchange_strong(expected, 0, std::memory_order_acq_rel)) {
       for (const RmapItem& r : records) folio_add_migration_item(folio, r);
       return -EAGAIN;
     }
