@@ -587,6 +587,34 @@ double memcpy_run(ThpBench& t, uint64_t size, uint64_t iters, int run, std::vect
   return ns;
 }
 
+// Untimed: CPU accesses to pages on the device come back through BenchDevice::migrate_to_ram
+// (a 2 MiB device folio whole, a 4 KiB page alone). Returns the device's CPU-fault count.
+uint64_t check_cpu_faults_back(ThpBench& t, bool thp) {
+  mm::AddressSpace& as = *t.m.as;
+  const uint64_t npages = kPmdSize / kPageSize;
+  const Va base = map_anon(as, kPmdSize, thp ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
+  for (uint64_t i = 0; i < npages; i++) {
+    if (int rc = mm::cpu::store<uint64_t>(as, base + i * kPageSize, page_tag(i, 99))) {
+      require_ok(rc, fmt::format("cpu::store at {:#x}", base + i * kPageSize));
+    }
+  }
+  const uint64_t faults0 = t.dev->cpu_faults();
+  if (t.dev->migrate(as, base, base + kPmdSize, /*to_device=*/true).pages != npages) {
+    fail("CPU-fault check: 2 MiB did not move to the device");
+  }
+  for (uint64_t i = 0; i < npages; i++) {
+    const Va va = base + i * kPageSize;
+    Result<uint64_t> v = mm::cpu::load<uint64_t>(as, va);
+    if (!v || *v != page_tag(i, 99)) {
+      fail("CPU read of device page {:#x} (migrate_to_ram) gave {}, expected {:#x}", va,
+           v ? fmt::format("{:#x}", *v) : errno_describe(v.error()), page_tag(i, 99));
+    }
+    if (t.dev->pgmap().contains(mm::query_page(as, va).pfn)) fail("page {:#x} still on the device after a CPU read", va);
+  }
+  require_ok(as.munmap(base, kPmdSize), "munmap");
+  return t.dev->cpu_faults() - faults0;
+}
+
 std::vector<Report> run_thp_migration(const Options& opt, uint64_t size_limit) {
   std::vector<uint64_t> sizes;
   for (uint64_t s : kThpSizes) {
@@ -706,6 +734,14 @@ std::vector<Report> run_thp_migration(const Options& opt, uint64_t size_limit) {
     summary.push_back(std::move(line));
   }
   Report& last = reports.back();
+  const uint64_t thp_faults = check_cpu_faults_back(t, true), small_faults = check_cpu_faults_back(t, false);
+  if (small_faults != kPagesPerPmd || thp_faults == 0 || (kSelectCompound && thp_faults != 1)) {
+    fail("CPU reads of 2 MiB on the device took {} (THP) and {} (4 KiB) migrate_to_ram calls; expected {} and 512",
+         thp_faults, small_faults, kSelectCompound ? "1" : "some");
+  }
+  last.detail("verified: CPU reads bring device pages back through migrate_to_ram: {} call(s) for a 2 MiB THP, {} "
+              "for 2 MiB of 4 KiB pages",
+              thp_faults, small_faults);
   check_machine(*t.m.mem, last, "after the family (everything unmapped)");
   if (t.dev->free_pages() != t.dev->total_pages()) fail("device pages in use after the family");
   last.detail("summary (compound migration {}):", kSelectCompound ? "selected" : "not in this mm: THPs split");
