@@ -259,7 +259,7 @@ class BenchDevice : public mm::DevPagemapOps {
   }
 
   // Copies nr pages from the source of mpfn (zeroes when it has no MIGRATE_PFN_VALID: a hole
-  // or the zero page) into the folio `to`, page by page contiguous runs in one memcpy.
+  // or the zero page) into the folio `to`, in one memcpy.
   void copy_pages(uint64_t mpfn, mm::Folio* to, uint64_t nr) {
     std::byte* d = to->data(0);
     if (!(mpfn & mm::MIGRATE_PFN_VALID)) {
