@@ -126,22 +126,28 @@ int copy_pte_range(AddressSpace& src_mm, AddressSpace& dst_mm, const Vma& vma, P
   for (Va va = start; va < end;) {
     CopyCtx c{dst_mm, vma, cow};
     CopyStop stop = CopyStop::kNone;
-    PteTable* ts = src_mm.page_table().pte_offset_map_lock(src_slot, 0);
-    if (!ts) return 0;
-    PteTable* td = dst_slot->load_lockless().table();
-    td->ptl.lock_nested(1);
-    for (; va < end; va += kPageSize) {
-      const unsigned i = pte_index(va);
-      const Pte pte = ts->get(i);
-      if (pte.is_none()) continue;
-      Pte s, d;
-      stop = copy_one_pte(c, ts, va, pte, &s, &d);
-      if (stop != CopyStop::kNone) break;
-      if (s != ts->get(i)) ts->set(i, s);
-      td->set(i, d);
+    {
+      // Migration records are added here (copied migration entries): a split during
+      // migration, which moves records between folios, must not run meanwhile. Not held
+      // across the wait below (that split may be what holds the folio).
+      ReadLock walk(&src_mm.mem()->rmap_walk_lock());
+      PteTable* ts = src_mm.page_table().pte_offset_map_lock(src_slot, 0);
+      if (!ts) return 0;
+      PteTable* td = dst_slot->load_lockless().table();
+      td->ptl.lock_nested(1);
+      for (; va < end; va += kPageSize) {
+        const unsigned i = pte_index(va);
+        const Pte pte = ts->get(i);
+        if (pte.is_none()) continue;
+        Pte s, d;
+        stop = copy_one_pte(c, ts, va, pte, &s, &d);
+        if (stop != CopyStop::kNone) break;
+        if (s != ts->get(i)) ts->set(i, s);
+        td->set(i, d);
+      }
+      td->ptl.unlock();
+      PageTable::pte_unmap_unlock(ts);
     }
-    td->ptl.unlock();
-    PageTable::pte_unmap_unlock(ts);
     if (stop == CopyStop::kBusy) {
       const bool unlocked = folio_wait_unlocked(c.busy, hang_timeout());
       c.busy->put();
@@ -228,7 +234,10 @@ int copy_page_range(AddressSpace& src_mm, AddressSpace& dst_mm, const Vma& vma) 
     if (slot) {
       Pmd pmd = slot.load_lockless();
       int rc = 1;
-      if (pmd.is_leaf()) rc = copy_huge_pmd(src_mm, dst_mm, slot, haddr, cow);
+      if (pmd.is_leaf()) {
+        ReadLock walk(&src_mm.mem()->rmap_walk_lock());  // see copy_pte_range
+        rc = copy_huge_pmd(src_mm, dst_mm, slot, haddr, cow);
+      }
       if (rc < 0) return rc;
       if (rc == 1 && slot.load_lockless().is_table()) {
         rc = copy_pte_range(src_mm, dst_mm, vma, slot, addr, next, cow);

@@ -98,6 +98,16 @@ uint64_t hole_value(const HmmWalk& w, const Vma* vma) {
   return 0;
 }
 
+// A migrating walk gives a hole or the zero page of an anonymous VMA a new page (the
+// destination, zeroed), so faulting one in first would only be undone: the migration itself
+// satisfies the request - unless it asks for write access the VMA lacks, which stays a fault
+// (and -EPERM) as for any page.
+unsigned migrate_hole_need(const HmmWalk& w, const Vma* vma, unsigned need) {
+  if (!need || !hole_value(w, vma)) return need;
+  if ((need & kNeedWriteFault) && !(vma->flags & VM_WRITE)) return need;
+  return 0;
+}
+
 // A migrating walk takes a whole aligned 2 MiB as one compound entry when asked to.
 bool compound_selected(const HmmWalk& w, Va start, Va end) {
   return (w.select & MIGRATE_VMA_SELECT_COMPOUND) && pmd_aligned(start) && end - start == kPmdSize;
@@ -171,7 +181,7 @@ int hmm_pte_hole(Va start, Va end, MmWalk& walk) {
     if (need) return -EFAULT;
     return pfns_fill(w, start, end, HMM_PFN_ERROR);
   }
-  if (need) return hmm_vma_fault(start, end, need, walk);
+  if (migrate_hole_need(w, walk.vma, need)) return hmm_vma_fault(start, end, need, walk);
   return fill_hole(w, walk.vma, start, end);
 }
 
@@ -246,7 +256,8 @@ int hmm_handle_pmd(PmdSlot slot, Va start, Va end, MmWalk& walk) {
   if (w.no_wait && leaf.is_migration()) {
     return pfns_fill(w, start, end, 0);  // another migration owns it: skip, never wait
   }
-  const unsigned need = range_need_fault(w, start, end, cpu_flags);
+  unsigned need = range_need_fault(w, start, end, cpu_flags);
+  if (leaf.present() && walk.mm->mem()->is_huge_zero_pfn(leaf.pfn())) need = migrate_hole_need(w, walk.vma, need);
   if (need) {
     if (leaf.is_migration()) return wait_migration_and_restart(walk, leaf.pfn(), start);
     return hmm_vma_fault(start, end, need, walk);
@@ -280,12 +291,13 @@ PteAction hmm_handle_pte(MmWalk& walk, Va addr, Pte pte, unsigned* need) {
   const uint64_t req = *out;
   uint64_t value;
   if (pte.is_none()) {
-    *need = pte_need_fault(*w.range, req, 0);
+    *need = migrate_hole_need(w, walk.vma, pte_need_fault(*w.range, req, 0));
     if (*need) return PteAction::kFault;
     value = hole_value(w, walk.vma);
   } else if (pte.present()) {
     const uint64_t cpu_flags = HMM_PFN_VALID | (pte.write() ? HMM_PFN_WRITE : 0);
     *need = pte_need_fault(*w.range, req, cpu_flags);
+    if (pte.special() && walk.mm->mem()->is_zero_pfn(pte.pfn())) *need = migrate_hole_need(w, walk.vma, *need);
     if (*need) return PteAction::kFault;
     if (pte.special() && !walk.mm->mem()->is_zero_pfn(pte.pfn())) {
       value = HMM_PFN_ERROR;  // a special mapping without a page behind it

@@ -178,7 +178,11 @@ Result<Va> AddressSpace::mremap(Va old_addr, uint64_t old_len, uint64_t new_len,
   if (int rc = prepare_destination(*this, old_addr, new_addr, move_len)) return Err{rc};
   {
     MmuInvalidation inv(*this, old_addr, old_addr + move_len, MmuNotifyEvent::kUnmap);
-    move_page_tables(*this, old_addr, new_addr, move_len);
+    {
+      // Moves migration records too: no split during migration may move them meanwhile.
+      ReadLock walk(&mem_->rmap_walk_lock());
+      move_page_tables(*this, old_addr, new_addr, move_len);
+    }
   }
   auto moved = std::make_unique<Vma>(*vma);
   moved->start = new_addr;

@@ -105,9 +105,9 @@ TEST_F(MigrateWalkTest, WalkModes_SameResultDifferentWalkCounts) {
   }
 }
 
-// A driver that mirrors through hmm_range_fault faults (write) and collects in one call, under
-// exactly one MIGRATE invalidation carrying its owner.
-TEST_F(MigrateWalkTest, HmmRangeFault_ReqMigrate_FaultsAndMigratesInOneCall) {
+// A driver that mirrors through hmm_range_fault collects in one call, under exactly one
+// MIGRATE invalidation carrying its owner; the holes need no fault (they get new pages).
+TEST_F(MigrateWalkTest, HmmRangeFault_ReqMigrate_CollectsInOneCallHolesUnfaulted) {
   constexpr uint64_t kPages = 32;
   const Va va = map_anon(*as, kPages * kPageSize);
   fill_pages(*as, va, 16 * kPageSize, 3);  // 16..31 never touched
@@ -123,19 +123,25 @@ TEST_F(MigrateWalkTest, HmmRangeFault_ReqMigrate_FaultsAndMigratesInOneCall) {
   {
     ReadLock g(&as->mmap_lock());
     ASSERT_EQ(hmm_range_fault(&r), 0);
-    for (uint64_t i = 0; i < kPages; i++) {
+    EXPECT_EQ(mirror.count(MmuNotifyEvent::kMigrate, dev.get()), 1);  // the walk's one
+    for (uint64_t i = 0; i < 16; i++) {
       EXPECT_TRUE(hmm_pfn_migrate_has_source(pfns[i])) << i;
       EXPECT_TRUE(pfns[i] & HMM_PFN_WRITE) << i;
     }
-    EXPECT_EQ(as->stats().migrate_collected.get(), kPages);
+    // The holes are not faulted: the migration gives them their (zeroed) page.
+    for (uint64_t i = 16; i < kPages; i++) {
+      EXPECT_EQ(pfns[i], HMM_PFN_VALID | HMM_PFN_MIGRATE) << i;
+    }
+    EXPECT_EQ(as->stats().migrate_collected.get(), 16u);
     ASSERT_EQ(migrate_hmm_range_setup(&r), 0);
     EXPECT_EQ(m.cpages, kPages);
     dev->copy_to_new_pages(src.data(), dst.data(), kPages, /*to_device=*/true);
     migrate_vma_pages(&m);
     migrate_vma_finalize(&m);
   }
-  EXPECT_EQ(mirror.count(MmuNotifyEvent::kMigrate, dev.get()), 1);
-  EXPECT_EQ(as->stats().hmm_faults.get(), 16u);
+  // ... and migrate_vma_pages' one for inserting the holes' new pages.
+  EXPECT_EQ(mirror.count(MmuNotifyEvent::kMigrate, dev.get()), 2);
+  EXPECT_EQ(as->stats().hmm_faults.get(), 0u);
   for (uint64_t i = 0; i < kPages; i++) {
     const PageState st = query_page(*as, va + i * kPageSize);
     EXPECT_TRUE(dev->pgmap()->contains(st.pfn)) << i;
@@ -175,7 +181,12 @@ TEST_F(MigrateWalkTest, ReqMigrateAcrossVmas_ErangeNothingChanged) {
 TEST_F(MigrateWalkTest, FaultFailsAfterEntriesInstalled_RestoresAll) {
   constexpr uint64_t kPages = 16;
   const Va va = map_anon(*as, kPages * kPageSize);
-  fill_pages(*as, va, 8 * kPageSize, 5);  // 8..15: none, must be faulted
+  fill_pages(*as, va, kPages * kPageSize, 5);
+  // Pages 8..15 stay shared with a child: a write request must COW them (a fault that can
+  // fail); 0..7 are the parent's own again and get collected first.
+  Result<std::unique_ptr<AddressSpace>> child = as->fork();
+  ASSERT_TRUE(child.ok());
+  fill_pages(*as, va, 8 * kPageSize, 5);
   RecordingMirror mirror;
   MmuIntervalNotifier notifier;
   ASSERT_EQ(notifier.insert(as.get(), va, kPages * kPageSize, &mirror), 0);
@@ -198,7 +209,9 @@ TEST_F(MigrateWalkTest, FaultFailsAfterEntriesInstalled_RestoresAll) {
     EXPECT_FALSE(folio_test_locked(mem->folio_of(st.pfn))) << i;
   }
   EXPECT_MM_CHECK_OK(*mem);
-  EXPECT_EQ(verify_pages(*as, va, 8 * kPageSize, 5), 0);
+  EXPECT_EQ(verify_pages(*as, va, kPages * kPageSize, 5), 0);
+  EXPECT_EQ(verify_pages(**child, va, kPages * kPageSize, 5), 0);
+  child->reset();
   // The same through migrate_vma_setup: the error comes back with src all 0.
   ASSERT_EQ(*dev2->migrate_to_device(*as, va + 8 * kPageSize, va + kPages * kPageSize), 8u);
   {
