@@ -23,7 +23,8 @@
 // under the page-table lock held from reading an entry to replacing it, a page that needs no
 // (more) fault is locked and replaced by a migration entry, and its word gains HMM_PFN_MIGRATE
 // (VALID|MIGRATE|pfn, WRITE if it was writable). A hole or the zero page of an anonymous VMA
-// gets VALID|MIGRATE without a source page (hmm_pfn_migrate_has_source). Which pages are taken
+// gets VALID|MIGRATE without a source page (hmm_pfn_migrate_has_source) and is not faulted
+// even when a (write) fault is requested: the migration gives it a new, zeroed page anyway. Which pages are taken
 // follows migrate->flags (REQ_MIGRATE implies MIGRATE_VMA_SELECT_SYSTEM) and
 // dev_private_owner. Then migrate_hmm_range_setup() (migrate.h) turns the words into the
 // migrate src array, and the driver goes on with migrate_vma_pages / _finalize.
