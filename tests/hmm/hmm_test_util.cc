@@ -19,7 +19,9 @@ std::unique_ptr<HmmBuffer> HmmBuffer::map(devfs::Process& p, uint64_t size, uint
 }
 
 HmmBuffer::~HmmBuffer() {
-  if (ptr && proc) EXPECT_EQ(proc->mm().munmap(ptr, size), 0);
+  if (ptr && proc) {
+    EXPECT_EQ(proc->mm().munmap(ptr, size), 0);
+  }
 }
 
 int hmm_dmirror_cmd(devfs::Process& p, int fd, unsigned long request, HmmBuffer* buffer,
@@ -91,7 +93,9 @@ void Hmm::SetUp() {
 }
 
 void Hmm::TearDown() {
-  if (proc && fd >= 0) EXPECT_EQ(devfs::close(*proc, fd), 0);
+  if (proc && fd >= 0) {
+    EXPECT_EQ(devfs::close(*proc, fd), 0);
+  }
   stop();
 }
 
@@ -104,8 +108,12 @@ void Hmm2::SetUp() {
 }
 
 void Hmm2::TearDown() {
-  if (proc && fd0 >= 0) EXPECT_EQ(devfs::close(*proc, fd0), 0);
-  if (proc && fd1 >= 0) EXPECT_EQ(devfs::close(*proc, fd1), 0);
+  if (proc && fd0 >= 0) {
+    EXPECT_EQ(devfs::close(*proc, fd0), 0);
+  }
+  if (proc && fd1 >= 0) {
+    EXPECT_EQ(devfs::close(*proc, fd1), 0);
+  }
   stop();
 }
 

@@ -18,10 +18,14 @@ constexpr uint64_t kInts = kSize / sizeof(int);
 struct ThpBuffer {
   ThpBuffer(devfs::Process& p, int prot) : proc(p) { remap(prot); }
   ~ThpBuffer() {
-    if (old_ptr) EXPECT_EQ(proc.mm().munmap(old_ptr, 2 * kSize), 0);
+    if (old_ptr) {
+      EXPECT_EQ(proc.mm().munmap(old_ptr, 2 * kSize), 0);
+    }
   }
   void remap(int prot) {
-    if (old_ptr) ASSERT_EQ(proc.mm().munmap(old_ptr, 2 * kSize), 0);
+    if (old_ptr) {
+      ASSERT_EQ(proc.mm().munmap(old_ptr, 2 * kSize), 0);
+    }
     Result<Va> va = proc.mm().mmap(0, 2 * kSize, prot, MAP_PRIVATE | MAP_ANONYMOUS);
     ASSERT_TRUE(va.ok());
     old_ptr = *va;
