@@ -375,7 +375,9 @@ TEST_F(DeviceExclusiveTest, Fork_DeviceExclusive_AllocFailure_ParentIntact) {
   for (uint64_t nth = 1; nth <= 4; nth++) {
     fault_inject::ScopedArm arm("mm.alloc_pgtable", {.nth = nth});
     Result<std::unique_ptr<AddressSpace>> child = as->fork();
-    if (!child.ok()) EXPECT_EQ(child.error(), -ENOMEM);
+    if (!child.ok()) {
+      EXPECT_EQ(child.error(), -ENOMEM);
+    }
     EXPECT_MM_CHECK_OK(*mem);
   }
   EXPECT_EQ(verify_pages(*as, va, 2 * kPageSize, 1), 0);
@@ -777,7 +779,9 @@ TEST_F(DeviceExclusiveTest, Concurrency_CpuAtomicsVsMakeDeviceExclusive_NoLostUp
       const Va mine = va + p * kPageSize + 8 * (t + 1);
       Result<uint64_t> v = cpu::load<uint64_t>(*as, mine);
       ASSERT_TRUE(v.ok());
-      if (cpu_incs[t][p] == 0) EXPECT_EQ(*v, 0u);
+      if (cpu_incs[t][p] == 0) {
+        EXPECT_EQ(*v, 0u);
+      }
     }
   }
   EXPECT_MM_CHECK_OK(*mem);
