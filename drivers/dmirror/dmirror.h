@@ -9,7 +9,8 @@
 //    tagged writable) triggers a device fault pass: hmm_range_fault over [that page, end) in
 //    32-page chunks with the read_begin / read_retry protocol, entries stored under the mutex.
 //    `faults` counts the passes, `cpages` the pages copied.
-//  - MIGRATE_TO_DEV / MIGRATE_TO_SYS run migrate_vma per VMA and per 512-page chunk.
+//  - MIGRATE_TO_DEV / MIGRATE_TO_SYS run migrate_vma per VMA and per 512-page chunk, with
+//    MIGRATE_VMA_SELECT_COMPOUND (2 MiB folios move whole when memory allows, migrate_copy.h).
 //  - Own-migration invalidations (the owner-skip decision, docs/dmirror.md): test_hmm returns
 //    early for a MIGRATE invalidation tagged with its own device, without set_seq, because it
 //    rewrites the entries of the pages it migrates itself. Here:
@@ -20,8 +21,10 @@
 //        other file - of this device or another, in any thread - erases as usual;
 //      * the migrating file erases the entries of the pages it collected before copying them
 //        (the device unmaps its own MMU before the copy) and stores the destinations after
-//        migrate_vma_pages, unless a foreign invalidation hit the chunk meanwhile (then it
-//        stores nothing and the next access faults).
+//        migrate_vma_pages, unless an invalidation its own migrate_vma calls did not raise
+//        (another thread's munmap, mprotect, fault...) hit the chunk meanwhile (then it stores
+//        nothing and the next access faults). Invalidations its own calls raise (the MIGRATE
+//        ones, a PMD split during collection) are part of the migration.
 //    Pages of the range that were not collected keep their entries: they did not move.
 //
 // Locking: mutex_ (lock_order.h) guards the device page table and the list of migrations in
