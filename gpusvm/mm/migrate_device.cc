@@ -218,7 +218,11 @@ uint64_t insert_hole(MigrateVma& m, const Vma* vma, uint64_t i) {
     if (!dst || dst->large() || !vma || !insert_page(m, *vma, va, dst)) m.src[i] &= ~MIGRATE_PFN_MIGRATE;
     return 1;
   }
-  if (dst && (m.dst[i] & MIGRATE_PFN_COMPOUND)) {
+  if (!dst) {  // the driver takes none of it
+    m.src[i] &= ~MIGRATE_PFN_MIGRATE;
+    return kPagesPerPmd;
+  }
+  if (m.dst[i] & MIGRATE_PFN_COMPOUND) {
     if (!vma || dst->order() != kPmdOrder || !insert_huge_page(m, *vma, va, dst)) {
       m.src[i] &= ~MIGRATE_PFN_MIGRATE;
     }
