@@ -277,6 +277,53 @@ TEST_F(MigrateWalkTest, FaultPageMustBeLockedDevicePage) {
   EXPECT_EQ(verify_pages(*as, va, 2 * kPageSize, 13), 0);
 }
 
+// The driver aborts (xe does when it cannot take every page): pages + finalize with no
+// destination restore every entry - PTE and PMD, here and in a forked child - with its
+// write, dirty and young bits, and free nothing.
+TEST_F(MigrateWalkTest, AbortWithEmptyDst_RestoresEveryEntry) {
+  const Va small = map_anon(*as, 16 * kPageSize);
+  const Va thp = map_anon(*as, kPmdSize, PROT_READ | PROT_WRITE, /*huge=*/true);
+  fill_pages(*as, small, 16 * kPageSize, 14);
+  fill_pages(*as, thp, kPmdSize, 14);
+  Result<std::unique_ptr<AddressSpace>> child = as->fork();
+  ASSERT_TRUE(child.ok());
+  fill_pages(*as, small, 8 * kPageSize, 14);  // 0..7 exclusive again, 8..15 shared
+  ASSERT_EQ(*dev2->migrate_to_device(*as, small + 12 * kPageSize, small + 16 * kPageSize), 4u);
+  const uint64_t free_before = mem->free_pages();
+  for (auto [start, len] : {std::pair{small, 16 * kPageSize}, std::pair{thp, kPmdSize}}) {
+    const uint64_t n = len / kPageSize;
+    std::vector<uint64_t> src(n), dst(n);
+    MigrateVma m{.mm = as.get(), .start = start, .end = start + len, .src = src.data(),
+                 .dst = dst.data(), .pgmap_owner = dev.get(),
+                 .flags = MIGRATE_VMA_SELECT_SYSTEM | MIGRATE_VMA_SELECT_COMPOUND | MIGRATE_VMA_FAULT};
+    ReadLock g(&as->mmap_lock());
+    ASSERT_EQ(migrate_vma_setup(&m), 0);
+    EXPECT_EQ(m.cpages, n);  // everything was taken (dev2's pages faulted back first)
+    migrate_vma_pages(&m);
+    EXPECT_EQ(TestDevice::count_moved(src.data(), n), 0u);
+    migrate_vma_finalize(&m);
+  }
+  EXPECT_EQ(mem->free_pages(), free_before - 4);  // only dev2's pages came back (new frames)
+  for (uint64_t p = 0; p < 8; p++) {
+    const PageState st = query_page(*as, small + p * kPageSize);
+    EXPECT_EQ(st.kind, PageKind::kSmall) << p;
+    EXPECT_TRUE(st.writable && st.dirty && st.anon_exclusive) << p;
+  }
+  for (uint64_t p = 8; p < 12; p++) {
+    const PageState mine = query_page(*as, small + p * kPageSize);
+    EXPECT_FALSE(mine.writable) << p;  // still COW-shared with the child
+    EXPECT_EQ(mine.pfn, query_page(**child, small + p * kPageSize).pfn) << p;
+  }
+  EXPECT_EQ(query_page(*as, thp).kind, PageKind::kThpPmd);
+  EXPECT_FALSE(query_page(*as, thp).writable);  // COW-shared with the child, PMD in both
+  EXPECT_EQ(query_page(*as, thp).pfn, query_page(**child, thp).pfn);
+  EXPECT_EQ(query_page(**child, thp).kind, PageKind::kThpPmd);
+  EXPECT_MM_CHECK_OK(*mem);
+  EXPECT_EQ(verify_pages(*as, small, 16 * kPageSize, 14), 0);
+  EXPECT_EQ(verify_pages(**child, small, 12 * kPageSize, 14), 0);
+  EXPECT_EQ(verify_pages(*as, thp, kPmdSize, 14), 0);
+}
+
 TEST_F(MigrateWalkTest, TrylockFailure_PageSkippedOthersMove) {
   constexpr uint64_t kPages = 16;
   const Va va = map_anon(*as, kPages * kPageSize);
