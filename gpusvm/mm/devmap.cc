@@ -28,7 +28,7 @@ Result<std::unique_ptr<DevPagemap>> DevPagemap::create(PhysMem* mem, uint64_t nr
 
 DevPagemap::~DevPagemap() {
   if (folios_in_use() != 0) panic("DevPagemap destroyed with device folios still in use");
-  mem_->unregister_pagemap(this);
+  mem_->unregister_pagemap(this, std::move(frames_));
 }
 
 Folio* DevPagemap::folio_init(Pfn pfn, unsigned order) {

@@ -311,9 +311,10 @@ Result<Pfn> PhysMem::register_pagemap(DevPagemap* pgmap, uint64_t nr_pages) {
   return start;
 }
 
-void PhysMem::unregister_pagemap(DevPagemap* pgmap) {
+void PhysMem::unregister_pagemap(DevPagemap* pgmap, std::unique_ptr<Folio[]> descriptors) {
   SpinLockGuard g(&registry_lock_);
   std::erase_if(pagemaps_, [pgmap](const PagemapRange& r) { return r.pgmap == pgmap; });
+  if (descriptors) retired_descriptors_.push_back(std::move(descriptors));
 }
 
 DevPagemap* PhysMem::pfn_to_pagemap(Pfn pfn) {

@@ -261,7 +261,10 @@ class PhysMem {
   // Device pagemaps: a pfn range above RAM for a driver's device-private frames.
   // Returns the first pfn, or -ENOSPC.
   Result<Pfn> register_pagemap(DevPagemap* pgmap, uint64_t nr_pages);
-  void unregister_pagemap(DevPagemap* pgmap);
+  // The pagemap's frame descriptors stay allocated until the machine goes: a thread that
+  // looked a device page up without a reference (a fault waiting for a migration to end,
+  // wait_for_migration) may still read the descriptor while the driver removes its memory.
+  void unregister_pagemap(DevPagemap* pgmap, std::unique_ptr<Folio[]> descriptors);
   DevPagemap* pfn_to_pagemap(Pfn pfn);
 
   // Every live address space of this machine (for the checker and the reverse map).
@@ -331,6 +334,7 @@ class PhysMem {
   Pfn next_device_pfn_ GPUSVM_GUARDED_BY(registry_lock_) = 0;
   std::vector<AddressSpace*> spaces_ GPUSVM_GUARDED_BY(registry_lock_);
   std::vector<Folio*> deferred_split_ GPUSVM_GUARDED_BY(registry_lock_);
+  std::vector<std::unique_ptr<Folio[]>> retired_descriptors_ GPUSVM_GUARDED_BY(registry_lock_);
 
   WaitQueue folio_waitqueues_[64];  // hashed by pfn (folio_waitqueue)
   friend void folio_unlock(Folio*);
