@@ -530,8 +530,8 @@ int run() {
   check_ok(mem, "after exit");
   fmt::print("\n");
 
-  if (run_migration_demo([](bool ok, const std::string& what, const std::string& why) {
-        return expect(ok, what, why);
+  if (run_migration_demo([](bool ok, const std::string& what, const std::string& reason) {
+        return expect(ok, what, reason);
       }) != 0) {
     g_failures++;
   }
