@@ -25,12 +25,18 @@ int access_page(AddressSpace& mm, Va va, bool write, Fn&& fn) {
   PhysMem* mem = mm.mem();
   PageTable& pt = mm.page_table();
   ReadLock g(&mm.mmap_lock());
-  const auto deadline = std::chrono::steady_clock::now() + hang_timeout();
+  // Started lazily at the first clock check: the common access (one or two rounds) never
+  // reads the clock.
+  std::chrono::steady_clock::time_point deadline{};
   uint64_t round = 0;
   for (;; round++) {
-    if (round % kRoundsPerClockCheck == kRoundsPerClockCheck - 1 &&
-        std::chrono::steady_clock::now() > deadline) {
-      break;
+    if (round % kRoundsPerClockCheck == kRoundsPerClockCheck - 1) {
+      const auto now = std::chrono::steady_clock::now();
+      if (deadline == std::chrono::steady_clock::time_point{}) {
+        deadline = now + hang_timeout();
+      } else if (now > deadline) {
+        break;
+      }
     }
     // A present entry is not enough: PROT_NONE keeps entries but forbids access, and then the
     // fault handler reports SIGSEGV like the hardware fault would.
