@@ -17,10 +17,6 @@ GPUSVM_FAULT_POINT(g_fail_alloc_thp, "mm.alloc_folio_thp");
 
 // ---- Folio ----
 
-Folio* Folio::page(uint64_t i) {
-  return mem_ && !pagemap_ ? mem_->pfn_to_page(pfn_ + i) : pagemap_->pfn_to_page(pfn_ + i);
-}
-
 void Folio::get(int n) {
   int old = refcount_.fetch_add(n, std::memory_order_relaxed);
   if (old <= 0) panic("folio_get on a folio with refcount " + std::to_string(old) + " pfn " +

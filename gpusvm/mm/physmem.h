@@ -88,8 +88,9 @@ class Folio {
   // acquire: pairs with the release stores of allocation and split, which publish the new
   // folio's fields before a page points at it.
   Folio* head() const { return head_.load(std::memory_order_acquire); }
-  // Descriptor of page i of this folio (i < nr_pages()).
-  Folio* page(uint64_t i);
+  // Descriptor of page i of this folio (i < nr_pages()). The descriptors of a pfn range live
+  // in one array (PhysMem's or a DevPagemap's), so page i is simply the i-th after the head.
+  Folio* page(uint64_t i) { return this + i; }
   uint64_t page_index() const { return pfn_ - head()->pfn_; }
   PhysMem* mem() const { return mem_; }
   DevPagemap* pagemap() const { return pagemap_; }
