@@ -7,9 +7,11 @@
 // that dropped it, with no gpusvm lock held.
 #pragma once
 
+#include <cerrno>
 #include <memory>
 
 #include "gpusvm/base/result.h"
+#include "gpusvm/mm/vma.h"
 
 namespace gpusvm::devfs {
 
@@ -23,6 +25,17 @@ class File {
   // struct in the caller's memory. Context: no gpusvm lock held; may sleep. Returns 0 or a
   // negative errno (-EINVAL for an unknown request).
   virtual int ioctl(Process& caller, unsigned long request, void* arg) = 0;
+  // Optional (file_operations.mmap): sets up `vma`, a new mapping of this file in caller's
+  // address space (caller.mm()), typically by inserting pages with mm::vm_insert_page.
+  // Context: caller's mmap lock held for write, no other gpusvm lock; may allocate; must not
+  // take the mmap lock or call into gpusvm/mm functions that do. Returns 0 or a negative
+  // errno, after which the mapping is removed again. The default refuses: -ENODEV, as Linux
+  // for a file without an mmap op.
+  virtual int mmap(Process& caller, mm::Vma& vma) {
+    (void)caller;
+    (void)vma;
+    return -ENODEV;
+  }
 };
 
 class Device {

@@ -79,6 +79,14 @@ int ioctl(Process& p, int fd, unsigned long request, void* arg) {
   return file->ioctl(p, request, arg);
 }
 
+Result<mm::Va> mmap(Process& p, mm::Va addr, uint64_t len, int prot, int flags, int fd,
+                    uint64_t offset) {
+  std::shared_ptr<File> file = p.fd_get(fd);
+  if (!file) return Err{-EBADF};
+  return p.mm().mmap_device(addr, len, prot, flags, file.get(),
+                            [&](mm::Vma& vma) { return file->mmap(p, vma); }, offset);
+}
+
 int close(Process& p, int fd) {
   std::shared_ptr<File> file = p.fd_remove(fd);
   if (!file) return -EBADF;

@@ -70,6 +70,12 @@ Result<int> open(std::string_view name, Process& p);
 // ioctl(2): dispatches to the file's driver. Returns 0 or a negative errno; -EBADF for a
 // closed fd. The file stays open for the call even if another thread closes the fd.
 int ioctl(Process& p, int fd, unsigned long request, void* arg);
+// mmap(2) of device file fd in p's address space: AddressSpace::mmap_device with the file's
+// mmap hook (File::mmap). The file is held for the call (fget); the mapping does not keep it
+// open afterwards (see Vma::vm_file). Returns the address, or -EBADF (closed fd), -ENODEV (the
+// driver has no mmap), mmap's argument errors, or the driver's error.
+Result<mm::Va> mmap(Process& p, mm::Va addr, uint64_t len, int prot, int flags, int fd,
+                    uint64_t offset = 0);
 // close(2). -EBADF for a closed fd. The driver's release runs when the last reference to the
 // file goes (this call, or the end of an ioctl in flight, or the last forked copy).
 int close(Process& p, int fd);

@@ -66,6 +66,10 @@ class Dmirror final : public devfs::File, private mm::MmuIntervalNotifierOps {
   // (null arg), -EINVAL (unaligned addr, npages 0 or overflowing, unknown request), then the
   // request's own (see dmirror.cc).
   int ioctl(devfs::Process& caller, unsigned long request, void* arg) override;
+  // devfs::File mmap (dmirror_fops_mmap): a zeroed system page per address of the new
+  // mapping, inserted with vm_insert_page (the VMA becomes VM_MIXEDMAP); the mapping owns the
+  // pages. Errors: -ENOMEM (allocation, injectable as "mm.alloc_folio"), vm_insert_page's.
+  int mmap(devfs::Process& caller, mm::Vma& vma) override;
 
   DmirrorDevice& device() const { return *dev_; }
   // The device page table, for tests: number of entries, and the entry of va's page.

@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 
 #include "gpusvm/base/lock.h"
@@ -43,6 +44,17 @@ class AddressSpace {
   // -EBADF (file mapping without file).
   Result<Va> mmap(Va addr, uint64_t len, int prot, int flags,
                   std::shared_ptr<ShmemObject> file = nullptr, uint64_t offset = 0);
+  // mmap(2) of a device file (mmap_region calling file->f_op->mmap). Creates a VMA that is not
+  // anonymous and has no page cache (`vm_file` = the file's identity), then calls
+  // f_mmap(vma) with the mmap lock held for write, before anyone can see the range: the
+  // driver sets it up, typically with vm_insert_page (insert_page.h), which makes it
+  // VM_MIXEDMAP. A none entry later is SIGBUS (no fault handler). flags: MAP_SHARED or
+  // MAP_PRIVATE, plus MAP_FIXED / MAP_FIXED_NOREPLACE (no MAP_ANONYMOUS, MAP_POPULATE).
+  // Errors: those of mmap (-EINVAL, -ENOMEM, -EEXIST, -EPERM), -EINVAL for a null file or
+  // hook, and the hook's own error, after which the range is unmapped again (whatever the
+  // hook inserted is zapped) - with MAP_FIXED the old mapping there is gone, as in Linux.
+  Result<Va> mmap_device(Va addr, uint64_t len, int prot, int flags, const void* vm_file,
+                         const std::function<int(Vma&)>& f_mmap, uint64_t offset = 0);
   // munmap(2). Errors: -EINVAL (unaligned start, len 0, outside user space).
   [[nodiscard]] int munmap(Va start, uint64_t len);
   // mprotect(2). Errors: -EINVAL (unaligned, bad prot), -ENOMEM (range not fully mapped).

@@ -126,10 +126,11 @@ class Checker {
       report_.folios_checked++;
       int maps = o.pmd_maps;
       for (auto& [idx, n] : o.pte_maps) maps += n;
-      const int expected_ref = maps + (head->test(kFolioShmem) ? 1 : 0);
+      const int expected_ref = maps + (head->test(kFolioShmem) ? 1 : 0) + head->pincount();
       if (head->refcount() != expected_ref) {
-        problem("folio %#lx: refcount %d, expected %d (%d mappings%s)", (unsigned long)head->pfn(),
-                head->refcount(), expected_ref, maps, head->test(kFolioShmem) ? " + page cache" : "");
+        problem("folio %#lx: refcount %d, expected %d (%d mappings%s + %d pins)",
+                (unsigned long)head->pfn(), head->refcount(), expected_ref, maps,
+                head->test(kFolioShmem) ? " + page cache" : "", head->pincount());
       }
       if (head->entire_mapcount() != o.pmd_maps) {
         problem("folio %#lx: entire_mapcount %d, %d PMD mappings", (unsigned long)head->pfn(),
@@ -170,7 +171,7 @@ class Checker {
       }
       if (!p->is_head() || p->refcount() == 0) continue;  // tail, or reserved frame
       if (p->test(kFolioZero)) continue;
-      if (!observed_.count(p) && !p->test(kFolioShmem)) {
+      if (!observed_.count(p) && !p->test(kFolioShmem) && p->pincount() == 0) {
         problem("folio %#lx: refcount %d but no mapping and no owner (leaked)", (unsigned long)pfn,
                 p->refcount());
       }

@@ -159,8 +159,11 @@ VmFault do_wp_page(FaultCtx& f, PteTable* t, Pte pte) {
   return wp_page_copy(f, pte, page);
 }
 
-// A fault on a none PTE of a shared or file-backed VMA.
+// A fault on a none PTE of a shared or file-backed VMA. A driver's mapping without a page
+// cache (mmap_device: the driver inserted its pages and has no fault handler) is SIGBUS, as
+// Linux's do_fault without vm_ops->fault.
 VmFault do_file_fault(FaultCtx& f) {
+  if (!f.vma.file) return VmFault::kSigbus;
   bool beyond = false;
   Folio* folio = f.vma.file->get_folio(f.vma.pgoff_of(f.va), &beyond);
   if (!folio) return beyond ? VmFault::kSigbus : VmFault::kOom;

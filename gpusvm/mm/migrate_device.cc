@@ -334,7 +334,10 @@ int migrate_vma_setup(MigrateVma* m) {
   AddressSpace& mm = *m->mm;
   mm.mmap_assert_locked();
   const Vma* vma = mm.vma_lookup(m->start);
-  if (!vma || m->end > vma->end || !vma->is_anonymous() || (vma->flags & (VM_IO | VM_PFNMAP))) {
+  // As Linux: every VMA but hugetlb and VM_SPECIAL ones (VM_IO, VM_PFNMAP, VM_MIXEDMAP). A file
+  // or shmem VMA contributes only its anonymous pages (the COW copies of a private mapping);
+  // its holes and page-cache pages are not collected (hole_value, migrate_prepare_pte).
+  if (!vma || m->end > vma->end || (vma->flags & VM_SPECIAL)) {
     return -EINVAL;
   }
   m->npages = (m->end - m->start) >> kPageShift;

@@ -102,6 +102,11 @@ class Folio {
   void put(int n = 1);
   // Takes a reference only if the refcount is not zero (folio_try_get).
   bool try_get();
+  // FOLL_PIN pins held by get/pin_user_pages (gup.h), head only. Every pin is also one
+  // reference (the kernel's pin bias, kept as a separate count here so mm::check can tell a
+  // pin from a leak): refcount == mappings + page cache + pincount at a quiescent point.
+  int pincount() const { return pincount_.load(std::memory_order_acquire); }
+  bool maybe_dma_pinned() const { return pincount() > 0; }
 
   // Mapcounts. page_mapcount is per page, entire_mapcount on the head.
   int page_mapcount() const { return mapcount_.load(std::memory_order_acquire); }
@@ -143,6 +148,8 @@ class Folio {
   friend void folio_add_rmap_pmd(Folio*, AddressSpace*, Va);
   friend void folio_remove_rmap_pmd(Folio*, AddressSpace*, Va);
   friend std::vector<RmapItem> folio_rmap_snapshot(Folio*);
+  friend void folio_pin(Folio*);
+  friend void folio_unpin(Folio*);
   friend void folio_lock(Folio*);
   friend bool folio_trylock(Folio*);
   friend void folio_unlock(Folio*);
@@ -170,6 +177,7 @@ class Folio {
   std::atomic<int32_t> refcount_{0};
   std::atomic<int32_t> mapcount_{0};         // PTE mappings of this page
   std::atomic<int32_t> entire_mapcount_{0};  // PMD mappings (head)
+  std::atomic<int32_t> pincount_{0};         // FOLL_PIN pins (head), see pincount()
   std::atomic<uint32_t> flags_{0};           // FolioFlag (head)
   std::atomic<uint32_t> page_flags_{0};      // PageFlag (this page)
 
@@ -190,6 +198,12 @@ bool folio_test_locked(const Folio* folio);
 void folio_assert_locked(const Folio* folio);
 // Waits until the folio is unlocked (migration_entry_wait). Returns false on timeout.
 bool folio_wait_unlocked(Folio* folio, std::chrono::nanoseconds timeout);
+
+// Pin accounting for gup.h: folio_pin takes one reference and one pin on the head (the
+// caller holds a reference or the page-table lock of a mapping, so the folio cannot be
+// freed meanwhile); folio_unpin drops both (and frees the folio with its last reference).
+void folio_pin(Folio* folio);
+void folio_unpin(Folio* folio);
 
 // Mapping accounting and reverse map (folio_add_anon_rmap_pte & co). The caller holds the
 // page-table lock of the entry it installs or clears, and passes the mapping's folio

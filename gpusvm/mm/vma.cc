@@ -70,8 +70,10 @@ Vma* VmaTree::split(Vma* vma, Va addr) {
 
 namespace {
 bool mergeable(const Vma& a, const Vma& b) {
-  return a.end == b.start && a.flags == b.flags && a.file == b.file &&
-         (!a.file || a.pgoff_of(a.end) == b.pgoff);
+  // A driver's mapping (vm_file) is never merged: it may carry VM_SPECIAL pages, and its
+  // identity alone cannot tell two mappings apart (Linux: VM_SPECIAL is never merged).
+  return a.end == b.start && a.flags == b.flags && a.file == b.file && !a.vm_file &&
+         !b.vm_file && !(a.flags & VM_SPECIAL) && (!a.file || a.pgoff_of(a.end) == b.pgoff);
 }
 }  // namespace
 

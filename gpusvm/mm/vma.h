@@ -25,7 +25,13 @@ enum VmFlag : uint32_t {
   VM_WIPEONFORK = 1u << 9,  // MADV_WIPEONFORK
   VM_IO = 1u << 10,         // device I/O mapping: hmm reports ERROR
   VM_PFNMAP = 1u << 11,     // raw pfn mapping without folios: hmm reports ERROR
+  // A driver's mapping with pages it inserted itself (vm_insert_page): normal, refcounted
+  // pages that hmm and the CPU see as such; never migrated, never merged (VM_SPECIAL).
+  VM_MIXEDMAP = 1u << 16,
 };
+
+// Mappings the core must not treat as ordinary memory: no merge, no migrate_vma.
+inline constexpr uint32_t VM_SPECIAL = VM_IO | VM_PFNMAP | VM_MIXEDMAP;
 
 uint32_t prot_to_vm_flags(int prot);
 int vm_flags_to_prot(uint32_t flags);
@@ -38,8 +44,11 @@ struct Vma {
   // Private file mappings read from the object and copy on write.
   std::shared_ptr<ShmemObject> file;
   uint64_t pgoff = 0;
+  // A device file mapped here (vm_file of a driver's mmap, AddressSpace::mmap_device): its
+  // identity only, never dereferenced. The model's mapping does not keep the file open.
+  const void* vm_file = nullptr;
 
-  bool is_anonymous() const { return !file; }
+  bool is_anonymous() const { return !file && !vm_file; }
   bool is_shared() const { return flags & VM_SHARED; }
   bool contains(Va va) const { return va >= start && va < end; }
   uint64_t size() const { return end - start; }
