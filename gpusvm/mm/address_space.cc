@@ -55,6 +55,7 @@ void AddressSpace::exit() {
       MmuInvalidation inv(*this, v->start, v->end, MmuNotifyEvent::kUnmap);
       zap_range(*this, v->start, v->end);
     }
+    if (v->is_hugetlb()) mem_->hugetlb_unreserve(this, v->start, v->end);
     (void)vmas_.erase(v);
   }
 }

@@ -100,6 +100,12 @@ class Checker {
       return;
     }
     Folio* head = page->head();
+    // hugetlb pages live in hugetlb VMAs, mapped whole by PMD leaves, and nothing else does.
+    if (vma->is_hugetlb() != head->test(kFolioHugetlb) || (vma->is_hugetlb() && !huge)) {
+      problem("%p: entry at %#lx: %s folio %#lx in a %s VMA (%s)", (void*)&mm, (unsigned long)va,
+              head->test(kFolioHugetlb) ? "hugetlb" : "non-hugetlb", (unsigned long)head->pfn(),
+              vma->is_hugetlb() ? "hugetlb" : "non-hugetlb", huge ? "PMD" : "PTE");
+    }
     if (huge && (head != page || head->order() != kPmdOrder || !pmd_aligned(va))) {
       problem("%p: PMD leaf at %#lx does not map an aligned PMD-order folio head", (void*)&mm,
               (unsigned long)va);
@@ -183,6 +189,32 @@ class Checker {
     }
   }
 
+  // The hugetlb pool: every live hugetlb folio is mapped (no leak, counted once), and every
+  // reservation belongs to an unfaulted slot of a hugetlb VMA of a live address space.
+  void check_hugetlb(const std::vector<AddressSpace*>& spaces) {
+    uint64_t mapped = 0;
+    for (auto& [head, o] : observed_) mapped += head->test(kFolioHugetlb) ? 1 : 0;
+    const PhysMem::HugetlbCounts c = mem_.hugetlb_counts();
+    if (c.in_use != mapped || c.in_use + c.reserved > c.total) {
+      problem("hugetlb pool: %lu in use, %lu mapped, %lu reserved, %lu total",
+              (unsigned long)c.in_use, (unsigned long)mapped, (unsigned long)c.reserved,
+              (unsigned long)c.total);
+    }
+    for (auto [mm, haddr] : mem_.hugetlb_reservations()) {
+      if (std::find(spaces.begin(), spaces.end(), mm) == spaces.end()) {
+        problem("hugetlb reservation at %#lx of a dead address space %p", (unsigned long)haddr, (void*)mm);
+        continue;
+      }
+      ReadLock g(&mm->mmap_lock());
+      const Vma* v = mm->vma_lookup(haddr);
+      PmdSlot slot = mm->page_table().pmd_lookup(haddr);
+      if (!v || !v->is_hugetlb() || !pmd_aligned(haddr) || (slot && !slot.load_lockless().is_none())) {
+        problem("%p: hugetlb reservation at %#lx not on an unfaulted hugetlb slot", (void*)mm,
+                (unsigned long)haddr);
+      }
+    }
+  }
+
   CheckReport take() { return std::move(report_); }
 
  private:
@@ -210,6 +242,7 @@ CheckReport check(PhysMem& mem) {
   for (AddressSpace* mm : spaces) c.check_space(*mm);
   c.check_folios();
   c.check_frames();
+  c.check_hugetlb(spaces);
   return c.take();
 }
 

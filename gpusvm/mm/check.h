@@ -10,6 +10,9 @@
 //  - every present entry lies inside a VMA whose permissions allow it (no write bit without
 //    VM_WRITE; zero page and huge zero folio never writable; COW-shared pages read-only);
 //  - THP PMD leaves are 2 MiB aligned and point to a PMD-order folio head;
+//  - hugetlb folios are mapped only by PMD leaves of hugetlb VMAs, which map nothing else; the
+//    pool's in-use count is the number of live hugetlb folios, in use + reserved <= total, and
+//    every reservation is an unfaulted slot of a hugetlb VMA of a live address space;
 //  - free frames have refcount 0, no mapping and are counted by the allocator exactly once.
 // Takes every address space's mmap lock (read) in address order: call it with no gpusvm lock
 // held, at a quiescent point (no operation in flight on these address spaces).

@@ -52,7 +52,8 @@ struct Vma;
 //   -EFAULT      no VMA, no VM_WRITE (GUP without FOLL_FORCE), VM_IO/VM_PFNMAP, or the fault
 //                failed with SIGSEGV/SIGBUS (as GUP reports them);
 //   -ENOMEM      the fault could not allocate;
-//   -EOPNOTSUPP  the page is not anonymous (shared mapping / page cache);
+//   -EOPNOTSUPP  the page is not anonymous (shared mapping / page cache) or is a hugetlb page
+//                (faulted in writable first, as GUP does);
 //   -EBUSY       the page kept changing for hang_timeout() (logged: a livelock or a bug).
 // Context: mmap lock held (read or write; asserted); no other gpusvm lock held. Sleeps
 // (fault, folio lock, notifier callbacks).

@@ -262,8 +262,11 @@ int hmm_handle_pmd(PmdSlot slot, Va start, Va end, MmWalk& walk) {
     if (leaf.is_migration()) return wait_migration_and_restart(walk, leaf.pfn(), start);
     return hmm_vma_fault(start, end, need, walk);
   }
-  const bool selectable = leaf.present() ? (w.select & MIGRATE_VMA_SELECT_SYSTEM)
-                                         : (w.select & MIGRATE_VMA_SELECT_DEVICE_PRIVATE);
+  // Migration never takes hugetlb pages (migrate_vma_setup refuses hugetlb VMAs; a
+  // migrating hmm walk reports them as they are).
+  const bool selectable = walk.vma->is_hugetlb()  ? false
+                          : leaf.present()        ? (w.select & MIGRATE_VMA_SELECT_SYSTEM)
+                                                  : (w.select & MIGRATE_VMA_SELECT_DEVICE_PRIVATE);
   if (w.migrating() && (cpu_flags & HMM_PFN_VALID) && selectable) {
     if (compound_selected(w, start, end)) return migrate_prepare_pmd(w, walk, slot, haddr);
     // Only part of it is asked for: split the mapping and collect its pages one by one.

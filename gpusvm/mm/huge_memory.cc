@@ -43,6 +43,8 @@ void split_huge_pmd(AddressSpace& mm, PmdSlot slot, Va haddr) {
       (void)folio_remove_migration_item(folio, RmapItem{&mm, haddr, 0, true, true});
     } else {
       Folio* folio = mem->folio_of(leaf.pfn());
+      // hugetlb pages are mapped by PMDs only: every path that could cut one is refused first.
+      if (folio->test(kFolioHugetlb)) panic("split_huge_pmd of a hugetlb page");
       for (unsigned i = 0; i < kPtrsPerTable; i++) {
         // Keep every bit but "huge"; each PTE points at its own page of the folio.
         Pte pte(leaf.raw() & ~pte_bits::kHuge);

@@ -2,6 +2,7 @@
 // at every acquisition; the ranks below are the order.
 //
 //   mmap_lock (AddressSpace, rw, sleeping)
+//     -> hugetlb fault mutex (hashed by (mm, 2 MiB slot); held across one hugetlb fault)
 //     -> shmem object lock (ShmemObject, mutex)            page-cache lookups in faults
 //       -> folio lock (sleeping bit lock; several only in pfn order, as subclasses)
 //         -> rmap walk lock (PhysMem, rw: the anon_vma lock of cross-mm rmap walks)
@@ -26,6 +27,7 @@
 namespace gpusvm::mm {
 
 inline constexpr LockClass kMmapLockClass{"mmap_lock", 100};
+inline constexpr LockClass kHugetlbFaultMutexClass{"hugetlb_fault_mutex", 120};
 inline constexpr LockClass kShmemLockClass{"shmem_lock", 150};
 inline constexpr LockClass kFolioLockClass{"folio_lock", 200};
 inline constexpr LockClass kRmapWalkLockClass{"rmap_walk", 250};

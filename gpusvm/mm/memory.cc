@@ -4,6 +4,7 @@
 
 #include "gpusvm/mm/device_exclusive.h"
 #include "gpusvm/mm/devmap.h"
+#include "gpusvm/mm/hugetlb.h"
 #include "gpusvm/mm/mm_internal.h"
 #include "gpusvm/mm/shmem.h"
 
@@ -384,6 +385,7 @@ VmFault handle_mm_fault(AddressSpace& mm, Va va, unsigned flags) {
     mm.stats().faults_sigsegv.add();
     return VmFault::kSigsegv;
   }
+  if (vma->is_hugetlb()) return hugetlb_fault(mm, *vma, va, flags);  // PMD-level only
   Result<PmdSlot> slot = mm.page_table().pmd_alloc(va);
   if (!slot) {
     mm.stats().faults_oom.add();

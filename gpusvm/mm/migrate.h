@@ -88,9 +88,10 @@ struct MigrateVma {
 };
 
 // Returns 0, or -EINVAL: no mm/src/dst, unaligned or empty range, range not inside one
-// anonymous VMA, no SELECT flag or unknown flags, a fault_page that is not a locked
-// device-private page. With MIGRATE_VMA_FAULT also the walk's errors (-EFAULT, -EPERM,
-// -EBUSY), after every entry it had replaced was restored (src is all 0 then).
+// VMA, a hugetlb or VM_SPECIAL VMA (in a shared or file VMA only anonymous pages move), no
+// SELECT flag or unknown flags, a fault_page that is not a locked device-private page. With
+// MIGRATE_VMA_FAULT also the walk's errors (-EFAULT, -EPERM, -EBUSY), after every entry it had
+// replaced was restored (src is all 0 then).
 // Context: mmap lock held (asserted), no page-table lock; may sleep (faults, notifier
 // callbacks).
 [[nodiscard]] int migrate_vma_setup(MigrateVma* args);

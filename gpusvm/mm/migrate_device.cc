@@ -337,7 +337,7 @@ int migrate_vma_setup(MigrateVma* m) {
   // As Linux: every VMA but hugetlb and VM_SPECIAL ones (VM_IO, VM_PFNMAP, VM_MIXEDMAP). A file
   // or shmem VMA contributes only its anonymous pages (the COW copies of a private mapping);
   // its holes and page-cache pages are not collected (hole_value, migrate_prepare_pte).
-  if (!vma || m->end > vma->end || (vma->flags & VM_SPECIAL)) {
+  if (!vma || m->end > vma->end || vma->is_hugetlb() || (vma->flags & VM_SPECIAL)) {
     return -EINVAL;
   }
   m->npages = (m->end - m->start) >> kPageShift;

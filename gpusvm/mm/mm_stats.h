@@ -16,6 +16,7 @@ namespace gpusvm::mm {
   X(faults_thp, "faults that allocated a PMD-mapped THP")                         \
   X(faults_thp_fallback, "THP-eligible faults that fell back to 4 KiB")           \
   X(faults_huge_zero, "read faults mapped to the huge zero folio")                \
+  X(faults_hugetlb, "faults that mapped a new hugetlb pool page (MAP_HUGETLB)")    \
   X(faults_cow, "write faults that copied a page (COW, zero-page replacement)")   \
   X(faults_reuse, "write faults that reused an exclusive page in place")          \
   X(faults_shmem, "faults on shared/file mappings")                               \

@@ -3,6 +3,7 @@
 #include <vector>
 
 #include "gpusvm/mm/fault.h"
+#include "gpusvm/mm/hugetlb.h"
 #include "gpusvm/mm/mm_internal.h"
 #include "gpusvm/mm/shmem.h"
 
@@ -53,6 +54,7 @@ void do_munmap(AddressSpace& mm, VmaTree& vmas, Va start, Va end) {
     MmuInvalidation inv(mm, start, end, MmuNotifyEvent::kUnmap);
     for (Vma* v : victims) {
       zap_range(mm, v->start, v->end);
+      if (v->is_hugetlb()) mm.mem()->hugetlb_unreserve(&mm, v->start, v->end);
       (void)vmas.erase(v);
     }
   }
@@ -90,12 +92,14 @@ namespace {
 
 // Applies `write` permission changes to the entries of [start, end) inside `vma`
 // (change_protection). Removing write protects every entry; adding write makes writable
-// only what may be written without a fault: anon-exclusive pages and shared mappings.
+// only what may be written without a fault: anon-exclusive pages and shared mappings - not
+// private hugetlb pages, which hugetlb_change_protection leaves read-only until a write fault
+// (the private mapping's page protection has no write bit).
 void change_protection(AddressSpace& mm, const Vma& vma, Va start, Va end, bool write) {
   PhysMem* mem = mm.mem();
   PageTable& pt = mm.page_table();
   auto may_write = [&](Pte pte) {
-    if (!write || pte.special()) return false;
+    if (!write || pte.special() || vma.is_hugetlb()) return false;
     if (vma.is_shared()) return true;
     Folio* page = mem->pfn_to_page(pte.pfn());
     return page->head()->test(kFolioAnon) && page->test_page(kPageAnonExclusive);
@@ -207,17 +211,30 @@ bool valid_advice(int advice) {
 Result<Va> AddressSpace::mmap(Va addr, uint64_t len, int prot, int flags,
                               std::shared_ptr<ShmemObject> file, uint64_t offset) {
   constexpr int kKnown = MAP_SHARED | MAP_PRIVATE | MAP_FIXED | MAP_ANONYMOUS |
-                         MAP_FIXED_NOREPLACE | MAP_POPULATE | MAP_NORESERVE;
-  if (len == 0 || (prot & ~(PROT_READ | PROT_WRITE | PROT_EXEC)) || (flags & ~kKnown)) {
+                         MAP_FIXED_NOREPLACE | MAP_POPULATE | MAP_NORESERVE | MAP_HUGETLB;
+  // MAP_HUGETLB may name its page size in bits 26..31 (MAP_HUGE_2MB); 0 is the default, 2 MiB.
+  const int huge_size = (flags >> MAP_HUGE_SHIFT) & MAP_HUGE_MASK;
+  const bool hugetlb = flags & MAP_HUGETLB;
+  constexpr unsigned kHugeSizeBits = unsigned{MAP_HUGE_MASK} << MAP_HUGE_SHIFT;
+  if (len == 0 || (prot & ~(PROT_READ | PROT_WRITE | PROT_EXEC)) ||
+      (static_cast<unsigned>(flags) & ~(static_cast<unsigned>(kKnown) | kHugeSizeBits))) {
     return Err{-EINVAL};
   }
+  if (huge_size && (!hugetlb || huge_size != kPmdShift)) return Err{-EINVAL};
   const int type = flags & (MAP_SHARED | MAP_PRIVATE);
   if (type != MAP_SHARED && type != MAP_PRIVATE) return Err{-EINVAL};
-  const uint64_t alen = page_align_up(len);
+  // hugetlb: the length is rounded up to the huge page size (ksys_mmap_pgoff) and a fixed
+  // address must be aligned to it (hugetlb_get_unmapped_area).
+  if (hugetlb && len > kTaskSize) return Err{-ENOMEM};
+  if (hugetlb && (flags & (MAP_FIXED | MAP_FIXED_NOREPLACE)) && !pmd_aligned(addr)) return Err{-EINVAL};
+  const uint64_t alen = hugetlb ? pmd_align_up(len) : page_align_up(len);
   if (alen < len || alen > kTaskSize) return Err{-ENOMEM};
   const bool anon = flags & MAP_ANONYMOUS;
   if (anon && file) return Err{-EINVAL};
   if (!anon && !file) return Err{-EBADF};
+  // Only private anonymous hugetlb is modelled (hugetlb.h); a file that is not hugetlbfs
+  // cannot be mapped MAP_HUGETLB (-EINVAL, as in Linux).
+  if (hugetlb && (!anon || type != MAP_PRIVATE)) return Err{-EINVAL};
   if (!page_aligned(offset) || offset + alen < offset) return Err{-EINVAL};
   const bool fixed = flags & (MAP_FIXED | MAP_FIXED_NOREPLACE);
   if (fixed) {
@@ -241,14 +258,16 @@ Result<Va> AddressSpace::mmap(Va addr, uint64_t len, int prot, int flags,
         Vma* v = vmas_.find(addr);
         if (v && v->start < addr + alen) return Err{-EEXIST};
       } else {
+        if (int rc = hugetlb_check_split(vmas_, addr, addr + alen)) return Err{rc};
         do_munmap(*this, vmas_, addr, addr + alen);
       }
       start = addr;
     } else {
       // Anonymous mappings of whole 2 MiB multiples are PMD aligned so THPs can back them,
       // as Linux does since 6.7 (thp_get_unmapped_area).
-      const uint64_t align = anon && alen % kPmdSize == 0 ? kPmdSize : kPageSize;
+      const uint64_t align = hugetlb || (anon && alen % kPmdSize == 0) ? kPmdSize : kPageSize;
       start = 0;
+      if (hugetlb) addr = pmd_align_up(addr);  // hugetlb_get_unmapped_area aligns the hint
       if (addr && page_aligned(addr) && addr >= kMmapMinAddr && addr + alen <= kTaskSize &&
           addr + alen > addr) {
         Vma* v = vmas_.find(addr);
@@ -257,10 +276,17 @@ Result<Va> AddressSpace::mmap(Va addr, uint64_t len, int prot, int flags,
       if (!start) start = vmas_.find_gap_topdown(alen, kMmapMinAddr, kMmapBase, align);
       if (!start) return Err{-ENOMEM};
     }
+    // A private hugetlb mapping reserves its pages now, so a pool that cannot back it fails
+    // the mmap rather than a later fault (hugetlb_reserve_pages). With MAP_FIXED the old
+    // mapping is gone by then, as in Linux.
+    if (hugetlb && !(flags & MAP_NORESERVE)) {
+      if (int rc = mem_->hugetlb_reserve(this, start, start + alen)) return Err{rc};
+    }
     auto vma = std::make_unique<Vma>();
     vma->start = start;
     vma->end = start + alen;
-    vma->flags = prot_to_vm_flags(prot) | VM_MAYWRITE | (type == MAP_SHARED ? uint32_t{VM_SHARED} : 0u);
+    vma->flags = prot_to_vm_flags(prot) | VM_MAYWRITE | (type == MAP_SHARED ? uint32_t{VM_SHARED} : 0u) |
+                 (hugetlb ? uint32_t{VM_HUGETLB} : 0u);
     vma->file = std::move(file);
     vma->pgoff = offset >> kPageShift;
     vmas_.try_merge(vmas_.insert(std::move(vma)));
@@ -289,6 +315,7 @@ int AddressSpace::munmap(Va start, uint64_t len) {
   const uint64_t alen = page_align_up(len);
   if (alen < len || alen > kTaskSize - start) return -EINVAL;
   WriteLock g(&mmap_lock_);
+  if (int rc = hugetlb_check_split(vmas_, start, start + alen)) return rc;
   do_munmap(*this, vmas_, start, start + alen);
   return 0;
 }
@@ -301,6 +328,7 @@ int AddressSpace::mprotect(Va start, uint64_t len, int prot) {
   const Va end = start + alen;
   WriteLock g(&mmap_lock_);
   if (!fully_mapped(vmas_, start, end)) return -ENOMEM;
+  if (int rc = hugetlb_check_split(vmas_, start, end)) return rc;
   split_vma_at(*this, vmas_, start);
   split_vma_at(*this, vmas_, end);
   const uint32_t newprot = prot_to_vm_flags(prot);
@@ -334,9 +362,15 @@ int AddressSpace::madvise(Va start, uint64_t len, int advice) {
     for (Vma* v = vmas_.find(start); v && v->start < end; v = vmas_.next(v)) {
       if (v->flags & (VM_LOCKED | VM_PFNMAP)) return -EINVAL;
       if (advice == MADV_FREE && (!v->is_anonymous() || v->is_shared())) return -EINVAL;
+      // madvise_dontneed_free_valid_vma: on hugetlb only DONTNEED, from a huge page boundary.
+      if (v->is_hugetlb() && !pmd_aligned(std::max(start, v->start))) return -EINVAL;
     }
     for (Vma* v = vmas_.find(start); v && v->start < end; v = vmas_.next(v)) {
-      const Va s = std::max(start, v->start), e = std::min(end, v->end);
+      const Va s = std::max(start, v->start);
+      // ... and the end rounded down to one ("callers may be unaware that this VMA uses huge
+      // pages"), so a hugetlb page is zapped whole or not at all.
+      const Va e = v->is_hugetlb() ? pmd_align_down(std::min(end, v->end)) : std::min(end, v->end);
+      if (s >= e) continue;
       MmuInvalidation inv(*this, s, e, MmuNotifyEvent::kClear);
       if (advice == MADV_DONTNEED) zap_range(*this, s, e);
       else madvise_free_range(*this, s, e);
@@ -367,6 +401,7 @@ int AddressSpace::madvise(Va start, uint64_t len, int advice) {
       if (!v->is_anonymous() || v->is_shared()) return -EINVAL;
     }
   }
+  if (int rc = hugetlb_check_split(vmas_, start, end)) return rc;
   split_vma_at(*this, vmas_, start);
   split_vma_at(*this, vmas_, end);
   std::vector<Vma*> targets = vmas_in(vmas_, start, end);

@@ -2,6 +2,7 @@
 #include <cerrno>
 #include <vector>
 
+#include "gpusvm/mm/hugetlb.h"
 #include "gpusvm/mm/mm_internal.h"
 
 namespace gpusvm::mm {
@@ -136,6 +137,10 @@ Result<Va> AddressSpace::mremap(Va old_addr, uint64_t old_len, uint64_t new_len,
   WriteLock g(&mmap_lock_);
   Vma* vma = vmas_.lookup(old_addr);
   if (!vma || old_addr + olen > vma->end) return Err{-EFAULT};
+  // hugetlb VMAs are not remapped (model gap: Linux >= 5.16 moves 2 MiB aligned ranges), and
+  // a FIXED target may not cut one at an unaligned address.
+  if (vma->is_hugetlb()) return Err{-EINVAL};
+  if (fixed && hugetlb_check_split(vmas_, new_addr, new_addr + nlen)) return Err{-EINVAL};
 
   uint64_t move_len = olen;
   if (!fixed && !(flags & MREMAP_DONTUNMAP)) {

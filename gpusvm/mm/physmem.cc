@@ -13,6 +13,7 @@ namespace gpusvm::mm {
 namespace {
 GPUSVM_FAULT_POINT(g_fail_alloc_folio, "mm.alloc_folio");
 GPUSVM_FAULT_POINT(g_fail_alloc_thp, "mm.alloc_folio_thp");
+GPUSVM_FAULT_POINT(g_fail_alloc_hugetlb, "mm.alloc_hugetlb");
 }  // namespace
 
 // ---- Folio ----
@@ -244,6 +245,7 @@ void PhysMem::free_folio(Folio* folio) {
   deferred_split_remove(folio);
   const uint64_t n = folio->nr_pages();
   const Pfn pfn = folio->pfn();
+  const bool hugetlb = folio->test(kFolioHugetlb);
   for (uint64_t i = 0; i < n; i++) {
     Folio* p = &frames_[pfn + i];
     p->head_.store(p, std::memory_order_relaxed);
@@ -257,6 +259,10 @@ void PhysMem::free_folio(Folio* folio) {
   const uint64_t b = pfn / kPagesPerPmd;
   Block& blk = blocks_[b];
   nr_free_ += n;
+  if (hugetlb) {
+    if (hugetlb_in_use_ == 0) panic("hugetlb pool: freeing more pages than are in use");
+    hugetlb_in_use_--;
+  }
   if (n == kPagesPerPmd) {
     blk.whole_free = true;
     whole_free_.push_back(b);
@@ -358,6 +364,99 @@ void PhysMem::deferred_split_remove(Folio* folio) {
 size_t PhysMem::deferred_split_count() const {
   SpinLockGuard g(&registry_lock_);
   return deferred_split_.size();
+}
+
+}  // namespace gpusvm::mm
+
+// ---- hugetlb pool ----
+
+namespace gpusvm::mm {
+
+void PhysMem::give_back_block_locked(uint64_t b) {
+  zone_lock_.assert_held();
+  for (uint64_t i = 0; i < kPagesPerPmd; i++) {
+    frames_[b * kPagesPerPmd + i].flags_.store(kFolioFree, std::memory_order_relaxed);
+  }
+  Block& blk = blocks_[b];
+  blk.whole_free = true;
+  whole_free_.push_back(b);
+  nr_free_ += kPagesPerPmd;
+}
+
+PhysMem::HugetlbCounts PhysMem::hugetlb_counts() const {
+  SpinLockGuard g(&zone_lock_);
+  const uint64_t total = config_.hugetlb_pages;
+  return HugetlbCounts{total, total - hugetlb_in_use_, hugetlb_resv_.size(), hugetlb_in_use_};
+}
+
+int PhysMem::hugetlb_reserve(AddressSpace* mm, Va start, Va end) {
+  if (!pmd_aligned(start) || !pmd_aligned(end) || start >= end) {
+    panic("hugetlb_reserve: range not 2 MiB aligned");
+  }
+  const uint64_t want = (end - start) / kPmdSize;
+  SpinLockGuard g(&zone_lock_);
+  if (hugetlb_in_use_ + hugetlb_resv_.size() + want > config_.hugetlb_pages ||
+      whole_free_.size() < want) {
+    return -ENOMEM;
+  }
+  for (Va h = start; h < end; h += kPmdSize) {
+    if (!hugetlb_resv_.insert({mm, h}).second) panic("hugetlb_reserve: slot reserved twice");
+    const int64_t b = take_whole_block_locked(/*as_frames=*/false);
+    nr_free_ -= kPagesPerPmd;
+    // Neither free nor a folio: mm::check skips frames with refcount 0 that are not free.
+    for (uint64_t i = 0; i < kPagesPerPmd; i++) {
+      frames_[static_cast<uint64_t>(b) * kPagesPerPmd + i].flags_.store(0, std::memory_order_relaxed);
+    }
+    hugetlb_resv_blocks_.push_back(static_cast<uint64_t>(b));
+  }
+  return 0;
+}
+
+void PhysMem::hugetlb_unreserve(AddressSpace* mm, Va start, Va end) {
+  SpinLockGuard g(&zone_lock_);
+  auto it = hugetlb_resv_.lower_bound({mm, start});
+  while (it != hugetlb_resv_.end() && it->first == mm && it->second < end) {
+    it = hugetlb_resv_.erase(it);
+    give_back_block_locked(hugetlb_resv_blocks_.back());
+    hugetlb_resv_blocks_.pop_back();
+  }
+}
+
+Folio* PhysMem::hugetlb_alloc_folio(AddressSpace* mm, Va haddr, bool* reserved) {
+  uint64_t b;
+  {
+    SpinLockGuard g(&zone_lock_);
+    auto it = hugetlb_resv_.find({mm, haddr});
+    *reserved = it != hugetlb_resv_.end();
+    if (*reserved) {
+      hugetlb_resv_.erase(it);
+      b = hugetlb_resv_blocks_.back();
+      hugetlb_resv_blocks_.pop_back();
+    } else {
+      if (hugetlb_in_use_ + hugetlb_resv_.size() >= config_.hugetlb_pages ||
+          g_fail_alloc_hugetlb.should_fail()) {
+        stat_alloc_fail.add();
+        return nullptr;
+      }
+      const int64_t got = take_whole_block_locked(/*as_frames=*/false);
+      if (got < 0) {
+        stat_alloc_fail.add();
+        return nullptr;
+      }
+      nr_free_ -= kPagesPerPmd;
+      b = static_cast<uint64_t>(got);
+    }
+    hugetlb_in_use_++;
+  }
+  Folio* head = &frames_[b * kPagesPerPmd];
+  Folio::init_frames(head, kPmdOrder, kFolioAnon | kFolioHugetlb);
+  std::memset(ram_data(head->pfn()), 0, kPmdSize);
+  return head;
+}
+
+std::vector<std::pair<AddressSpace*, Va>> PhysMem::hugetlb_reservations() const {
+  SpinLockGuard g(&zone_lock_);
+  return {hugetlb_resv_.begin(), hugetlb_resv_.end()};
 }
 
 }  // namespace gpusvm::mm

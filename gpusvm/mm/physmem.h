@@ -26,6 +26,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <set>
+#include <utility>
 #include <vector>
 
 #include "gpusvm/base/lock.h"
@@ -54,6 +56,7 @@ enum FolioFlag : uint32_t {
   kFolioFree = 1u << 7,           // on the allocator's free lists
   kFolioDeferredSplit = 1u << 8,  // partially unmapped large folio queued for split
   kFolioShmem = 1u << 9,          // in a ShmemObject's page cache
+  kFolioHugetlb = 1u << 10,       // a 2 MiB page of the hugetlb pool (PMD-mapped only)
 };
 
 // Per-page flags (every descriptor).
@@ -239,6 +242,9 @@ class PhysMem {
     uint64_t ram_bytes = 1ULL << 30;  // multiple of 2 MiB
     ThpMode thp = ThpMode::kMadvise;  // transparent_hugepage/enabled
     bool use_zero_page = true;        // transparent_hugepage/use_zero_page (huge zero folio)
+    // vm.nr_hugepages: how many 2 MiB hugetlb pages MAP_HUGETLB may use at most (the
+    // oracle machine has 16). Taken from RAM only when reserved or faulted (see below).
+    uint64_t hugetlb_pages = 16;
   };
 
   // Returns the arena, -EINVAL for a bad size, -ENOMEM if the host refuses the memory.
@@ -272,6 +278,37 @@ class PhysMem {
 
   uint64_t ram_pages() const { return ram_pages_; }
   uint64_t free_pages() const;
+
+  // ---- hugetlb pool (mm/hugetlb.c's hstate for 2 MiB pages) ----
+  // Decision: the pool is a limit of config().hugetlb_pages pages, not memory set aside at
+  // create time (tests build machines of a few MiB). A page is taken from the allocator as a
+  // whole 2 MiB block when a mapping reserves it (mmap) or when a fault needs one without a
+  // reservation, and goes back to the allocator when it is freed or its reservation is
+  // dropped. So, as with Linux's pool: in_use + reserved <= total, an mmap that cannot reserve
+  // fails -ENOMEM up front, and a fault in a reserved slot cannot fail.
+  // Reservations are per (address space, 2 MiB slot) - the resv_map of a private mapping: the
+  // first fault of the slot consumes it, munmap/exit of an unfaulted slot releases it, a
+  // fork child has none (its COW copies are allocated unreserved and may fail).
+  // Locking: all pool state is under the zone lock (a leaf lock: callers may hold page-table
+  // locks, none of this sleeps).
+  struct HugetlbCounts {
+    uint64_t total = 0;     // HugePages_Total (the limit)
+    uint64_t free = 0;      // HugePages_Free: total - in_use (reserved pages count as free)
+    uint64_t reserved = 0;  // HugePages_Rsvd: reserved, not yet faulted
+    uint64_t in_use = 0;    // live hugetlb folios (mapped, or referenced in flight)
+  };
+  HugetlbCounts hugetlb_counts() const;
+  // Reserves one page for every 2 MiB slot of [start, end) (2 MiB aligned) of `mm`.
+  // Returns 0 or -ENOMEM (limit reached or no whole block left): nothing reserved then.
+  [[nodiscard]] int hugetlb_reserve(AddressSpace* mm, Va start, Va end);
+  // Drops the reservations of `mm` in [start, end) that no fault consumed.
+  void hugetlb_unreserve(AddressSpace* mm, Va start, Va end);
+  // A zeroed hugetlb folio (refcount 1, anon + hugetlb) for the slot at haddr of `mm`: the
+  // slot's reservation if it has one (*reserved = true), else a new page within the limit.
+  // nullptr when neither is possible (or "mm.alloc_hugetlb" fires for an unreserved page).
+  Folio* hugetlb_alloc_folio(AddressSpace* mm, Va haddr, bool* reserved);
+  // The reserved slots, for mm::check.
+  std::vector<std::pair<AddressSpace*, Va>> hugetlb_reservations() const;
 
   // Device pagemaps: a pfn range above RAM for a driver's device-private frames.
   // Returns the first pfn, or -ENOSPC.
@@ -336,6 +373,14 @@ class PhysMem {
   std::vector<uint64_t> whole_free_ GPUSVM_GUARDED_BY(zone_lock_);    // indices of whole free blocks
   std::vector<uint64_t> partial_ GPUSVM_GUARDED_BY(zone_lock_);       // split blocks with free frames
   uint64_t nr_free_ GPUSVM_GUARDED_BY(zone_lock_) = 0;
+  // hugetlb pool (see hugetlb_counts). hugetlb_resv_blocks_ are whole blocks taken out of the
+  // allocator for reservations: frames neither free nor in a folio (refcount 0), exactly one
+  // per entry of hugetlb_resv_.
+  std::set<std::pair<AddressSpace*, Va>> hugetlb_resv_ GPUSVM_GUARDED_BY(zone_lock_);
+  std::vector<uint64_t> hugetlb_resv_blocks_ GPUSVM_GUARDED_BY(zone_lock_);
+  uint64_t hugetlb_in_use_ GPUSVM_GUARDED_BY(zone_lock_) = 0;
+  // Returns a block taken for the pool to the allocator. Zone lock held.
+  void give_back_block_locked(uint64_t b) GPUSVM_REQUIRES(zone_lock_);
 
   // Pagemaps, address spaces and the deferred split queue. A leaf lock: may be taken under
   // page-table locks (a folio freed by a zap leaves the deferred split queue).

@@ -28,6 +28,9 @@ enum VmFlag : uint32_t {
   // A driver's mapping with pages it inserted itself (vm_insert_page): normal, refcounted
   // pages that hmm and the CPU see as such; never migrated, never merged (VM_SPECIAL).
   VM_MIXEDMAP = 1u << 16,
+  // MAP_HUGETLB: backed by 2 MiB pages of PhysMem's hugetlb pool, mapped only by PMDs. The
+  // VMA's bounds are 2 MiB aligned and every operation keeps them so (hugetlb.h).
+  VM_HUGETLB = 1u << 12,
 };
 
 // Mappings the core must not treat as ordinary memory: no merge, no migrate_vma.
@@ -48,7 +51,11 @@ struct Vma {
   // identity only, never dereferenced. The model's mapping does not keep the file open.
   const void* vm_file = nullptr;
 
-  bool is_anonymous() const { return !file && !vm_file; }
+  // vma_is_anonymous: private or shared anonymous memory without a backing object. hugetlb
+  // mappings are not (Linux backs them with a hugetlbfs file): no THP, no migration, no
+  // MADV_FREE/COLLAPSE/WIPEONFORK.
+  bool is_anonymous() const { return !file && !vm_file && !(flags & VM_HUGETLB); }
+  bool is_hugetlb() const { return flags & VM_HUGETLB; }
   bool is_shared() const { return flags & VM_SHARED; }
   bool contains(Va va) const { return va >= start && va < end; }
   uint64_t size() const { return end - start; }
