@@ -79,7 +79,9 @@ void device_thread(devfs::Process& proc, int fd, Shared& s, uint64_t seed) {
     cmd.addr = va;
     cmd.ptr = reinterpret_cast<uintptr_t>(buf.data());
     cmd.npages = n;
-    const int kind = static_cast<int>(rng() % 4);
+    // Now and then the device gives all its memory back (RELEASE) while everything runs: its
+    // pagemap goes away under migrations and faults waiting on them.
+    const int kind = rng() % 64 == 0 ? 4 : static_cast<int>(rng() % 4);
     int rc;
     switch (kind) {
       case 0:  // READ
@@ -104,9 +106,13 @@ void device_thread(devfs::Process& proc, int fd, Shared& s, uint64_t seed) {
         if (rc == 0) check_read(buf, va, n);
         if (rc != 0 && rc != -EINVAL && rc != -ENOENT && rc != -EBUSY) s.unexpected++;
         break;
-      default:  // MIGRATE_TO_SYS
+      case 3:  // MIGRATE_TO_SYS
         rc = devfs::ioctl(proc, fd, HMM_DMIRROR_MIGRATE_TO_SYS, &cmd);
         if (rc != 0 && rc != -EINVAL && rc != -ENOMEM) s.unexpected++;
+        break;
+      default:  // RELEASE
+        rc = devfs::ioctl(proc, fd, HMM_DMIRROR_RELEASE, &cmd);
+        if (rc != 0 && rc != -EBUSY) s.unexpected++;
         break;
     }
     if (rc != 0 && rc != -EFAULT && rc != -EPERM && rc != -EINVAL && rc != -ENOENT &&
