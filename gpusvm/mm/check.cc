@@ -181,6 +181,11 @@ class Checker {
         problem("folio %#lx: refcount %d but no mapping and no owner (leaked)", (unsigned long)pfn,
                 p->refcount());
       }
+      if (!observed_.count(p) && p->pincount() > 0 &&
+          p->refcount() != p->pincount() + (p->test(kFolioShmem) ? 1 : 0)) {
+        problem("folio %#lx: unmapped, %d pins, refcount %d", (unsigned long)pfn, p->pincount(),
+                p->refcount());
+      }
       if (p->test(kFolioLocked)) problem("folio %#lx left locked", (unsigned long)pfn);
     }
     if (free != mem_.free_pages()) {
