@@ -67,16 +67,7 @@ int access_page(AddressSpace& mm, Va va, bool write, Fn&& fn) {
         PageTable::pte_unmap_unlock(t);
       }
     }
-    switch (handle_mm_fault(mm, va, write ? unsigned{kFaultWrite} : 0u)) {
-      case VmFault::kOk:
-      case VmFault::kRetry:
-        continue;
-      case VmFault::kSigsegv:
-      case VmFault::kSigbus:
-        return -EFAULT;
-      case VmFault::kOom:
-        return -ENOMEM;
-    }
+    if (int rc = vm_fault_errno(handle_mm_fault(mm, va, write ? unsigned{kFaultWrite} : 0u))) return rc;
   }
   log::get().error("cpu access at {:#x} ({}) still faulting after {} rounds and {} ms", va,
                    write ? "write" : "read", round, hang_timeout().count());

@@ -21,6 +21,10 @@ enum class VmFault {
 
 const char* vm_fault_name(VmFault f);
 
+// What a fault on behalf of a kernel-side access (GUP, the CPU-access API) means for its
+// caller: 0 to retry the access (kOk, kRetry), -EFAULT (SIGSEGV, SIGBUS) or -ENOMEM (OOM).
+int vm_fault_errno(VmFault f);
+
 enum FaultFlags : unsigned {
   kFaultWrite = 1u << 0,   // FAULT_FLAG_WRITE (stores and atomics)
   kFaultRemote = 1u << 1,  // a fault on behalf of a device (hmm_range_fault)

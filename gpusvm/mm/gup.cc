@@ -103,16 +103,8 @@ int gup_one(AddressSpace& mm, Va va, unsigned flags, Folio** out) {
       case Follow::kError: return -EFAULT;
       case Follow::kFault: break;
     }
-    switch (handle_mm_fault(mm, va, (flags & FOLL_WRITE) ? unsigned{kFaultWrite} : 0u)) {
-      case VmFault::kOk:
-      case VmFault::kRetry:
-        continue;
-      case VmFault::kSigsegv:
-      case VmFault::kSigbus:
-        return -EFAULT;
-      case VmFault::kOom:
-        return -ENOMEM;
-    }
+    const unsigned fault_flags = (flags & FOLL_WRITE) ? unsigned{kFaultWrite} : 0u;
+    if (int rc = vm_fault_errno(handle_mm_fault(mm, va, fault_flags))) return rc;
   }
 }
 

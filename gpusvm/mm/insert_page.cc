@@ -79,13 +79,7 @@ Result<Va> AddressSpace::mmap_device(Va addr, uint64_t len, int prot, int flags,
     }
     start = addr;
   } else {
-    // The hint when it is free, else the top-down search, as mmap() does for files.
-    if (addr && page_aligned(addr) && addr >= kMmapMinAddr && addr + alen <= kTaskSize &&
-        addr + alen > addr) {
-      Vma* v = vmas_.find(addr);
-      if (!v || v->start >= addr + alen) start = addr;
-    }
-    if (!start) start = vmas_.find_gap_topdown(alen, kMmapMinAddr, kMmapBase, kPageSize);
+    start = get_unmapped_area(vmas_, addr, alen, kPageSize);  // as mmap() does for files
     if (!start) return Err{-ENOMEM};
   }
   auto vma = std::make_unique<Vma>();

@@ -10,6 +10,17 @@
 
 namespace gpusvm::mm {
 
+int vm_fault_errno(VmFault f) {
+  switch (f) {
+    case VmFault::kOk:
+    case VmFault::kRetry: return 0;
+    case VmFault::kSigsegv:
+    case VmFault::kSigbus: return -EFAULT;
+    case VmFault::kOom: return -ENOMEM;
+  }
+  return -EFAULT;
+}
+
 const char* vm_fault_name(VmFault f) {
   switch (f) {
     case VmFault::kOk: return "OK";

@@ -32,6 +32,10 @@ class MmuInvalidation {
 // Top of the mmap area: top-down allocation starts below a stack gap, as on x86-64.
 inline constexpr Va kMmapBase = kTaskSize - (128ULL << 20);
 
+// get_unmapped_area: `hint` when [hint, hint + len) is free user space, else the highest free
+// gap below the mmap base aligned to `align`; 0 when there is none. mmap lock held.
+Va get_unmapped_area(const VmaTree& vmas, Va hint, uint64_t len, uint64_t align);
+
 // munmap of [start, end) with the mmap lock held for write: splits VMAs (and PMD mappings)
 // at the ends, fires one UNMAP invalidation, zaps and removes the VMAs.
 void do_munmap(AddressSpace& mm, VmaTree& vmas, Va start, Va end);

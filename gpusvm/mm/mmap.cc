@@ -61,6 +61,14 @@ void do_munmap(AddressSpace& mm, VmaTree& vmas, Va start, Va end) {
   free_pgtables(mm, vmas, start, end);
 }
 
+Va get_unmapped_area(const VmaTree& vmas, Va hint, uint64_t len, uint64_t align) {
+  if (hint && page_aligned(hint) && hint >= kMmapMinAddr && hint + len <= kTaskSize && hint + len > hint) {
+    const Vma* v = vmas.find(hint);
+    if (!v || v->start >= hint + len) return hint;
+  }
+  return vmas.find_gap_topdown(len, kMmapMinAddr, kMmapBase, align);
+}
+
 void free_pgtables(AddressSpace& mm, const VmaTree& vmas, Va start, Va end) {
   mm.mmap_assert_write_locked();
   PageTable& pt = mm.page_table();
@@ -268,12 +276,7 @@ Result<Va> AddressSpace::mmap(Va addr, uint64_t len, int prot, int flags,
       const uint64_t align = hugetlb || (anon && alen % kPmdSize == 0) ? kPmdSize : kPageSize;
       start = 0;
       if (hugetlb) addr = pmd_align_up(addr);  // hugetlb_get_unmapped_area aligns the hint
-      if (addr && page_aligned(addr) && addr >= kMmapMinAddr && addr + alen <= kTaskSize &&
-          addr + alen > addr) {
-        Vma* v = vmas_.find(addr);
-        if (!v || v->start >= addr + alen) start = addr;
-      }
-      if (!start) start = vmas_.find_gap_topdown(alen, kMmapMinAddr, kMmapBase, align);
+      start = get_unmapped_area(vmas_, addr, alen, align);
       if (!start) return Err{-ENOMEM};
     }
     // A private hugetlb mapping reserves its pages now, so a pool that cannot back it fails
