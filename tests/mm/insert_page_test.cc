@@ -127,7 +127,9 @@ TEST_F(InsertPageTest, BadInput) {
     EXPECT_EQ(vm_insert_page(*as, vma, vma.start - kPageSize, page), -EFAULT);
     EXPECT_EQ(vm_insert_page(*as, vma, vma.start, anon_page), -EINVAL);          // anonymous
     EXPECT_EQ(vm_insert_page(*as, vma, vma.start, mem->zero_page()), -EINVAL);   // zero page
-    if (thp) EXPECT_EQ(vm_insert_page(*as, vma, vma.start, thp), -EINVAL);      // large
+    if (thp) {
+      EXPECT_EQ(vm_insert_page(*as, vma, vma.start, thp), -EINVAL);  // large
+    }
     Vma* anon_vma = as->vma_lookup(anon);
     EXPECT_EQ(vm_insert_page(*as, *anon_vma, anon, page), -EINVAL);              // anon VMA
     EXPECT_FALSE(vma.flags & VM_MIXEDMAP);  // nothing inserted yet

@@ -78,8 +78,8 @@ INSTANTIATE_TEST_SUITE_P(
                       MigrateInjectionCase{"mm.migrate_split", 4, false},
                       MigrateInjectionCase{"mm.migrate_split_freeze", 3, true},
                       MigrateInjectionCase{"mm.alloc_folio", 40, true}),
-    [](const ::testing::TestParamInfo<MigrateInjectionCase>& info) {
-      std::string name = std::string(info.param.point) + (info.param.small_destinations ? "_small" : "");
+    [](const ::testing::TestParamInfo<MigrateInjectionCase>& p) {
+      std::string name = std::string(p.param.point) + (p.param.small_destinations ? "_small" : "");
       for (char& ch : name) {
         if (ch == '.') ch = '_';
       }
