@@ -116,11 +116,6 @@ bool convert_to_exclusive(AddressSpace& mm, Va addr, Folio* page) {
 
 }  // namespace
 
-DeviceExclusiveStats& device_exclusive_stats() {
-  static DeviceExclusiveStats stats;
-  return stats;
-}
-
 Result<Folio*> make_device_exclusive(AddressSpace& mm, Va addr, const void* owner) {
   if (addr >= kTaskSize || !owner) return Err{-EINVAL};
   mm.mmap_assert_locked();
@@ -151,18 +146,19 @@ Result<Folio*> make_device_exclusive(AddressSpace& mm, Va addr, const void* owne
       done = convert_to_exclusive(mm, addr, page);
     }
     if (done) {
-      device_exclusive_stats().made.add();
+      mm.stats().exclusive_made.add();
       return page;  // locked, with the GUP reference
     }
     // Zapped, COWed, write-protected or re-mapped meanwhile: start over (never -EBUSY for a
     // benign race, seed 004 patch 17).
-    device_exclusive_stats().retries.add();
+    mm.stats().exclusive_retries.add();
     folio_unlock(folio);
     folio->put();
   }
 }
 
-void restore_exclusive_pte_locked(const Vma& vma, PteTable* t, Va va, Pte orig, Folio* page) {
+void restore_exclusive_pte_locked(AddressSpace& mm, const Vma& vma, PteTable* t, Va va, Pte orig,
+                                  Folio* page) {
   t->ptl.assert_held();
   Folio* folio = page->head();
   folio_assert_locked(folio);
@@ -178,7 +174,7 @@ void restore_exclusive_pte_locked(const Vma& vma, PteTable* t, Va va, Pte orig, 
     pte = pte.mkwrite();
   }
   t->set(pte_index(va), pte);
-  device_exclusive_stats().restored.add();
+  mm.stats().exclusive_restored.add();
 }
 
 }  // namespace gpusvm::mm

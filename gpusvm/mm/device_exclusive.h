@@ -59,20 +59,13 @@ struct Vma;
 // (fault, folio lock, notifier callbacks).
 Result<Folio*> make_device_exclusive(AddressSpace& mm, Va addr, const void* owner);
 
-// Counters for tests and benchmarks (global; compare deltas).
-struct DeviceExclusiveStats {
-  StatCounter made;      // entries installed by make_device_exclusive
-  StatCounter retries;   // make_device_exclusive walks that found the page changed
-  StatCounter restored;  // entries turned back into present PTEs (CPU fault, fork)
-};
-DeviceExclusiveStats& device_exclusive_stats();
-
 // restore_exclusive_pte: turns the device-exclusive entry `orig` at va back into a present
 // PTE for `page`: not young, soft-dirty kept; writable iff the VMA has VM_WRITE and the page
 // is anon-exclusive (can_change_pte_writable for private anonymous memory), and then dirty iff
 // the folio is dirty. Mapcount, rmap and reference carry over unchanged.
 // Context: the PTE lock of `t` held (asserted), the folio of `page` locked (asserted), the
 // entry at va still equals `orig` (checked by the caller under this same lock).
-void restore_exclusive_pte_locked(const Vma& vma, PteTable* t, Va va, Pte orig, Folio* page);
+void restore_exclusive_pte_locked(AddressSpace& mm, const Vma& vma, PteTable* t, Va va, Pte orig,
+                                  Folio* page);
 
 }  // namespace gpusvm::mm

@@ -21,6 +21,7 @@ enum class CopyStop {
 };
 
 struct CopyCtx {
+  AddressSpace& src_mm;
   AddressSpace& dst_mm;
   const Vma& vma;  // the VMA being copied (the flags are the parent's)
   bool cow;
@@ -102,7 +103,7 @@ CopyStop copy_one_pte(CopyCtx& c, PteTable* ts, Va va, Pte src, Pte* src_out, Pt
       c.busy = folio;
       return CopyStop::kBusy;
     }
-    restore_exclusive_pte_locked(c.vma, ts, va, src, page);
+    restore_exclusive_pte_locked(c.src_mm, c.vma, ts, va, src, page);
     folio_unlock(folio);
     const Pte present = ts->get(pte_index(va));
     *src_out = present;
@@ -124,7 +125,7 @@ int copy_pte_range(AddressSpace& src_mm, AddressSpace& dst_mm, const Vma& vma, P
   if (dst_mm.page_table().pte_alloc(*dst_slot) != 0) return -ENOMEM;
   const auto deadline = std::chrono::steady_clock::now() + hang_timeout();
   for (Va va = start; va < end;) {
-    CopyCtx c{dst_mm, vma, cow};
+    CopyCtx c{src_mm, dst_mm, vma, cow};
     CopyStop stop = CopyStop::kNone;
     {
       // Migration records are added here (copied migration entries): a split during

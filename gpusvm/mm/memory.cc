@@ -227,7 +227,7 @@ VmFault remove_device_exclusive_entry(FaultCtx& f, PteTable* t, Pte orig) {
     t = f.mm.page_table().pte_offset_map_lock(f.slot);
     if (t) {
       restored = t->get(pte_index(f.va)) == orig;
-      if (restored) restore_exclusive_pte_locked(f.vma, t, f.va, orig, page);
+      if (restored) restore_exclusive_pte_locked(f.mm, f.vma, t, f.va, orig, page);
       PageTable::pte_unmap_unlock(t);
     }
     folio_unlock(folio);

@@ -31,6 +31,9 @@ namespace gpusvm::mm {
   X(hmm_restarts, "hmm_range_fault walk restarts after a fault or wait")          \
   X(migrate_walks, "page walks that installed migration entries (part of hmm_walks)") \
   X(migrate_collected, "mappings replaced by migration entries")                  \
+  X(exclusive_made, "device-exclusive entries installed by make_device_exclusive") \
+  X(exclusive_retries, "make_device_exclusive attempts that found the page changed") \
+  X(exclusive_restored, "device-exclusive entries made present again (CPU fault, fork)") \
   X(cow_copies, "pages copied for copy-on-write")                                 \
   X(zapped_pages, "pages unmapped by munmap/madvise/exit")
 

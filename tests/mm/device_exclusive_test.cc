@@ -99,7 +99,7 @@ TEST_F(DeviceExclusiveTest, MakeDeviceExclusive_MapcountRefcountRmapUnchanged) {
   ASSERT_EQ(before.kind, PageKind::kSmall);
   ASSERT_TRUE(before.dirty && before.writable);
   ASSERT_EQ(before.refcount, 1);
-  const uint64_t made = device_exclusive_stats().made.get();
+  const uint64_t made = as->stats().exclusive_made.get();
 
   Result<Folio*> page = make_exclusive(*as, va + kPageSize, kOwnerA, /*keep=*/true);
   ASSERT_TRUE(page.ok()) << page.error();
@@ -116,7 +116,7 @@ TEST_F(DeviceExclusiveTest, MakeDeviceExclusive_MapcountRefcountRmapUnchanged) {
   EXPECT_EQ(rmap[0].va, va + kPageSize);
   release(*page);
   expect_exclusive(*as, va + kPageSize, before.pfn, 1);
-  EXPECT_EQ(device_exclusive_stats().made.get(), made + 1);
+  EXPECT_EQ(as->stats().exclusive_made.get(), made + 1);
 
   std::vector<RecordingMirror::Event> ev = mirror.take();
   ASSERT_EQ(ev.size(), 1u);
@@ -142,12 +142,12 @@ TEST_F(DeviceExclusiveTest, CpuFault_DeviceExclusive_RestoresWritable) {
   Result<Folio*> page = make_exclusive(*as, va, kOwnerA);
   ASSERT_TRUE(page.ok());
   (void)mirror.take();
-  const uint64_t restored = device_exclusive_stats().restored.get();
+  const uint64_t restored = as->stats().exclusive_restored.get();
   const uint64_t faults = as->stats().faults.get();
 
   EXPECT_EQ(verify_pages(*as, va, kPageSize, 7), 0);  // the read faults the page back
   EXPECT_EQ(as->stats().faults.get(), faults + 1);
-  EXPECT_EQ(device_exclusive_stats().restored.get(), restored + 1);
+  EXPECT_EQ(as->stats().exclusive_restored.get(), restored + 1);
   PageState st = query_page(*as, va);
   EXPECT_EQ(st.kind, PageKind::kSmall);
   EXPECT_EQ(st.pfn, (*page)->pfn());  // same page: nothing was copied
@@ -293,10 +293,10 @@ TEST_F(DeviceExclusiveTest, Fork_DeviceExclusive_RestoredThenCowShared) {
   RecordingMirror mirror;
   MmuIntervalNotifier n;
   ASSERT_EQ(n.insert(as.get(), va, 2 * kPageSize, &mirror), 0);
-  const uint64_t restored = device_exclusive_stats().restored.get();
+  const uint64_t restored = as->stats().exclusive_restored.get();
   Result<std::unique_ptr<AddressSpace>> child = as->fork();
   ASSERT_TRUE(child.ok()) << child.error();
-  EXPECT_EQ(device_exclusive_stats().restored.get(), restored + 1);
+  EXPECT_EQ(as->stats().exclusive_restored.get(), restored + 1);
   EXPECT_GE(mirror.count(MmuNotifyEvent::kProtectionPage, nullptr), 1);
   for (AddressSpace* mm : {as.get(), child->get()}) {
     PageState st = query_page(*mm, va);
@@ -666,10 +666,10 @@ TEST_F(DeviceExclusiveTest, MakeDeviceExclusive_RaceWithPteChange_RetriesSucceed
   };
   MmuIntervalNotifier n;
   ASSERT_EQ(n.insert(as.get(), va, kPageSize, &mirror), 0);
-  const uint64_t retries = device_exclusive_stats().retries.get();
+  const uint64_t retries = as->stats().exclusive_retries.get();
   Result<Folio*> page = make_exclusive(*as, va, kOwnerA);
   ASSERT_TRUE(page.ok()) << page.error();
-  EXPECT_EQ(device_exclusive_stats().retries.get(), retries + 1);
+  EXPECT_EQ(as->stats().exclusive_retries.get(), retries + 1);
   EXPECT_EQ(mirror.count(MmuNotifyEvent::kExclusive, kOwnerA), 2);
   EXPECT_EQ(mirror.count(MmuNotifyEvent::kClear, nullptr), 1);  // the zap
   expect_exclusive(*as, va, (*page)->pfn());
@@ -681,12 +681,12 @@ TEST_F(DeviceExclusiveTest, MakeDeviceExclusive_RaceWithPteChange_RetriesSucceed
 TEST_F(DeviceExclusiveTest, MakeDeviceExclusive_InjectedRecheckFailure_Retries) {
   Va va = map_anon(*as, kPageSize);
   fill_pages(*as, va, kPageSize, 1);
-  const uint64_t retries = device_exclusive_stats().retries.get();
+  const uint64_t retries = as->stats().exclusive_retries.get();
   {
     fault_inject::ScopedArm arm("mm.device_exclusive.recheck", {.nth = 1, .times = 2});
     ASSERT_TRUE(make_exclusive(*as, va, kOwnerA).ok());
   }
-  EXPECT_EQ(device_exclusive_stats().retries.get(), retries + 2);
+  EXPECT_EQ(as->stats().exclusive_retries.get(), retries + 2);
   EXPECT_EQ(query_page(*as, va).leaf, SoftLeafType::kDeviceExclusive);
   EXPECT_EQ(verify_pages(*as, va, kPageSize, 1), 0);
 }
@@ -769,7 +769,7 @@ TEST_F(DeviceExclusiveTest, Concurrency_CpuAtomicsVsMakeDeviceExclusive_NoLostUp
   uint64_t device_total = 0;
   for (uint64_t p = 0; p < kPages; p++) device_total += device_incs[p].load();
   std::printf("device updates %lu, restores %lu\n", static_cast<unsigned long>(device_total),
-              static_cast<unsigned long>(device_exclusive_stats().restored.get()));
+              static_cast<unsigned long>(as->stats().exclusive_restored.get()));
   EXPECT_GT(device_total, 0u) << "the device never got a page: the test proves nothing";
   for (uint64_t p = 0; p < kPages; p++) {
     uint64_t want = device_incs[p].load();
