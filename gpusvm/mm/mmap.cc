@@ -136,15 +136,16 @@ void change_protection(AddressSpace& mm, const Vma& vma, Va start, Va end, bool 
 }
 
 // Whether split_folio_exclusive can take the large folio of a page mapped in the locked PTE
-// table `t` (which covers [table_va, table_va + 2 MiB)): every mapping of the folio is a
-// present PTE of `mm` in this table. split_folio_exclusive handles present PTEs only; a page a
-// device holds exclusively (Linux's try_to_migrate would convert that entry too) or a mapping
-// in another table keeps the folio whole here. PTE lock of t held.
+// table `t` (which covers [table_va, table_va + 2 MiB)): every mapping of the folio is a PTE of
+// `mm` in this table, present or device-exclusive (the split gives that page back to the CPU,
+// as Linux's try_to_migrate does). A mapping in another table keeps the folio whole here. PTE
+// lock of t held.
 bool folio_splittable_here(AddressSpace& mm, PteTable* t, Va table_va, Folio* folio) {
   t->ptl.assert_held();
   for (const RmapItem& item : folio_rmap_snapshot(folio)) {
     if (item.pmd || item.mm != &mm || pmd_align_down(item.va) != table_va) return false;
-    if (!t->get(pte_index(item.va)).present()) return false;
+    const Pte pte = t->get(pte_index(item.va));
+    if (!pte.present() && !pte.is_device_exclusive()) return false;
   }
   return true;
 }

@@ -493,22 +493,22 @@ TEST_F(DeviceExclusiveTest, MakeDeviceExclusive_ThpManyPages_ForkAndCpuAccess) {
   EXPECT_EQ(verify_pages(*as, va, kPmdSize, 2), 0);
 }
 
-// MADV_FREE over part of a PTE-mapped THP splits the folio when only this process maps it;
-// split_folio_exclusive handles present PTEs only, so a folio with a device-exclusive page
-// is left whole (Linux would convert the entry during the split). Nothing is lost either way.
-TEST_F(DeviceExclusiveTest, MadviseFree_ThpWithDeviceExclusivePte_NotSplitDataIntact) {
+// MADV_FREE over part of a PTE-mapped THP splits the folio when only this process maps it,
+// also when a device holds one of its pages exclusively: the split takes that page from the
+// device (CLEAR) and maps it back present, read-only, as Linux's try_to_migrate would.
+TEST_F(DeviceExclusiveTest, MadviseFree_ThpWithDeviceExclusivePte_SplitGivesPageBack) {
   Va va = map_anon(*as, kPmdSize, PROT_READ | PROT_WRITE, /*huge=*/true);
   fill_pages(*as, va, kPmdSize, 1);
-  ASSERT_TRUE(make_exclusive(*as, va + 100 * kPageSize, kOwnerA).ok());
-  ASSERT_EQ(as->madvise(va, 4 * kPageSize, MADV_FREE), 0);
-  EXPECT_EQ(as->stats().thp_split_folio.get(), 0u);
-  EXPECT_TRUE(query_page(*as, va).large);
-  EXPECT_EQ(query_page(*as, va + 100 * kPageSize).leaf, SoftLeafType::kDeviceExclusive);
-  EXPECT_MM_CHECK_OK(*mem);
-  EXPECT_EQ(verify_pages(*as, va, kPmdSize, 1), 0);
-  // Once the CPU has the page back, the same advice splits the folio.
+  Result<Folio*> page = make_exclusive(*as, va + 100 * kPageSize, kOwnerA);
+  ASSERT_TRUE(page.ok());
   ASSERT_EQ(as->madvise(va, 4 * kPageSize, MADV_FREE), 0);
   EXPECT_EQ(as->stats().thp_split_folio.get(), 1u);
+  const PageState st = query_page(*as, va + 100 * kPageSize);
+  EXPECT_EQ(st.kind, PageKind::kSmall);
+  EXPECT_EQ(st.pfn, (*page)->pfn());
+  EXPECT_FALSE(st.writable);
+  EXPECT_FALSE(query_page(*as, va + 200 * kPageSize).large);
+  EXPECT_MM_CHECK_OK(*mem);
   EXPECT_EQ(verify_pages(*as, va + 4 * kPageSize, kPmdSize - 4 * kPageSize, 1, va + 4 * kPageSize), 0);
 }
 
