@@ -23,6 +23,26 @@ constexpr uint64_t kMaxBouncePages = 1ULL << 18;
 // The file whose migration the current thread is running (nullptr: none).
 thread_local const Dmirror* tls_migrating = nullptr;
 
+// test_hmm's per-VMA, per-chunk loop: calls migrate(args) for each piece of [start, end) that
+// lies in one readable VMA and one chunk, selecting `flags` for `owner`. A hole or a VMA
+// without VM_READ is -EINVAL. Context: the mmap lock held (read).
+template <typename Fn>
+int for_each_migrate_chunk(mm::AddressSpace& mm, Va start, Va end, const void* owner, unsigned flags,
+                           Fn&& migrate) {
+  mm.mmap_assert_locked();
+  std::vector<uint64_t> src(kMigrateChunkPages), dst(kMigrateChunkPages);
+  for (Va addr = start; addr < end;) {
+    const mm::Vma* vma = mm.find_vma(addr);
+    if (!vma || addr < vma->start || !(vma->flags & mm::VM_READ)) return -EINVAL;
+    const Va next = std::min({end, addr + kMigrateChunkPages * kPageSize, vma->end});
+    mm::MigrateVma args{.mm = &mm, .start = addr, .end = next, .src = src.data(),
+                        .dst = dst.data(), .pgmap_owner = owner, .flags = flags};
+    if (int rc = migrate(&args)) return rc;
+    addr = next;
+  }
+  return 0;
+}
+
 }  // namespace
 
 class Dmirror::MigratorScope {
@@ -167,20 +187,12 @@ int Dmirror::migrate_to_dev(hmm_dmirror_cmd& cmd) {
   if (mm_->exited()) return -EINVAL;  // mmget_not_zero
   const Va start = cmd.addr;
   const Va end = start + (cmd.npages << kPageShift);
-  std::vector<uint64_t> src(kMigrateChunkPages), dst(kMigrateChunkPages);
   {
     ReadLock g(&mm_->mmap_lock());
-    mm_->mmap_assert_locked();
-    for (Va addr = start; addr < end;) {
-      const mm::Vma* vma = mm_->find_vma(addr);
-      if (!vma || addr < vma->start || !(vma->flags & mm::VM_READ)) return -EINVAL;
-      const Va next = std::min({end, addr + kMigrateChunkPages * kPageSize, vma->end});
-      mm::MigrateVma args{.mm = mm_.get(), .start = addr, .end = next, .src = src.data(),
-                          .dst = dst.data(), .pgmap_owner = dev_->owner(),
-                          .flags = mm::MIGRATE_VMA_SELECT_SYSTEM | mm::MIGRATE_VMA_SELECT_COMPOUND};
-      if (int rc = migrate_chunk_to_dev(&args)) return rc;
-      addr = next;
-    }
+    const int rc = for_each_migrate_chunk(
+        *mm_, start, end, dev_->owner(), mm::MIGRATE_VMA_SELECT_SYSTEM | mm::MIGRATE_VMA_SELECT_COMPOUND,
+        [this](mm::MigrateVma* args) { return migrate_chunk_to_dev(args); });
+    if (rc) return rc;
   }
   // Read the range back through the device page table: cpages counts what the device can
   // read now (pages already on the device included), and a page it cannot is -ENOENT.
@@ -199,20 +211,12 @@ int Dmirror::migrate_to_sys(hmm_dmirror_cmd& cmd) {
   if (mm_->exited()) return -EINVAL;  // mmget_not_zero
   const Va start = cmd.addr;
   const Va end = start + (cmd.npages << kPageShift);
-  std::vector<uint64_t> src(kMigrateChunkPages), dst(kMigrateChunkPages);
   uint64_t moved = 0;
   ReadLock g(&mm_->mmap_lock());
-  mm_->mmap_assert_locked();
-  for (Va addr = start; addr < end;) {
-    const mm::Vma* vma = mm_->find_vma(addr);
-    if (!vma || addr < vma->start || !(vma->flags & mm::VM_READ)) return -EINVAL;
-    const Va next = std::min({end, addr + kMigrateChunkPages * kPageSize, vma->end});
-    mm::MigrateVma args{.mm = mm_.get(), .start = addr, .end = next, .src = src.data(),
-                        .dst = dst.data(), .pgmap_owner = dev_->owner(),
-                        .flags = mm::MIGRATE_VMA_SELECT_DEVICE_PRIVATE | mm::MIGRATE_VMA_SELECT_COMPOUND};
-    if (int rc = migrate_chunk_to_sys(&args, &moved)) return rc;
-    addr = next;
-  }
+  const int rc = for_each_migrate_chunk(
+      *mm_, start, end, dev_->owner(), mm::MIGRATE_VMA_SELECT_DEVICE_PRIVATE | mm::MIGRATE_VMA_SELECT_COMPOUND,
+      [this, &moved](mm::MigrateVma* args) { return migrate_chunk_to_sys(args, &moved); });
+  if (rc) return rc;
   cmd.cpages = moved;
   return 0;
 }
