@@ -37,7 +37,10 @@ VmFault wait_for_migration(Folio* page) {
   // entries until it removes them; waiting for the unlock is waiting for the migration. No
   // reference is taken - it would make the migration's refcount freeze fail, which is why
   // Linux waits without one too. Folio descriptors are never freed, so a descriptor reused
-  // meanwhile costs at most a spurious wakeup and a retry.
+  // meanwhile costs at most a spurious wakeup and a retry. A device pfn whose pagemap was
+  // removed since the entry was read (the caller looked it up after dropping the PTL) has no
+  // descriptor any more: its migration (the eviction) is over.
+  if (!page) return VmFault::kRetry;
   Folio* folio = page->head();
   if (!folio_wait_unlocked(folio, hang_timeout())) {
     panic("fault: migration of pfn " + std::to_string(folio->pfn()) +

@@ -102,7 +102,8 @@ VmFault do_huge_pmd_anonymous_page(AddressSpace& mm, Vma& vma, PmdSlot slot, Va 
 void copy_page_data(Folio* dst, const Folio* src);
 
 // migration_entry_wait: sleeps (bounded) until the folio holding `page` is unlocked, then
-// returns kRetry. Called with no page-table lock held.
+// returns kRetry. page may be null (pfn_to_page of a device pfn whose pagemap is gone): the
+// migration is over, retry at once. Called with no page-table lock held.
 VmFault wait_for_migration(Folio* page);
 
 }  // namespace gpusvm::mm
