@@ -374,6 +374,7 @@ PteAction migrate_prepare_pte(HmmWalk& w, MmWalk& walk, PteTable* t, Va addr, Pt
 int split_folio_and_restart(HmmWalk& w, MmWalk& walk, Va addr, Pfn pfn) {
   Folio* folio = walk.mm->mem()->folio_of(pfn);
   w.last = addr;
+  if (!folio) return -EBUSY;  // its device memory went away meanwhile: read the entry again
   const bool fault_folio = folio == w.fault_page;
   if (!fault_folio && !folio->try_get()) return -EBUSY;  // freed meanwhile: read the entry again
   // Blocking on a folio lock while holding the collected ones could deadlock: trylock.
