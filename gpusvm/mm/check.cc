@@ -100,6 +100,15 @@ class Checker {
       return;
     }
     Folio* head = page->head();
+    // Device-private memory is reachable only through device-private entries, everything else
+    // only through present (or device-exclusive) ones.
+    if (e.is_device_private() != folio_is_device_private(head)) {
+      problem("%p: %s entry at %#lx maps %s folio %#lx", (void*)&mm,
+              e.present() ? "present" : e.is_device_private() ? "device-private" : "device-exclusive",
+              (unsigned long)va,
+              folio_is_device_private(head) ? "a device-private" : "a non-device-private",
+              (unsigned long)head->pfn());
+    }
     // hugetlb pages live in hugetlb VMAs, mapped whole by PMD leaves, and nothing else does.
     if (vma->is_hugetlb() != head->test(kFolioHugetlb) || (vma->is_hugetlb() && !huge)) {
       problem("%p: entry at %#lx: %s folio %#lx in a %s VMA (%s)", (void*)&mm, (unsigned long)va,

@@ -6,9 +6,10 @@ namespace gpusvm::mm {
 
 Result<std::unique_ptr<DevPagemap>> DevPagemap::create(PhysMem* mem, uint64_t nr_pages,
                                                        const void* owner, DevPagemapOps* ops,
-                                                       bool storage) {
+                                                       bool storage, DevMemoryType type) {
   if (!mem || !ops || nr_pages == 0 || nr_pages > (1ULL << 30)) return Err{-EINVAL};
-  std::unique_ptr<DevPagemap> pgmap(new DevPagemap(mem, owner, ops));
+  if (type == DevMemoryType::kDeviceCoherent && !storage) return Err{-EINVAL};
+  std::unique_ptr<DevPagemap> pgmap(new DevPagemap(mem, owner, ops, type));
   pgmap->frames_ = std::make_unique<Folio[]>(nr_pages);
   if (storage) pgmap->storage_ = std::make_unique<std::byte[]>(nr_pages << kPageShift);
   Result<Pfn> first = mem->register_pagemap(pgmap.get(), nr_pages);
@@ -21,7 +22,7 @@ Result<std::unique_ptr<DevPagemap>> DevPagemap::create(PhysMem* mem, uint64_t nr
     f.pagemap_ = pgmap.get();
     f.pfn_ = *first + i;
     f.head_.store(&f, std::memory_order_relaxed);
-    f.flags_.store(kFolioDevicePrivate | kFolioFree, std::memory_order_relaxed);
+    f.flags_.store(pgmap->kind_flag() | kFolioFree, std::memory_order_relaxed);
   }
   return pgmap;
 }
@@ -33,7 +34,8 @@ DevPagemap::~DevPagemap() {
 
 Folio* DevPagemap::folio_init(Pfn pfn, unsigned order) {
   const uint64_t n = 1ULL << order;
-  if ((order != 0 && order != kPmdOrder) || !contains(pfn) || !contains(pfn + n - 1) ||
+  const bool order_ok = order == 0 || (order == kPmdOrder && type_ == DevMemoryType::kDevicePrivate);
+  if (!order_ok || !contains(pfn) || !contains(pfn + n - 1) ||
       (pfn - first_pfn_) % n != 0) {
     return nullptr;
   }
@@ -41,7 +43,7 @@ Folio* DevPagemap::folio_init(Pfn pfn, unsigned order) {
   for (uint64_t i = 0; i < n; i++) {
     if (!(head[i].flags() & kFolioFree)) return nullptr;
   }
-  Folio::init_frames(head, order, kFolioDevicePrivate);
+  Folio::init_frames(head, order, kind_flag());
   return head;
 }
 
@@ -57,7 +59,7 @@ void DevPagemap::free_folio(Folio* folio) {
       p->head_.store(p, std::memory_order_relaxed);
       p->zone_device_data = nullptr;
     }
-    p->flags_.store(kFolioDevicePrivate | kFolioFree, std::memory_order_release);
+    p->flags_.store(kind_flag() | kFolioFree, std::memory_order_release);
   }
   ops_->folio_free(folio);
 }

@@ -1,14 +1,21 @@
-// DevPagemap: device-private memory registered by a driver (the kernel's dev_pagemap with
-// MEMORY_DEVICE_PRIVATE).
+// DevPagemap: device memory registered by a driver (the kernel's dev_pagemap with
+// MEMORY_DEVICE_PRIVATE or MEMORY_DEVICE_COHERENT).
 //
 // A driver registers a range of device frames; PhysMem gives them pfns above system RAM and
-// folio descriptors live here. Device-private folios are never mapped present in a CPU page
-// table: the CPU sees a device-private soft-leaf entry and faults, and the fault calls the
-// pagemap's migrate_to_ram. The `owner` pointer identifies the driver instance: hmm_range_fault
-// reports device-private pages only to the caller whose dev_private_owner matches.
+// folio descriptors live here. The `owner` pointer identifies the driver instance.
+//  - Device-private folios are never mapped present in a CPU page table: the CPU sees a
+//    device-private soft-leaf entry and faults, and the fault calls ops->migrate_to_ram.
+//    hmm_range_fault reports them only to the caller whose dev_private_owner matches;
+//    MIGRATE_VMA_SELECT_DEVICE_PRIVATE collects them for that owner.
+//  - Device-coherent folios are CPU-addressable (the pagemap keeps their bytes): a migration
+//    maps them with present PTEs, the CPU reads and writes them in place without faulting,
+//    hmm_range_fault reports them VALID to every caller, fork shares them COW and a COW
+//    fault copies straight from device memory. MIGRATE_VMA_SELECT_DEVICE_COHERENT collects
+//    them for their owner; a FOLL_LONGTERM pin moves them to system memory first
+//    (migrate_device_coherent_folio). They are order 0 only in this model (no present
+//    PMD mapping of device memory).
 //
-// CPU faults on device-private entries call ops->migrate_to_ram; a folio whose last reference
-// goes is handed to ops->folio_free.
+// A folio whose last reference goes is handed to ops->folio_free.
 #pragma once
 
 #include <cstdint>
@@ -22,6 +29,8 @@ namespace gpusvm::mm {
 
 class DevPagemap;
 
+enum class DevMemoryType : uint8_t { kDevicePrivate, kDeviceCoherent };
+
 // Driver callbacks. Context documented per op.
 class DevPagemapOps {
  public:
@@ -30,7 +39,7 @@ class DevPagemapOps {
   // May run with page-table locks held (the last reference can go in a zap): must not sleep
   // or take locks ranked below the zone lock. Required.
   virtual void folio_free(Folio* folio) = 0;
-  // A CPU touched a device-private page: migrate it (at least vmf.page) back to system
+  // A CPU touched a device-private page (never called for device-coherent memory): migrate it (at least vmf.page) back to system
   // memory, normally with migrate_vma_* and fault_page = vmf.page. Context: the mmap lock is
   // held (read), vmf.page is locked and referenced by the caller and must stay locked; may
   // sleep. Returns kOk (the access is retried), kSigbus or kOom. Required.
@@ -44,18 +53,22 @@ class DevPagemapOps {
 
 class DevPagemap {
  public:
-  // Registers nr_pages device frames with `owner` on `mem`. storage: when true the pagemap
-  // keeps host memory for the frames' bytes (a device whose memory the host can address);
-  // otherwise page_data() is null and the driver moves bytes itself.
-  // Errors: -EINVAL (no ops, zero pages), -ENOSPC (pfn space), -ENOMEM.
+  // Registers nr_pages device frames of `type` with `owner` on `mem`. storage: when true the
+  // pagemap keeps host memory for the frames' bytes (a device whose memory the host can
+  // address); otherwise page_data() is null and the driver moves bytes itself. Coherent
+  // memory is CPU-addressable by definition and needs storage.
+  // Errors: -EINVAL (no ops, zero pages, coherent without storage), -ENOSPC (pfn space),
+  // -ENOMEM.
   static Result<std::unique_ptr<DevPagemap>> create(PhysMem* mem, uint64_t nr_pages,
                                                     const void* owner, DevPagemapOps* ops,
-                                                    bool storage);
+                                                    bool storage,
+                                                    DevMemoryType type = DevMemoryType::kDevicePrivate);
   ~DevPagemap();
   DevPagemap(const DevPagemap&) = delete;
   DevPagemap& operator=(const DevPagemap&) = delete;
 
   const void* owner() const { return owner_; }
+  DevMemoryType type() const { return type_; }
   DevPagemapOps* ops() const { return ops_; }
   PhysMem* mem() const { return mem_; }
   Pfn first_pfn() const { return first_pfn_; }
@@ -69,20 +82,25 @@ class DevPagemap {
   }
 
   // zone_device_folio_init: the driver hands out a free device frame range as a folio of
-  // `order` (0 or kPmdOrder, pfn aligned to it) with refcount 1. Returns nullptr if any frame
-  // is in use.
+  // `order` (0 or kPmdOrder, pfn aligned to it; 0 only for coherent memory) with refcount 1.
+  // Returns nullptr if any frame is in use or the order is not supported.
   Folio* folio_init(Pfn pfn, unsigned order);
   // Number of device folios with a non-zero refcount (for the checker and teardown).
   uint64_t folios_in_use() const;
 
  private:
   friend class Folio;
-  DevPagemap(PhysMem* mem, const void* owner, DevPagemapOps* ops) : mem_(mem), owner_(owner), ops_(ops) {}
+  DevPagemap(PhysMem* mem, const void* owner, DevPagemapOps* ops, DevMemoryType type)
+      : mem_(mem), owner_(owner), ops_(ops), type_(type) {}
+  uint32_t kind_flag() const {
+    return type_ == DevMemoryType::kDeviceCoherent ? kFolioDeviceCoherent : kFolioDevicePrivate;
+  }
   void free_folio(Folio* folio);  // refcount reached zero
 
   PhysMem* const mem_;
   const void* const owner_;
   DevPagemapOps* const ops_;
+  const DevMemoryType type_;
   Pfn first_pfn_ = 0;
   uint64_t nr_pages_ = 0;
   std::unique_ptr<Folio[]> frames_;

@@ -8,6 +8,7 @@
 #include "gpusvm/base/log.h"
 #include "gpusvm/mm/address_space.h"
 #include "gpusvm/mm/fault.h"
+#include "gpusvm/mm/migrate.h"
 #include "gpusvm/mm/mm_internal.h"
 
 namespace gpusvm::mm {
@@ -85,6 +86,18 @@ bool vma_permits(const Vma* vma, unsigned flags) {
   return !(flags & FOLL_WRITE) || (vma->flags & VM_WRITE);
 }
 
+// A FOLL_LONGTERM pin must not hold device memory (check_and_migrate_movable_folios): the pin
+// just taken on a device-coherent page becomes a plain reference, which
+// migrate_device_coherent_folio consumes while moving the page to system memory. Returns
+// -EAGAIN (moved, or busy for now: look up again) or -ENOMEM.
+int move_coherent_out(Folio* page) {
+  Folio* folio = page->head();
+  folio->get();
+  folio_unpin(folio);
+  const int rc = migrate_device_coherent_folio(folio);
+  return rc == -ENOMEM ? rc : -EAGAIN;
+}
+
 // One page: look up, fault, look up again, within hang_timeout(). Returns 0 with *out set, or
 // a negative errno.
 int gup_one(AddressSpace& mm, Va va, unsigned flags, Folio** out) {
@@ -99,7 +112,12 @@ int gup_one(AddressSpace& mm, Va va, unsigned flags, Folio** out) {
     }
     if (!vma_permits(mm.vma_lookup(va), flags)) return -EFAULT;
     switch (follow_page(mm, va, flags, out)) {
-      case Follow::kGot: return 0;
+      case Follow::kGot:
+        if ((flags & FOLL_LONGTERM) && folio_is_device_coherent((*out)->head())) {
+          if (int rc = move_coherent_out(*out); rc != -EAGAIN) return rc;
+          continue;  // look the (now system) page up again
+        }
+        return 0;
       case Follow::kError: return -EFAULT;
       case Follow::kFault: break;
     }

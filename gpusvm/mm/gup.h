@@ -20,9 +20,10 @@
 //    them do nothing (Linux no longer pins the zero folio either).
 //  - The "fast" variants take the mmap lock themselves and do the same locked walk (Linux's
 //    lockless fast path falls back to it; the result is the same).
-//  - Non-goals (with the reason): FOLL_LONGTERM migrates nothing (the model has no movable
-//    zones and no device-coherent memory, the only pages Linux moves out before a longterm
-//    pin); a read-only pin of a COW-shared anonymous page does not unshare it first (Linux
+//  - FOLL_LONGTERM: a device-coherent page is moved to system memory before it is pinned
+//    (migrate_device_coherent_folio); a device-private page comes back through its fault
+//    anyway. The model has no movable zones or CMA, Linux's other pages to move out.
+//  - Non-goals (with the reason): a read-only pin of a COW-shared anonymous page does not unshare it first (Linux
 //    >= 5.19 does: FAULT_FLAG_UNSHARE); fork does not copy pinned pages eagerly
 //    (page_needs_cow_for_dma): pin with FOLL_WRITE and do not fork while pinned.
 #pragma once

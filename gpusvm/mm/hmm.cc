@@ -201,6 +201,16 @@ bool owned_device_private(MmWalk& walk, Pte entry) {
   return pgmap && w.range->dev_private_owner && pgmap->owner() == w.range->dev_private_owner;
 }
 
+// Whether a migrating walk takes `folio`, whose mapping it reported VALID (migrate_vma's
+// select rules): system memory with SELECT_SYSTEM; device memory of the walk's owner with the
+// SELECT flag of its kind. Device-private pages of another owner are never VALID here.
+bool migrate_selects(const HmmWalk& w, const Folio* folio) {
+  if (!folio_is_zone_device(folio)) return w.select & MIGRATE_VMA_SELECT_SYSTEM;
+  if (folio->pagemap()->owner() != w.range->dev_private_owner) return false;
+  return w.select & (folio_is_device_coherent(folio) ? MIGRATE_VMA_SELECT_DEVICE_COHERENT
+                                                     : MIGRATE_VMA_SELECT_DEVICE_PRIVATE);
+}
+
 // migrate_vma_collect_huge_pmd: under one PMD-lock hold, replaces a whole THP or device-private
 // PMD over [haddr, haddr + 2 MiB) by a PMD migration entry (the folio moves as one), or marks
 // the huge zero folio as a compound hole. A busy folio is reported but not taken. Returns 1
@@ -264,10 +274,8 @@ int hmm_handle_pmd(PmdSlot slot, Va start, Va end, MmWalk& walk) {
   }
   // Migration never takes hugetlb pages (migrate_vma_setup refuses hugetlb VMAs; a
   // migrating hmm walk reports them as they are).
-  const bool selectable = walk.vma->is_hugetlb()  ? false
-                          : leaf.present()        ? (w.select & MIGRATE_VMA_SELECT_SYSTEM)
-                                                  : (w.select & MIGRATE_VMA_SELECT_DEVICE_PRIVATE);
-  if (w.migrating() && (cpu_flags & HMM_PFN_VALID) && selectable) {
+  const Folio* leaf_folio = (cpu_flags & HMM_PFN_VALID) ? walk.mm->mem()->folio_of(leaf.pfn()) : nullptr;
+  if (w.migrating() && leaf_folio && !walk.vma->is_hugetlb() && migrate_selects(w, leaf_folio)) {
     if (compound_selected(w, start, end)) return migrate_prepare_pmd(w, walk, slot, haddr);
     // Only part of it is asked for: split the mapping and collect its pages one by one.
     split_huge_pmd(*walk.mm, slot, haddr);
@@ -341,12 +349,9 @@ PteAction migrate_prepare_pte(HmmWalk& w, MmWalk& walk, PteTable* t, Va addr, Pt
     }
     return PteAction::kDone;
   }
-  if (pte.present() ? !(w.select & MIGRATE_VMA_SELECT_SYSTEM)
-                    : !(pte.is_device_private() && (w.select & MIGRATE_VMA_SELECT_DEVICE_PRIVATE))) {
-    return PteAction::kDone;
-  }
   Folio* page = mem->pfn_to_page(pte.pfn());
   Folio* folio = page->head();
+  if (!migrate_selects(w, folio)) return PteAction::kDone;
   if (!folio->test(kFolioAnon)) return PteAction::kDone;  // page cache stays put
   if (folio->large()) {
     if (std::find(w.unsplittable.begin(), w.unsplittable.end(), folio) != w.unsplittable.end()) {

@@ -146,6 +146,10 @@ int collapse_huge_page(AddressSpace& mm, Vma& vma, Va haddr) {
       }
       present++;
       Folio* head = mem->folio_of(pte.pfn());
+      if (folio_is_zone_device(head)) {
+        unlock_all();
+        return -EINVAL;  // device-coherent memory is not collapsed (SCAN_PAGE_NULL)
+      }
       bool seen = false;
       for (Folio* f : locked) seen |= f == head;
       if (seen) continue;
@@ -300,7 +304,8 @@ int split_folio_exclusive(AddressSpace& mm, Folio* folio) {
   //    caller's reference too.
   mem->deferred_split_remove(folio);
   const uint32_t inherit =
-      folio->flags() & (kFolioAnon | kFolioDirty | kFolioLazyfree | kFolioYoung | kFolioDevicePrivate);
+      folio->flags() & (kFolioAnon | kFolioDirty | kFolioLazyfree | kFolioYoung | kFolioDevicePrivate |
+                                           kFolioDeviceCoherent);
   const uint64_t n = folio->nr_pages();
   const Pfn pfn = folio->pfn();
   for (uint64_t i = 0; i < n; i++) {
@@ -388,7 +393,8 @@ int split_migrating_folio(Folio* folio, int extra_refs) {
     // 3. Split the descriptors: every new folio locked with one reference (the first keeps
     //    the migration's and the extra ones), owning its page's records.
     mem->deferred_split_remove(folio);
-    const uint32_t inherit = folio->flags() & (kFolioAnon | kFolioDirty | kFolioYoung | kFolioDevicePrivate);
+    const uint32_t inherit = folio->flags() & (kFolioAnon | kFolioDirty | kFolioYoung | kFolioDevicePrivate |
+                                           kFolioDeviceCoherent);
     for (uint64_t i = 0; i < kPagesPerPmd; i++) {
       Folio* p = folio->page(i);
       p->order_.store(0, std::memory_order_relaxed);

@@ -13,7 +13,8 @@ namespace {
 // a page cache, not device memory, not the zero page).
 bool insertable_page(Folio* page) {
   Folio* head = page->head();
-  constexpr uint32_t kRefused = kFolioAnon | kFolioShmem | kFolioZero | kFolioDevicePrivate | kFolioFree;
+  constexpr uint32_t kRefused = kFolioAnon | kFolioShmem | kFolioZero | kFolioDevicePrivate |
+                                kFolioDeviceCoherent | kFolioFree;
   return head == page && !head->large() && !page->pagemap() && !(head->flags() & kRefused) &&
          head->refcount() > 0;
 }

@@ -1,5 +1,5 @@
-// migrate_vma: move the pages of a range between system memory and device-private memory
-// (mm/migrate_device.c's contract, with seed 002's unified fault-and-migrate walk).
+// migrate_vma: move the pages of a range between system memory and device memory, private or
+// coherent (mm/migrate_device.c's contract, with seed 002's unified fault-and-migrate walk).
 //
 // A driver migrates [start, end) of one VMA in three steps, holding the mmap lock (read):
 //
@@ -61,6 +61,7 @@ inline constexpr Pfn migrate_pfn_to_pfn(uint64_t mpfn) { return mpfn >> MIGRATE_
 enum MigrateVmaFlags : unsigned {
   MIGRATE_VMA_SELECT_SYSTEM = 1u << 0,          // collect system-memory pages (and holes)
   MIGRATE_VMA_SELECT_DEVICE_PRIVATE = 1u << 1,  // collect device-private pages of pgmap_owner
+  MIGRATE_VMA_SELECT_DEVICE_COHERENT = 1u << 2,  // collect device-coherent pages of pgmap_owner
   MIGRATE_VMA_SELECT_COMPOUND = 1u << 3,        // collect an aligned 2 MiB folio (or hole) whole
   MIGRATE_VMA_FAULT = 1u << 4,                  // fault non-present pages in, in the same walk
 };
@@ -114,5 +115,13 @@ void migrate_vma_finalize(MigrateVma* args);
 [[nodiscard]] int migrate_device_pfns(PhysMem* mem, uint64_t* src_pfns, uint64_t npages);
 void migrate_device_pages(PhysMem* mem, uint64_t* src_pfns, uint64_t* dst_pfns, uint64_t npages);
 void migrate_device_finalize(PhysMem* mem, uint64_t* src_pfns, uint64_t* dst_pfns, uint64_t npages);
+
+// Moves one device-coherent folio to a new system page (for a FOLL_LONGTERM pin, which must
+// not keep device memory): unmaps it everywhere, copies it and maps the copy in its place.
+// The caller holds one reference on `folio`, which this call consumes (it is the
+// migration's reference). Returns 0, -EBUSY (the folio is pinned, still mapped somewhere or
+// referenced elsewhere: it stays where it is), -ENOMEM, or -EINVAL (not a device-coherent
+// folio). Context: no page-table lock, the folio unlocked; may sleep.
+[[nodiscard]] int migrate_device_coherent_folio(Folio* folio);
 
 }  // namespace gpusvm::mm

@@ -23,10 +23,9 @@
 namespace gpusvm::mm {
 namespace {
 
-constexpr unsigned kSelectMask = MIGRATE_VMA_SELECT_SYSTEM | MIGRATE_VMA_SELECT_DEVICE_PRIVATE;
+constexpr unsigned kSelectMask =
+    MIGRATE_VMA_SELECT_SYSTEM | MIGRATE_VMA_SELECT_DEVICE_PRIVATE | MIGRATE_VMA_SELECT_DEVICE_COHERENT;
 constexpr unsigned kWalkFlags = kSelectMask | MIGRATE_VMA_SELECT_COMPOUND;
-
-bool folio_is_device(const Folio* folio) { return folio->pagemap() != nullptr; }
 
 // The arrays of one migration and what is special about it; shared by the VMA and the
 // device-pfn flavours.
@@ -159,7 +158,7 @@ bool insert_page(MigrateVma& m, const Vma& vma, Va va, Folio* dst) {
   bool ok = false;
   if (cur.is_none() || (cur.special() && m.mm->mem()->is_zero_pfn(cur.pfn()))) {
     const bool write = vma.flags & VM_WRITE;
-    Pte e = folio_is_device(dst)
+    Pte e = folio_is_device_private(dst)
                 ? Pte::make_soft_leaf(write ? SoftLeafType::kDevicePrivateWrite
                                             : SoftLeafType::kDevicePrivateRead, dst->pfn())
                 : Pte::make_present(dst->pfn(), write).mkdirty().mkyoung();
@@ -188,7 +187,7 @@ bool insert_huge_page(MigrateVma& m, const Vma& vma, Va haddr, Folio* dst) {
     const bool huge_zero = cur.is_huge_present() && m.mm->mem()->is_huge_zero_pfn(cur.leaf().pfn());
     if (cur.is_none() || huge_zero) {
       const bool write = vma.flags & VM_WRITE;
-      Pte e = folio_is_device(dst)
+      Pte e = folio_is_device_private(dst)
                   ? Pte::make_soft_leaf(write ? SoftLeafType::kDevicePrivateWrite
                                               : SoftLeafType::kDevicePrivateRead, dst->pfn(), true)
                   : Pte::make_present(dst->pfn(), write, true).mkdirty().mkyoung();
@@ -310,7 +309,7 @@ int collect(MigrateVma& m, unsigned select) {
 // Collects one device folio for eviction (migrate_device_range's per-pfn step).
 uint64_t collect_device_pfn(PhysMem* mem, Pfn pfn) {
   Folio* page = mem->pfn_to_page(pfn);
-  if (!page || !page->pagemap()) return 0;
+  if (!page || !folio_is_zone_device(page)) return 0;
   Folio* folio = page->head();
   if (folio != page || !folio->try_get()) return 0;  // free (or a tail page)
   if (!folio_trylock(folio)) {
@@ -328,7 +327,7 @@ int migrate_vma_setup(MigrateVma* m) {
       m->start >= m->end || !(m->flags & kSelectMask) || (m->flags & ~kKnown)) {
     return -EINVAL;
   }
-  if (m->fault_page && (!folio_is_device(m->fault_page) || !folio_test_locked(m->fault_page))) {
+  if (m->fault_page && (!folio_is_device_private(m->fault_page) || !folio_test_locked(m->fault_page))) {
     return -EINVAL;
   }
   AddressSpace& mm = *m->mm;
@@ -424,6 +423,31 @@ void migrate_device_pages(PhysMem* mem, uint64_t* src_pfns, uint64_t* dst_pfns, 
 
 void migrate_device_finalize(PhysMem* mem, uint64_t* src_pfns, uint64_t* dst_pfns, uint64_t npages) {
   finalize(MigrateArrays{mem, src_pfns, dst_pfns, npages, nullptr});
+}
+
+int migrate_device_coherent_folio(Folio* folio) {
+  if (!folio) return -EINVAL;
+  if (!folio_is_device_coherent(folio) || folio->large()) {
+    folio->put();
+    return -EINVAL;
+  }
+  PhysMem* mem = folio->mem();
+  folio_lock(folio);
+  // No VMA and no walk: the caller's reference is the migration's, as collect would take.
+  uint64_t src = migrate_pfn(folio->pfn()) | MIGRATE_PFN_MIGRATE;
+  uint64_t dst = 0;
+  (void)migrate_unmap(MigrateArrays{mem, &src, &dst, 1, nullptr});
+  if (!(src & MIGRATE_PFN_MIGRATE)) return -EBUSY;  // given back: unlocked and released
+  Folio* copy = mem->folio_alloc(0, /*zero=*/false);
+  if (copy) {
+    folio_lock(copy);
+    copy_page_data(copy, folio);
+    dst = migrate_pfn(copy->pfn());
+  }
+  migrate_device_pages(mem, &src, &dst, 1);
+  const bool moved = src & MIGRATE_PFN_MIGRATE;
+  migrate_device_finalize(mem, &src, &dst, 1);
+  return moved ? 0 : copy ? -EBUSY : -ENOMEM;
 }
 
 }  // namespace gpusvm::mm

@@ -48,8 +48,8 @@ bool try_to_migrate(Folio* folio);
 
 // remove_migration_ptes: every migration entry of `src` (every migration record, in every
 // address space, including those fork copied meanwhile) becomes a mapping of the matching
-// page of `dst` (src itself to restore): a present PTE, or a device-private entry when dst is
-// device memory; writability and young/dirty from the entry; each takes a reference and a
+// page of `dst` (src itself to restore): a present PTE (system or device-coherent memory), or
+// a device-private entry when dst is device-private memory; writability and young/dirty from the entry; each takes a reference and a
 // mapcount on dst. Entries zapped meanwhile are skipped. Context: src locked; no page-table
 // lock held.
 void remove_migration_ptes(Folio* src, Folio* dst);

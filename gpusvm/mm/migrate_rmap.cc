@@ -21,12 +21,10 @@ namespace {
 // further pass happens only when fork copied one of our entries meanwhile.
 constexpr int kRestorePassBudget = 1000;
 
-bool is_device(const Folio* folio) { return folio->pagemap() != nullptr; }
-
 // The mapping that replaces migration entry `mig` of a page now living in `dst`.
 Pte entry_from_migration(Pte mig, const Folio* dst) {
   const bool write = mig.soft_leaf_type() == SoftLeafType::kMigrationWrite;
-  if (is_device(dst)) {
+  if (folio_is_device_private(dst)) {
     Pte e = Pte::make_soft_leaf(write ? SoftLeafType::kDevicePrivateWrite : SoftLeafType::kDevicePrivateRead,
                                 dst->pfn());
     return mig.soft_dirty() ? e.swp_mksoft_dirty() : e;

@@ -178,6 +178,7 @@ void madvise_free_range(AddressSpace& mm, Va start, Va end) {
         const Pte pte = t->get(i);
         if (!pte.present() || pte.special()) continue;
         Folio* folio = mem->folio_of(pte.pfn());
+        if (folio_is_zone_device(folio)) continue;  // device memory is never reclaimed lazily
         if (folio->large()) {
           // Part of a large folio: split it if only we map it (as Linux does), then look
           // at this page again; a folio that cannot be split is left alone.

@@ -57,6 +57,7 @@ enum FolioFlag : uint32_t {
   kFolioDeferredSplit = 1u << 8,  // partially unmapped large folio queued for split
   kFolioShmem = 1u << 9,          // in a ShmemObject's page cache
   kFolioHugetlb = 1u << 10,       // a 2 MiB page of the hugetlb pool (PMD-mapped only)
+  kFolioDeviceCoherent = 1u << 11,  // device-coherent memory (mapped present, CPU-addressable)
 };
 
 // Per-page flags (every descriptor).
@@ -188,6 +189,14 @@ class Folio {
   SpinLock rmap_lock_{&kRmapLockClass};
   std::vector<RmapItem> rmap_ GPUSVM_GUARDED_BY(rmap_lock_);
 };
+
+// ZONE_DEVICE kinds (flags set by the folio's DevPagemap, devmap.h). A device-private folio
+// is reachable only through device-private entries; a device-coherent one is mapped by
+// present entries like RAM, but is not system memory (no THP, no MADV_FREE, no collapse; a
+// longterm pin moves it out first).
+inline bool folio_is_zone_device(const Folio* folio) { return folio->pagemap() != nullptr; }
+inline bool folio_is_device_private(const Folio* folio) { return folio->test(kFolioDevicePrivate); }
+inline bool folio_is_device_coherent(const Folio* folio) { return folio->test(kFolioDeviceCoherent); }
 
 // The sleeping folio lock. folio_lock sleeps (bounded by hang_timeout(), then panics naming
 // the folio); must not be called with a page-table lock held (checked). A thread may hold many

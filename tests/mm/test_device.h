@@ -1,6 +1,7 @@
-// A minimal device for the migration tests: device-private memory with host-backed storage,
-// a free set of device frames handed out as 4 KiB or 2 MiB folios, and migrate_to_ram built
-// on migrate_vma - the shape of lib/test_hmm.c's dmirror, small enough to read in one go.
+// A minimal device for the migration tests: device-private (or device-coherent) memory with
+// host-backed storage, a free set of device frames handed out as 4 KiB or 2 MiB folios (4 KiB
+// only for coherent memory), and migrate_to_ram built on migrate_vma - the shape of
+// lib/test_hmm.c's dmirror, small enough to read in one go.
 #pragma once
 
 #include <atomic>
@@ -17,8 +18,10 @@ namespace gpusvm::mm::testing {
 
 class TestDevice : public DevPagemapOps {
  public:
-  TestDevice(PhysMem* mem, uint64_t pages) : mem_(mem) {
-    auto pgmap = DevPagemap::create(mem, pages, this, this, /*storage=*/true);
+  TestDevice(PhysMem* mem, uint64_t pages, DevMemoryType type = DevMemoryType::kDevicePrivate)
+      : mem_(mem), select_(type == DevMemoryType::kDeviceCoherent ? MIGRATE_VMA_SELECT_DEVICE_COHERENT
+                                                                  : MIGRATE_VMA_SELECT_DEVICE_PRIVATE) {
+    auto pgmap = DevPagemap::create(mem, pages, this, this, /*storage=*/true, type);
     if (pgmap.ok()) {
       pgmap_ = std::move(*pgmap);
       for (uint64_t i = 0; i < pages; i++) free_.insert(pgmap_->first_pfn() + i);
@@ -63,8 +66,7 @@ class TestDevice : public DevPagemapOps {
     return migrate(as, start, end, MIGRATE_VMA_SELECT_SYSTEM | extra_flags, /*to_device=*/true, mode);
   }
   Result<uint64_t> migrate_to_system(AddressSpace& as, Va start, Va end, unsigned extra_flags = 0) {
-    return migrate(as, start, end, MIGRATE_VMA_SELECT_DEVICE_PRIVATE | extra_flags,
-                   /*to_device=*/false, MigrateWalkMode::kUnified);
+    return migrate(as, start, end, select_ | extra_flags, /*to_device=*/false, MigrateWalkMode::kUnified);
   }
   // Evicts every device page in use (migrate_device_range, as a driver that loses its memory
   // does). Returns the number of pages moved. Caller holds no lock.
@@ -183,6 +185,7 @@ class TestDevice : public DevPagemapOps {
   }
 
   PhysMem* mem_;
+  const unsigned select_;  // the SELECT flag of this device's memory kind
   std::unique_ptr<DevPagemap> pgmap_;
   std::mutex lock_;
   std::set<Pfn> free_;  // guarded by lock_

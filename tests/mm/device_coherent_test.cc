@@ -1,0 +1,289 @@
+// Device-coherent memory (MEMORY_DEVICE_COHERENT): CPU-addressable device frames mapped by
+// present PTEs. Migration in and out with SELECT_DEVICE_COHERENT, direct CPU access without
+// faults, hmm reporting them to every mirror, fork/COW copying straight from device memory,
+// eviction by pfn, FOLL_LONGTERM pins moving them out, and the system-memory-only paths
+// (MADV_FREE, MADV_COLLAPSE) leaving them alone.
+#include <vector>
+
+#include "gpusvm/mm/device_exclusive.h"
+#include "gpusvm/mm/gup.h"
+#include "gpusvm/mm/hmm.h"
+#include "tests/mm/mm_test_util.h"
+#include "tests/mm/test_device.h"
+
+namespace gpusvm::mm::testing {
+namespace {
+
+constexpr uint64_t kDevicePages = 1024;
+
+class DeviceCoherentTest : public MmTest {
+ protected:
+  void SetUp() override {
+    MmTest::SetUp();
+    dev = std::make_unique<TestDevice>(mem.get(), kDevicePages, DevMemoryType::kDeviceCoherent);
+    ASSERT_TRUE(dev->ok());
+  }
+  void TearDown() override {
+    if (as) as->exit();
+    EXPECT_EQ(dev->free_pages(), kDevicePages) << "device pages leaked";
+    dev.reset();
+    MmTest::TearDown();
+  }
+  bool on_device(Va va) { return dev->pgmap()->contains(query_page(*as, va).pfn); }
+
+  std::unique_ptr<TestDevice> dev;
+};
+
+TEST_F(DeviceCoherentTest, MigratedPagesArePresentAndAccessedInPlace) {
+  constexpr uint64_t kPages = 32;
+  Va va = map_anon(*as, kPages * kPageSize);
+  fill_pages(*as, va, 24 * kPageSize, 1);                            // pages 0..23 written
+  ASSERT_TRUE(cpu::load<uint64_t>(*as, va + 24 * kPageSize).ok());  // page 24: zero page
+  const uint64_t free_before = mem->free_pages();
+  ASSERT_EQ(*dev->migrate_to_device(*as, va, va + kPages * kPageSize), kPages);
+  EXPECT_EQ(mem->free_pages(), free_before + 24);
+  for (uint64_t p = 0; p < kPages; p++) {
+    const PageState st = query_page(*as, va + p * kPageSize);
+    EXPECT_EQ(st.kind, PageKind::kSmall) << p;  // a present PTE, not a device-private entry
+    EXPECT_TRUE(st.writable) << p;
+    EXPECT_TRUE(dev->pgmap()->contains(st.pfn)) << p;
+    EXPECT_TRUE(folio_is_device_coherent(mem->folio_of(st.pfn))) << p;
+  }
+  EXPECT_MM_CHECK_OK(*mem);
+  // The device memory holds the bytes and the CPU uses it in place: no fault, no migration.
+  const Va p3 = va + 3 * kPageSize;
+  EXPECT_EQ(*reinterpret_cast<uint64_t*>(dev->pgmap()->page_data(query_page(*as, p3).pfn)), pattern(p3, 1));
+  EXPECT_EQ(verify_pages(*as, va, 24 * kPageSize, 1), 0);
+  ASSERT_EQ(cpu::store<uint64_t>(*as, va + 30 * kPageSize, 77), 0);
+  EXPECT_EQ(*reinterpret_cast<uint64_t*>(dev->pgmap()->page_data(query_page(*as, va + 30 * kPageSize).pfn)),
+            77u);
+  EXPECT_EQ(dev->cpu_faults.load(), 0);
+  EXPECT_TRUE(on_device(va + 30 * kPageSize));
+  // Explicitly back to system memory (a coherent page never faults back).
+  ASSERT_EQ(*dev->migrate_to_system(*as, va, va + kPages * kPageSize), kPages);
+  EXPECT_EQ(dev->free_pages(), kDevicePages);
+  for (uint64_t p = 0; p < kPages; p++) EXPECT_FALSE(on_device(va + p * kPageSize)) << p;
+  EXPECT_EQ(verify_pages(*as, va, 24 * kPageSize, 1), 0);
+  EXPECT_EQ(*cpu::load<uint64_t>(*as, va + 30 * kPageSize), 77u);
+  EXPECT_MM_CHECK_OK(*mem);
+}
+
+// SELECT_SYSTEM and SELECT_DEVICE_PRIVATE never take coherent pages; SELECT_DEVICE_COHERENT
+// takes only its owner's.
+TEST_F(DeviceCoherentTest, SelectFlagsAndOwnerDecideWhatIsCollected) {
+  Va va = map_anon(*as, 16 * kPageSize);
+  fill_pages(*as, va, 16 * kPageSize, 2);
+  ASSERT_EQ(*dev->migrate_to_device(*as, va, va + 8 * kPageSize), 8u);
+  TestDevice other(mem.get(), 64, DevMemoryType::kDeviceCoherent);
+  ASSERT_TRUE(other.ok());
+  // Only the 8 system pages move to the other device.
+  ASSERT_EQ(*other.migrate_to_device(*as, va, va + 16 * kPageSize), 8u);
+  EXPECT_TRUE(on_device(va));
+  EXPECT_TRUE(other.pgmap()->contains(query_page(*as, va + 8 * kPageSize).pfn));
+  // A device-private device of the same test does not see them either.
+  TestDevice priv(mem.get(), 64);
+  ASSERT_TRUE(priv.ok());
+  EXPECT_EQ(*priv.migrate_to_system(*as, va, va + 16 * kPageSize), 0u);
+  // Each owner takes back its own pages.
+  ASSERT_EQ(*other.migrate_to_system(*as, va, va + 16 * kPageSize), 8u);
+  EXPECT_TRUE(on_device(va));
+  ASSERT_EQ(*dev->migrate_to_system(*as, va, va + 16 * kPageSize), 8u);
+  EXPECT_EQ(verify_pages(*as, va, 16 * kPageSize, 2), 0);
+  EXPECT_EQ(other.free_pages(), 64u);
+  EXPECT_EQ(priv.free_pages(), 64u);
+  EXPECT_MM_CHECK_OK(*mem);
+}
+
+// hmm_range_fault reports a coherent page VALID to every mirror, whatever its owner, without
+// faulting it anywhere.
+TEST_F(DeviceCoherentTest, HmmReportsCoherentPagesToEveryMirror) {
+  Va va = map_anon(*as, 8 * kPageSize);
+  fill_pages(*as, va, 8 * kPageSize, 3);
+  ASSERT_EQ(*dev->migrate_to_device(*as, va, va + 8 * kPageSize), 8u);
+  TestMirror mirror;
+  MmuIntervalNotifier notifier;
+  ASSERT_EQ(notifier.insert(as.get(), va, 8 * kPageSize, &mirror), 0);
+  std::vector<uint64_t> pfns;
+  int foreign_owner = 0;
+  for (const void* owner : {static_cast<const void*>(nullptr), static_cast<const void*>(&foreign_owner),
+                            static_cast<const void*>(dev.get())}) {
+    ASSERT_EQ(mirror_range(*as, notifier, va, va + 8 * kPageSize, HMM_PFN_REQ_FAULT | HMM_PFN_REQ_WRITE,
+                           pfns, owner), 0);
+    for (uint64_t p = 0; p < 8; p++) {
+      EXPECT_EQ(pfns[p] & (HMM_PFN_VALID | HMM_PFN_WRITE), HMM_PFN_VALID | HMM_PFN_WRITE) << p;
+      EXPECT_EQ(hmm_pfn_to_pfn(pfns[p]), query_page(*as, va + p * kPageSize).pfn) << p;
+      EXPECT_TRUE(dev->pgmap()->contains(hmm_pfn_to_pfn(pfns[p]))) << p;
+    }
+  }
+  EXPECT_EQ(as->stats().hmm_faults.get(), 0u);
+  EXPECT_EQ(dev->cpu_faults.load(), 0);
+  notifier.remove();
+  EXPECT_MM_CHECK_OK(*mem);
+}
+
+// fork shares a coherent page read-only; a write in either process copies it straight from
+// device memory into a new system page; the other keeps the device page.
+TEST_F(DeviceCoherentTest, ForkSharesAndCowCopiesFromDeviceMemory) {
+  Va va = map_anon(*as, 4 * kPageSize);
+  fill_pages(*as, va, 4 * kPageSize, 4);
+  ASSERT_EQ(*dev->migrate_to_device(*as, va, va + 4 * kPageSize), 4u);
+  Result<std::unique_ptr<AddressSpace>> child = as->fork();
+  ASSERT_TRUE(child.ok());
+  for (uint64_t p = 0; p < 4; p++) {
+    const PageState mine = query_page(*as, va + p * kPageSize);
+    const PageState theirs = query_page(**child, va + p * kPageSize);
+    EXPECT_EQ(mine.pfn, theirs.pfn) << p;
+    EXPECT_FALSE(mine.writable) << p;
+    EXPECT_FALSE(theirs.writable) << p;
+    EXPECT_EQ(mine.mapcount, 2) << p;
+  }
+  EXPECT_MM_CHECK_OK(*mem);
+  const Pfn dev_pfn = query_page(*as, va).pfn;
+  ASSERT_EQ(cpu::store<uint64_t>(**child, va + 8, 5), 0);  // COW in the child
+  const PageState copied = query_page(**child, va);
+  EXPECT_FALSE(dev->pgmap()->contains(copied.pfn));
+  EXPECT_TRUE(copied.writable);
+  EXPECT_EQ(*cpu::load<uint64_t>(**child, va), pattern(va, 4));  // copied from the device
+  EXPECT_EQ(*cpu::load<uint64_t>(**child, va + 8), 5u);
+  EXPECT_EQ(query_page(*as, va).pfn, dev_pfn);  // the parent still maps device memory
+  EXPECT_EQ(*cpu::load<uint64_t>(*as, va + 8), 0u);  // not the child's store
+  EXPECT_EQ(verify_pages(**child, va + kPageSize, 3 * kPageSize, 4), 0);
+  EXPECT_EQ(dev->cpu_faults.load(), 0);
+  EXPECT_MM_CHECK_OK(*mem);
+  child->reset();
+  EXPECT_EQ(verify_pages(*as, va, 4 * kPageSize, 4), 0);
+  EXPECT_MM_CHECK_OK(*mem);
+}
+
+// Eviction by device pfn (the driver loses its memory) moves a page mapped by two processes
+// to one system page mapped by both.
+TEST_F(DeviceCoherentTest, EvictionRemapsEveryProcess) {
+  Va va = map_anon(*as, 8 * kPageSize);
+  fill_pages(*as, va, 8 * kPageSize, 6);
+  ASSERT_EQ(*dev->migrate_to_device(*as, va, va + 8 * kPageSize), 8u);
+  Result<std::unique_ptr<AddressSpace>> child = as->fork();
+  ASSERT_TRUE(child.ok());
+  ASSERT_EQ(*dev->evict_all(), 8u);
+  EXPECT_EQ(dev->free_pages(), kDevicePages);
+  for (uint64_t p = 0; p < 8; p++) {
+    const PageState mine = query_page(*as, va + p * kPageSize);
+    EXPECT_EQ(mine.kind, PageKind::kSmall) << p;
+    EXPECT_FALSE(dev->pgmap()->contains(mine.pfn)) << p;
+    EXPECT_EQ(mine.pfn, query_page(**child, va + p * kPageSize).pfn) << p;
+  }
+  EXPECT_MM_CHECK_OK(*mem);
+  EXPECT_EQ(verify_pages(*as, va, 8 * kPageSize, 6), 0);
+  EXPECT_EQ(verify_pages(**child, va, 8 * kPageSize, 6), 0);
+  child->reset();
+}
+
+// get/pin without FOLL_LONGTERM return the device page itself; a FOLL_LONGTERM pin first
+// moves the page to system memory (migrate_device_coherent_folio) and pins that.
+TEST_F(DeviceCoherentTest, LongtermPinMovesThePageToSystemMemory) {
+  Va va = map_anon(*as, 4 * kPageSize);
+  fill_pages(*as, va, 4 * kPageSize, 7);
+  ASSERT_EQ(*dev->migrate_to_device(*as, va, va + 4 * kPageSize), 4u);
+  Folio* pages[2] = {};
+  {
+    ReadLock g(&as->mmap_lock());
+    ASSERT_EQ(get_user_pages(*as, va, 1, FOLL_WRITE, pages), 1);
+    ASSERT_EQ(pin_user_pages(*as, va + kPageSize, 1, FOLL_WRITE, pages + 1), 1);
+  }
+  EXPECT_TRUE(dev->pgmap()->contains(pages[0]->pfn()));
+  EXPECT_TRUE(dev->pgmap()->contains(pages[1]->pfn()));
+  put_page(pages[0]);
+  unpin_user_page(pages[1]);
+  {
+    ReadLock g(&as->mmap_lock());
+    ASSERT_EQ(pin_user_pages(*as, va + 2 * kPageSize, 2, FOLL_WRITE | FOLL_LONGTERM, pages), 2);
+  }
+  for (int i = 0; i < 2; i++) {
+    EXPECT_FALSE(dev->pgmap()->contains(pages[i]->pfn())) << i;
+    EXPECT_EQ(pages[i]->head()->pincount(), 1) << i;
+    EXPECT_EQ(query_page(*as, va + (2 + i) * kPageSize).pfn, pages[i]->pfn()) << i;
+  }
+  EXPECT_EQ(dev->free_pages(), kDevicePages - 2);
+  EXPECT_MM_CHECK_OK(*mem);  // the pins are accounted for
+  EXPECT_EQ(verify_pages(*as, va, 4 * kPageSize, 7), 0);
+  unpin_user_pages(pages, 2);
+  EXPECT_MM_CHECK_OK(*mem);
+}
+
+// migrate_device_coherent_folio's refusals: a pinned page stays (-EBUSY), anything but a
+// coherent page is -EINVAL; the caller's reference is consumed every time.
+TEST_F(DeviceCoherentTest, MigrateDeviceCoherentFolioRefusals) {
+  Va va = map_anon(*as, 2 * kPageSize);
+  fill_pages(*as, va, 2 * kPageSize, 8);
+  ASSERT_EQ(*dev->migrate_to_device(*as, va, va + kPageSize), 1u);
+  Folio* pinned = nullptr;
+  {
+    ReadLock g(&as->mmap_lock());
+    ASSERT_EQ(pin_user_pages(*as, va, 1, FOLL_WRITE, &pinned), 1);
+  }
+  Folio* folio = pinned->head();
+  folio->get();
+  EXPECT_EQ(migrate_device_coherent_folio(folio), -EBUSY);
+  EXPECT_TRUE(on_device(va));
+  EXPECT_EQ(folio->refcount(), 2);  // the mapping and the pin: ours was consumed
+  unpin_user_page(pinned);
+  Folio* sys = mem->folio_of(query_page(*as, va + kPageSize).pfn);
+  sys->get();
+  EXPECT_EQ(migrate_device_coherent_folio(sys), -EINVAL);
+  EXPECT_EQ(sys->refcount(), 1);
+  EXPECT_EQ(migrate_device_coherent_folio(nullptr), -EINVAL);
+  // Not pinned any more: it moves.
+  folio->get();
+  EXPECT_EQ(migrate_device_coherent_folio(folio), 0);
+  EXPECT_FALSE(on_device(va));
+  EXPECT_EQ(verify_pages(*as, va, 2 * kPageSize, 8), 0);
+  EXPECT_MM_CHECK_OK(*mem);
+}
+
+// MADV_FREE and MADV_COLLAPSE are for system memory: device pages keep their data and their
+// mapping; a device-exclusive entry on a coherent page is restored by the CPU as usual.
+TEST_F(DeviceCoherentTest, SystemMemoryOnlyPathsLeaveDevicePagesAlone) {
+  Va va = map_anon(*as, kPmdSize, PROT_READ | PROT_WRITE, /*huge=*/false);
+  ASSERT_NE(va, 0u);
+  ASSERT_EQ(as->madvise(va, kPmdSize, MADV_NOHUGEPAGE), 0);
+  fill_pages(*as, va, kPmdSize, 9);
+  ASSERT_EQ(*dev->migrate_to_device(*as, va, va + 4 * kPageSize), 4u);
+  ASSERT_EQ(as->madvise(va, kPmdSize, MADV_HUGEPAGE), 0);
+  EXPECT_EQ(as->madvise(va, kPmdSize, MADV_COLLAPSE), -EINVAL);
+  EXPECT_TRUE(on_device(va));
+  ASSERT_EQ(as->madvise(va, 4 * kPageSize, MADV_FREE), 0);
+  EXPECT_TRUE(on_device(va));
+  EXPECT_FALSE(mem->folio_of(query_page(*as, va).pfn)->test(kFolioLazyfree));
+  EXPECT_EQ(verify_pages(*as, va, kPmdSize, 9), 0);
+  {
+    ReadLock g(&as->mmap_lock());
+    int owner = 0;
+    Result<Folio*> page = make_device_exclusive(*as, va + kPageSize, &owner);
+    ASSERT_TRUE(page.ok()) << page.error();
+    EXPECT_TRUE(dev->pgmap()->contains((*page)->pfn()));
+    folio_unlock((*page)->head());
+    (*page)->head()->put();
+  }
+  EXPECT_EQ(query_page(*as, va + kPageSize).kind, PageKind::kSoftLeaf);
+  EXPECT_MM_CHECK_OK(*mem);
+  ASSERT_EQ(cpu::store<uint64_t>(*as, va + kPageSize, 1), 0);  // restores the present PTE
+  EXPECT_TRUE(on_device(va + kPageSize));
+  EXPECT_EQ(*cpu::load<uint64_t>(*as, va + kPageSize), 1u);
+  EXPECT_MM_CHECK_OK(*mem);
+}
+
+TEST_F(DeviceCoherentTest, PagemapRulesForCoherentMemory) {
+  // Coherent memory is CPU-addressable: a pagemap without storage is refused.
+  TestDevice ops(mem.get(), 1);
+  EXPECT_EQ(DevPagemap::create(mem.get(), 16, this, &ops, /*storage=*/false, DevMemoryType::kDeviceCoherent)
+                .error(),
+            -EINVAL);
+  // Only order-0 coherent folios exist in this model.
+  const Pfn block = pmd_align_up(dev->pgmap()->first_pfn() << kPageShift) >> kPageShift;
+  if (dev->pgmap()->contains(block + kPagesPerPmd - 1)) {
+    EXPECT_EQ(dev->pgmap()->folio_init(block, kPmdOrder), nullptr);
+  }
+  EXPECT_EQ(dev->pgmap()->type(), DevMemoryType::kDeviceCoherent);
+}
+
+}  // namespace
+}  // namespace gpusvm::mm::testing
