@@ -286,7 +286,9 @@ uint8_t Dmirror::snapshot_entry(uint64_t w) const {
   const mm::Pfn pfn = mm::hmm_pfn_to_pfn(w);
   const mm::Folio* page = dev_->mem()->pfn_to_page(pfn);
   uint8_t perm = HMM_DMIRROR_PROT_NONE;
-  if (page && page->pagemap()) {
+  if (page && mm::folio_is_device_coherent(page)) {
+    perm = dev_->owns(page) ? HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL : HMM_DMIRROR_PROT_DEV_COHERENT_REMOTE;
+  } else if (page && mm::folio_is_device_private(page)) {
     perm = dev_->owns(page) ? HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL : HMM_DMIRROR_PROT_DEV_PRIVATE_REMOTE;
   } else if (dev_->mem()->is_zero_pfn(pfn)) {
     perm = HMM_DMIRROR_PROT_ZERO;

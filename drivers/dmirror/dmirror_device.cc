@@ -48,7 +48,7 @@ int DmirrorDevice::add_chunk() {
   if (chunks_.size() >= config_.max_chunks) return -ENOMEM;
   auto chunk = std::make_unique<Chunk>();
   Result<std::unique_ptr<mm::DevPagemap>> pgmap =
-      mm::DevPagemap::create(mem_, config_.chunk_pages, owner(), this, /*storage=*/true);
+      mm::DevPagemap::create(mem_, config_.chunk_pages, owner(), this, /*storage=*/true, config_.memory_type);
   if (!pgmap) return pgmap.error();
   chunk->pgmap = std::move(*pgmap);
   {
@@ -80,6 +80,7 @@ bool DmirrorDevice::take_free(unsigned order, FreePage* out) {
 }
 
 mm::Folio* DmirrorDevice::alloc_folio(unsigned order) {
+  if (order && coherent()) return nullptr;  // 4 KiB coherent pages only (see the header)
   // Two rounds: the free lists, then once more after adding a chunk.
   for (int round = 0; round < 2; round++) {
     FreePage fp;

@@ -1,10 +1,14 @@
 // DmirrorDevice: one dmirror unit ("hmm_dmirror<id>") - the device half of lib/test_hmm.c.
 //
 // Design notes
-//  - Device memory is device-private: chunks of frames registered as DevPagemaps whose owner
-//    is this device (the page owner that hmm_range_fault and migrate_vma compare). The pagemap
-//    keeps the frames' bytes in host memory (DevPagemap storage); that is the "backing store"
-//    test_hmm keeps in a system page per device page.
+//  - Device memory is device-private or device-coherent (Config::memory_type; test_hmm's
+//    units 0-1 and 2-3): chunks of frames registered as DevPagemaps whose owner is this
+//    device (the page owner that hmm_range_fault and migrate_vma compare). The pagemap keeps
+//    the frames' bytes in host memory (DevPagemap storage); for device-private memory that is
+//    the "backing store" test_hmm keeps in a system page per device page, for coherent memory
+//    it is the device memory the CPU maps directly.
+//  - Coherent memory is handed out in 4 KiB pages only (the model maps no device memory with
+//    a present PMD): a 2 MiB source gets 512 small destinations, so the core splits it.
 //  - A chunk is added when the free lists run dry (test_hmm adds 256 MiB chunks; the size is
 //    a Config field here so tests stay small). A new chunk is a list of free 2 MiB blocks; a
 //    small allocation breaks a block into 512 free pages when no free page is left (freed
@@ -12,8 +16,6 @@
 //    system memory and drops the chunks; the next allocation adds a new one.
 //  - Every file opened on the device shares its device memory and its owner: files are
 //    mirrors (Dmirror, dmirror.h) of the opener's address space.
-//  - Only the device-private flavour exists: device-coherent memory (CPU-present mappings of
-//    device frames, MIGRATE_VMA_SELECT_DEVICE_COHERENT) has no model in gpusvm/mm yet.
 //
 // Locking: see lock_order.h. chunks_ under devmem_lock_; the free list under free_lock_.
 #pragma once
@@ -31,6 +33,7 @@
 #include "gpusvm/base/result.h"
 #include "gpusvm/base/stats.h"
 #include "gpusvm/mm/devmap.h"
+#include "gpusvm/mm/migrate.h"
 #include "gpusvm/mm/physmem.h"
 
 namespace gpusvm::dmirror {
@@ -42,6 +45,7 @@ class DmirrorDevice final : public devfs::Device,
   struct Config {
     uint64_t chunk_pages = 4096;  // frames per device-memory chunk (16 MiB)
     unsigned max_chunks = 64;     // device memory limit: chunk_pages * max_chunks
+    mm::DevMemoryType memory_type = mm::DevMemoryType::kDevicePrivate;
     // Test hook for deterministic interleavings: called by a device fault after
     // hmm_range_fault returned 0 and before the read_retry check and commit, with no lock
     // held. Null outside tests.
@@ -69,6 +73,11 @@ class DmirrorDevice final : public devfs::Device,
   }
   mm::PhysMem* mem() const { return mem_; }
   int id() const { return id_; }
+  bool coherent() const { return config_.memory_type == mm::DevMemoryType::kDeviceCoherent; }
+  // The MIGRATE_VMA_SELECT_* flag that collects this device's memory.
+  unsigned select_device_flag() const {
+    return coherent() ? mm::MIGRATE_VMA_SELECT_DEVICE_COHERENT : mm::MIGRATE_VMA_SELECT_DEVICE_PRIVATE;
+  }
   const Config& config() const { return config_; }
 
   // Allocates one device page: refcount 1, unlocked. Returns nullptr when device memory is
@@ -76,7 +85,8 @@ class DmirrorDevice final : public devfs::Device,
   // hold folio locks, not the devmem lock or any lock ranked above it.
   mm::Folio* alloc_page() GPUSVM_EXCLUDES(devmem_lock_, free_lock_);
   // Allocates one 2 MiB device folio (refcount 1, unlocked), adding a chunk when no free
-  // aligned block is left. nullptr when device memory is exhausted. Context as alloc_page.
+  // aligned block is left. nullptr when device memory is exhausted, and always for coherent
+  // memory. Context as alloc_page.
   mm::Folio* alloc_huge() GPUSVM_EXCLUDES(devmem_lock_, free_lock_);
 
   // HMM_DMIRROR_RELEASE: evicts every page of every chunk to system memory and drops the

@@ -214,7 +214,7 @@ int Dmirror::migrate_to_sys(hmm_dmirror_cmd& cmd) {
   uint64_t moved = 0;
   ReadLock g(&mm_->mmap_lock());
   const int rc = for_each_migrate_chunk(
-      *mm_, start, end, dev_->owner(), mm::MIGRATE_VMA_SELECT_DEVICE_PRIVATE | mm::MIGRATE_VMA_SELECT_COMPOUND,
+      *mm_, start, end, dev_->owner(), dev_->select_device_flag() | mm::MIGRATE_VMA_SELECT_COMPOUND,
       [this, &moved](mm::MigrateVma* args) { return migrate_chunk_to_sys(args, &moved); });
   if (rc) return rc;
   cmd.cpages = moved;

@@ -62,8 +62,10 @@ void HmmMachine::start() {
   Result<std::unique_ptr<mm::PhysMem>> m = mm::PhysMem::create({.ram_bytes = 256ULL << 20});
   ASSERT_TRUE(m.ok());
   mem = std::move(*m);
-  for (int i = 0; i < 2; i++) {
-    Result<std::shared_ptr<dmirror::DmirrorDevice>> d = dmirror::DmirrorDevice::create(mem.get(), i);
+  for (int i = 0; i < kDmirrorUnits; i++) {
+    dmirror::DmirrorDevice::Config cfg;
+    if (i >= 2) cfg.memory_type = mm::DevMemoryType::kDeviceCoherent;
+    Result<std::shared_ptr<dmirror::DmirrorDevice>> d = dmirror::DmirrorDevice::create(mem.get(), i, cfg);
     ASSERT_TRUE(d.ok()) << d.error();
     dev[i] = *d;
     ASSERT_EQ(registry.add(std::string(HMM_DMIRROR_DEVICE_NAME) + std::to_string(i), dev[i]), 0);
@@ -78,7 +80,7 @@ void HmmMachine::stop() {
   EXPECT_MM_CHECK_OK(*mem);
   proc.reset();  // exit: unmaps everything, closes the fds
   EXPECT_MM_CHECK_OK(*mem);
-  for (int i = 0; i < 2; i++) {
+  for (int i = 0; i < kDmirrorUnits; i++) {
     if (!dev[i]) continue;
     EXPECT_EQ(dev[i]->pages_in_use(), 0u) << "device " << i << " pages leaked";
     EXPECT_EQ(registry.remove(std::string(HMM_DMIRROR_DEVICE_NAME) + std::to_string(i)), 0);
@@ -88,7 +90,7 @@ void HmmMachine::stop() {
 
 void Hmm::SetUp() {
   ASSERT_NO_FATAL_FAILURE(start());
-  fd = hmm_open(*proc, 0);
+  fd = hmm_open(*proc, first_unit(GetParam()));
   ASSERT_GE(fd, 0);
 }
 
@@ -101,9 +103,9 @@ void Hmm::TearDown() {
 
 void Hmm2::SetUp() {
   ASSERT_NO_FATAL_FAILURE(start());
-  fd0 = hmm_open(*proc, 0);
+  fd0 = hmm_open(*proc, first_unit(GetParam()));
   ASSERT_GE(fd0, 0);
-  fd1 = hmm_open(*proc, 1);
+  fd1 = hmm_open(*proc, first_unit(GetParam()) + 1);
   ASSERT_GE(fd1, 0);
 }
 

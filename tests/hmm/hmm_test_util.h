@@ -1,10 +1,12 @@
 // The harness of the hmm-tests port (tools/testing/selftests/mm/hmm-tests.c): a machine with
-// two device-private dmirror units registered as "hmm_dmirror0" / "hmm_dmirror1", a process,
-// and the test's helpers (hmm_dmirror_cmd, buffers). Everything reaches the driver through
-// devfs::open / ioctl on the uapi, as hmm-tests does through /dev.
+// four dmirror units registered as "hmm_dmirror0" ... "hmm_dmirror3" (0, 1 device-private;
+// 2, 3 device-coherent, as test_hmm's minors), a process, and the test's helpers
+// (hmm_dmirror_cmd, buffers). Everything reaches the driver through devfs::open / ioctl on
+// the uapi, as hmm-tests does through /dev.
 //
-// Mapping of the C harness: FIXTURE(hmm) -> Hmm, FIXTURE(hmm2) -> Hmm2 (value parameter =
-// the device type; only device-private exists, see docs/dmirror.md); `ptr[i] = i` loops ->
+// Mapping of the C harness: FIXTURE(hmm) -> Hmm, FIXTURE(hmm2) -> Hmm2; FIXTURE_VARIANT ->
+// the value parameter (DeviceType), instantiated as hmm_device_private /
+// hmm_device_coherent and hmm2_device_private / hmm2_device_coherent; `ptr[i] = i` loops ->
 // one CPU copy of the same values into simulated memory (the same faults, page by page);
 // buffer->mirror -> a host buffer (uapi: cmd.ptr is a pointer in the calling program);
 // fork() -> devfs::Process::fork() with the child's body on a std::thread.
@@ -18,6 +20,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <ostream>
 #include <string>
 #include <vector>
 
@@ -33,7 +36,17 @@ namespace gpusvm::hmm_tests {
 
 using mm::Va;
 
-enum class DeviceType { kDevicePrivate };
+// The fixture variant: HMM_PRIVATE_DEVICE_ONE/TWO or HMM_COHERENCE_DEVICE_ONE/TWO.
+enum class DeviceType { kDevicePrivate, kDeviceCoherent };
+inline constexpr int kDmirrorUnits = 4;
+// The unit number of the variant's first device (hmm_open(variant->device_number)); the
+// second device of hmm2 is the next one.
+inline int first_unit(DeviceType t) { return t == DeviceType::kDeviceCoherent ? 2 : 0; }
+inline void PrintTo(DeviceType t, std::ostream* os) {
+  *os << (t == DeviceType::kDeviceCoherent ? "device_coherent" : "device_private");
+}
+// hmm_is_coherent_type().
+inline bool hmm_is_coherent_type(DeviceType t) { return t == DeviceType::kDeviceCoherent; }
 
 inline constexpr uint64_t kPageSize = mm::kPageSize;
 inline constexpr unsigned kPageShift = mm::kPageShift;
@@ -81,7 +94,7 @@ class HmmMachine {
   void stop();  // processes exit, then the checks, then the devices go
   std::unique_ptr<mm::PhysMem> mem;
   devfs::DeviceRegistry registry;
-  std::shared_ptr<dmirror::DmirrorDevice> dev[2];
+  std::shared_ptr<dmirror::DmirrorDevice> dev[kDmirrorUnits];
   std::unique_ptr<devfs::Process> proc;
 };
 
@@ -91,6 +104,8 @@ class Hmm : public ::testing::TestWithParam<DeviceType>, protected HmmMachine {
  protected:
   void SetUp() override;
   void TearDown() override;
+  bool coherent() const { return hmm_is_coherent_type(GetParam()); }
+  dmirror::DmirrorDevice& device() { return *dev[first_unit(GetParam())]; }  // the one fd's
   int fd = -1;
 };
 
@@ -98,6 +113,7 @@ class Hmm2 : public ::testing::TestWithParam<DeviceType>, protected HmmMachine {
  protected:
   void SetUp() override;
   void TearDown() override;
+  bool coherent() const { return hmm_is_coherent_type(GetParam()); }
   int fd0 = -1;
   int fd1 = -1;
 };

@@ -220,8 +220,11 @@ TEST_P(Hmm, migrate_fault) {
   for (uint64_t i = 0; i < kInts; ++i) ASSERT_EQ(buffer->mirror[i], ident(i)) << i;
 }
 
-// Migrate anonymous memory to device memory and back to system memory multiple times
-// (device-private: through CPU faults).
+// Migrate anonymous memory to device memory and back to system memory multiple times. In
+// case of private zone configuration, this is done through fault pages accessed by CPU. In
+// case of coherent zone configuration, the pages from the device should be explicitly
+// migrated back to system memory: coherent device memory is accessed by the CPU without a
+// page fault.
 TEST_P(Hmm, migrate_multiple) {
   for (int c = 0; c < NTIMES; c++) {
     auto buffer = anon_buffer(*proc, kSize);
@@ -230,7 +233,11 @@ TEST_P(Hmm, migrate_multiple) {
     ASSERT_EQ(hmm_dmirror_cmd(*proc, fd, HMM_DMIRROR_MIGRATE_TO_DEV, buffer.get(), kNpages), 0);
     ASSERT_EQ(buffer->cpages, kNpages);
     for (uint64_t i = 0; i < kInts; ++i) ASSERT_EQ(buffer->mirror[i], ident(i)) << i;
-    // Migrate back to system memory (CPU faults) and check them.
+    // Migrate back to system memory and check them.
+    if (coherent()) {
+      ASSERT_EQ(hmm_dmirror_cmd(*proc, fd, HMM_DMIRROR_MIGRATE_TO_SYS, buffer.get(), kNpages), 0);
+      ASSERT_EQ(buffer->cpages, kNpages);
+    }
     int rc;
     std::vector<int> v = cpu_read_ints(*proc, buffer->ptr, kInts, &rc);
     ASSERT_EQ(rc, 0);
@@ -283,6 +290,7 @@ TEST_P(Hmm, anon_teardown) {
 }
 
 INSTANTIATE_TEST_SUITE_P(hmm_device_private, Hmm, ::testing::Values(DeviceType::kDevicePrivate));
+INSTANTIATE_TEST_SUITE_P(hmm_device_coherent, Hmm, ::testing::Values(DeviceType::kDeviceCoherent));
 
 // ---- hmm2: two devices ----
 
@@ -365,8 +373,13 @@ TEST_P(Hmm2, snapshot) {
   ASSERT_EQ(m[2], HMM_DMIRROR_PROT_ZERO | HMM_DMIRROR_PROT_READ);
   ASSERT_EQ(m[3], HMM_DMIRROR_PROT_READ);
   ASSERT_EQ(m[4], HMM_DMIRROR_PROT_WRITE);
-  ASSERT_EQ(m[5], HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL | HMM_DMIRROR_PROT_WRITE);
-  ASSERT_EQ(m[6], HMM_DMIRROR_PROT_NONE);
+  if (!coherent()) {
+    ASSERT_EQ(m[5], HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL | HMM_DMIRROR_PROT_WRITE);
+    ASSERT_EQ(m[6], HMM_DMIRROR_PROT_NONE);
+  } else {
+    ASSERT_EQ(m[5], HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL | HMM_DMIRROR_PROT_WRITE);
+    ASSERT_EQ(m[6], HMM_DMIRROR_PROT_DEV_COHERENT_REMOTE | HMM_DMIRROR_PROT_WRITE);
+  }
 }
 
 // Test two devices reading the same memory (double mapped).
@@ -398,6 +411,7 @@ TEST_P(Hmm2, double_map) {
 }
 
 INSTANTIATE_TEST_SUITE_P(hmm2_device_private, Hmm2, ::testing::Values(DeviceType::kDevicePrivate));
+INSTANTIATE_TEST_SUITE_P(hmm2_device_coherent, Hmm2, ::testing::Values(DeviceType::kDeviceCoherent));
 
 }  // namespace
 }  // namespace gpusvm::hmm_tests

@@ -64,12 +64,12 @@ TEST_P(Hmm, migrate_release) {
   ASSERT_EQ(buffer->cpages, kNpages);
   for (uint64_t i = 0; i < kInts; ++i) ASSERT_EQ(buffer->mirror[i], ident(i)) << i;
   // Release device memory.
-  const uint64_t faults_before = dev[0]->cpu_faults.get();
+  const uint64_t faults_before = device().cpu_faults.get();
   ASSERT_EQ(hmm_dmirror_cmd(*proc, fd, HMM_DMIRROR_RELEASE, buffer.get(), kNpages), 0);
-  EXPECT_EQ(dev[0]->pages_in_use(), 0u);
+  EXPECT_EQ(device().pages_in_use(), 0u);
   // Fault pages back to system memory and check them (they are already there).
   cpu_expect_ints(*proc, buffer->ptr, kInts / 2, ident);
-  EXPECT_EQ(dev[0]->cpu_faults.get(), faults_before);
+  EXPECT_EQ(device().cpu_faults.get(), faults_before);
 }
 
 // Basic check of exclusive faulting.

@@ -88,7 +88,7 @@ TEST_P(Hmm, migrate_hugetlb_refused) {
   ASSERT_NE(buffer->ptr, 0u);
   ASSERT_EQ(cpu_write_ints(*proc, buffer->ptr, size / sizeof(int), ident), 0);
   EXPECT_EQ(hmm_dmirror_cmd(*proc, fd, HMM_DMIRROR_MIGRATE_TO_DEV, buffer.get(), npages), -EINVAL);
-  EXPECT_EQ(dev[0]->pages_in_use(), 0u);
+  EXPECT_EQ(device().pages_in_use(), 0u);
   int rc;
   std::vector<int> v = cpu_read_ints(*proc, buffer->ptr, size / sizeof(int), &rc);
   ASSERT_EQ(rc, 0);

@@ -56,15 +56,17 @@ TEST_P(Hmm, migrate_anon_huge_fault) {
   ASSERT_EQ(hmm_dmirror_cmd(*proc, fd, HMM_DMIRROR_MIGRATE_TO_DEV, &b, kNpages), 0);
   ASSERT_EQ(b.cpages, kNpages);
   for (uint64_t i = 0; i < kInts; ++i) ASSERT_EQ(b.mirror[i], ident(i)) << i;
-  ASSERT_EQ(hmm_dmirror_cmd(*proc, fd, HMM_DMIRROR_SNAPSHOT, &b, kNpages), 0);
-  ASSERT_EQ(b.cpages, kNpages);
-  const uint8_t* m = b.mirror_bytes();
-  for (uint64_t i = 0; i < kNpages; ++i) {
-    ASSERT_EQ(m[i], HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL | HMM_DMIRROR_PROT_WRITE | HMM_DMIRROR_PROT_PMD) << i;
-  }
-  // /proc/self/pagemap: every page is swap-like (PM_SWAP), not present.
-  for (uint64_t i = 0; i < kNpages; ++i) {
-    ASSERT_EQ(mm::query_page(proc->mm(), b.ptr + i * kPageSize).kind, mm::PageKind::kSoftLeaf) << i;
+  if (!coherent()) {
+    ASSERT_EQ(hmm_dmirror_cmd(*proc, fd, HMM_DMIRROR_SNAPSHOT, &b, kNpages), 0);
+    ASSERT_EQ(b.cpages, kNpages);
+    const uint8_t* m = b.mirror_bytes();
+    for (uint64_t i = 0; i < kNpages; ++i) {
+      ASSERT_EQ(m[i], HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL | HMM_DMIRROR_PROT_WRITE | HMM_DMIRROR_PROT_PMD) << i;
+    }
+    // /proc/self/pagemap: every page is swap-like (PM_SWAP), not present.
+    for (uint64_t i = 0; i < kNpages; ++i) {
+      ASSERT_EQ(mm::query_page(proc->mm(), b.ptr + i * kPageSize).kind, mm::PageKind::kSoftLeaf) << i;
+    }
   }
   // Fault pages back to system memory and check them.
   int rc;
@@ -94,7 +96,18 @@ TEST_P(Hmm, migrate_anon_huge_err) {
   ASSERT_EQ(buf.h.cpages, kNpages);
   // Force an allocation error when migrating back a THP resident in the device.
   ASSERT_EQ(hmm_dmirror_cmd(*proc, fd, HMM_DMIRROR_FLAGS, &buf.h, HMM_DMIRROR_FLAG_FAIL_ALLOC), 0);
-  ASSERT_EQ(hmm_dmirror_cmd(*proc, fd, HMM_DMIRROR_MIGRATE_TO_SYS, &buf.h, kNpages), 0);
+  if (coherent()) {
+    // Deviation (docs/dmirror.md): coherent device memory is 4 KiB pages in this model, so
+    // the THP went to the device as 512 small pages and the failed allocation is an order-0
+    // one, which test_hmm answers with -ENOMEM: nothing moves, nothing is lost.
+    ASSERT_EQ(hmm_dmirror_cmd(*proc, fd, HMM_DMIRROR_MIGRATE_TO_SYS, &buf.h, kNpages), -ENOMEM);
+    int rc;
+    std::vector<int> v = cpu_read_ints(*proc, buf.h.ptr, kInts, &rc);
+    ASSERT_EQ(rc, 0);
+    for (uint64_t i = 0; i < kInts; ++i) ASSERT_EQ(v[i], ident(i)) << i;
+  } else {
+    ASSERT_EQ(hmm_dmirror_cmd(*proc, fd, HMM_DMIRROR_MIGRATE_TO_SYS, &buf.h, kNpages), 0);
+  }
   ASSERT_EQ(cpu_int(*proc, buf.h.ptr + 2048 * sizeof(int)), 2048);
 }
 
