@@ -80,7 +80,6 @@ bool DmirrorDevice::take_free(unsigned order, FreePage* out) {
 }
 
 mm::Folio* DmirrorDevice::alloc_folio(unsigned order) {
-  if (order && coherent()) return nullptr;  // 4 KiB coherent pages only (see the header)
   // Two rounds: the free lists, then once more after adding a chunk.
   for (int round = 0; round < 2; round++) {
     FreePage fp;

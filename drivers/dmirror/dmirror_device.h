@@ -6,9 +6,7 @@
 //    device (the page owner that hmm_range_fault and migrate_vma compare). The pagemap keeps
 //    the frames' bytes in host memory (DevPagemap storage); for device-private memory that is
 //    the "backing store" test_hmm keeps in a system page per device page, for coherent memory
-//    it is the device memory the CPU maps directly.
-//  - Coherent memory is handed out in 4 KiB pages only (the model maps no device memory with
-//    a present PMD): a 2 MiB source gets 512 small destinations, so the core splits it.
+//    it is the device memory the CPU maps directly (a 2 MiB coherent folio by a present PMD).
 //  - A chunk is added when the free lists run dry (test_hmm adds 256 MiB chunks; the size is
 //    a Config field here so tests stay small). A new chunk is a list of free 2 MiB blocks; a
 //    small allocation breaks a block into 512 free pages when no free page is left (freed
@@ -85,8 +83,7 @@ class DmirrorDevice final : public devfs::Device,
   // hold folio locks, not the devmem lock or any lock ranked above it.
   mm::Folio* alloc_page() GPUSVM_EXCLUDES(devmem_lock_, free_lock_);
   // Allocates one 2 MiB device folio (refcount 1, unlocked), adding a chunk when no free
-  // aligned block is left. nullptr when device memory is exhausted, and always for coherent
-  // memory. Context as alloc_page.
+  // aligned block is left. nullptr when device memory is exhausted. Context as alloc_page.
   mm::Folio* alloc_huge() GPUSVM_EXCLUDES(devmem_lock_, free_lock_);
 
   // HMM_DMIRROR_RELEASE: evicts every page of every chunk to system memory and drops the

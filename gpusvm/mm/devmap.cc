@@ -34,8 +34,7 @@ DevPagemap::~DevPagemap() {
 
 Folio* DevPagemap::folio_init(Pfn pfn, unsigned order) {
   const uint64_t n = 1ULL << order;
-  const bool order_ok = order == 0 || (order == kPmdOrder && type_ == DevMemoryType::kDevicePrivate);
-  if (!order_ok || !contains(pfn) || !contains(pfn + n - 1) ||
+  if ((order != 0 && order != kPmdOrder) || !contains(pfn) || !contains(pfn + n - 1) ||
       (pfn - first_pfn_) % n != 0) {
     return nullptr;
   }

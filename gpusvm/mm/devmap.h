@@ -12,8 +12,9 @@
 //    hmm_range_fault reports them VALID to every caller, fork shares them COW and a COW
 //    fault copies straight from device memory. MIGRATE_VMA_SELECT_DEVICE_COHERENT collects
 //    them for their owner; a FOLL_LONGTERM pin moves them to system memory first
-//    (migrate_device_coherent_folio). They are order 0 only in this model (no present
-//    PMD mapping of device memory).
+//    (migrate_device_coherent_folio). A 2 MiB coherent folio is mapped by a present PMD
+//    like a THP (migrate_vma_insert_huge_pmd_page allows it), split like one, but never
+//    collapsed into or reclaimed lazily (MADV_FREE).
 //
 // A folio whose last reference goes is handed to ops->folio_free.
 #pragma once
@@ -82,8 +83,8 @@ class DevPagemap {
   }
 
   // zone_device_folio_init: the driver hands out a free device frame range as a folio of
-  // `order` (0 or kPmdOrder, pfn aligned to it; 0 only for coherent memory) with refcount 1.
-  // Returns nullptr if any frame is in use or the order is not supported.
+  // `order` (0 or kPmdOrder, pfn aligned to it) with refcount 1. Returns nullptr if any frame
+  // is in use.
   Folio* folio_init(Pfn pfn, unsigned order);
   // Number of device folios with a non-zero refcount (for the checker and teardown).
   uint64_t folios_in_use() const;

@@ -116,12 +116,13 @@ void migrate_vma_finalize(MigrateVma* args);
 void migrate_device_pages(PhysMem* mem, uint64_t* src_pfns, uint64_t* dst_pfns, uint64_t npages);
 void migrate_device_finalize(PhysMem* mem, uint64_t* src_pfns, uint64_t* dst_pfns, uint64_t npages);
 
-// Moves one device-coherent folio to a new system page (for a FOLL_LONGTERM pin, which must
-// not keep device memory): unmaps it everywhere, copies it and maps the copy in its place.
+// Moves one device-coherent folio to a new system folio of the same order (for a
+// FOLL_LONGTERM pin, which must not keep device memory): unmaps it everywhere, copies it and
+// maps the copy in its place.
 // The caller holds one reference on `folio`, which this call consumes (it is the
 // migration's reference). Returns 0, -EBUSY (the folio is pinned, still mapped somewhere or
-// referenced elsewhere: it stays where it is), -ENOMEM, or -EINVAL (not a device-coherent
-// folio). Context: no page-table lock, the folio unlocked; may sleep.
+// referenced elsewhere: it stays where it is), -ENOMEM, or -EINVAL (not the head of a
+// device-coherent folio). Context: no page-table lock, the folio unlocked; may sleep.
 [[nodiscard]] int migrate_device_coherent_folio(Folio* folio);
 
 }  // namespace gpusvm::mm

@@ -427,22 +427,25 @@ void migrate_device_finalize(PhysMem* mem, uint64_t* src_pfns, uint64_t* dst_pfn
 
 int migrate_device_coherent_folio(Folio* folio) {
   if (!folio) return -EINVAL;
-  if (!folio_is_device_coherent(folio) || folio->large()) {
+  if (!folio_is_device_coherent(folio) || !folio->is_head()) {
     folio->put();
     return -EINVAL;
   }
   PhysMem* mem = folio->mem();
   folio_lock(folio);
-  // No VMA and no walk: the caller's reference is the migration's, as collect would take.
-  uint64_t src = migrate_pfn(folio->pfn()) | MIGRATE_PFN_MIGRATE;
+  // No VMA and no walk: the caller's reference is the migration's, as collect would take. A
+  // 2 MiB folio moves whole into a THP (Linux warns and does not handle it; its PMD and PTE
+  // mappings all become migration entries and map the THP again).
+  const bool large = folio->large();
+  uint64_t src = migrate_pfn(folio->pfn()) | MIGRATE_PFN_MIGRATE | (large ? MIGRATE_PFN_COMPOUND : 0);
   uint64_t dst = 0;
   (void)migrate_unmap(MigrateArrays{mem, &src, &dst, 1, nullptr});
   if (!(src & MIGRATE_PFN_MIGRATE)) return -EBUSY;  // given back: unlocked and released
-  Folio* copy = mem->folio_alloc(0, /*zero=*/false);
+  Folio* copy = mem->folio_alloc(folio->order(), /*zero=*/false);
   if (copy) {
     folio_lock(copy);
-    copy_page_data(copy, folio);
-    dst = migrate_pfn(copy->pfn());
+    for (uint64_t i = 0; i < folio->nr_pages(); i++) copy_page_data(copy->page(i), folio->page(i));
+    dst = migrate_pfn(copy->pfn()) | (large ? MIGRATE_PFN_COMPOUND : 0);
   }
   migrate_device_pages(mem, &src, &dst, 1);
   const bool moved = src & MIGRATE_PFN_MIGRATE;

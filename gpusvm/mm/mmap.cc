@@ -161,7 +161,7 @@ void madvise_free_range(AddressSpace& mm, Va start, Va end) {
       Pmd pmd = slot.table->get(slot.index);
       if (pmd.is_huge_present() && !mem->is_huge_zero_pfn(pmd.leaf().pfn())) {
         Folio* folio = mem->folio_of(pmd.leaf().pfn());
-        if (folio->total_mapcount() == 1) {
+        if (folio->total_mapcount() == 1 && !folio_is_zone_device(folio)) {
           folio->clear(kFolioDirty);
           folio->set(kFolioLazyfree);
           slot.table->set(slot.index, Pmd::make_leaf(pmd.leaf().mkclean().mkold()));

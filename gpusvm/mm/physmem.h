@@ -192,8 +192,8 @@ class Folio {
 
 // ZONE_DEVICE kinds (flags set by the folio's DevPagemap, devmap.h). A device-private folio
 // is reachable only through device-private entries; a device-coherent one is mapped by
-// present entries like RAM, but is not system memory (no THP, no MADV_FREE, no collapse; a
-// longterm pin moves it out first).
+// present entries like RAM, but is not system memory (no MADV_FREE, no collapse; a longterm
+// pin moves it out first).
 inline bool folio_is_zone_device(const Folio* folio) { return folio->pagemap() != nullptr; }
 inline bool folio_is_device_private(const Folio* folio) { return folio->test(kFolioDevicePrivate); }
 inline bool folio_is_device_coherent(const Folio* folio) { return folio->test(kFolioDeviceCoherent); }

@@ -271,18 +271,70 @@ TEST_F(DeviceCoherentTest, SystemMemoryOnlyPathsLeaveDevicePagesAlone) {
   EXPECT_MM_CHECK_OK(*mem);
 }
 
-TEST_F(DeviceCoherentTest, PagemapRulesForCoherentMemory) {
-  // Coherent memory is CPU-addressable: a pagemap without storage is refused.
+TEST_F(DeviceCoherentTest, CoherentMemoryNeedsStorage) {
   TestDevice ops(mem.get(), 1);
   EXPECT_EQ(DevPagemap::create(mem.get(), 16, this, &ops, /*storage=*/false, DevMemoryType::kDeviceCoherent)
                 .error(),
             -EINVAL);
-  // Only order-0 coherent folios exist in this model.
-  const Pfn block = pmd_align_up(dev->pgmap()->first_pfn() << kPageShift) >> kPageShift;
-  if (dev->pgmap()->contains(block + kPagesPerPmd - 1)) {
-    EXPECT_EQ(dev->pgmap()->folio_init(block, kPmdOrder), nullptr);
-  }
   EXPECT_EQ(dev->pgmap()->type(), DevMemoryType::kDeviceCoherent);
+}
+
+// A THP moves whole into a 2 MiB coherent folio mapped by a present PMD, which the CPU uses in
+// place, fork shares, a COW write splits and copies from, a partial munmap splits, and a
+// longterm pin moves back whole.
+TEST_F(DeviceCoherentTest, CoherentThpIsMappedByAPresentPmd) {
+  Va va = map_anon(*as, 2 * kPmdSize, PROT_READ | PROT_WRITE, /*huge=*/true);
+  ASSERT_NE(va, 0u);
+  ASSERT_TRUE(pmd_aligned(va));
+  fill_pages(*as, va, 2 * kPmdSize, 10);
+  ASSERT_EQ(query_page(*as, va).kind, PageKind::kThpPmd);
+  ASSERT_EQ(*dev->migrate_to_device(*as, va, va + 2 * kPmdSize, MIGRATE_VMA_SELECT_COMPOUND), 2 * kPagesPerPmd);
+  for (Va h : {va, va + kPmdSize}) {
+    const PageState st = query_page(*as, h);
+    EXPECT_EQ(st.kind, PageKind::kThpPmd);
+    ASSERT_TRUE(dev->pgmap()->contains(st.pfn));
+    EXPECT_EQ(mem->folio_of(st.pfn)->order(), kPmdOrder);
+  }
+  EXPECT_MM_CHECK_OK(*mem);
+  EXPECT_EQ(verify_pages(*as, va, 2 * kPmdSize, 10), 0);
+  EXPECT_EQ(dev->cpu_faults.load(), 0);
+  // MADV_FREE leaves the device folio as it is.
+  ASSERT_EQ(as->madvise(va, kPmdSize, MADV_FREE), 0);
+  EXPECT_FALSE(mem->folio_of(query_page(*as, va).pfn)->test(kFolioLazyfree));
+  // fork shares it; the child's write splits the child's PMD and copies one page from device
+  // memory; the parent keeps its PMD mapping.
+  Result<std::unique_ptr<AddressSpace>> child = as->fork();
+  ASSERT_TRUE(child.ok());
+  ASSERT_EQ(cpu::store<uint64_t>(**child, va + 5 * kPageSize + 8, 3), 0);
+  EXPECT_FALSE(dev->pgmap()->contains(query_page(**child, va + 5 * kPageSize).pfn));
+  EXPECT_TRUE(dev->pgmap()->contains(query_page(**child, va + 6 * kPageSize).pfn));
+  EXPECT_EQ(query_page(*as, va).kind, PageKind::kThpPmd);
+  EXPECT_EQ(verify_pages(**child, va, 2 * kPmdSize, 10), 0);
+  EXPECT_MM_CHECK_OK(*mem);
+  child->reset();
+  // A partial munmap of the second folio splits its PMD; the rest stays on the device.
+  ASSERT_EQ(as->munmap(va + kPmdSize, kPmdSize / 2), 0);
+  EXPECT_EQ(query_page(*as, va + kPmdSize + kPmdSize / 2).kind, PageKind::kThpPte);
+  EXPECT_TRUE(on_device(va + kPmdSize + kPmdSize / 2));
+  EXPECT_EQ(verify_pages(*as, va + kPmdSize + kPmdSize / 2, kPmdSize / 2, 10), 0);
+  EXPECT_MM_CHECK_OK(*mem);
+  // A longterm pin of one page moves the whole first folio back into a THP.
+  Folio* page = nullptr;
+  {
+    ReadLock g(&as->mmap_lock());
+    ASSERT_EQ(pin_user_pages(*as, va + 7 * kPageSize, 1, FOLL_WRITE | FOLL_LONGTERM, &page), 1);
+  }
+  EXPECT_FALSE(dev->pgmap()->contains(page->pfn()));
+  EXPECT_EQ(page->head()->order(), kPmdOrder);
+  EXPECT_EQ(query_page(*as, va).kind, PageKind::kThpPmd);
+  EXPECT_MM_CHECK_OK(*mem);
+  unpin_user_page(page);
+  EXPECT_EQ(verify_pages(*as, va, kPmdSize, 10), 0);
+  // The rest goes back with SELECT_DEVICE_COHERENT.
+  ASSERT_EQ(*dev->migrate_to_system(*as, va + kPmdSize + kPmdSize / 2, va + 2 * kPmdSize), kPmdSize / 2 / kPageSize);
+  EXPECT_EQ(dev->free_pages(), kDevicePages);
+  EXPECT_EQ(verify_pages(*as, va + kPmdSize + kPmdSize / 2, kPmdSize / 2, 10), 0);
+  EXPECT_MM_CHECK_OK(*mem);
 }
 
 }  // namespace
