@@ -273,7 +273,10 @@ int split_folio_exclusive(AddressSpace& mm, Folio* folio) {
     // mprotect or mremap, collected page by page by a migration) and device-exclusive PTEs.
     if (!(pte.present() || pte.is_device_private() || pte.is_device_exclusive()) ||
         pte.pfn() != folio->pfn() + it.page) {
-      panic("split_folio: rmap item does not match its PTE");
+      // Gone since the snapshot: a COW fault replaced it under this PTL (it needs neither the
+      // folio lock nor the mmap write lock) and took its reference and rmap record along.
+      PageTable::pte_unmap_unlock(t);
+      continue;
     }
     const bool write = pte.present() ? pte.write() : pte.soft_leaf_write();
     Pte mig = Pte::make_soft_leaf(write ? SoftLeafType::kMigrationWrite : SoftLeafType::kMigrationRead, pte.pfn());

@@ -3,6 +3,12 @@
 // faults, hmm reporting them to every mirror, fork/COW copying straight from device memory,
 // eviction by pfn, FOLL_LONGTERM pins moving them out, and the system-memory-only paths
 // (MADV_FREE, MADV_COLLAPSE) leaving them alone.
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <thread>
 #include <vector>
 
 #include "gpusvm/mm/device_exclusive.h"
@@ -334,6 +340,134 @@ TEST_F(DeviceCoherentTest, CoherentThpIsMappedByAPresentPmd) {
   ASSERT_EQ(*dev->migrate_to_system(*as, va + kPmdSize + kPmdSize / 2, va + 2 * kPmdSize), kPmdSize / 2 / kPageSize);
   EXPECT_EQ(dev->free_pages(), kDevicePages);
   EXPECT_EQ(verify_pages(*as, va + kPmdSize + kPmdSize / 2, kPmdSize / 2, 10), 0);
+  EXPECT_MM_CHECK_OK(*mem);
+}
+
+// Concurrency: a migrator moving a range to coherent memory and back (whole THPs and single
+// pages), CPU threads storing into the same pages, a thread forking and reading through the
+// child, a longterm pinner and a thread unmapping and re-mapping part of the range. Every
+// word a CPU stored holds its value at the end. Seeded (GPUSVM_SEED replays the choices).
+TEST_F(DeviceCoherentTest, MigrationRacesCpuForkPinsAndMunmap) {
+#if defined(GPUSVM_TSAN)
+  constexpr int kRounds = 12;
+  constexpr int kStores = 600;
+#else
+  constexpr int kRounds = 60;
+  constexpr int kStores = 4000;
+#endif
+  const char* env = std::getenv("GPUSVM_SEED");
+  const uint64_t seed = env ? std::strtoull(env, nullptr, 0) : std::random_device{}();
+  std::printf("seed=%llu (GPUSVM_SEED to replay)\n", static_cast<unsigned long long>(seed));
+  constexpr uint64_t kStable = kPagesPerPmd;  // one THP-able 2 MiB, never unmapped
+  constexpr uint64_t kChurn = 16;             // unmapped and mapped again
+  Va va = map_anon(*as, 2 * kPmdSize, PROT_READ | PROT_WRITE, /*huge=*/true);
+  ASSERT_NE(va, 0u);
+  const Va churn = va + kPmdSize;
+  ASSERT_EQ(as->munmap(churn + kChurn * kPageSize, kPmdSize - kChurn * kPageSize), 0);
+  auto value = [](Va a) { return (1ULL << 63) | a; };
+  std::atomic<bool> stop{false};
+  std::atomic<int> bad{0};
+  std::atomic<bool> written[2][kStable] = {};
+  uint64_t moved = 0;  // migrator thread only
+
+  std::thread migrator([&] {
+    std::mt19937_64 rng(seed);
+    // At least kRounds, and on until something moved: a folio that a child maps by PMD cannot
+    // be split for a partial migration, and a short burst of rounds may all meet that.
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    for (int r = 0; r < kRounds || (moved == 0 && std::chrono::steady_clock::now() < deadline); r++) {
+      const bool whole = rng() % 2;
+      const Va s = whole ? va : va + (rng() % kStable) * kPageSize;
+      const Va e = whole ? va + kPmdSize : std::min(va + kPmdSize, s + (1 + rng() % 64) * kPageSize);
+      Result<uint64_t> n = dev->migrate_to_device(*as, s, e, whole ? MIGRATE_VMA_SELECT_COMPOUND : 0u);
+      if (!n) bad++;
+      moved += n.ok() ? *n : 0;
+      (void)dev->migrate_to_device(*as, churn, churn + kChurn * kPageSize);  // -EINVAL while unmapped
+      if (rng() % 3 == 0) (void)dev->migrate_to_system(*as, va, va + kPmdSize, MIGRATE_VMA_SELECT_COMPOUND);
+    }
+    stop = true;
+  });
+  std::vector<std::thread> cpus;
+  for (int t = 0; t < 2; t++) {
+    cpus.emplace_back([&, t] {
+      std::mt19937_64 rng(seed + 1 + t);
+      for (int i = 0; i < kStores; i++) {
+        const uint64_t p = rng() % kStable;
+        const Va a = va + p * kPageSize + 8 * t;  // each thread its own word of every page
+        if (cpu::store<uint64_t>(*as, a, value(a)) != 0) bad++;
+        written[t][p] = true;
+        const Va other = va + (rng() % kStable) * kPageSize + 8 * (1 - t);
+        Result<uint64_t> v = cpu::load<uint64_t>(*as, other);
+        if (!v || (*v != 0 && *v != value(other))) bad++;
+      }
+    });
+  }
+  std::thread forker([&] {
+    std::mt19937_64 rng(seed + 7);
+    while (!stop) {
+      Result<std::unique_ptr<AddressSpace>> child = as->fork();
+      if (!child) {
+        bad++;
+        return;
+      }
+      for (int i = 0; i < 32; i++) {
+        const Va a = va + (rng() % kStable) * kPageSize;
+        Result<uint64_t> v = cpu::load<uint64_t>(**child, a);
+        if (!v || (*v != 0 && *v != value(a))) bad++;
+      }
+      child->reset();
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+  });
+  std::thread pinner([&] {
+    std::mt19937_64 rng(seed + 9);
+    while (!stop) {
+      const Va a = va + (rng() % kStable) * kPageSize;
+      Folio* page = nullptr;
+      long n;
+      {
+        ReadLock g(&as->mmap_lock());
+        n = pin_user_pages(*as, a, 1, FOLL_LONGTERM, &page);
+      }
+      if (n != 1) {
+        bad++;
+        continue;
+      }
+      if (folio_is_zone_device(page->head())) bad++;  // a longterm pin never holds device memory
+      unpin_user_page(page);
+      // A pinned page cannot move (nor can its THP be split): leave the migrator room.
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+  });
+  std::thread churner([&] {
+    do {  // at least once, so that the region is filled at the end
+      if (as->munmap(churn, kChurn * kPageSize) != 0) bad++;
+      Result<Va> m = as->mmap(churn, kChurn * kPageSize, PROT_READ | PROT_WRITE,
+                              MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED);
+      if (!m) bad++;
+      for (Va a = churn; a < churn + kChurn * kPageSize; a += kPageSize) {
+        if (int rc = cpu::store<uint64_t>(*as, a, pattern(a, 12))) {
+          std::printf("churn store at %#llx: %d\n", static_cast<unsigned long long>(a), rc);
+          bad++;
+        }
+      }
+    } while (!stop);
+  });
+  migrator.join();
+  for (auto& th : cpus) th.join();
+  forker.join();
+  pinner.join();
+  churner.join();
+  EXPECT_EQ(bad.load(), 0);
+  EXPECT_GT(moved, 0u);
+  for (int t = 0; t < 2; t++) {
+    for (uint64_t p = 0; p < kStable; p++) {
+      if (!written[t][p]) continue;
+      const Va a = va + p * kPageSize + 8 * t;
+      EXPECT_EQ(*cpu::load<uint64_t>(*as, a), value(a)) << "page " << p << " word " << t;
+    }
+  }
+  EXPECT_EQ(verify_pages(*as, churn, kChurn * kPageSize, 12), 0);
   EXPECT_MM_CHECK_OK(*mem);
 }
 

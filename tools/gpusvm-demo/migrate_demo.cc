@@ -1,7 +1,8 @@
 // gpusvm-demo, part 2: a device migration round trip through the dmirror test device, driven
 // like a user program drives lib/test_hmm.c: open the device file, ioctl. Shows what moved,
 // how (2 MiB folios whole, 4 KiB pages one by one), what the CPU faults cost, and the
-// statistics of the unified fault-and-migrate walk.
+// statistics of the unified fault-and-migrate walk; then the same buffer on a device-coherent
+// unit, which the CPU uses in place.
 #include "tools/gpusvm-demo/migrate_demo.h"
 
 #include <fmt/format.h>
@@ -89,12 +90,13 @@ int run_migration_demo(const ExpectFn& expect) {
   };
   expect(fill(*thp, kThpLen) && fill(*small, kSmallLen), "CPU wrote 12 MiB (8 MiB in THPs, 4 MiB in 4 KiB pages)", "");
 
+  int active_fd = *fd;  // the file command() talks to
   auto command = [&](unsigned long request, Va addr, uint64_t len, void* buf) {
     hmm_dmirror_cmd cmd{};
     cmd.addr = addr;
     cmd.ptr = reinterpret_cast<uint64_t>(buf);
     cmd.npages = len / kPageSize;
-    const int rc = devfs::ioctl(proc, *fd, request, &cmd);
+    const int rc = devfs::ioctl(proc, active_fd, request, &cmd);
     return std::pair<int, uint64_t>{rc, cmd.cpages};
   };
   auto snapshot = [&](Va addr, uint64_t len) {
@@ -153,6 +155,33 @@ int run_migration_demo(const ExpectFn& expect) {
   const Snapshot c = snapshot(*thp, kThpLen), d = snapshot(*small, kSmallLen);
   expect(c.dev_private_pmd + c.dev_private + d.dev_private == 0, "nothing left on the device", "");
   check_report_ok(mem, "after the round trip", expect);
+
+  // Device-coherent memory (test_hmm's unit 2): the CPU maps the device pages and uses them
+  // in place; nothing faults, and only MIGRATE_TO_SYS brings them back.
+  dmirror::DmirrorDevice::Config coherent_cfg;
+  coherent_cfg.memory_type = DevMemoryType::kDeviceCoherent;
+  Result<std::shared_ptr<dmirror::DmirrorDevice>> cdev = dmirror::DmirrorDevice::create(&mem, 2, coherent_cfg);
+  const std::string cname = std::string(HMM_DMIRROR_DEVICE_NAME) + "2";
+  if (!cdev || registry.add(cname, *cdev) != 0) return expect(false, "register the coherent device", "") ? 0 : 1;
+  Result<int> cfd = devfs::open(cname, proc);
+  if (!cfd) return expect(false, "open " + cname, errno_describe(cfd.error())) ? 0 : 1;
+  active_fd = *cfd;
+  auto [rc5, cp5] = command(HMM_DMIRROR_MIGRATE_TO_DEV, *thp, kThpLen, sink.data());
+  std::vector<uint8_t> bytes(kThpLen / kPageSize);
+  const int rc6 = command(HMM_DMIRROR_SNAPSHOT, *thp, kThpLen, bytes.data()).first;
+  uint64_t coherent_pmd = 0;
+  for (uint8_t m : bytes) coherent_pmd += m == (HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL | HMM_DMIRROR_PROT_WRITE | HMM_DMIRROR_PROT_PMD);
+  const uint64_t faults1 = st.faults.get();
+  const bool in_place = verify(*thp, kThpLen, &why);
+  fmt::print("    coherent device: {} pages migrated, {} mapped as present 2 MiB device folios; CPU read all of it with {} faults\n",
+             cp5, coherent_pmd, st.faults.get() - faults1);
+  expect(rc5 == 0 && rc6 == 0 && coherent_pmd == kThpLen / kPageSize && in_place && st.faults.get() == faults1,
+         "coherent device memory is read by the CPU in place", why);
+  auto [rc7, cp7] = command(HMM_DMIRROR_MIGRATE_TO_SYS, *thp, kThpLen, nullptr);
+  expect(rc7 == 0 && cp7 == kThpLen / kPageSize && verify(*thp, kThpLen, &why),
+         "MIGRATE_TO_SYS brings every coherent page back, data intact", why);
+  (void)devfs::close(proc, *cfd);
+  check_report_ok(mem, "after the coherent round trip", expect);
   (void)devfs::close(proc, *fd);
   proc.exit();
   check_report_ok(mem, "after exit", expect);
