@@ -117,7 +117,7 @@ bool convert_to_exclusive(AddressSpace& mm, Va addr, Folio* page) {
 }  // namespace
 
 Result<Folio*> make_device_exclusive(AddressSpace& mm, Va addr, const void* owner) {
-  if (addr >= kTaskSize || !owner) return Err{-EINVAL};
+  if (addr >= kTaskSize) return Err{-EINVAL};
   mm.mmap_assert_locked();
   addr = page_align_down(addr);
   const auto deadline = std::chrono::steady_clock::now() + hang_timeout();

@@ -37,8 +37,9 @@ struct Vma;
 // Faults the page in writable as GUP with FOLL_WRITE | FOLL_SPLIT_PMD would (a private file
 // page or a COW-shared page is copied first, a PMD mapping is split, another device's
 // exclusive entry is given back to the CPU), locks the folio, fires an EXCLUSIVE invalidation
-// tagged with `owner` over the one page (the caller's own mirror must skip it: it is the
-// caller's own request), and under the PTE lock replaces the writable PTE by a
+// tagged with `owner` over the one page (a mirror may recognise its own request by the owner
+// and skip it; with owner == nullptr, as test_hmm passes, every mirror sees a foreign one and
+// the caller programs its device after the call), and under the PTE lock replaces the writable PTE by a
 // device-exclusive entry (soft-dirty kept; the folio is marked dirty if the PTE was).
 // If the page changed between the fault and the PTE lock (zapped, COWed, write-protected,
 // PMD-mapped again), everything is dropped and the call starts over, bounded by
@@ -48,7 +49,7 @@ struct Vma;
 // reference. The caller programs its device, then folio_unlock(page->head()) and
 // page->head()->put().
 // Errors (nothing changed, nothing held):
-//   -EINVAL      addr outside user space, or owner == nullptr;
+//   -EINVAL      addr outside user space;
 //   -EFAULT      no VMA, no VM_WRITE (GUP without FOLL_FORCE), VM_IO/VM_PFNMAP, or the fault
 //                failed with SIGSEGV/SIGBUS (as GUP reports them);
 //   -ENOMEM      the fault could not allocate;

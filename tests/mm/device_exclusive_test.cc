@@ -631,9 +631,25 @@ TEST_F(DeviceExclusiveTest, MakeDeviceExclusive_ReadOnlyVma_Fails) {
   EXPECT_EQ(make_exclusive(*as, none, kOwnerA).error(), -EFAULT);
   EXPECT_EQ(make_exclusive(*as, 0x10000, kOwnerA).error(), -EFAULT);  // no VMA
   Va rw = map_anon(*as, kPageSize);
-  EXPECT_EQ(make_exclusive(*as, rw, nullptr).error(), -EINVAL);
   EXPECT_EQ(make_exclusive(*as, kTaskSize, kOwnerA).error(), -EINVAL);
   EXPECT_EQ(query_page(*as, rw).kind, PageKind::kNone) << "bad arguments change nothing";
+}
+
+// A null owner is allowed (test_hmm passes NULL): the EXCLUSIVE invalidation carries no owner,
+// so every mirror, the caller's too, drops the page.
+TEST_F(DeviceExclusiveTest, MakeDeviceExclusive_NullOwner_EveryMirrorInvalidates) {
+  Va va = map_anon(*as, kPageSize);
+  fill_pages(*as, va, kPageSize, 3);
+  TestMirror mirror;
+  MmuIntervalNotifier notifier;
+  ASSERT_EQ(notifier.insert(as.get(), va, kPageSize, &mirror), 0);
+  const Pfn pfn = query_page(*as, va).pfn;
+  ASSERT_TRUE(make_exclusive(*as, va, nullptr).ok());
+  EXPECT_TRUE(mirror.saw(MmuNotifyEvent::kExclusive));
+  expect_exclusive(*as, va, pfn);
+  notifier.remove();
+  EXPECT_EQ(verify_pages(*as, va, kPageSize, 3), 0);  // the CPU gets it back
+  EXPECT_MM_CHECK_OK(*mem);
 }
 
 // An allocation failure in the fault: -ENOMEM, nothing held, nothing changed.
