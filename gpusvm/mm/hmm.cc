@@ -373,8 +373,8 @@ PteAction migrate_prepare_pte(HmmWalk& w, MmWalk& walk, PteTable* t, Va addr, Pt
 
 // Splits the large folio mapped at addr so that its pages can be collected one by one
 // (migrate_vma_split_folio), then restarts the walk at addr. No page-table lock held. A
-// folio that is busy or cannot be split (mapped by another process, pinned) is remembered
-// and left where it is. The fault page's folio is locked and referenced by the CPU fault
+// folio that is busy or cannot be split (pinned, an unexpected reference) is remembered and
+// left where it is. The fault page's folio is locked and referenced by the CPU fault
 // handler already; after the split its first page keeps both, the others are free to collect.
 int split_folio_and_restart(HmmWalk& w, MmWalk& walk, Va addr, Pfn pfn) {
   Folio* folio = walk.mm->mem()->folio_of(pfn);
@@ -385,7 +385,10 @@ int split_folio_and_restart(HmmWalk& w, MmWalk& walk, Va addr, Pfn pfn) {
   // Blocking on a folio lock while holding the collected ones could deadlock: trylock.
   bool split = false;
   if (folio->large() && !g_fail_migrate_split.should_fail() && (fault_folio || folio_trylock(folio))) {
-    split = split_folio_exclusive(*walk.mm, folio) == 0;
+    // Mapped by another process (a fork child, by PTE or PMD): split through the rmap.
+    int rc = split_folio_exclusive(*walk.mm, folio);
+    if (rc == -EBUSY) rc = split_folio_rmap(*walk.mm, folio);
+    split = rc == 0;
     if (!fault_folio) folio_unlock(folio);  // the first page's folio, which kept our reference
   }
   if (!split && folio->large()) w.unsplittable.push_back(folio);

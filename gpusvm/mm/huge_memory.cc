@@ -369,6 +369,34 @@ bool split_pmd_migration_entry(AddressSpace& mm, Va haddr, const Folio* folio) {
 
 }  // namespace
 
+int split_folio_rmap(AddressSpace& mm, Folio* folio) {
+  mm.mmap_assert_locked();
+  folio_assert_locked(folio);
+  if (!folio->large() || !folio->is_head() || !folio->test(kFolioAnon) || folio->test(kFolioHugetlb)) {
+    return -EBUSY;
+  }
+  // The caller's reference stands in for the migration's: split_migrating_folio then finds
+  // exactly the references of a migration holding an unmapped folio.
+  if (!try_to_migrate(folio)) {
+    remove_migration_ptes(folio, folio);
+    return -EBUSY;
+  }
+  if (int rc = split_migrating_folio(folio, 0)) {
+    remove_migration_ptes(folio, folio);  // PMD entries may be PTE entries now: restored alike
+    return rc;
+  }
+  // Map every new folio back where its page was; all but the first are this function's
+  // (locked, one reference) to release.
+  const uint64_t n = kPagesPerPmd;
+  for (uint64_t i = 0; i < n; i++) remove_migration_ptes(folio->page(i), folio->page(i));
+  for (uint64_t i = 1; i < n; i++) {
+    folio_unlock(folio->page(i));
+    folio->page(i)->put();
+  }
+  mm.stats().thp_split_folio.add();
+  return 0;
+}
+
 int split_migrating_folio(Folio* folio, int extra_refs) {
   folio_assert_locked(folio);
   if (!folio->large() || !folio->is_head() || folio->mapped()) return -EBUSY;

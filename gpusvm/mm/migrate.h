@@ -30,8 +30,9 @@
 // then provides one 2 MiB destination (dst[i] = migrate_pfn(pfn) | MIGRATE_PFN_COMPOUND,
 // tails 0) or 512 small ones in dst[i..i+511]; migrate_vma_pages then splits the source
 // folio (seed 003: it is already unmapped) or inserts 512 small pages for a hole. Without
-// the flag, and for a folio only partly inside the range, the folio is split first and its
-// pages collected one by one; one that cannot be split (mapped by several processes) stays.
+// the flag, and for a folio only partly inside the range, the folio is split first (in every
+// process that maps it) and its pages collected one by one; one that cannot be split (pinned)
+// stays.
 //
 // Eviction by device pfn, without a VMA or an mmap lock (the driver's memory is being taken
 // away): migrate_device_range / _pfns, then the driver fills dst, then migrate_device_pages

@@ -98,6 +98,16 @@ VmFault do_huge_pmd_anonymous_page(AddressSpace& mm, Vma& vma, PmdSlot slot, Va 
 // process, not anonymous) or -EAGAIN (an unexpected reference: nothing changed).
 [[nodiscard]] int split_folio_exclusive(AddressSpace& mm, Folio* folio);
 
+// split_folio for a large anonymous folio mapped by any number of processes, by PTEs or PMDs
+// (the kernel's unmap_folio + __split_huge_page + remap_page): every mapping becomes a
+// migration entry through the reverse map (a CLEAR invalidation in each address space), the
+// unmapped folio is split as a migration would split it, and each 4 KiB folio is mapped back
+// where its page was. Context and result as split_folio_exclusive (mm's mmap lock held, folio
+// locked, one reference held by the caller and kept on the first page, which stays locked);
+// -EBUSY also when a mapping could not be taken, -EAGAIN for an unexpected reference. May
+// sleep (notifier callbacks).
+[[nodiscard]] int split_folio_rmap(AddressSpace& mm, Folio* folio);
+
 // Copies one 4 KiB page's bytes.
 void copy_page_data(Folio* dst, const Folio* src);
 

@@ -357,6 +357,31 @@ TEST_F(MigrateWalkTest, ThpSplitForPartialRange_SplitFailureLeavesItMapped) {
   EXPECT_EQ(verify_pages(*as, va, kPmdSize, 7), 0);
 }
 
+// A THP shared with a fork child (PMD in both) under a partial range is split through the
+// reverse map in both processes; the asked pages move for both (read-only, still COW-shared),
+// the rest stays system memory in both.
+TEST_F(MigrateWalkTest, ThpSharedWithChild_SplitThroughRmapForPartialRange) {
+  const Va va = map_anon(*as, kPmdSize, PROT_READ | PROT_WRITE, true);
+  fill_pages(*as, va, kPmdSize, 15);
+  Result<std::unique_ptr<AddressSpace>> child = as->fork();
+  ASSERT_TRUE(child.ok());
+  ASSERT_EQ(query_page(**child, va).kind, PageKind::kThpPmd);
+  EXPECT_EQ(*dev->migrate_to_device(*as, va + 8 * kPageSize, va + 12 * kPageSize), 4u);
+  EXPECT_EQ(as->stats().thp_split_folio.get(), 1u);
+  for (AddressSpace* mm : {as.get(), child->get()}) {
+    const PageState moved = query_page(*mm, va + 9 * kPageSize);
+    EXPECT_EQ(moved.kind, PageKind::kSoftLeaf);
+    EXPECT_FALSE(moved.writable);
+    EXPECT_TRUE(dev->pgmap()->contains(moved.pfn));
+    EXPECT_EQ(query_page(*mm, va + 12 * kPageSize).kind, PageKind::kSmall);  // a 4 KiB folio now
+  }
+  EXPECT_EQ(query_page(*as, va).pfn, query_page(**child, va).pfn);
+  EXPECT_MM_CHECK_OK(*mem);
+  EXPECT_EQ(verify_pages(**child, va, kPmdSize, 15), 0);  // brings pages 8..11 back for both
+  EXPECT_EQ(verify_pages(*as, va, kPmdSize, 15), 0);
+  EXPECT_MM_CHECK_OK(*mem);
+}
+
 // Eviction by device pfn reaches every process mapping a device page through the reverse map.
 TEST_F(MigrateWalkTest, EvictByDevicePfn_ReachesParentAndChild) {
   constexpr uint64_t kPages = 16;
