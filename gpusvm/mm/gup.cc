@@ -89,13 +89,13 @@ bool vma_permits(const Vma* vma, unsigned flags) {
 // A FOLL_LONGTERM pin must not hold device memory (check_and_migrate_movable_folios): the pin
 // just taken on a device-coherent page becomes a plain reference, which
 // migrate_device_coherent_folio consumes while moving the page to system memory. Returns
-// -EAGAIN (moved, or busy for now: look up again) or -ENOMEM.
+// -EAGAIN (moved: look up again), -EBUSY or -ENOMEM (the pin fails, as in Linux).
 int move_coherent_out(Folio* page) {
   Folio* folio = page->head();
   folio->get();
   folio_unpin(folio);
   const int rc = migrate_device_coherent_folio(folio);
-  return rc == -ENOMEM ? rc : -EAGAIN;
+  return rc == 0 ? -EAGAIN : rc;
 }
 
 // One page: look up, fault, look up again, within hang_timeout(). Returns 0 with *out set, or

@@ -51,7 +51,9 @@ inline constexpr unsigned FOLL_LONGTERM = 1u << 8;  // the pin may be held indef
 //            with SIGSEGV/SIGBUS; also a range past the user address space
 //   -EOVERFLOW  start + nr_pages pages wraps around
 //   -ENOMEM  the fault could not allocate
-//   -EBUSY   a page kept faulting for hang_timeout() (a livelock or a bug; logged)
+//   -EBUSY   a page kept faulting for hang_timeout() (a livelock or a bug; logged); or a
+//            FOLL_LONGTERM pin met a device-coherent page that could not be moved out (pinned
+//            or referenced elsewhere at that moment), as Linux reports it
 // start is rounded down to a page. nr_pages == 0 returns 0.
 // Context of get_user_pages / pin_user_pages: the mmap lock held (read), asserted, no other
 // gpusvm lock; may sleep (faults). The _fast variants take the mmap lock (read) themselves and

@@ -231,6 +231,14 @@ TEST_F(DeviceCoherentTest, MigrateDeviceCoherentFolioRefusals) {
   EXPECT_EQ(migrate_device_coherent_folio(folio), -EBUSY);
   EXPECT_TRUE(on_device(va));
   EXPECT_EQ(folio->refcount(), 2);  // the mapping and the pin: ours was consumed
+  // A longterm pin of that page fails at once, as in Linux: it cannot be moved out.
+  Folio* longterm = nullptr;
+  {
+    ReadLock g(&as->mmap_lock());
+    EXPECT_EQ(pin_user_pages(*as, va, 1, FOLL_WRITE | FOLL_LONGTERM, &longterm), -EBUSY);
+  }
+  EXPECT_TRUE(on_device(va));
+  EXPECT_EQ(folio->refcount(), 2);
   unpin_user_page(pinned);
   Folio* sys = mem->folio_of(query_page(*as, va + kPageSize).pfn);
   sys->get();
@@ -429,6 +437,7 @@ TEST_F(DeviceCoherentTest, MigrationRacesCpuForkPinsAndMunmap) {
         ReadLock g(&as->mmap_lock());
         n = pin_user_pages(*as, a, 1, FOLL_LONGTERM, &page);
       }
+      if (n == -EBUSY) continue;  // a COW copy or a fork held the coherent page just then
       if (n != 1) {
         bad++;
         continue;
