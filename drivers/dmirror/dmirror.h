@@ -24,7 +24,10 @@
 //        migrate_vma_pages, unless an invalidation its own migrate_vma calls did not raise
 //        (another thread's munmap, mprotect, fault...) hit the chunk meanwhile (then it stores
 //        nothing and the next access faults). Invalidations its own calls raise (the MIGRATE
-//        ones, a PMD split during collection) are part of the migration.
+//        ones, a PMD split during collection) are part of the migration. An invalidation
+//        that called the file before the migration began may still be running (a migration
+//        in another thread invalidates its range, then collects - it could take the page the
+//        file is about to store): MIGRATE_TO_DEV waits it out with read_begin() first.
 //    Pages of the range that were not collected keep their entries: they did not move.
 //
 // Locking: mutex_ (lock_order.h) guards the device page table and the list of migrations in
@@ -85,7 +88,8 @@ class Dmirror final : public devfs::File, private mm::MmuIntervalNotifierOps {
     uint64_t cpages = 0;         // pages copied so far, from addr
   };
   // A migration of [start, end) by this file in flight; `hit` is set by a foreign
-  // invalidation of the range.
+  // invalidation of the range whose callback runs after the record was published (earlier
+  // ones are waited out before the migration collects, see migrate_chunk_to_dev).
   struct MigrationRecord {
     mm::Va start;
     mm::Va end;

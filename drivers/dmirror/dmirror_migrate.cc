@@ -107,6 +107,14 @@ int Dmirror::migrate_chunk_to_dev(mm::MigrateVma* args) {
     MutexLock g(&mutex_);
     migrations_.push_back(&rec);
   }
+  // The record sees only invalidations whose callback runs from now on. One that called us
+  // before may still be changing the chunk's page tables: a migration in another thread
+  // invalidates its whole range first and collects page by page afterwards, so it could take
+  // - and free - the device page stored below without calling us again. read_begin() waits
+  // until every invalidation that reached this notifier has ended. Sleeping here with the
+  // mmap lock held (read) is safe: no invalidation waits for an mmap-lock reader, and this
+  // thread holds no folio lock yet.
+  (void)notifier_.read_begin();
   int rc;
   {
     MigratorScope s(this);

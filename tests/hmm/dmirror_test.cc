@@ -125,6 +125,92 @@ TEST_F(DmirrorTest, OwnMigration_OtherFileOfSameDeviceInvalidated) {
   EXPECT_EQ(devfs::close(*proc, fd_b), 0);
 }
 
+// Seed 001, point 5: an invalidation that reached the file before its migration began, and
+// that has not ended, must not let the migration store an entry it will invalidate silently:
+//  1. thread V: MIGRATE_TO_SYS on file A2 of the same device: its MIGRATE invalidation calls
+//     file A's callback (nothing to erase yet), then pauses in a test notifier - before its
+//     walk collects anything
+//  2. thread T: MIGRATE_TO_DEV on file A: the page moves to device page D; the invalidation
+//     of step 1 called A's callback before T published its migration record, so nothing
+//     marked the record, and A stores D
+//  3. V resumes: its walk collects D (a device-private page of its owner), moves it back to
+//     system memory and frees D - its invalidation already called A, so A keeps an entry to
+//     a free device page (reused by the next allocation: the device then reads and writes
+//     another page's data).
+// Fixed: T waits for V's invalidation to end (read_begin) before collecting, so V moves
+// nothing and A's entry is the device page that backs the address.
+TEST_F(DmirrorTest, OwnMigration_ForeignInvalidationInFlight_NoStaleEntry) {
+  // A notifier after the files' ones (it starts at the buffer, they at 0): pauses the first
+  // MIGRATE invalidation, once every file's callback has run.
+  struct Pauser final : mm::MmuIntervalNotifierOps {
+    std::mutex m;
+    std::condition_variable cv;
+    bool armed = true;
+    bool paused = false;
+    bool go = false;
+    bool invalidate(mm::MmuIntervalNotifier* n, const mm::MmuNotifierRange& range, uint64_t cur_seq) override {
+      n->set_seq(cur_seq);  // nobody reads this notifier's sequence
+      std::unique_lock<std::mutex> l(m);
+      if (range.event != mm::MmuNotifyEvent::kMigrate || !armed) return true;
+      armed = false;
+      paused = true;
+      cv.notify_all();
+      EXPECT_TRUE(cv.wait_for(l, std::chrono::seconds(30), [&] { return go; })) << "main never resumed V";
+      return true;
+    }
+  } pauser;
+  const int fd_a = hmm_open(*proc, 0);
+  const int fd_a2 = hmm_open(*proc, 0);
+  ASSERT_GE(fd_a, 0);
+  ASSERT_GE(fd_a2, 0);
+  auto buffer = filled(1);
+  mm::MmuIntervalNotifier pause_notifier;
+  ASSERT_EQ(pause_notifier.insert(&proc->mm(), buffer->ptr, kPageSize, &pauser), 0);
+
+  HmmBuffer v_view;
+  v_view.ptr = buffer->ptr;
+  v_view.mirror.assign(kPageSize / sizeof(int), 0);
+  int v_rc = -1;
+  std::thread v([&] { v_rc = hmm_dmirror_cmd(*proc, fd_a2, HMM_DMIRROR_MIGRATE_TO_SYS, &v_view, 1); });
+  {
+    std::unique_lock<std::mutex> l(pauser.m);
+    ASSERT_TRUE(pauser.cv.wait_for(l, std::chrono::seconds(30), [&] { return pauser.paused; }));
+  }
+  HmmBuffer t_view;
+  t_view.ptr = buffer->ptr;
+  t_view.mirror.assign(kPageSize / sizeof(int), 0);
+  int t_rc = -1;
+  bool t_done = false;
+  std::thread t([&] {
+    const int rc = hmm_dmirror_cmd(*proc, fd_a, HMM_DMIRROR_MIGRATE_TO_DEV, &t_view, 1);
+    std::lock_guard<std::mutex> l(pauser.m);
+    t_rc = rc;
+    t_done = true;
+    pauser.cv.notify_all();
+  });
+  {
+    // Without the fix T finishes while V is paused; with it T waits for V, so give it a
+    // while, then let V go either way.
+    std::unique_lock<std::mutex> l(pauser.m);
+    pauser.cv.wait_for(l, std::chrono::milliseconds(500), [&] { return t_done; });
+    pauser.go = true;
+    pauser.cv.notify_all();
+  }
+  v.join();
+  t.join();
+  pause_notifier.remove();
+  ASSERT_EQ(v_rc, 0);
+  ASSERT_EQ(t_rc, 0);
+  ASSERT_EQ(t_view.cpages, 1u);
+  std::optional<dmirror::DptEntry> e = file(fd_a)->pt_lookup(buffer->ptr);
+  ASSERT_TRUE(e.has_value());
+  EXPECT_EQ(e->pfn, mm::query_page(proc->mm(), buffer->ptr).pfn) << "file A maps a page that moved away";
+  EXPECT_TRUE(on_device(buffer->ptr));
+  expect_filled(buffer->ptr, 1);
+  EXPECT_EQ(devfs::close(*proc, fd_a), 0);
+  EXPECT_EQ(devfs::close(*proc, fd_a2), 0);
+}
+
 // FAIL_ALLOC is one-shot: the first page of the next migration gets no device page (order
 // 0: it stays in system memory, so the read-back finds no entry for it).
 TEST_F(DmirrorTest, FailAlloc_ToDevice_OneShot) {
