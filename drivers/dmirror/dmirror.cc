@@ -170,9 +170,21 @@ void Dmirror::store_range_locked(const mm::HmmRange& range) {
   }
 }
 
+Va Dmirror::own_read_only_page(const mm::HmmRange& range) const {
+  const uint64_t n = (range.end - range.start) >> kPageShift;
+  for (uint64_t i = 0; i < n; i++) {
+    const uint64_t w = range.hmm_pfns[i];
+    if (w & mm::HMM_PFN_WRITE) continue;
+    const mm::Folio* page = dev_->mem()->pfn_to_page(mm::hmm_pfn_to_pfn(w));
+    if (page && mm::folio_is_device_private(page) && dev_->owns(page)) return range.start + (i << kPageShift);
+  }
+  return 0;
+}
+
 int Dmirror::fault(Va start, Va end, bool write) {
   if (mm_->exited()) return -EFAULT;  // mmget_not_zero failed: nothing left to fault
   uint64_t pfns[kFaultChunkPages];
+  int moved_back = 0;
   for (Va addr = start; addr < end;) {
     const Va next = std::min(end, addr + kFaultChunkPages * kPageSize);
     mm::HmmRange range{.notifier = &notifier_,
@@ -183,6 +195,15 @@ int Dmirror::fault(Va start, Va end, bool write) {
                        .pfn_flags_mask = 0,
                        .dev_private_owner = dev_->owner()};
     if (int rc = range_fault(&range)) return rc;
+    if (const Va ro = write ? own_read_only_page(range) : 0) {
+      mutex_.unlock();
+      if (++moved_back > kMaxFaultPasses) return -EBUSY;
+      hmm_dmirror_cmd one{};
+      one.addr = ro;
+      one.npages = 1;
+      if (int rc = migrate_to_sys(one)) return rc;
+      continue;  // fault the chunk again: the page is system memory now
+    }
     store_range_locked(range);
     mutex_.unlock();
     addr = next;

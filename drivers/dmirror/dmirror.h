@@ -114,9 +114,14 @@ class Dmirror final : public devfs::File, private mm::MmuIntervalNotifierOps {
   int exclusive(hmm_dmirror_cmd& cmd) GPUSVM_EXCLUDES(mutex_);
   int check_exclusive(hmm_dmirror_cmd& cmd) GPUSVM_EXCLUDES(mutex_);
 
-  // Device fault over [start, end): hmm_range_fault in chunks, entries stored. Returns 0,
-  // -EFAULT / -EPERM (hmm_range_fault), -EBUSY (1 s budget spent retrying).
+  // Device fault over [start, end): hmm_range_fault in chunks, entries stored. A write that
+  // finds one of this device's own pages mapped read-only (mprotect made its entry read-only;
+  // hmm reports the caller's own pages as they are, without faulting) migrates that page back
+  // to system memory first, where the write fault can make it writable. Returns 0, -EFAULT /
+  // -EPERM (hmm_range_fault), -EBUSY (1 s budget spent retrying), -ENOMEM.
   int fault(mm::Va start, mm::Va end, bool write) GPUSVM_EXCLUDES(mutex_);
+  // The first page of range whose result is this device's own page without WRITE, or 0.
+  mm::Va own_read_only_page(const mm::HmmRange& range) const;
   // One chunk: the read_begin / hmm_range_fault / read_retry loop; returns with mutex_ held
   // on success (the caller stores the result), without it on error.
   int range_fault(mm::HmmRange* range) GPUSVM_TRY_ACQUIRE(0, mutex_);

@@ -98,6 +98,25 @@ void free_pgtables(AddressSpace& mm, const VmaTree& vmas, Va start, Va end) {
 
 namespace {
 
+// A writable migration or device-private entry becomes read-only on any mprotect, as in
+// Linux's change_pte_range ("a protection check is difficult so just be safe"): the page
+// comes back read-only and a write fault makes it writable again if the VMA allows. A
+// migration entry of an anonymous page keeps its exclusivity (read-exclusive), so that write
+// fault reuses the page. Device-exclusive entries stay: their restore decides the write bit.
+Pte wrprotect_soft_leaf(PhysMem* mem, Pte e) {
+  switch (e.soft_leaf_type()) {
+    case SoftLeafType::kMigrationWrite: {
+      const Folio* folio = mem->folio_of(e.pfn());  // the migration holds a reference
+      return e.with_soft_leaf_type(folio && folio->test(kFolioAnon) ? SoftLeafType::kMigrationReadExclusive
+                                                                    : SoftLeafType::kMigrationRead);
+    }
+    case SoftLeafType::kDevicePrivateWrite:
+      return e.with_soft_leaf_type(SoftLeafType::kDevicePrivateRead);
+    default:
+      return e;
+  }
+}
+
 // Applies `write` permission changes to the entries of [start, end) inside `vma`
 // (change_protection). Removing write protects every entry; adding write makes writable
 // only what may be written without a fault: anon-exclusive pages and shared mappings - not
@@ -120,12 +139,20 @@ void change_protection(AddressSpace& mm, const Vma& vma, Va start, Va end, bool 
         Pte leaf = pmd.leaf();
         Pte upd = may_write(leaf) ? leaf.mkwrite() : (write ? leaf : leaf.wrprotect());
         if (upd != leaf) slot.table->set(slot.index, Pmd::make_leaf(upd));
+      } else if (pmd.is_huge_soft_leaf()) {
+        const Pte upd = wrprotect_soft_leaf(mem, pmd.leaf());
+        if (upd != pmd.leaf()) slot.table->set(slot.index, Pmd::make_leaf(upd));
       }
     }
     if (PteTable* t = pt.pte_offset_map_lock(slot)) {
       for (Va va = addr; va < next; va += kPageSize) {
         const unsigned i = pte_index(va);
         Pte pte = t->get(i);
+        if (pte.is_soft_leaf()) {
+          const Pte upd = wrprotect_soft_leaf(mem, pte);
+          if (upd != pte) t->set(i, upd);
+          continue;
+        }
         if (!pte.present()) continue;
         Pte upd = may_write(pte) ? pte.mkwrite() : (write ? pte : pte.wrprotect());
         if (upd != pte) t->set(i, upd);

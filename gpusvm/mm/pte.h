@@ -118,6 +118,10 @@ class Pte {
     SoftLeafType t = soft_leaf_type();
     return t == SoftLeafType::kMigrationWrite || t == SoftLeafType::kDevicePrivateWrite;
   }
+  // The same soft leaf (pfn, huge, young/dirty/soft-dirty bits) with another type.
+  constexpr Pte with_soft_leaf_type(SoftLeafType t) const {
+    return Pte((v_ & ~pte_bits::kTypeMask) | (static_cast<uint64_t>(t) << pte_bits::kTypeShift));
+  }
   constexpr bool swp_young() const { return is_soft_leaf() && (v_ & pte_bits::kSwpYoung); }
   constexpr bool swp_dirty() const { return is_soft_leaf() && (v_ & pte_bits::kSwpDirty); }
   constexpr Pte swp_mkyoung() const { return Pte(v_ | pte_bits::kSwpYoung); }

@@ -325,5 +325,39 @@ TEST_F(DmirrorTest, Uapi_RejectsBadArguments) {
   EXPECT_EQ(devfs::open("hmm_dmirror9", *proc).error(), -ENOENT);
 }
 
+// mprotect makes a writable device-private entry read-only, as Linux does (a writable entry
+// would come back as a writable PTE in a read-only VMA); mprotect back to read-write leaves it
+// read-only. hmm reports the caller's own device page as it is, without a fault, so a device
+// WRITE migrates such a page back to system memory first and lets the CPU write fault decide:
+// -EPERM in a read-only VMA, a writable page otherwise (test_hmm would loop forever there).
+TEST_F(DmirrorTest, MprotectedDevicePage_DeviceWriteMigratesItBack) {
+  const int fd = hmm_open(*proc, 0);
+  ASSERT_GE(fd, 0);
+  auto buffer = filled(4);
+  ASSERT_EQ(hmm_dmirror_cmd(*proc, fd, HMM_DMIRROR_MIGRATE_TO_DEV, buffer.get(), 4), 0);
+  ASSERT_TRUE(on_device(buffer->ptr));
+  EXPECT_TRUE(mm::query_page(proc->mm(), buffer->ptr).writable);
+  ASSERT_EQ(proc->mm().mprotect(buffer->ptr, 4 * kPageSize, PROT_READ), 0);
+  EXPECT_FALSE(mm::query_page(proc->mm(), buffer->ptr).writable);
+  ASSERT_EQ(proc->mm().mprotect(buffer->ptr, 4 * kPageSize, PROT_READ | PROT_WRITE), 0);
+  EXPECT_TRUE(on_device(buffer->ptr + kPageSize));
+  EXPECT_FALSE(mm::query_page(proc->mm(), buffer->ptr + kPageSize).writable);  // stays read-only
+  EXPECT_MM_CHECK_OK(*mem);
+  // In a read-only VMA the write fails, after the page came back.
+  ASSERT_EQ(proc->mm().mprotect(buffer->ptr, kPageSize, PROT_READ), 0);
+  EXPECT_EQ(hmm_dmirror_cmd(*proc, fd, HMM_DMIRROR_WRITE, buffer.get(), 1), -EPERM);
+  EXPECT_FALSE(on_device(buffer->ptr));
+  EXPECT_FALSE(mm::query_page(proc->mm(), buffer->ptr).writable);
+  ASSERT_EQ(proc->mm().mprotect(buffer->ptr, kPageSize, PROT_READ | PROT_WRITE), 0);
+  // The device writes back what it holds (the buffer's mirror, read back by the migration).
+  ASSERT_EQ(hmm_dmirror_cmd(*proc, fd, HMM_DMIRROR_WRITE, buffer.get(), 4), 0);
+  EXPECT_EQ(buffer->cpages, 4u);
+  EXPECT_FALSE(on_device(buffer->ptr));
+  EXPECT_TRUE(mm::query_page(proc->mm(), buffer->ptr).writable);
+  expect_filled(buffer->ptr, 4);
+  EXPECT_MM_CHECK_OK(*mem);
+  EXPECT_EQ(devfs::close(*proc, fd), 0);
+}
+
 }  // namespace
 }  // namespace gpusvm::hmm_tests

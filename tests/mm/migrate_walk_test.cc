@@ -382,6 +382,38 @@ TEST_F(MigrateWalkTest, ThpSharedWithChild_SplitThroughRmapForPartialRange) {
   EXPECT_MM_CHECK_OK(*mem);
 }
 
+// mprotect meeting migration entries (an eviction holds them; it needs no mmap lock): a
+// writable one becomes read-exclusive, as in Linux's change_pte_range, so the page comes back
+// read-only in the now read-only VMA, and still anon-exclusive: a later write reuses it.
+TEST_F(MigrateWalkTest, MprotectDuringEviction_MigrationEntriesLoseWrite) {
+  constexpr uint64_t kPages = 4;
+  const Va va = map_anon(*as, kPages * kPageSize);
+  fill_pages(*as, va, kPages * kPageSize, 16);
+  ASSERT_EQ(*dev->migrate_to_device(*as, va, va + kPages * kPageSize), kPages);
+  const uint64_t n = dev->pgmap()->nr_pages();
+  std::vector<uint64_t> src(n), dst(n);
+  ASSERT_EQ(migrate_device_range(mem.get(), src.data(), dev->pgmap()->first_pfn(), n), 0);
+  // This thread holds the collected folio locks, so whatever takes the mmap lock runs in
+  // another one.
+  std::thread([&] {
+    EXPECT_EQ(query_page(*as, va).leaf, SoftLeafType::kMigrationWrite);
+    EXPECT_EQ(as->mprotect(va, kPages * kPageSize, PROT_READ), 0);
+    EXPECT_EQ(query_page(*as, va).leaf, SoftLeafType::kMigrationReadExclusive);
+  }).join();
+  dev->copy_to_new_pages(src.data(), dst.data(), n, /*to_device=*/false);
+  migrate_device_pages(mem.get(), src.data(), dst.data(), n);
+  migrate_device_finalize(mem.get(), src.data(), dst.data(), n);
+  const PageState back = query_page(*as, va);
+  EXPECT_EQ(back.kind, PageKind::kSmall);
+  EXPECT_FALSE(back.writable);
+  EXPECT_TRUE(back.anon_exclusive);
+  EXPECT_MM_CHECK_OK(*mem);
+  ASSERT_EQ(as->mprotect(va, kPages * kPageSize, PROT_READ | PROT_WRITE), 0);
+  ASSERT_EQ(cpu::store<uint64_t>(*as, va + 8, 1), 0);
+  EXPECT_EQ(query_page(*as, va).pfn, back.pfn);  // reused, not copied
+  EXPECT_EQ(verify_pages(*as, va, kPages * kPageSize, 16), 0);
+}
+
 // Eviction by device pfn reaches every process mapping a device page through the reverse map.
 TEST_F(MigrateWalkTest, EvictByDevicePfn_ReachesParentAndChild) {
   constexpr uint64_t kPages = 16;
