@@ -218,5 +218,26 @@ TEST_F(MigrateThpTest, WithoutCompoundThpIsSplitFirst) {
   EXPECT_EQ(verify_pages(*as, va, kPmdSize, 7), 0);
 }
 
+// mprotect makes a writable device-private PMD read-only (Linux's change_huge_pmd): the
+// folio comes back read-only in the read-only VMA, and writable again only by a write fault
+// after PROT_WRITE returns.
+TEST_F(MigrateThpTest, MprotectMakesDevicePmdReadOnly) {
+  fill_pages(*as, va, kPmdSize, 17);
+  ASSERT_EQ(*to_device(), kPagesPerPmd);
+  EXPECT_EQ(query_page(*as, va).leaf, SoftLeafType::kDevicePrivateWrite);
+  ASSERT_EQ(as->mprotect(va, kPmdSize, PROT_READ), 0);
+  EXPECT_EQ(query_page(*as, va).leaf, SoftLeafType::kDevicePrivateRead);
+  EXPECT_TRUE(query_page(*as, va).large);
+  EXPECT_MM_CHECK_OK(*mem);
+  EXPECT_EQ(verify_pages(*as, va, kPmdSize, 17), 0);  // faults the folio back, read-only
+  EXPECT_FALSE(query_page(*as, va).writable);
+  EXPECT_MM_CHECK_OK(*mem);
+  ASSERT_EQ(as->mprotect(va, kPmdSize, PROT_READ | PROT_WRITE), 0);
+  ASSERT_EQ(cpu::store<uint64_t>(*as, va + 8, 1), 0);
+  EXPECT_TRUE(query_page(*as, va).writable);
+  EXPECT_EQ(verify_pages(*as, va, kPmdSize, 17), 0);
+  EXPECT_MM_CHECK_OK(*mem);
+}
+
 }  // namespace
 }  // namespace gpusvm::mm::testing
