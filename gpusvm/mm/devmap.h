@@ -40,10 +40,11 @@ class DevPagemapOps {
   // May run with page-table locks held (the last reference can go in a zap): must not sleep
   // or take locks ranked below the zone lock. Required.
   virtual void folio_free(Folio* folio) = 0;
-  // A CPU touched a device-private page (never called for device-coherent memory): migrate it (at least vmf.page) back to system
-  // memory, normally with migrate_vma_* and fault_page = vmf.page. Context: the mmap lock is
-  // held (read), vmf.page is locked and referenced by the caller and must stay locked; may
-  // sleep. Returns kOk (the access is retried), kSigbus or kOom. Required.
+  // A CPU touched a device-private page (never called for device-coherent memory): migrate
+  // it (at least vmf.page) back to system memory, normally with migrate_vma_* and fault_page
+  // = vmf.page. Context: the mmap lock is held (read), vmf.page is locked and referenced by
+  // the caller and must stay locked; may sleep. Returns kOk (the access is retried), kSigbus
+  // or kOom. Required.
   virtual VmFault migrate_to_ram(const VmFaultInfo& vmf) = 0;
   // A large device folio was split into 4 KiB folios (a migration to small destinations,
   // seed 003); `folio` is the first of them. The driver re-links any per-page data it keeps

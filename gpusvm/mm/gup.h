@@ -23,9 +23,9 @@
 //  - FOLL_LONGTERM: a device-coherent page is moved to system memory before it is pinned
 //    (migrate_device_coherent_folio); a device-private page comes back through its fault
 //    anyway. The model has no movable zones or CMA, Linux's other pages to move out.
-//  - Non-goals (with the reason): a read-only pin of a COW-shared anonymous page does not unshare it first (Linux
-//    >= 5.19 does: FAULT_FLAG_UNSHARE); fork does not copy pinned pages eagerly
-//    (page_needs_cow_for_dma): pin with FOLL_WRITE and do not fork while pinned.
+//  - Non-goals (with the reason): a read-only pin of a COW-shared anonymous page does not
+//    unshare it first (Linux >= 5.19 does: FAULT_FLAG_UNSHARE); fork does not copy pinned
+//    pages eagerly (page_needs_cow_for_dma): pin with FOLL_WRITE and do not fork while pinned.
 #pragma once
 
 #include <cstdint>

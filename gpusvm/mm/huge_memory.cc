@@ -307,8 +307,8 @@ int split_folio_exclusive(AddressSpace& mm, Folio* folio) {
   //    caller's reference too.
   mem->deferred_split_remove(folio);
   const uint32_t inherit =
-      folio->flags() & (kFolioAnon | kFolioDirty | kFolioLazyfree | kFolioYoung | kFolioDevicePrivate |
-                                           kFolioDeviceCoherent);
+      folio->flags() &
+      (kFolioAnon | kFolioDirty | kFolioLazyfree | kFolioYoung | kFolioDevicePrivate | kFolioDeviceCoherent);
   const uint64_t n = folio->nr_pages();
   const Pfn pfn = folio->pfn();
   for (uint64_t i = 0; i < n; i++) {
@@ -424,8 +424,8 @@ int split_migrating_folio(Folio* folio, int extra_refs) {
     // 3. Split the descriptors: every new folio locked with one reference (the first keeps
     //    the migration's and the extra ones), owning its page's records.
     mem->deferred_split_remove(folio);
-    const uint32_t inherit = folio->flags() & (kFolioAnon | kFolioDirty | kFolioYoung | kFolioDevicePrivate |
-                                           kFolioDeviceCoherent);
+    const uint32_t inherit =
+        folio->flags() & (kFolioAnon | kFolioDirty | kFolioYoung | kFolioDevicePrivate | kFolioDeviceCoherent);
     for (uint64_t i = 0; i < kPagesPerPmd; i++) {
       Folio* p = folio->page(i);
       p->order_.store(0, std::memory_order_relaxed);
