@@ -64,9 +64,7 @@ Result<Va> AddressSpace::mmap_device(Va addr, uint64_t len, int prot, int flags,
   if (!page_aligned(offset) || offset + alen < offset) return Err{-EINVAL};
   const bool fixed = flags & (MAP_FIXED | MAP_FIXED_NOREPLACE);
   if (fixed) {
-    if (!page_aligned(addr)) return Err{-EINVAL};
-    if (addr < kMmapMinAddr) return Err{-EPERM};
-    if (addr + alen > kTaskSize || addr + alen < addr) return Err{-ENOMEM};
+    if (int rc = check_fixed_addr(addr, alen)) return Err{rc};
   }
   WriteLock g(&mmap_lock_);
   if (exited()) return Err{-ENOMEM};

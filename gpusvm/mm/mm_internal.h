@@ -2,6 +2,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdint>
 
 #include "gpusvm/mm/address_space.h"
@@ -97,6 +98,16 @@ VmFault do_huge_pmd_anonymous_page(AddressSpace& mm, Vma& vma, PmdSlot slot, Va 
 // the first page, which stays locked). Returns 0, -EBUSY (PMD-mapped, mapped by another
 // process, not anonymous) or -EAGAIN (an unexpected reference: nothing changed).
 [[nodiscard]] int split_folio_exclusive(AddressSpace& mm, Folio* folio);
+
+// The address rules of a MAP_FIXED / MAP_FIXED_NOREPLACE mapping of alen (page-aligned)
+// bytes at addr: 0, -EINVAL (unaligned), -EPERM (below mmap_min_addr) or -ENOMEM (past the
+// user address space).
+inline int check_fixed_addr(Va addr, uint64_t alen) {
+  if (!page_aligned(addr)) return -EINVAL;
+  if (addr < kMmapMinAddr) return -EPERM;
+  if (addr + alen > kTaskSize || addr + alen < addr) return -ENOMEM;
+  return 0;
+}
 
 // split_folio for a large anonymous folio mapped by any number of processes, by PTEs or PMDs
 // (the kernel's unmap_folio + __split_huge_page + remap_page): every mapping becomes a
