@@ -23,7 +23,7 @@ DEB_PACKAGES=(
   libclang-rt-dev
 )
 TEST_PRESETS_DEFAULT=(default asan tsan)
-ALL_PRESETS=(default asan tsan gcc)
+ALL_PRESETS=(default asan tsan gcc release)
 JOBS=2  # the CI machine has 2 cores
 
 # Sanitizer run-time options (a caller's own value wins).

@@ -19,13 +19,12 @@
 
 #include "drivers/devfs/device.h"
 #include "drivers/devfs/registry.h"
-#include "gpusvm/base/lock.h"
+#include "gpusvm/base/lock_order.h"
 #include "gpusvm/base/result.h"
 #include "gpusvm/mm/address_space.h"
 
 namespace gpusvm::devfs {
 
-inline constexpr LockClass kFdTableLockClass{"devfs_fd_table", 960};
 
 class Process {
  public:

@@ -10,11 +10,10 @@
 #include <string_view>
 
 #include "drivers/devfs/device.h"
-#include "gpusvm/base/lock.h"
+#include "gpusvm/base/lock_order.h"
 
 namespace gpusvm::devfs {
 
-inline constexpr LockClass kDeviceRegistryLockClass{"devfs_registry", 950};
 
 class DeviceRegistry {
  public:

@@ -30,7 +30,7 @@
 //        file is about to store): MIGRATE_TO_DEV waits it out with read_begin() first.
 //    Pages of the range that were not collected keep their entries: they did not move.
 //
-// Locking: mutex_ (lock_order.h) guards the device page table and the list of migrations in
+// Locking: mutex_ (gpusvm/base/lock_order.h) guards the device page table and the list of migrations in
 // flight. It is never held across a call into gpusvm/mm. flags_ is atomic (FLAGS may race
 // with a migration consuming FAIL_ALLOC).
 #pragma once
@@ -45,7 +45,7 @@
 #include "drivers/devfs/device.h"
 #include "drivers/dmirror/device_pt.h"
 #include "drivers/dmirror/dmirror_device.h"
-#include "drivers/dmirror/lock_order.h"
+#include "gpusvm/base/lock_order.h"
 #include "gpusvm/base/lock.h"
 #include "gpusvm/mm/address_space.h"
 #include "gpusvm/mm/hmm.h"

@@ -15,7 +15,7 @@
 //  - Every file opened on the device shares its device memory and its owner: files are
 //    mirrors (Dmirror, dmirror.h) of the opener's address space.
 //
-// Locking: see lock_order.h. chunks_ under devmem_lock_; the free list under free_lock_.
+// Locking: see gpusvm/base/lock_order.h. chunks_ under devmem_lock_; the free list under free_lock_.
 #pragma once
 
 #include <atomic>
@@ -26,7 +26,7 @@
 #include <vector>
 
 #include "drivers/devfs/device.h"
-#include "drivers/dmirror/lock_order.h"
+#include "gpusvm/base/lock_order.h"
 #include "gpusvm/base/lock.h"
 #include "gpusvm/base/result.h"
 #include "gpusvm/base/stats.h"

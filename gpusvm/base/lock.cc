@@ -71,7 +71,10 @@ void panic(const std::string& message) {
 
 namespace lockdep {
 
+bool rank_checks_enabled() { return GPUSVM_LOCK_RANK_CHECKS; }
+
 void check_order(const void* lock, const LockClass* cls, unsigned subclass) {
+  if (!GPUSVM_LOCK_RANK_CHECKS) return;
   const HeldLocks& h = t_held;
   for (int i = 0; i < h.n; i++) {
     if (h.locks[i].lock == lock) {
@@ -99,6 +102,7 @@ void acquire(const void* lock, const LockClass* cls, LockMode mode, unsigned sub
 }
 
 void check_class_order(const LockClass* cls) {
+  if (!GPUSVM_LOCK_RANK_CHECKS) return;
   const HeldLocks& h = t_held;
   for (int i = 0; i < h.n; i++) {
     const HeldLock& held = h.locks[i];

@@ -29,7 +29,7 @@ namespace gpusvm {
 
 // A lock class: the name used in diagnostics and the rank that places it in the lock order.
 // Rank 0 means "not ordered" (only held-tracking). Classes are static constants owned by the
-// layer that defines the lock (gpusvm/mm/lock_order.h lists the mm ones).
+// layer that defines the lock (gpusvm/base/lock_order.h is the one table of all of them).
 struct LockClass {
   const char* name;
   uint32_t rank;
@@ -51,6 +51,10 @@ namespace lockdep {
 // Records that this thread acquired `lock`; checks the lock order first. `subclass` allows
 // nesting two locks of the same rank in a fixed order (lower subclass first).
 void acquire(const void* lock, const LockClass* cls, LockMode mode, unsigned subclass = 0);
+// Whether this build checks ranks (GPUSVM_LOCK_RANK_CHECKS; off only in the benchmark
+// `release` preset). When off, check_order() and check_class_order() do nothing: no order or
+// recursion check, while holder tracking and assert_held() work as always.
+bool rank_checks_enabled();
 // Checks the order as acquire() would, without recording; used before a blocking wait so an
 // inversion is reported even when the lock happens to be free.
 void check_order(const void* lock, const LockClass* cls, unsigned subclass = 0);

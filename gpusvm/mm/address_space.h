@@ -6,7 +6,7 @@
 // errno with nothing changed on bad input. Every page-table change is announced to MMU
 // notifiers with the matching event before it happens and finished after it.
 //
-// Locking: see lock_order.h. The system calls take the mmap lock themselves (write, except
+// Locking: see gpusvm/base/lock_order.h. The system calls take the mmap lock themselves (write, except
 // madvise(DONTNEED/FREE) which, as in Linux, needs only read) and must be called with no
 // gpusvm lock held. Functions marked "mmap lock held" expect the caller to hold it.
 #pragma once

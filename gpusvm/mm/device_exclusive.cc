@@ -1,6 +1,6 @@
 // make_device_exclusive and restore_exclusive_pte (device_exclusive.h).
 //
-// Lock steps of make_device_exclusive (outermost first; lock_order.h has the ranks):
+// Lock steps of make_device_exclusive (outermost first; gpusvm/base/lock_order.h has the ranks):
 //   1. mmap lock (caller, read)        fault the page in writable, split a PMD mapping
 //                                      (handle_mm_fault / split_huge_pmd take what they need)
 //   2. + folio lock (sleeping)         taken with only the mmap lock held

@@ -15,7 +15,7 @@
 //
 // Locking: make_device_exclusive is called with the mmap lock held (read) and nothing else;
 // the returned folio is locked, and the caller must unlock it (and put it) before taking the
-// mmap lock again - the folio lock ranks below the mmap lock (lock_order.h).
+// mmap lock again - the folio lock ranks below the mmap lock (gpusvm/base/lock_order.h).
 #pragma once
 
 #include <cstdint>

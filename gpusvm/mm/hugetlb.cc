@@ -4,7 +4,7 @@
 #include <cerrno>
 #include <cstring>
 
-#include "gpusvm/mm/lock_order.h"
+#include "gpusvm/base/lock_order.h"
 #include "gpusvm/mm/mm_internal.h"
 
 namespace gpusvm::mm {

@@ -50,7 +50,7 @@
 #include "gpusvm/base/lock.h"
 #include "gpusvm/base/stats.h"
 #include "gpusvm/base/waitqueue.h"
-#include "gpusvm/mm/lock_order.h"
+#include "gpusvm/base/lock_order.h"
 #include "gpusvm/mm/types.h"
 
 namespace gpusvm::mm {
@@ -181,10 +181,9 @@ class MmuNotifier {
   virtual void invalidate_range_end(const MmuNotifierRange& range) { (void)range; }
 };
 
-// Serializes register/unregister/release of plain notifiers. Rank 0 (outside the lock order):
-// release() callbacks run under it and may take driver locks of any rank, and no
-// invalidation ever takes it.
-inline constexpr LockClass kMmuNotifierListLockClass{"mmu_notifier_list", 0};
+// kMmuNotifierListLockClass (gpusvm/base/lock_order.h) serializes register/unregister/release
+// of plain notifiers. Rank 0 (outside the lock order): release() callbacks run under it and may
+// take driver locks of any rank, and no invalidation ever takes it.
 
 // Per-address-space notifier state (mm->notifier_subscriptions). Owned by AddressSpace.
 //

@@ -21,7 +21,7 @@
 
 #include "gpusvm/base/lock.h"
 #include "gpusvm/base/result.h"
-#include "gpusvm/mm/lock_order.h"
+#include "gpusvm/base/lock_order.h"
 #include "gpusvm/mm/pte.h"
 #include "gpusvm/mm/types.h"
 

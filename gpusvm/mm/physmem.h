@@ -34,7 +34,7 @@
 #include "gpusvm/base/result.h"
 #include "gpusvm/base/stats.h"
 #include "gpusvm/base/waitqueue.h"
-#include "gpusvm/mm/lock_order.h"
+#include "gpusvm/base/lock_order.h"
 #include "gpusvm/mm/types.h"
 
 namespace gpusvm::mm {

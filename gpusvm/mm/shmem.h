@@ -22,7 +22,7 @@
 
 #include "gpusvm/base/lock.h"
 #include "gpusvm/base/result.h"
-#include "gpusvm/mm/lock_order.h"
+#include "gpusvm/base/lock_order.h"
 #include "gpusvm/mm/physmem.h"
 
 namespace gpusvm::mm {

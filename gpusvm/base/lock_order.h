@@ -1,0 +1,95 @@
+// The lock order of all of gpusvm: every lock class of every layer, outermost first, in one
+// table. lockdep-lite (lock.h) checks it at every blocking acquisition in the test builds; the
+// ranks below are the order. A layer adds its locks here, not in its own headers, so that a
+// new rank cannot silently reorder another layer's locks; tests/base/lock_order_test.cc checks
+// that the table is strictly ordered and that lockdep enforces each step of it.
+//
+//   [reserved 10-90: driver VM and range locks of the middle layer and its drivers, which are
+//    taken before the mmap lock: driver VM lock -> range lock -> mmap lock]
+//   mmap_lock (AddressSpace, rw, sleeping)
+//     -> hugetlb fault mutex (hashed by (mm, 2 MiB slot); held across one hugetlb fault)
+//     -> shmem object lock (ShmemObject, mutex)            page-cache lookups in faults
+//       -> folio lock (sleeping bit lock; several only in pfn order, as subclasses)
+//         -> rmap walk lock (PhysMem, rw: the anon_vma lock of cross-mm rmap walks)
+//           -> dmirror devmem lock (one per device: adding/removing device-memory chunks)
+//           -> dmirror mutex (one per open file: its device page table)
+//              [reserved 270-295: notifier locks of drivers and of the middle layer, which
+//               interval-notifier callbacks take under the mmap lock, folio locks and the
+//               rmap walk lock]
+//         -> notifier subscriptions lock (spin; never held across callbacks)
+//         -> page_table_lock (AddressSpace, spin: PGD/PUD/PMD table allocation)
+//           -> PMD lock (one per PMD table, spin)
+//             -> PTE lock (one per PTE table, spin; two only as src/dst subclasses 0/1
+//                in fork and mremap)
+//               -> folio rmap lock (spin)
+//                 -> zone lock (PhysMem allocator, spin)
+//                   -> registry lock (PhysMem: pagemaps, address spaces, deferred split)
+//                   -> dmirror free-list lock (taken by folio_free, which may run under
+//                      page-table locks: the last reference can go in a zap)
+//                     -> devfs device registry, fd table (leaves: nothing called under them)
+//
+// Unordered (rank 0, held-tracking only): the plain-notifier list lock, whose release()
+// callbacks may take driver locks of any rank and which no invalidation ever takes.
+//
+// Rules that ranks cannot express:
+//  - MMU notifier callbacks run with the mmap lock (and for migration, folio locks and the
+//    rmap walk lock) held but never with a page-table lock, so a driver may sleep in them.
+//  - Sleeping (folio_lock, waiting for a migration, allocating a THP that may fail) never
+//    happens under a page-table lock.
+//  - The mmap lock is taken only inside gpusvm/mm (and later gpusvm/svm), never held across
+//    device work.
+#pragma once
+
+#include <array>
+
+#include "gpusvm/base/lock.h"
+
+namespace gpusvm {
+
+namespace mm {
+inline constexpr LockClass kMmapLockClass{"mmap_lock", 100};
+inline constexpr LockClass kHugetlbFaultMutexClass{"hugetlb_fault_mutex", 120};
+inline constexpr LockClass kShmemLockClass{"shmem_lock", 150};
+inline constexpr LockClass kFolioLockClass{"folio_lock", 200};
+inline constexpr LockClass kRmapWalkLockClass{"rmap_walk", 250};
+}  // namespace mm
+
+namespace dmirror {
+inline constexpr LockClass kDmirrorDevmemLockClass{"dmirror_devmem_lock", 260};
+inline constexpr LockClass kDmirrorMutexClass{"dmirror_mutex", 280};
+}  // namespace dmirror
+
+namespace mm {
+inline constexpr LockClass kNotifierSubsLockClass{"mmu_notifier_subscriptions", 300};
+inline constexpr LockClass kPageTableLockClass{"page_table_lock", 400};
+inline constexpr LockClass kPmdLockClass{"pmd_lock", 500};
+inline constexpr LockClass kPteLockClass{"pte_lock", 600};
+inline constexpr LockClass kRmapLockClass{"folio_rmap_lock", 700};
+inline constexpr LockClass kZoneLockClass{"zone_lock", 800};
+inline constexpr LockClass kRegistryLockClass{"physmem_registry", 850};
+}  // namespace mm
+
+namespace dmirror {
+inline constexpr LockClass kDmirrorFreeLockClass{"dmirror_free_list", 870};
+}  // namespace dmirror
+
+namespace devfs {
+inline constexpr LockClass kDeviceRegistryLockClass{"devfs_registry", 950};
+inline constexpr LockClass kFdTableLockClass{"devfs_fd_table", 960};
+}  // namespace devfs
+
+namespace mm {
+inline constexpr LockClass kMmuNotifierListLockClass{"mmu_notifier_list", 0};
+}  // namespace mm
+
+// Every ordered class, in table order (the order test walks it).
+inline constexpr std::array<const LockClass*, 17> kLockOrder{
+    &mm::kMmapLockClass,          &mm::kHugetlbFaultMutexClass,   &mm::kShmemLockClass,
+    &mm::kFolioLockClass,         &mm::kRmapWalkLockClass,        &dmirror::kDmirrorDevmemLockClass,
+    &dmirror::kDmirrorMutexClass, &mm::kNotifierSubsLockClass,    &mm::kPageTableLockClass,
+    &mm::kPmdLockClass,           &mm::kPteLockClass,             &mm::kRmapLockClass,
+    &mm::kZoneLockClass,          &mm::kRegistryLockClass,        &dmirror::kDmirrorFreeLockClass,
+    &devfs::kDeviceRegistryLockClass, &devfs::kFdTableLockClass,
+};
+
+}  // namespace gpusvm
