@@ -15,6 +15,7 @@
 #include <optional>
 #include <vector>
 
+#include "gpusvm/base/sched_point.h"
 #include "gpusvm/mm/devmap.h"
 #include "gpusvm/mm/hmm.h"
 #include "gpusvm/mm/migrate_internal.h"
@@ -22,6 +23,16 @@
 
 namespace gpusvm::mm {
 namespace {
+
+// The windows between the steps of a migration, where a driver copies and where everything
+// else in the system meets the migration entries (explored by window_explorer_test.cc).
+// held: the collected source folios' locks (and for the VMA flavour the caller's mmap read lock)
+GPUSVM_SCHED_POINT(g_sp_collected, "mm.migrate.collected");
+// held: as above, and the destination folios' locks; the new pages are installed, not mapped
+GPUSVM_SCHED_POINT(g_sp_pages_done, "mm.migrate.pages_done");
+// held: as above; before each source entry's migration entries are removed (some earlier
+// entries of the same migration are finalized already)
+GPUSVM_SCHED_POINT(g_sp_finalize_entry, "mm.migrate.finalize_entry");
 
 constexpr unsigned kSelectMask =
     MIGRATE_VMA_SELECT_SYSTEM | MIGRATE_VMA_SELECT_DEVICE_PRIVATE | MIGRATE_VMA_SELECT_DEVICE_COHERENT;
@@ -135,6 +146,7 @@ void finalize(const MigrateArrays& a) {
     Folio* src = src_folio(a, i);
     Folio* dst = dst_folio(a, i);
     if (src) {
+      g_sp_finalize_entry.reach();
       const bool moved = (a.src[i] & MIGRATE_PFN_MIGRATE) && dst;
       remove_migration_ptes(src, moved ? dst : src);
       if (src != a.fault_page) folio_unlock(src);
@@ -348,6 +360,7 @@ int migrate_vma_setup(MigrateVma* m) {
   }
   hmm_pfns_to_src(m->src, m->src, m->npages);
   m->cpages = migrate_unmap(MigrateArrays{mm.mem(), m->src, m->dst, m->npages, m->fault_page});
+  g_sp_collected.reach();
   return 0;
 }
 
@@ -365,6 +378,7 @@ int migrate_hmm_range_setup(HmmRange* range) {
   for (uint64_t i = 0; i < m.npages; i++) m.dst[i] = 0;
   hmm_pfns_to_src(range->hmm_pfns, m.src, m.npages);
   m.cpages = migrate_unmap(MigrateArrays{m.mm->mem(), m.src, m.dst, m.npages, m.fault_page});
+  g_sp_collected.reach();
   return 0;
 }
 
@@ -387,6 +401,7 @@ void migrate_vma_pages(MigrateVma* m) {
     }
     i += commit_page(a, i);
   }
+  g_sp_pages_done.reach();
 }
 
 void migrate_vma_finalize(MigrateVma* m) {
@@ -397,6 +412,7 @@ int migrate_device_pfns(PhysMem* mem, uint64_t* src_pfns, uint64_t npages) {
   if (!mem || !src_pfns) return -EINVAL;
   for (uint64_t i = 0; i < npages; i++) src_pfns[i] = collect_device_pfn(mem, src_pfns[i]);
   (void)migrate_unmap(MigrateArrays{mem, src_pfns, nullptr, npages, nullptr});
+  g_sp_collected.reach();
   return 0;
 }
 
@@ -419,6 +435,7 @@ void migrate_device_pages(PhysMem* mem, uint64_t* src_pfns, uint64_t* dst_pfns, 
       i += commit_page(a, i);
     }
   }
+  g_sp_pages_done.reach();
 }
 
 void migrate_device_finalize(PhysMem* mem, uint64_t* src_pfns, uint64_t* dst_pfns, uint64_t npages) {

@@ -131,6 +131,7 @@ class TestDevice : public DevPagemapOps {
   std::atomic<int> freed{0};
   std::atomic<int> splits{0};
   std::atomic<bool> fail_thp_alloc{false};  // hand out only 4 KiB destinations
+  std::atomic<int> select_violations{0};    // collected pages the select flags exclude
 
  private:
   // `pages` pages from src word `word` (zeroes when it has no page) into `dst`.
@@ -177,11 +178,23 @@ class TestDevice : public DevPagemapOps {
                  .pgmap_owner = this, .flags = select, .walk_mode = mode};
     ReadLock g(&as.mmap_lock());
     if (int rc = migrate_vma_setup(&m)) return Err{rc};
+    check_selected(src.data(), n, to_device);
     copy_to_new_pages(src.data(), dst.data(), n, to_device);
     migrate_vma_pages(&m);
     const uint64_t moved = count_moved(src.data(), n);
     migrate_vma_finalize(&m);
     return moved;
+  }
+
+  // The select rules seen from the driver: a migration to the device collects only system
+  // pages, one back to RAM only this device's pages. A page it never asked for is counted.
+  void check_selected(const uint64_t* src, uint64_t n, bool to_device) {
+    for (uint64_t i = 0; i < n; i++) {
+      if (!(src[i] & MIGRATE_PFN_MIGRATE) || !(src[i] & MIGRATE_PFN_VALID)) continue;
+      const Folio* folio = mem_->pfn_to_page(migrate_pfn_to_pfn(src[i]))->head();
+      const bool ours = folio_is_zone_device(folio) && folio->pagemap() == pgmap_.get();
+      if (to_device ? folio_is_zone_device(folio) : !ours) select_violations++;
+    }
   }
 
   PhysMem* mem_;
