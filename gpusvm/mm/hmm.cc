@@ -17,6 +17,7 @@
 
 #include "gpusvm/base/fault_inject.h"
 #include "gpusvm/base/log.h"
+#include "gpusvm/base/sched_point.h"
 #include "gpusvm/mm/address_space.h"
 #include "gpusvm/mm/devmap.h"
 #include "gpusvm/mm/fault.h"
@@ -29,6 +30,10 @@ namespace {
 
 GPUSVM_FAULT_POINT(g_fail_migrate_trylock, "mm.migrate_trylock");
 GPUSVM_FAULT_POINT(g_fail_migrate_split, "mm.migrate_split");
+// A huge leaf was read; the hold in which the walk acts on it has not begun.
+// Held: mmap lock (read); when migrating the walk's MIGRATE invalidation and the folio locks
+// of the pages collected so far.
+GPUSVM_SCHED_POINT(g_sp_pmd_read, "mm.hmm.pmd_read");
 
 // What hmm_pte_need_fault decides for a page.
 enum NeedFault : unsigned {
@@ -257,6 +262,7 @@ int hmm_handle_pmd(PmdSlot slot, Va start, Va end, MmWalk& walk) {
     if (!pmd.is_leaf()) return 1;
     leaf = pmd.leaf();
   }
+  g_sp_pmd_read.reach();
   uint64_t cpu_flags = 0;
   if (leaf.present()) {
     cpu_flags = HMM_PFN_VALID | (leaf.write() ? HMM_PFN_WRITE : 0);
