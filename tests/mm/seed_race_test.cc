@@ -53,11 +53,11 @@ struct Migration {
 };
 
 Migration run_migration(TestDevice& dev, AddressSpace& as, Va start, Va end, unsigned flags,
-                        bool to_device) {
+                        bool to_device, MigrateWalkMode mode = MigrateWalkMode::kUnified) {
   const uint64_t n = (end - start) >> kPageShift;
   std::vector<uint64_t> src(n), dst(n);
   MigrateVma m{.mm = &as, .start = start, .end = end, .src = src.data(), .dst = dst.data(),
-               .pgmap_owner = &dev, .flags = flags};
+               .pgmap_owner = &dev, .flags = flags, .walk_mode = mode};
   Migration out;
   ReadLock g(&as.mmap_lock());
   out.rc = migrate_vma_setup(&m);
@@ -229,6 +229,407 @@ TEST_F(SeedRaceTest, PmdRead_DevicePrivateWalkLeavesHugeZeroOfRefault) {
   EXPECT_EQ(mem->free_pages(), free_before);
   EXPECT_MM_CHECK_OK(*mem);
   EXPECT_EQ(verify_every_byte(*as, va, kPmdSize, 0), 0);
+}
+
+// ---------------------------------------------------------------------------------------
+// Seed 002 v1's window at PTE level. v1 reported the PTEs in one table-lock hold
+// (hmm_vma_handle_pte) and installed migration entries in another
+// (hmm_vma_handle_migrate_prepare); v2, and this walk, hold the table lock from the read to
+// the migration entry. What is left of the window is before the lock: whatever changes there
+// is what the walk reads, reports and collects, consistently.
+// ---------------------------------------------------------------------------------------
+
+//   1. A's walk (SYSTEM) over 16 pages - 0..7 system, 8..15 B's device pages - reads the
+//      PMD (a table) and stops at mm.hmm.pte_lock, before the table lock.
+//   2. In the window: a CPU read brings page 8 home from B; B migrates pages 0..3 to its
+//      device; MADV_DONTNEED empties page 5.
+//   3. A takes the lock: pages 4, 6, 7, 8 are collected with the pfns they have now, 5 as a
+//      hole; 0..3 and 9..15 (B's) are neither collected nor touched.
+TEST_F(SeedRaceTest, PteLock_EntriesChangedBeforeTheLockAreCollectedAsTheyAreNow) {
+  constexpr uint64_t kPages = 16;
+  const Va va = map_anon(*as, kPages * kPageSize);
+  fill_pages(*as, va, kPages * kPageSize, 4);
+  ASSERT_EQ(*dev2->migrate_to_device(*as, va + 8 * kPageSize, va + kPages * kPageSize), 8u);
+  Migration a;
+  sched_point::Pause pause("mm.hmm.pte_lock", {.thread = kVictim});
+  ASSERT_EQ(pause.status(), 0);
+  std::thread t = victim_thread([&] {
+    a = run_migration(*dev, *as, va, va + kPages * kPageSize, MIGRATE_VMA_SELECT_SYSTEM, /*to_device=*/true);
+  });
+  ASSERT_TRUE(pause.wait_reached());                                            // step 1
+  EXPECT_EQ(*cpu::load<uint64_t>(*as, va + 8 * kPageSize), pattern(va + 8 * kPageSize, 4));
+  ASSERT_EQ(*dev2->migrate_to_device(*as, va, va + 4 * kPageSize), 4u);
+  ASSERT_EQ(as->madvise(va + 5 * kPageSize, kPageSize, MADV_DONTNEED), 0);       // step 2
+  std::vector<PageState> before(kPages);
+  for (uint64_t i = 0; i < kPages; i++) before[i] = query_page(*as, va + i * kPageSize);
+  pause.release();                                                              // step 3
+  t.join();
+
+  ASSERT_EQ(a.rc, 0);
+  for (uint64_t i = 0; i < kPages; i++) {
+    const uint64_t w = a.src_after_setup[i];
+    const bool collected = i == 4 || i == 6 || i == 7 || i == 8;
+    if (i == 5) {
+      EXPECT_EQ(w, MIGRATE_PFN_MIGRATE) << "the hole";
+    } else if (collected) {
+      EXPECT_TRUE(w & MIGRATE_PFN_MIGRATE) << i;
+      EXPECT_EQ(migrate_pfn_to_pfn(w), before[i].pfn) << i;
+    } else {
+      EXPECT_EQ(w, 0u) << i;  // B's: not VALID for A, not collected
+      const PageState now = query_page(*as, va + i * kPageSize);
+      EXPECT_EQ(now.pfn, before[i].pfn) << i;
+      EXPECT_TRUE(in_dev(*dev2, va + i * kPageSize)) << i;
+    }
+  }
+  EXPECT_EQ(a.moved, 5u);
+  for (uint64_t i = 4; i <= 8; i++) EXPECT_TRUE(in_dev(*dev, va + i * kPageSize)) << i;
+  EXPECT_MM_CHECK_OK(*mem);
+  EXPECT_EQ(verify_every_byte(*as, va, 5 * kPageSize, 4), 0);
+  EXPECT_EQ(verify_every_byte(*as, va + 5 * kPageSize, kPageSize, 0), 0);
+  EXPECT_EQ(verify_every_byte(*as, va + 6 * kPageSize, 10 * kPageSize, 4), 0);
+}
+
+// The split window (mm.hmm.split_folio, after the table lock is dropped): the folio to split
+// is referenced under the lock, so it cannot be freed and its frames reused meanwhile.
+//   1. A's walk (SYSTEM) over pages 8..15 of a THP at x: the PMD is split, page 8 is a page
+//      of a large folio; the walk drops the table lock and stops before the folio split.
+//   2. MADV_DONTNEED of all of x unmaps the THP; a write fault at y, another huge VMA, maps
+//      a new THP.
+//   3. A goes on, splits what it referenced (x's folio, unmapped now), reads pages 8..15
+//      again - holes - and collects them. y's THP must be left whole: before the fix the
+//      walk looked the folio up by pfn after the drop and split y's THP, which had the
+//      frames x's folio freed.
+TEST_F(SeedRaceTest, SplitFolio_FolioZappedAndFramesReusedInTheWindow) {
+  const Va x = map_huge();
+  const Va y = map_huge();
+  fill_pages(*as, x, kPmdSize, 5);
+  ASSERT_EQ(query_page(*as, x).kind, PageKind::kThpPmd);
+  const Pfn x_pfn = query_page(*as, x).pfn;
+  Migration a;
+  sched_point::Pause pause("mm.hmm.split_folio", {.thread = kVictim});
+  ASSERT_EQ(pause.status(), 0);
+  std::thread t = victim_thread([&] {
+    a = run_migration(*dev, *as, x + 8 * kPageSize, x + 16 * kPageSize, MIGRATE_VMA_SELECT_SYSTEM,
+                      /*to_device=*/true);
+  });
+  ASSERT_TRUE(pause.wait_reached());                                            // step 1
+  ASSERT_EQ(as->madvise(x, kPmdSize, MADV_DONTNEED), 0);
+  fill_pages(*as, y, kPmdSize, 6);
+  const PageState y_thp = query_page(*as, y);                                   // step 2
+  ASSERT_EQ(y_thp.kind, PageKind::kThpPmd);
+  pause.release();                                                              // step 3
+  t.join();
+
+  ASSERT_EQ(a.rc, 0);
+  EXPECT_NE(y_thp.pfn, x_pfn) << "x's folio was freed while the walk meant to split it";
+  const PageState y_now = query_page(*as, y);
+  EXPECT_EQ(y_now.kind, PageKind::kThpPmd) << "the walk split another mapping's THP";
+  EXPECT_EQ(y_now.pfn, y_thp.pfn);
+  for (uint64_t i = 0; i < 8; i++) EXPECT_EQ(a.src_after_setup[i], MIGRATE_PFN_MIGRATE) << i;  // holes
+  EXPECT_EQ(a.moved, 8u);
+  EXPECT_MM_CHECK_OK(*mem);
+  EXPECT_EQ(verify_every_byte(*as, x, kPmdSize, 0), 0);
+  EXPECT_EQ(verify_every_byte(*as, y, kPmdSize, 6), 0);
+}
+
+// ---------------------------------------------------------------------------------------
+// Seed 000: a migration entry left behind when the walk ends in an error (a fault that fails
+// after pages were collected, a busy folio, a failed split, the three-step path, an insert
+// that finds the hole filled). The walk only ever marks MIGRATE on a word in the lock hold in
+// which it installed the entry, so the abort finds every entry it installed; mm::check proves
+// none is left.
+// ---------------------------------------------------------------------------------------
+
+// Fault failure at PTE level, after pages that changed in the window were collected.
+//   1. A's hmm_range_fault (REQ_FAULT | REQ_WRITE | REQ_MIGRATE) over 16 pages - 0..7 on B's
+//      device, 8..15 COW-shared with a child - stops at mm.hmm.pte_lock.
+//   2. CPU reads bring pages 0..7 home from B (seed 000's racing CPU access); every
+//      allocation is made to fail from now on.
+//   3. A takes the lock and collects 0..7 (present, writable now); page 8 needs a COW fault,
+//      which fails: -EFAULT, and the abort restores 0..7 (v1 had reported them 0 in its first
+//      hold and installed entries in its second, which the abort then skipped).
+TEST_F(SeedRaceTest, Seed000_FaultFailsAfterPagesChangedInTheWindow_PteLevel) {
+  constexpr uint64_t kPages = 16;
+  const Va va = map_anon(*as, kPages * kPageSize);
+  fill_pages(*as, va, kPages * kPageSize, 7);
+  Result<std::unique_ptr<AddressSpace>> child = as->fork();
+  ASSERT_TRUE(child.ok());
+  fill_pages(*as, va, 8 * kPageSize, 7);  // 0..7 the parent's own again
+  ASSERT_EQ(*dev2->migrate_to_device(*as, va, va + 8 * kPageSize), 8u);
+  TestMirror mirror;
+  MmuIntervalNotifier notifier;
+  ASSERT_EQ(notifier.insert(as.get(), va, kPages * kPageSize, &mirror), 0);
+  std::vector<uint64_t> pfns(kPages), src(kPages), dst(kPages);
+  MigrateVma m{.src = src.data(), .dst = dst.data(), .pgmap_owner = dev.get()};
+  HmmRange r{.notifier = &notifier, .notifier_seq = notifier.read_begin(), .start = va,
+             .end = va + kPages * kPageSize, .hmm_pfns = pfns.data(),
+             .default_flags = HMM_PFN_REQ_FAULT | HMM_PFN_REQ_WRITE | HMM_PFN_REQ_MIGRATE,
+             .dev_private_owner = dev.get(), .migrate = &m};
+  int rc = 0;
+  sched_point::Pause pause("mm.hmm.pte_lock", {.thread = kVictim});
+  ASSERT_EQ(pause.status(), 0);
+  std::thread t = victim_thread([&] {
+    ReadLock g(&as->mmap_lock());
+    rc = hmm_range_fault(&r);
+  });
+  ASSERT_TRUE(pause.wait_reached());                                            // step 1
+  for (uint64_t i = 0; i < 8; i++) {
+    EXPECT_EQ(*cpu::load<uint64_t>(*as, va + i * kPageSize), pattern(va + i * kPageSize, 7)) << i;
+  }
+  std::vector<PageState> home(8);
+  for (uint64_t i = 0; i < 8; i++) home[i] = query_page(*as, va + i * kPageSize);
+  {
+    fault_inject::ScopedArm fail("mm.alloc_folio", {.nth = 1, .times = 0});      // step 2
+    ASSERT_EQ(fail.status(), 0);
+    pause.release();                                                            // step 3
+    t.join();
+    EXPECT_GT(fault_inject::failures("mm.alloc_folio"), 0u);
+  }
+  EXPECT_EQ(rc, -EFAULT);
+  for (uint64_t i = 0; i < kPages; i++) EXPECT_FALSE(pfns[i] & HMM_PFN_MIGRATE) << i;
+  for (uint64_t i = 0; i < 8; i++) {
+    const PageState st = query_page(*as, va + i * kPageSize);
+    EXPECT_EQ(st.kind, PageKind::kSmall) << i;
+    EXPECT_EQ(st.pfn, home[i].pfn) << i;
+    EXPECT_TRUE(st.writable) << i;
+    EXPECT_FALSE(folio_test_locked(mem->folio_of(st.pfn))) << i;
+  }
+  EXPECT_MM_CHECK_OK(*mem);
+  EXPECT_EQ(verify_every_byte(*as, va, kPages * kPageSize, 7), 0);
+  EXPECT_EQ(verify_every_byte(**child, va, kPages * kPageSize, 7), 0);
+  notifier.remove();
+}
+
+// Fault failure at PMD level, after a PMD that changed in the window was collected whole.
+//   1. A's hmm_range_fault (REQ_FAULT | REQ_MIGRATE, COMPOUND) over 4 MiB, both PMDs B's
+//      device-private PMDs, reads the first and stops at mm.hmm.pmd_read.
+//   2. A CPU read brings the first home from B (a system THP); allocations fail from now on.
+//   3. A collects the THP as a PMD migration entry (one hold); the second PMD needs a fault,
+//      B's migrate_to_ram cannot allocate: -EFAULT, and the abort maps the THP again.
+TEST_F(SeedRaceTest, Seed000_FaultFailsAfterPmdChangedInTheWindow_PmdLevel) {
+  const Va va = map_huge(2 * kPmdSize);
+  fill_pages(*as, va, 2 * kPmdSize, 8);
+  ASSERT_EQ(*dev2->migrate_to_device(*as, va, va + 2 * kPmdSize, MIGRATE_VMA_SELECT_COMPOUND), 2 * kPagesPerPmd);
+  TestMirror mirror;
+  MmuIntervalNotifier notifier;
+  ASSERT_EQ(notifier.insert(as.get(), va, 2 * kPmdSize, &mirror), 0);
+  const uint64_t n = 2 * kPagesPerPmd;
+  std::vector<uint64_t> pfns(n), src(n), dst(n);
+  MigrateVma m{.src = src.data(), .dst = dst.data(), .pgmap_owner = dev.get(), .flags = MIGRATE_VMA_SELECT_COMPOUND};
+  HmmRange r{.notifier = &notifier, .notifier_seq = notifier.read_begin(), .start = va,
+             .end = va + 2 * kPmdSize, .hmm_pfns = pfns.data(),
+             .default_flags = HMM_PFN_REQ_FAULT | HMM_PFN_REQ_MIGRATE,
+             .dev_private_owner = dev.get(), .migrate = &m};
+  int rc = 0;
+  sched_point::Pause pause("mm.hmm.pmd_read", {.thread = kVictim});
+  ASSERT_EQ(pause.status(), 0);
+  std::thread t = victim_thread([&] {
+    ReadLock g(&as->mmap_lock());
+    rc = hmm_range_fault(&r);
+  });
+  ASSERT_TRUE(pause.wait_reached());                                            // step 1
+  EXPECT_EQ(*cpu::load<uint64_t>(*as, va + 3 * kPageSize), pattern(va + 3 * kPageSize, 8));
+  const PageState thp = query_page(*as, va);
+  ASSERT_EQ(thp.kind, PageKind::kThpPmd);
+  const Pfn b_second = query_page(*as, va + kPmdSize).pfn;
+  {
+    fault_inject::ScopedArm fail("mm.alloc_folio", {.nth = 1, .times = 0});      // step 2
+    fault_inject::ScopedArm fail_thp("mm.alloc_folio_thp", {.nth = 1, .times = 0});
+    ASSERT_EQ(fail.status(), 0);
+    ASSERT_EQ(fail_thp.status(), 0);
+    pause.release();                                                            // step 3
+    t.join();
+  }
+  EXPECT_EQ(rc, -EFAULT);
+  for (uint64_t i = 0; i < n; i++) {
+    if (pfns[i] & HMM_PFN_MIGRATE) {
+      ADD_FAILURE() << "word " << i << " still MIGRATE";
+      break;
+    }
+  }
+  const PageState now = query_page(*as, va);
+  EXPECT_EQ(now.kind, PageKind::kThpPmd);
+  EXPECT_EQ(now.pfn, thp.pfn);
+  EXPECT_TRUE(now.writable);
+  EXPECT_FALSE(folio_test_locked(mem->folio_of(now.pfn)));
+  EXPECT_EQ(query_page(*as, va + kPmdSize).pfn, b_second);  // still B's
+  EXPECT_MM_CHECK_OK(*mem);
+  EXPECT_EQ(verify_every_byte(*as, va, 2 * kPmdSize, 8), 0);
+  notifier.remove();
+}
+
+// A busy folio at PMD level is reported, not taken, and keeps no reference of the walk.
+//   1. A's walk (SYSTEM | COMPOUND) reads the THP and stops at mm.hmm.pmd_read.
+//   2. Someone else locks the folio (another migration, reclaim).
+//   3. A's trylock fails in the one hold: nothing collected; the folio is unlocked after.
+// Then the same with the trylock failure injected (mm.migrate_trylock), with no window.
+TEST_F(SeedRaceTest, Seed000_BusyThpIsReportedNotTaken) {
+  const Va va = map_huge();
+  fill_pages(*as, va, kPmdSize, 9);
+  const PageState thp = query_page(*as, va);
+  ASSERT_EQ(thp.kind, PageKind::kThpPmd);
+  Folio* folio = mem->folio_of(thp.pfn);
+  const unsigned flags = MIGRATE_VMA_SELECT_SYSTEM | MIGRATE_VMA_SELECT_COMPOUND;
+  Migration a;
+  {
+    sched_point::Pause pause("mm.hmm.pmd_read", {.thread = kVictim});
+    ASSERT_EQ(pause.status(), 0);
+    std::thread t = victim_thread([&] { a = run_migration(*dev, *as, va, va + kPmdSize, flags, true); });
+    ASSERT_TRUE(pause.wait_reached());                                          // step 1
+    folio_lock(folio);                                                          // step 2
+    pause.release();                                                            // step 3
+    t.join();
+    folio_unlock(folio);
+  }
+  ASSERT_EQ(a.rc, 0);
+  EXPECT_FALSE(a.src_after_setup[0] & MIGRATE_PFN_MIGRATE);
+  EXPECT_EQ(a.moved, 0u);
+  PageState now = query_page(*as, va);
+  EXPECT_EQ(now.kind, PageKind::kThpPmd);
+  EXPECT_EQ(now.pfn, thp.pfn);
+  EXPECT_EQ(now.refcount, 1);  // the mapping's: the walk dropped its own
+  EXPECT_MM_CHECK_OK(*mem);
+  {
+    fault_inject::ScopedArm busy("mm.migrate_trylock", {.nth = 1});
+    ASSERT_EQ(busy.status(), 0);
+    a = run_migration(*dev, *as, va, va + kPmdSize, flags, true);
+    EXPECT_EQ(fault_inject::failures("mm.migrate_trylock"), 1u);
+  }
+  ASSERT_EQ(a.rc, 0);
+  EXPECT_EQ(a.moved, 0u);
+  now = query_page(*as, va);
+  EXPECT_EQ(now.kind, PageKind::kThpPmd);
+  EXPECT_EQ(now.refcount, 1);
+  EXPECT_MM_CHECK_OK(*mem);
+  EXPECT_EQ(verify_every_byte(*as, va, kPmdSize, 9), 0);
+}
+
+// A failed folio split, after a zap in the split window.
+//   1. A's walk (SYSTEM) over pages 8..15 of a THP splits the PMD, finds page 8 of a large
+//      folio, drops the table lock and stops at mm.hmm.split_folio.
+//   2. MADV_DONTNEED of pages 8 and 9; every folio split fails from now on
+//      (mm.migrate_split).
+//   3. The split fails: the folio stays whole and in place; the walk reads 8..15 again:
+//      8, 9 are holes (collected), 10..15 pages of the unsplittable folio (reported, left).
+TEST_F(SeedRaceTest, Seed000_SplitFailsAfterZapInTheWindow) {
+  const Va va = map_huge();
+  fill_pages(*as, va, kPmdSize, 10);
+  const Pfn pfn = query_page(*as, va).pfn;
+  Migration a;
+  sched_point::Pause pause("mm.hmm.split_folio", {.thread = kVictim});
+  ASSERT_EQ(pause.status(), 0);
+  std::thread t = victim_thread([&] {
+    a = run_migration(*dev, *as, va + 8 * kPageSize, va + 16 * kPageSize, MIGRATE_VMA_SELECT_SYSTEM, true);
+  });
+  ASSERT_TRUE(pause.wait_reached());                                            // step 1
+  ASSERT_EQ(as->madvise(va + 8 * kPageSize, 2 * kPageSize, MADV_DONTNEED), 0);
+  {
+    fault_inject::ScopedArm no_split("mm.migrate_split", {.nth = 1, .times = 0}); // step 2
+    ASSERT_EQ(no_split.status(), 0);
+    pause.release();                                                            // step 3
+    t.join();
+    EXPECT_GT(fault_inject::failures("mm.migrate_split"), 0u);
+  }
+  ASSERT_EQ(a.rc, 0);
+  EXPECT_EQ(a.src_after_setup[0], MIGRATE_PFN_MIGRATE);
+  EXPECT_EQ(a.src_after_setup[1], MIGRATE_PFN_MIGRATE);
+  for (uint64_t i = 2; i < 8; i++) EXPECT_EQ(a.src_after_setup[i], 0u) << i;
+  EXPECT_EQ(a.moved, 2u);
+  for (uint64_t i = 10; i < 16; i++) {
+    const PageState st = query_page(*as, va + i * kPageSize);
+    EXPECT_EQ(st.kind, PageKind::kThpPte) << i;
+    EXPECT_EQ(st.pfn, pfn + i) << i;
+  }
+  EXPECT_MM_CHECK_OK(*mem);
+  EXPECT_EQ(verify_every_byte(*as, va, 8 * kPageSize, 10), 0);
+  EXPECT_EQ(verify_every_byte(*as, va + 8 * kPageSize, 2 * kPageSize, 0), 0);
+  EXPECT_EQ(verify_every_byte(*as, va + 10 * kPageSize, kPmdSize - 10 * kPageSize, 10), 0);
+}
+
+// The three-step path (collect, fault, collect) failing in its fault step, after a zap of a
+// page its first step had collected.
+//   1. A's migrate_vma_setup (SYSTEM | FAULT, kThreeStep) over 16 pages - 0..7 system, 8..15
+//      B's - collects 0..7 and stops at mm.migrate.three_step (their folio locks held).
+//   2. MADV_DONTNEED of page 3 zaps its migration entry; allocations fail from now on.
+//   3. The fault step cannot bring B's pages home: -EFAULT. The pages of step 1 are given
+//      back; page 3's entry is gone, so its folio is only released (freed), not mapped.
+TEST_F(SeedRaceTest, Seed000_ThreeStepFaultFailsAfterZapOfCollectedPage) {
+  constexpr uint64_t kPages = 16;
+  const Va va = map_anon(*as, kPages * kPageSize);
+  fill_pages(*as, va, kPages * kPageSize, 11);
+  ASSERT_EQ(*dev2->migrate_to_device(*as, va + 8 * kPageSize, va + kPages * kPageSize), 8u);
+  Migration a;
+  sched_point::Pause pause("mm.migrate.three_step", {.thread = kVictim});
+  ASSERT_EQ(pause.status(), 0);
+  std::thread t = victim_thread([&] {
+    a = run_migration(*dev, *as, va, va + kPages * kPageSize, MIGRATE_VMA_SELECT_SYSTEM | MIGRATE_VMA_FAULT,
+                      true, MigrateWalkMode::kThreeStep);
+  });
+  ASSERT_TRUE(pause.wait_reached());                                            // step 1
+  EXPECT_EQ(query_page(*as, va).leaf, SoftLeafType::kMigrationWrite);  // collected by step 1
+  ASSERT_EQ(as->madvise(va + 3 * kPageSize, kPageSize, MADV_DONTNEED), 0);
+  {
+    fault_inject::ScopedArm fail("mm.alloc_folio", {.nth = 1, .times = 0});      // step 2
+    ASSERT_EQ(fail.status(), 0);
+    pause.release();                                                            // step 3
+    t.join();
+  }
+  EXPECT_EQ(a.rc, -EFAULT);
+  for (uint64_t i = 0; i < kPages; i++) EXPECT_EQ(a.src_after_setup[i], 0u) << i;
+  for (uint64_t i = 0; i < 8; i++) {
+    const PageState st = query_page(*as, va + i * kPageSize);
+    if (i == 3) {
+      EXPECT_EQ(st.kind, PageKind::kNone);
+      continue;
+    }
+    EXPECT_EQ(st.kind, PageKind::kSmall) << i;
+    EXPECT_FALSE(folio_test_locked(mem->folio_of(st.pfn))) << i;
+  }
+  for (uint64_t i = 8; i < kPages; i++) EXPECT_TRUE(in_dev(*dev2, va + i * kPageSize)) << i;
+  EXPECT_MM_CHECK_OK(*mem);
+  EXPECT_EQ(verify_every_byte(*as, va, 3 * kPageSize, 11), 0);
+  EXPECT_EQ(verify_every_byte(*as, va + 3 * kPageSize, kPageSize, 0), 0);
+  EXPECT_EQ(verify_every_byte(*as, va + 4 * kPageSize, 12 * kPageSize, 11), 0);
+}
+
+// A hole filled between the walk and migrate_vma_pages: the insertion checks again, under
+// the lock it inserts under, and gives the destination up.
+//   1. A's migration (SYSTEM) of 16 untouched pages collects 16 holes; migrate_vma_pages
+//      stops at mm.migrate.insert_hole before the first insertion.
+//   2. CPU writes fault pages 0 and 5 in.
+//   3. The insertions at 0 and 5 find a page and fail (not migrated, the destination is
+//      released); the other 14 get their device page.
+TEST_F(SeedRaceTest, Seed000_HoleFilledBeforeInsertKeepsTheCpuPage) {
+  constexpr uint64_t kPages = 16;
+  const Va va = map_anon(*as, kPages * kPageSize);
+  Migration a;
+  sched_point::Pause pause("mm.migrate.insert_hole", {.thread = kVictim});
+  ASSERT_EQ(pause.status(), 0);
+  std::thread t = victim_thread([&] {
+    a = run_migration(*dev, *as, va, va + kPages * kPageSize, MIGRATE_VMA_SELECT_SYSTEM, true);
+  });
+  ASSERT_TRUE(pause.wait_reached());                                            // step 1
+  ASSERT_EQ(cpu::store<uint64_t>(*as, va, pattern(va, 12)), 0);
+  ASSERT_EQ(cpu::store<uint64_t>(*as, va + 5 * kPageSize, pattern(va + 5 * kPageSize, 12)), 0);
+  pause.release();                                                              // steps 2, 3
+  t.join();
+
+  ASSERT_EQ(a.rc, 0);
+  EXPECT_EQ(a.cpages, kPages);
+  EXPECT_EQ(a.moved, kPages - 2);
+  for (uint64_t i = 0; i < kPages; i++) {
+    const PageState st = query_page(*as, va + i * kPageSize);
+    if (i == 0 || i == 5) {
+      EXPECT_EQ(st.kind, PageKind::kSmall) << i;
+      EXPECT_EQ(verify_every_byte(*as, va + i * kPageSize, kPageSize, 12), 0) << i;
+    } else {
+      EXPECT_TRUE(dev->pgmap()->contains(st.pfn)) << i;
+    }
+  }
+  EXPECT_MM_CHECK_OK(*mem);
+  for (uint64_t i = 0; i < kPages; i++) {
+    if (i != 0 && i != 5) EXPECT_EQ(verify_every_byte(*as, va + i * kPageSize, kPageSize, 0), 0) << i;
+  }
 }
 
 }  // namespace
