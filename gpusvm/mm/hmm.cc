@@ -3,7 +3,9 @@
 //
 // Lock states of the walk (the review of seed 002 asked for them to be explicit):
 //   none   between PMDs, in hole handling, while faulting (asserted) and while splitting;
-//   pmd    reading a huge leaf (hmm_handle_pmd);
+//   pmd    one hold per huge leaf (hmm_handle_pmd_locked): it is read, reported and, when
+//          migrating and selected, replaced by its PMD migration entry (issue 9 §1: deciding
+//          from a copy and acting in a second hold let another page be collected);
 //   pte    the whole PTE loop of one PMD: the decision for an entry (report, fault or
 //          migrate) and the migration entry that replaces it happen in one critical section,
 //          so nothing can change the entry in between (the v1 race of seed 000).
