@@ -12,7 +12,13 @@
 //  - seed 000: the leftover migration entry, on each error path of the walk.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstring>
+#include <memory>
+#include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -630,6 +636,109 @@ TEST_F(SeedRaceTest, Seed000_HoleFilledBeforeInsertKeepsTheCpuPage) {
   for (uint64_t i = 0; i < kPages; i++) {
     if (i != 0 && i != 5) EXPECT_EQ(verify_every_byte(*as, va + i * kPageSize, kPageSize, 0), 0) << i;
   }
+}
+
+// ---------------------------------------------------------------------------------------
+// The windows themselves: every point is registered and reached, and the wait window
+// replays a fault walk meeting a migration in flight.
+// ---------------------------------------------------------------------------------------
+
+constexpr const char* kWalkPoints[] = {
+    "mm.hmm.pmd_read",  "mm.hmm.pte_lock",       "mm.hmm.split_pmd",     "mm.hmm.split_folio",
+    "mm.hmm.fault",     "mm.hmm.wait_migration", "mm.migrate.collected", "mm.migrate.three_step",
+    "mm.migrate.insert_hole"};
+
+// A point nobody reaches would make a replay (or the window explorer) vacuous.
+TEST_F(SeedRaceTest, EveryWindowPointIsRegisteredAndReached) {
+  const std::vector<std::string> names = sched_point::points();
+  for (const char* p : kWalkPoints) {
+    EXPECT_TRUE(std::binary_search(names.begin(), names.end(), p)) << p;
+  }
+  std::vector<std::unique_ptr<sched_point::Pause>> counters;
+  for (const char* p : kWalkPoints) {
+    if (std::string_view(p) == "mm.hmm.wait_migration") continue;  // WaitMigration_* below
+    counters.push_back(std::make_unique<sched_point::Pause>(p, sched_point::Spec{.stop = false}));
+    ASSERT_EQ(counters.back()->status(), 0) << p;
+  }
+  const Va thp = map_huge();
+  const Va small = map_anon(*as, 16 * kPageSize);
+  fill_pages(*as, thp, kPmdSize, 13);
+  fill_pages(*as, small, 8 * kPageSize, 13);  // 8..15: holes
+  ASSERT_EQ(*dev2->migrate_to_device(*as, small, small + 4 * kPageSize), 4u);
+  EXPECT_EQ(*dev->migrate_to_device(*as, thp + 8 * kPageSize, thp + 16 * kPageSize), 8u);  // split
+  EXPECT_EQ(*dev->migrate_to_device(*as, small, small + 16 * kPageSize, MIGRATE_VMA_FAULT,
+                                    MigrateWalkMode::kThreeStep), 16u);  // fault, holes
+  EXPECT_EQ(*dev->migrate_to_system(*as, small, small + 16 * kPageSize), 16u);
+  const Va thp2 = map_huge();
+  fill_pages(*as, thp2, kPmdSize, 13);
+  EXPECT_EQ(*dev->migrate_to_device(*as, thp2, thp2 + kPmdSize, MIGRATE_VMA_SELECT_COMPOUND), kPagesPerPmd);
+  size_t i = 0;
+  for (const char* p : kWalkPoints) {
+    if (std::string_view(p) == "mm.hmm.wait_migration") continue;
+    EXPECT_GT(counters[i++]->hits(), 0u) << p << " never reached";
+  }
+  counters.clear();
+  EXPECT_MM_CHECK_OK(*mem);
+  EXPECT_EQ(verify_every_byte(*as, thp, kPmdSize, 13), 0);
+  EXPECT_EQ(verify_every_byte(*as, thp2, kPmdSize, 13), 0);
+  EXPECT_EQ(verify_every_byte(*as, small, 8 * kPageSize, 13), 0);
+  EXPECT_EQ(verify_every_byte(*as, small + 8 * kPageSize, 8 * kPageSize, 0), 0);
+}
+
+// A fault walk meets a migration in flight and waits for it (seed 000's hang, when the
+// migration never ends; here it does).
+//   1. A's migration (SYSTEM) of 8 pages stops at mm.migrate.collected: the pages are
+//      migration entries, their folios locked by A.
+//   2. C's hmm_range_fault (REQ_FAULT, owner A) reads a migration entry, drops the table lock
+//      and stops at mm.hmm.wait_migration.
+//   3. C is let go: it waits for A's folio lock (A is still stopped), so it cannot finish.
+//   4. A is let go: its pages move to A's device, finalize unlocks them; C wakes, reads the
+//      entries again and reports A's device pages (its own owner's: VALID, not faulted).
+TEST_F(SeedRaceTest, WaitMigration_FaultWalkWaitsForTheMigrationThenSeesItsResult) {
+  constexpr uint64_t kPages = 8;
+  const Va va = map_anon(*as, kPages * kPageSize);
+  fill_pages(*as, va, kPages * kPageSize, 14);
+  TestMirror mirror;
+  MmuIntervalNotifier notifier;
+  ASSERT_EQ(notifier.insert(as.get(), va, kPages * kPageSize, &mirror), 0);
+  Migration a;
+  sched_point::Pause pause_a("mm.migrate.collected", {.thread = kVictim});
+  sched_point::Pause pause_c("mm.hmm.wait_migration", {.thread = "waiter"});
+  ASSERT_EQ(pause_a.status(), 0);
+  ASSERT_EQ(pause_c.status(), 0);
+  std::thread ta = victim_thread([&] {
+    a = run_migration(*dev, *as, va, va + kPages * kPageSize, MIGRATE_VMA_SELECT_SYSTEM, true);
+  });
+  ASSERT_TRUE(pause_a.wait_reached());                                          // step 1
+  std::vector<uint64_t> pfns;
+  int rc_c = 1;
+  std::atomic<bool> c_done{false};
+  std::thread tc([&] {
+    sched_point::set_thread_name("waiter");
+    rc_c = mirror_range(*as, notifier, va, va + kPages * kPageSize, HMM_PFN_REQ_FAULT, pfns, dev.get());
+    c_done = true;
+    sched_point::set_thread_name("");
+  });
+  ASSERT_TRUE(pause_c.wait_reached());                                          // step 2
+  pause_c.release();                                                            // step 3
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_FALSE(c_done.load()) << "the fault walk went past a migration entry";
+  pause_a.release();                                                            // step 4
+  ta.join();
+  tc.join();
+
+  ASSERT_EQ(a.rc, 0);
+  EXPECT_EQ(a.moved, kPages);
+  ASSERT_EQ(rc_c, 0);
+  for (uint64_t i = 0; i < kPages; i++) {
+    const PageState st = query_page(*as, va + i * kPageSize);
+    EXPECT_TRUE(dev->pgmap()->contains(st.pfn)) << i;
+    EXPECT_EQ(pfns[i] & (HMM_PFN_VALID | HMM_PFN_WRITE), HMM_PFN_VALID | HMM_PFN_WRITE) << i;
+    EXPECT_EQ(hmm_pfn_to_pfn(pfns[i]), st.pfn) << i;
+  }
+  EXPECT_MM_CHECK_OK(*mem);
+  EXPECT_EQ(verify_every_byte(*as, va, kPages * kPageSize, 14), 0);
+  notifier.remove();
 }
 
 }  // namespace
