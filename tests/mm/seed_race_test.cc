@@ -634,7 +634,9 @@ TEST_F(SeedRaceTest, Seed000_HoleFilledBeforeInsertKeepsTheCpuPage) {
   }
   EXPECT_MM_CHECK_OK(*mem);
   for (uint64_t i = 0; i < kPages; i++) {
-    if (i != 0 && i != 5) EXPECT_EQ(verify_every_byte(*as, va + i * kPageSize, kPageSize, 0), 0) << i;
+    if (i != 0 && i != 5) {
+      EXPECT_EQ(verify_every_byte(*as, va + i * kPageSize, kPageSize, 0), 0) << i;
+    }
   }
 }
 
