@@ -3,7 +3,9 @@
 //
 // Lock states of the walk (the review of seed 002 asked for them to be explicit):
 //   none   between PMDs, in hole handling, while faulting (asserted) and while splitting;
-//   pmd    reading a huge leaf (hmm_handle_pmd);
+//   pmd    one hold per huge leaf (hmm_handle_pmd_locked): it is read, reported and, when
+//          migrating and selected, replaced by its PMD migration entry (issue 9 §1: deciding
+//          from a copy and acting in a second hold let another page be collected);
 //   pte    the whole PTE loop of one PMD: the decision for an entry (report, fault or
 //          migrate) and the migration entry that replaces it happen in one critical section,
 //          so nothing can change the entry in between (the v1 race of seed 000).
@@ -17,6 +19,7 @@
 
 #include "gpusvm/base/fault_inject.h"
 #include "gpusvm/base/log.h"
+#include "gpusvm/base/sched_point.h"
 #include "gpusvm/mm/address_space.h"
 #include "gpusvm/mm/devmap.h"
 #include "gpusvm/mm/fault.h"
@@ -29,6 +32,27 @@ namespace {
 
 GPUSVM_FAULT_POINT(g_fail_migrate_trylock, "mm.migrate_trylock");
 GPUSVM_FAULT_POINT(g_fail_migrate_split, "mm.migrate_split");
+// A huge leaf was seen by the lockless PMD read; the PMD-lock hold in which the walk reads it
+// again, decides and acts on it has not begun.
+// Held: mmap lock (read); when migrating the walk's MIGRATE invalidation and the folio locks
+// of the pages collected so far.
+GPUSVM_SCHED_POINT(g_sp_pmd_read, "mm.hmm.pmd_read");
+// Schedule points in the other windows of the walk, where no page-table lock is held and the
+// entry may change before the walk acts; each window ends in a fresh read of the entry.
+// Held at each: mmap lock (read); when migrating, the MIGRATE invalidation of the walk and
+// the folio locks of the pages collected so far.
+//   pte_lock:       a PTE table was seen by the lockless PMD read; its lock not taken yet.
+//   split_pmd:      a selected huge leaf must be split (only part of it is asked for); the
+//                   PMD lock was dropped, split_huge_pmd not begun.
+//   split_folio:    a PTE of a large folio was selected; the PTE lock was dropped; held in
+//                   addition: a reference on the folio (taken under the PTE lock).
+//   wait_migration: a migration entry must be waited on; its lock was dropped.
+//   fault:          pages must be faulted; every page-table lock was dropped.
+GPUSVM_SCHED_POINT(g_sp_pte_lock, "mm.hmm.pte_lock");
+GPUSVM_SCHED_POINT(g_sp_split_pmd, "mm.hmm.split_pmd");
+GPUSVM_SCHED_POINT(g_sp_split_folio, "mm.hmm.split_folio");
+GPUSVM_SCHED_POINT(g_sp_wait_migration, "mm.hmm.wait_migration");
+GPUSVM_SCHED_POINT(g_sp_fault, "mm.hmm.fault");
 
 // What hmm_pte_need_fault decides for a page.
 enum NeedFault : unsigned {
@@ -146,6 +170,7 @@ int hmm_vma_fault(Va addr, Va end, unsigned need, MmWalk& walk) {
     panic("hmm_vma_fault: a page-table lock is still held; holds " + lockdep::held_locks_string());
   }
   w.last = addr;
+  g_sp_fault.reach();
   unsigned flags = kFaultRemote;
   if (need & kNeedWriteFault) {
     if (!(walk.vma->flags & VM_WRITE)) return -EPERM;
@@ -190,6 +215,7 @@ int hmm_pte_hole(Va start, Va end, MmWalk& walk) {
 int wait_migration_and_restart(MmWalk& walk, Pfn pfn, Va addr) {
   HmmWalk& w = *static_cast<HmmWalk*>(walk.priv);
   w.last = addr;
+  g_sp_wait_migration.reach();
   (void)wait_for_migration(walk.mm->mem()->pfn_to_page(pfn));
   return -EBUSY;
 }
@@ -211,29 +237,29 @@ bool migrate_selects(const HmmWalk& w, const Folio* folio) {
                                                      : MIGRATE_VMA_SELECT_DEVICE_PRIVATE);
 }
 
-// migrate_vma_collect_huge_pmd: under one PMD-lock hold, replaces a whole THP or device-private
-// PMD over [haddr, haddr + 2 MiB) by a PMD migration entry (the folio moves as one), or marks
-// the huge zero folio as a compound hole. A busy folio is reported but not taken. Returns 1
-// when the PMD changed since it was read (the caller reads it again), else 0.
-int migrate_prepare_pmd(HmmWalk& w, MmWalk& walk, PmdSlot slot, Va haddr) {
+// migrate_vma_collect_huge_pmd's step, in the PMD-lock hold in which hmm_handle_pmd_locked
+// read `leaf` (a THP, an owned device-private PMD or the huge zero folio) and found it selected
+// over [haddr, haddr + 2 MiB) with COMPOUND: replaces the PMD by a PMD migration entry (the
+// folio moves as one), or marks the huge zero folio as a compound hole. A busy folio is
+// reported but not taken. Context: PMD lock held (asserted); takes no sleeping lock.
+void migrate_prepare_pmd(HmmWalk& w, MmWalk& walk, PmdSlot slot, Va haddr, Pte leaf) {
+  slot.table->lock.assert_held();
   PhysMem* mem = walk.mm->mem();
-  SpinLockGuard g(&slot.table->lock);
-  const Pmd pmd = slot.table->get(slot.index);
-  if (!pmd.is_leaf()) return 1;
-  const Pte leaf = pmd.leaf();
-  if (leaf.present() && mem->is_huge_zero_pfn(leaf.pfn())) return fill_compound_hole(w, haddr);
-  if (!leaf.present() && !leaf.is_device_private()) return 1;  // not what was read
+  if (leaf.present() && mem->is_huge_zero_pfn(leaf.pfn())) {
+    fill_compound_hole(w, haddr);
+    return;
+  }
   const bool write = leaf.present() ? leaf.write() : leaf.soft_leaf_write();
   uint64_t* out = pfn_slot(w, haddr);
   const uint64_t flags = HMM_PFN_VALID | (write ? HMM_PFN_WRITE : 0) |
                          (static_cast<uint64_t>(kPmdOrder) << HMM_PFN_ORDER_SHIFT);
   for (uint64_t i = 0; i < kPagesPerPmd; i++) out[i] = (out[i] & HMM_PFN_INOUT_FLAGS) | (leaf.pfn() + i) | flags;
   Folio* folio = mem->folio_of(leaf.pfn());
-  if (!folio->test(kFolioAnon) || folio->pfn() != leaf.pfn()) return 0;
+  if (!folio->test(kFolioAnon) || folio->pfn() != leaf.pfn()) return;
   folio->get();
   if (folio != w.fault_page && (g_fail_migrate_trylock.should_fail() || !folio_trylock(folio))) {
     w.puts.push_back(folio);  // busy: reported, not taken
-    return 0;
+    return;
   }
   if (leaf.dirty()) folio->set(kFolioDirty);
   slot.table->set(slot.index, Pmd::make_leaf(make_migration_entry(leaf, folio)));
@@ -242,21 +268,24 @@ int migrate_prepare_pmd(HmmWalk& w, MmWalk& walk, PmdSlot slot, Va haddr) {
   w.puts.push_back(folio);  // the mapping's reference; the migration keeps the one above
   out[0] |= HMM_PFN_MIGRATE | HMM_PFN_COMPOUND;
   walk.mm->stats().migrate_collected.add();
-  return 0;
 }
 
-// A huge leaf (present or device-private) read under the PMD lock. Returns 1 when the caller
-// must re-read the PMD (it was split), 0 when done, < 0 to stop/restart.
-int hmm_handle_pmd(PmdSlot slot, Va start, Va end, MmWalk& walk) {
-  HmmWalk& w = *static_cast<HmmWalk*>(walk.priv);
-  const Va haddr = pmd_align_down(start);
-  Pte leaf;
-  {
-    SpinLockGuard g(&slot.table->lock);
-    const Pmd pmd = slot.table->get(slot.index);
-    if (!pmd.is_leaf()) return 1;
-    leaf = pmd.leaf();
-  }
+// What hmm_handle_pmd does once the PMD lock is dropped.
+enum class PmdAction { kDone, kReread, kFault, kWaitMigration, kSplit };
+
+// hmm_vma_handle_pmd and the decision of migrate_vma_collect_huge_pmd for [start, end) of the
+// PMD at slot, in one PMD-lock hold: reads the entry, reports it, and when the walk migrates
+// and selects it, replaces it by its migration entry before the lock is dropped (seed 000: the
+// VALID report and MIGRATE are decided and set under one lock, so no other migration, CPU
+// fault or zap-and-refault can put a page there that the walk never selected; issue 9 §1).
+// *need / *pfn: for kFault / kWaitMigration. Context: PMD lock held (asserted).
+PmdAction hmm_handle_pmd_locked(HmmWalk& w, MmWalk& walk, PmdSlot slot, Va start, Va end, unsigned* need,
+                                Pfn* pfn) {
+  slot.table->lock.assert_held();
+  const Pmd pmd = slot.table->get(slot.index);
+  if (!pmd.is_leaf()) return PmdAction::kReread;  // split (or zapped) since the lockless read
+  const Pte leaf = pmd.leaf();
+  *pfn = leaf.pfn();
   uint64_t cpu_flags = 0;
   if (leaf.present()) {
     cpu_flags = HMM_PFN_VALID | (leaf.write() ? HMM_PFN_WRITE : 0);
@@ -264,32 +293,66 @@ int hmm_handle_pmd(PmdSlot slot, Va start, Va end, MmWalk& walk) {
     cpu_flags = HMM_PFN_VALID | (leaf.soft_leaf_write() ? HMM_PFN_WRITE : 0);
   }
   if (w.no_wait && leaf.is_migration()) {
-    return pfns_fill(w, start, end, 0);  // another migration owns it: skip, never wait
+    pfns_fill(w, start, end, 0);  // another migration owns it: skip, never wait
+    return PmdAction::kDone;
   }
-  unsigned need = range_need_fault(w, start, end, cpu_flags);
-  if (leaf.present() && walk.mm->mem()->is_huge_zero_pfn(leaf.pfn())) need = migrate_hole_need(w, walk.vma, need);
-  if (need) {
-    if (leaf.is_migration()) return wait_migration_and_restart(walk, leaf.pfn(), start);
-    return hmm_vma_fault(start, end, need, walk);
-  }
+  *need = range_need_fault(w, start, end, cpu_flags);
+  if (leaf.present() && walk.mm->mem()->is_huge_zero_pfn(leaf.pfn())) *need = migrate_hole_need(w, walk.vma, *need);
+  if (*need) return leaf.is_migration() ? PmdAction::kWaitMigration : PmdAction::kFault;
   // Migration never takes hugetlb pages (migrate_vma_setup refuses hugetlb VMAs; a
   // migrating hmm walk reports them as they are).
   const Folio* leaf_folio = (cpu_flags & HMM_PFN_VALID) ? walk.mm->mem()->folio_of(leaf.pfn()) : nullptr;
   if (w.migrating() && leaf_folio && !walk.vma->is_hugetlb() && migrate_selects(w, leaf_folio)) {
-    if (compound_selected(w, start, end)) return migrate_prepare_pmd(w, walk, slot, haddr);
     // Only part of it is asked for: split the mapping and collect its pages one by one.
-    split_huge_pmd(*walk.mm, slot, haddr);
-    return 1;
+    if (!compound_selected(w, start, end)) return PmdAction::kSplit;
+    migrate_prepare_pmd(w, walk, slot, pmd_align_down(start), leaf);
+    return PmdAction::kDone;
   }
-  if (!(cpu_flags & HMM_PFN_VALID)) return pfns_fill(w, start, end, 0);
+  if (!(cpu_flags & HMM_PFN_VALID)) {
+    pfns_fill(w, start, end, 0);
+    return PmdAction::kDone;
+  }
   cpu_flags |= static_cast<uint64_t>(kPmdOrder) << HMM_PFN_ORDER_SHIFT;
   // Hoisted: the output may alias the range, so a per-page pfn_slot() reload would keep the
   // compiler from vectorising the 512-word fill.
   uint64_t* out = pfn_slot(w, start);
   const uint64_t n = (end - start) >> kPageShift;
-  const uint64_t first = (leaf.pfn() + ((start - haddr) >> kPageShift)) | cpu_flags;
+  const uint64_t first = (leaf.pfn() + ((start - pmd_align_down(start)) >> kPageShift)) | cpu_flags;
   for (uint64_t i = 0; i < n; i++) out[i] = (out[i] & HMM_PFN_INOUT_FLAGS) | (first + i);
-  return 0;
+  return PmdAction::kDone;
+}
+
+// A huge leaf (present or device-private) seen by the lockless read of hmm_pmd_entry. Returns
+// 1 when the caller must read the PMD again (it changed, or was split here), 0 when done,
+// < 0 to stop/restart. Whatever is decided on the entry is decided in the one PMD-lock hold
+// of hmm_handle_pmd_locked; faults, waits and splits happen after it, with no page-table lock,
+// and each ends in a fresh read of the entry.
+int hmm_handle_pmd(PmdSlot slot, Va start, Va end, MmWalk& walk) {
+  HmmWalk& w = *static_cast<HmmWalk*>(walk.priv);
+  unsigned need = 0;
+  Pfn pfn = 0;
+  PmdAction action;
+  {
+    SpinLockGuard g(&slot.table->lock);
+    action = hmm_handle_pmd_locked(w, walk, slot, start, end, &need, &pfn);
+  }
+  switch (action) {
+    case PmdAction::kDone:
+      return 0;
+    case PmdAction::kReread:
+      return 1;
+    case PmdAction::kFault:
+      return hmm_vma_fault(start, end, need, walk);
+    case PmdAction::kWaitMigration:
+      return wait_migration_and_restart(walk, pfn, start);
+    case PmdAction::kSplit:
+      // Whatever is there now is split (splitting is always legal under the mmap lock); the
+      // caller reads the PTEs and decides on each under the table lock.
+      g_sp_split_pmd.reach();
+      split_huge_pmd(*walk.mm, slot, pmd_align_down(start));
+      return 1;
+  }
+  return 1;
 }
 
 enum class PteAction { kDone, kFault, kWaitMigration, kSplitFolio };
@@ -371,17 +434,27 @@ PteAction migrate_prepare_pte(HmmWalk& w, MmWalk& walk, PteTable* t, Va addr, Pt
   return PteAction::kDone;
 }
 
-// Splits the large folio mapped at addr so that its pages can be collected one by one
-// (migrate_vma_split_folio), then restarts the walk at addr. No page-table lock held. A
-// folio that is busy or cannot be split (pinned, an unexpected reference) is remembered and
-// left where it is. The fault page's folio is locked and referenced by the CPU fault
-// handler already; after the split its first page keeps both, the others are free to collect.
-int split_folio_and_restart(HmmWalk& w, MmWalk& walk, Va addr, Pfn pfn) {
-  Folio* folio = walk.mm->mem()->folio_of(pfn);
+// The large folio that `pte` maps, referenced for split_folio_and_restart, as
+// migrate_vma_split_folio's caller does before it drops the lock: the folio cannot be freed
+// and its frames handed to another mapping before the split (which would then split that
+// one). The fault page's folio is referenced by the CPU fault handler already. PTE lock held.
+Folio* get_folio_to_split(HmmWalk& w, MmWalk& walk, PteTable* t, Pte pte) {
+  t->ptl.assert_held();
+  Folio* folio = walk.mm->mem()->folio_of(pte.pfn());
+  if (folio != w.fault_page) folio->get();  // the mapping holds one: the count is not zero
+  return folio;
+}
+
+// Splits `folio`, which the walk found mapped at addr (referenced by get_folio_to_split), so
+// that its pages can be collected one by one (migrate_vma_split_folio), then restarts the
+// walk at addr. No page-table lock held. A folio that is busy or cannot be split (pinned, an
+// unexpected reference) is remembered and left where it is. The fault page's folio is locked
+// and referenced by the CPU fault handler already; after the split its first page keeps
+// both, the others are free to collect.
+int split_folio_and_restart(HmmWalk& w, MmWalk& walk, Va addr, Folio* folio) {
   w.last = addr;
-  if (!folio) return -EBUSY;  // its device memory went away meanwhile: read the entry again
+  g_sp_split_folio.reach();
   const bool fault_folio = folio == w.fault_page;
-  if (!fault_folio && !folio->try_get()) return -EBUSY;  // freed meanwhile: read the entry again
   // Blocking on a folio lock while holding the collected ones could deadlock: trylock.
   bool split = false;
   if (folio->large() && !g_fail_migrate_split.should_fail() && (fault_folio || folio_trylock(folio))) {
@@ -402,10 +475,12 @@ int hmm_pmd_entry(PmdSlot slot, Va start, Va end, MmWalk& walk) {
     const Pmd pmd = slot.load_lockless();
     if (pmd.is_none()) return hmm_pte_hole(start, end, walk);
     if (pmd.is_leaf()) {
+      g_sp_pmd_read.reach();
       int rc = hmm_handle_pmd(slot, start, end, walk);
       if (rc == 1) continue;  // split under us: read again
       return rc;
     }
+    g_sp_pte_lock.reach();
     PteTable* t = walk.mm->page_table().pte_offset_map_lock(slot);
     if (!t) continue;  // the PMD changed between the read and the lock
     for (Va a = start; a < end; a += kPageSize) {
@@ -414,6 +489,7 @@ int hmm_pmd_entry(PmdSlot slot, Va start, Va end, MmWalk& walk) {
       PteAction action = hmm_handle_pte(walk, a, pte, &need);
       if (action == PteAction::kDone && w.migrating()) action = migrate_prepare_pte(w, walk, t, a, pte);
       if (action == PteAction::kDone) continue;
+      Folio* to_split = action == PteAction::kSplitFolio ? get_folio_to_split(w, walk, t, pte) : nullptr;
       PageTable::pte_unmap_unlock(t);
       switch (action) {
         case PteAction::kFault:
@@ -421,7 +497,7 @@ int hmm_pmd_entry(PmdSlot slot, Va start, Va end, MmWalk& walk) {
         case PteAction::kWaitMigration:
           return wait_migration_and_restart(walk, pte.pfn(), a);
         case PteAction::kSplitFolio:
-          return split_folio_and_restart(w, walk, a, pte.pfn());
+          return split_folio_and_restart(w, walk, a, to_split);
         case PteAction::kDone:
           break;
       }

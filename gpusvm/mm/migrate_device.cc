@@ -38,6 +38,21 @@ constexpr unsigned kSelectMask =
     MIGRATE_VMA_SELECT_SYSTEM | MIGRATE_VMA_SELECT_DEVICE_PRIVATE | MIGRATE_VMA_SELECT_DEVICE_COHERENT;
 constexpr unsigned kWalkFlags = kSelectMask | MIGRATE_VMA_SELECT_COMPOUND;
 
+// Windows of migrate_vma_* where what a walk decided is acted on later, under a fresh lock.
+// Held at each: mmap lock (read), the folio locks and references of the collected pages
+// (their mappings are migration entries); no page-table lock.
+//   collected:   migrate_vma_setup's walk is done, migrate_unmap (try_to_migrate and the pin
+//                check) not begun.
+//   three_step:  kThreeStep: between the collect walk and the fault walk, and between the
+//                fault walk and the second collect walk.
+//   insert_hole: migrate_vma_pages is about to insert the destination of an entry the walk
+//                saw as a hole or zero page (insert_page / insert_huge_page check again that
+//                it still is one); held in addition: the MIGRATE invalidation, the
+//                destination folio locks.
+GPUSVM_SCHED_POINT(g_sp_collected, "mm.migrate.collected");
+GPUSVM_SCHED_POINT(g_sp_three_step, "mm.migrate.three_step");
+GPUSVM_SCHED_POINT(g_sp_insert_hole, "mm.migrate.insert_hole");
+
 // The arrays of one migration and what is special about it; shared by the VMA and the
 // device-pfn flavours.
 struct MigrateArrays {
@@ -225,6 +240,7 @@ uint64_t insert_hole(MigrateVma& m, const Vma* vma, uint64_t i) {
   const MigrateArrays a{m.mm->mem(), m.src, m.dst, m.npages, m.fault_page};
   const Va va = m.start + i * kPageSize;
   Folio* dst = dst_folio(a, i);
+  g_sp_insert_hole.reach();
   if (!(m.src[i] & MIGRATE_PFN_COMPOUND)) {
     if (!dst || dst->large() || !vma || !insert_page(m, *vma, va, dst)) m.src[i] &= ~MIGRATE_PFN_MIGRATE;
     return 1;
@@ -292,12 +308,14 @@ int collect(MigrateVma& m, unsigned select) {
   // Three steps: collect, fault what was not taken, collect that again.
   r.default_flags = 0;
   if (int rc = hmm_walk_range(mm, &r, select, m.fault_page, false)) return rc;
+  g_sp_three_step.reach();
   std::vector<uint64_t> again(m.npages);
   for (uint64_t i = 0; i < m.npages; i++) again[i] = (m.src[i] & HMM_PFN_MIGRATE) ? 0 : HMM_PFN_REQ_FAULT;
   HmmRange rf{.start = m.start, .end = m.end, .hmm_pfns = again.data(),
               .pfn_flags_mask = HMM_PFN_REQ_FAULT, .dev_private_owner = m.pgmap_owner};
   int rc = hmm_walk_range(mm, &rf, 0, nullptr, /*no_wait=*/true);  // holds step 1's locks
   if (rc == 0) {
+    g_sp_three_step.reach();
     for (uint64_t& w : again) w = 0;
     HmmRange rm{.start = m.start, .end = m.end, .hmm_pfns = again.data(),
                 .dev_private_owner = m.pgmap_owner, .migrate = &m};
@@ -359,6 +377,7 @@ int migrate_vma_setup(MigrateVma* m) {
     return rc;
   }
   hmm_pfns_to_src(m->src, m->src, m->npages);
+  g_sp_collected.reach();
   m->cpages = migrate_unmap(MigrateArrays{mm.mem(), m->src, m->dst, m->npages, m->fault_page});
   g_sp_collected.reach();
   return 0;
