@@ -26,8 +26,9 @@ namespace {
 
 // The windows between the steps of a migration, where a driver copies and where everything
 // else in the system meets the migration entries (explored by window_explorer_test.cc).
-// held: the collected source folios' locks (and for the VMA flavour the caller's mmap read lock)
-GPUSVM_SCHED_POINT(g_sp_collected, "mm.migrate.collected");
+// held: the collected source folios' locks (and for the VMA flavour the caller's mmap read
+// lock); setup is done (the pages are unmapped everywhere), the driver copies next
+GPUSVM_SCHED_POINT(g_sp_unmapped, "mm.migrate.unmapped");
 // held: as above, and the destination folios' locks; the new pages are installed, not mapped
 GPUSVM_SCHED_POINT(g_sp_pages_done, "mm.migrate.pages_done");
 // held: as above; before each source entry's migration entries are removed (some earlier
@@ -379,7 +380,7 @@ int migrate_vma_setup(MigrateVma* m) {
   hmm_pfns_to_src(m->src, m->src, m->npages);
   g_sp_collected.reach();
   m->cpages = migrate_unmap(MigrateArrays{mm.mem(), m->src, m->dst, m->npages, m->fault_page});
-  g_sp_collected.reach();
+  g_sp_unmapped.reach();
   return 0;
 }
 
@@ -397,7 +398,7 @@ int migrate_hmm_range_setup(HmmRange* range) {
   for (uint64_t i = 0; i < m.npages; i++) m.dst[i] = 0;
   hmm_pfns_to_src(range->hmm_pfns, m.src, m.npages);
   m.cpages = migrate_unmap(MigrateArrays{m.mm->mem(), m.src, m.dst, m.npages, m.fault_page});
-  g_sp_collected.reach();
+  g_sp_unmapped.reach();
   return 0;
 }
 
@@ -431,7 +432,7 @@ int migrate_device_pfns(PhysMem* mem, uint64_t* src_pfns, uint64_t npages) {
   if (!mem || !src_pfns) return -EINVAL;
   for (uint64_t i = 0; i < npages; i++) src_pfns[i] = collect_device_pfn(mem, src_pfns[i]);
   (void)migrate_unmap(MigrateArrays{mem, src_pfns, nullptr, npages, nullptr});
-  g_sp_collected.reach();
+  g_sp_unmapped.reach();
   return 0;
 }
 
