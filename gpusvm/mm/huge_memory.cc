@@ -12,8 +12,9 @@
 
 namespace gpusvm::mm {
 
-// Held: the mmap lock of mm (read or write), no other lock. The PMD was a leaf when read
-// locklessly; the split has not begun (a PMD migration entry's records are still one PMD record).
+// Held: the mmap lock of mm (read or write), the rmap walk lock (shared; exclusive under
+// mremap's move). The PMD was a leaf when read locklessly; the split has not begun (a PMD
+// migration entry's records are still one PMD record).
 GPUSVM_SCHED_POINT(g_sp_split_huge_pmd, "mm.split.huge_pmd_records");
 
 void copy_page_data(Folio* dst, const Folio* src) {
@@ -22,6 +23,16 @@ void copy_page_data(Folio* dst, const Folio* src) {
 
 void split_huge_pmd(AddressSpace& mm, PmdSlot slot, Va haddr) {
   mm.mmap_assert_locked();
+  if (!slot.load_lockless().is_leaf()) return;
+  // Taken for every kind of leaf: a present PMD may have become a migration entry by the time
+  // the PMD lock is held.
+  ReadLock walk(&mm.mem()->rmap_walk_lock());
+  split_huge_pmd_walk_locked(mm, slot, haddr);
+}
+
+void split_huge_pmd_walk_locked(AddressSpace& mm, PmdSlot slot, Va haddr) {
+  mm.mmap_assert_locked();
+  mm.mem()->rmap_walk_lock().assert_held();
   if (!slot.load_lockless().is_leaf()) return;
   g_sp_split_huge_pmd.reach();
   PhysMem* mem = mm.mem();
@@ -310,8 +321,11 @@ int split_folio_exclusive(AddressSpace& mm, Folio* folio) {
   int expected = static_cast<int>(saved.size()) + 1;
   if (!folio->refcount_.compare_exchange_strong(expected, 0, std::memory_order_acq_rel)) {
     for (const SplitMapping& m : saved) {
-      if (!restore_mapping(mm, m, folio->page(m.page), false)) continue;
-      folio->put();  // restore took a new reference for the mapping; drop the old one
+      // Step 1 kept each unmapped mapping's reference. A restored mapping took a new one; a
+      // mapping zapped meanwhile (MADV_DONTNEED, munmap: a migration entry holds nothing, so
+      // the zap dropped none) is gone. Either way the kept reference goes now.
+      (void)restore_mapping(mm, m, folio->page(m.page), false);
+      folio->put();  // never the last: the caller holds one
     }
     return -EAGAIN;
   }
@@ -424,7 +438,10 @@ int split_migrating_folio(Folio* folio, int extra_refs) {
   if (!folio->large() || !folio->is_head() || folio->mapped()) return -EBUSY;
   PhysMem* mem = folio->mem();
   {
-    WriteLock walk(&mem->rmap_walk_lock());  // records change owner below: no walker in flight
+    // Records change owner below: no rmap walker may be in flight, nor anyone who changes a
+    // migration record of an entry under its PTL (zap, split_huge_pmd, fork, mremap all hold
+    // the walk lock shared for that): the records are in our hands until step 3.
+    WriteLock walk(&mem->rmap_walk_lock());
     // 1. Every PMD migration entry becomes PTE migration entries, its record 512 records.
     std::vector<RmapItem> records;
     std::vector<RmapItem> taken = folio_take_migration_items(folio);
