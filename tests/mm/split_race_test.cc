@@ -47,9 +47,9 @@ bool wait_until(Pred pred, std::chrono::milliseconds bound) {
 class Op {
  public:
   Op(std::string name, std::function<void()> fn)
-      : thread_([this, name = std::move(name), fn = std::move(fn)] {
-          sched_point::set_thread_name(name);
-          fn();
+      : thread_([this, thread_name = std::move(name), op = std::move(fn)] {
+          sched_point::set_thread_name(thread_name);
+          op();
           done_.store(true, std::memory_order_release);
         }) {}
   ~Op() { join(); }
@@ -360,7 +360,7 @@ TEST_F(SplitRaceTest, ExclusiveSplitFreezeFailsAfterZap) {
 // mm.split.migrating_records (records taken) and at mm.split.migrating_split (split done,
 // finalize not run): `op` runs in the first window from another thread, `check` in the second
 // after op returned.
-void evict_split_window(AddressSpace* as, TestDevice& dev, PhysMem* mem, const std::function<void()>& op,
+void evict_split_window(TestDevice& dev, PhysMem* mem, const std::function<void()>& op,
                         const std::function<void()>& check) {
   const uint64_t n = dev.pgmap()->nr_pages();
   std::vector<uint64_t> src(n), dst(n);
@@ -376,7 +376,6 @@ void evict_split_window(AddressSpace* as, TestDevice& dev, PhysMem* mem, const s
     migrate_device_finalize(mem, src.data(), dst.data(), n);
   });
   ASSERT_TRUE(records.wait_reached());
-  (void)as;
   Op process("process", op);
   EXPECT_FALSE(process.wait_done(kBlockedGrace)) << "a zap ran while the split held the folio's records";
   records.release();
@@ -406,7 +405,7 @@ TEST_F(SplitRaceTest, EvictionSplitRacesExit) {
   const Pfn dpfn = query_page(*as, va).pfn;
   ASSERT_TRUE(dev->pgmap()->contains(dpfn));
   const AddressSpace* dead = as.get();
-  evict_split_window(as.get(), *dev, mem.get(), [&] { as.reset(); },
+  evict_split_window(*dev, mem.get(), [&] { as.reset(); },
                      [&] { expect_no_stale_records(dpfn, dead); });
   EXPECT_EQ(dev->free_pages(), kDevPages);
   EXPECT_MM_CHECK_OK(*mem);
@@ -424,7 +423,7 @@ TEST_F(SplitRaceTest, EvictionSplitRacesHalfMunmap) {
   const Pfn dpfn = query_page(*as, va).pfn;
   std::set<Va> unmapped;
   for (uint64_t i = 0; i < kPagesPerPmd / 2; i++) unmapped.insert(page(i));
-  evict_split_window(as.get(), *dev, mem.get(), [&] { EXPECT_EQ(as->munmap(va, kPmdSize / 2), 0); },
+  evict_split_window(*dev, mem.get(), [&] { EXPECT_EQ(as->munmap(va, kPmdSize / 2), 0); },
                      [&] {
                        expect_no_stale_records(dpfn, nullptr, unmapped);
                        for (uint64_t i = 0; i < kPagesPerPmd; i++) {
@@ -457,9 +456,7 @@ TEST_F(SplitRaceTest, EvictionSplitRacesHalfMunmap) {
 //     THP's first page, its own folio now).
 //  6. finalize maps each page at its destination and unlocks each folio, which must wake
 //     the reader: it returns with the page's data within a bound.
-void replay_seed003(SplitRaceTest* t, AddressSpace& as, TestDevice& dev, PhysMem* mem, Va va,
-                    bool to_device, uint64_t gen) {
-  (void)t;
+void replay_seed003(AddressSpace& as, TestDevice& dev, PhysMem* mem, Va va, bool to_device, uint64_t gen) {
   HangTimeout hang(10s);
   dev.fail_thp_alloc = true;
   Migration mig(as, dev, va, to_device ? MIGRATE_VMA_SELECT_SYSTEM : MIGRATE_VMA_SELECT_DEVICE_PRIVATE);
@@ -509,7 +506,7 @@ void replay_seed003(SplitRaceTest* t, AddressSpace& as, TestDevice& dev, PhysMem
 
 TEST_F(SplitRaceTest, Seed003SystemThpSplitForSmallDevicePages) {
   make_thp(8);
-  replay_seed003(this, *as, *dev, mem.get(), va, /*to_device=*/true, 8);
+  replay_seed003(*as, *dev, mem.get(), va, /*to_device=*/true, 8);
   EXPECT_MM_CHECK_OK(*mem);
   EXPECT_GE(dev->cpu_faults.load(), 1);  // the reader's page came back (retried while finalize ran)
   verify_2m(8, {});
@@ -518,7 +515,7 @@ TEST_F(SplitRaceTest, Seed003SystemThpSplitForSmallDevicePages) {
 
 TEST_F(SplitRaceTest, Seed003DeviceThpSplitForSmallSystemPages) {
   make_device_thp(9);
-  replay_seed003(this, *as, *dev, mem.get(), va, /*to_device=*/false, 9);
+  replay_seed003(*as, *dev, mem.get(), va, /*to_device=*/false, 9);
   EXPECT_EQ(dev->splits.load(), 1);
   EXPECT_EQ(dev->free_pages(), kDevPages);
   EXPECT_EQ(query_page(*as, va).kind, PageKind::kSmall);
