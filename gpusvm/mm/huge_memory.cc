@@ -5,11 +5,17 @@
 #include <vector>
 
 #include "gpusvm/base/fault_inject.h"
+#include "gpusvm/base/sched_point.h"
 #include "gpusvm/mm/devmap.h"
 #include "gpusvm/mm/migrate_internal.h"
 #include "gpusvm/mm/mm_internal.h"
 
 namespace gpusvm::mm {
+
+// Held: the mmap lock of mm (read or write), the rmap walk lock (shared; exclusive under
+// mremap's move). The PMD was a leaf when read locklessly; the split has not begun (a PMD
+// migration entry's records are still one PMD record).
+GPUSVM_SCHED_POINT(g_sp_split_huge_pmd, "mm.split.huge_pmd_records");
 
 void copy_page_data(Folio* dst, const Folio* src) {
   std::memcpy(dst->data(), src->data(), kPageSize);
@@ -18,6 +24,17 @@ void copy_page_data(Folio* dst, const Folio* src) {
 void split_huge_pmd(AddressSpace& mm, PmdSlot slot, Va haddr) {
   mm.mmap_assert_locked();
   if (!slot.load_lockless().is_leaf()) return;
+  // Taken for every kind of leaf: a present PMD may have become a migration entry by the time
+  // the PMD lock is held.
+  ReadLock walk(&mm.mem()->rmap_walk_lock());
+  split_huge_pmd_walk_locked(mm, slot, haddr);
+}
+
+void split_huge_pmd_walk_locked(AddressSpace& mm, PmdSlot slot, Va haddr) {
+  mm.mmap_assert_locked();
+  mm.mem()->rmap_walk_lock().assert_held();
+  if (!slot.load_lockless().is_leaf()) return;
+  g_sp_split_huge_pmd.reach();
   PhysMem* mem = mm.mem();
   MmuInvalidation inv(mm, haddr, haddr + kPmdSize, MmuNotifyEvent::kClear);
   SpinLockGuard g(&slot.table->lock);
@@ -206,6 +223,13 @@ int collapse_huge_page(AddressSpace& mm, Vma& vma, Va haddr) {
 namespace gpusvm::mm {
 namespace {
 
+// Held: the mmap lock of mm, the folio lock of the THP. Step 1 of split_folio_exclusive is
+// done: every mapping it found is a migration entry, the freeze has not been tried.
+GPUSVM_SCHED_POINT(g_sp_exclusive_unmapped, "mm.split.exclusive_unmapped");
+// Held: the mmap lock of mm; the first new folio (the caller's) and every other new folio
+// locked. Steps 3 and 4 are done (split, mapped back); step 5 (unlock and wake) is not.
+GPUSVM_SCHED_POINT(g_sp_exclusive_remapped, "mm.split.exclusive_remapped");
+
 struct SplitMapping {
   Va va;
   Pte orig;
@@ -291,13 +315,17 @@ int split_folio_exclusive(AddressSpace& mm, Folio* folio) {
     const Pte restore = pte.is_device_exclusive() ? Pte::make_present(pte.pfn(), false).mkyoung() : pte;
     saved.push_back(SplitMapping{it.va, restore, it.page});
   }
+  g_sp_exclusive_unmapped.reach();
 
   // 2. Freeze: the only references left must be the unmapped mappings' and the caller's.
   int expected = static_cast<int>(saved.size()) + 1;
   if (!folio->refcount_.compare_exchange_strong(expected, 0, std::memory_order_acq_rel)) {
     for (const SplitMapping& m : saved) {
-      if (!restore_mapping(mm, m, folio->page(m.page), false)) continue;
-      folio->put();  // restore took a new reference for the mapping; drop the old one
+      // Step 1 kept each unmapped mapping's reference. A restored mapping took a new one; a
+      // mapping zapped meanwhile (MADV_DONTNEED, munmap: a migration entry holds nothing, so
+      // the zap dropped none) is gone. Either way the kept reference goes now.
+      (void)restore_mapping(mm, m, folio->page(m.page), false);
+      folio->put();  // never the last: the caller holds one
     }
     return -EAGAIN;
   }
@@ -326,6 +354,7 @@ int split_folio_exclusive(AddressSpace& mm, Folio* folio) {
     // Device memory is never replaced by the zero page: its bytes are the device's.
     (void)restore_mapping(mm, m, page, !folio->pagemap() && page_is_zero(page));
   }
+  g_sp_exclusive_remapped.reach();
 
   if (DevPagemap* pgmap = folio->pagemap()) pgmap->ops()->folio_split(folio);
   // 5. Unlock the new folios but the first (the caller's) and drop this function's references.
@@ -345,6 +374,13 @@ namespace {
 // A reference taken by someone else between the migration's pin check and the split (a
 // speculative folio_try_get): the freeze fails. Injectable, as it is otherwise hard to hit.
 GPUSVM_FAULT_POINT(g_fail_split_freeze, "mm.migrate_split_freeze");
+
+// Held: the folio lock of the THP, the rmap walk lock (write). Its migration records have
+// been taken off the folio; no PMD migration entry has been split yet.
+GPUSVM_SCHED_POINT(g_sp_migrating_records, "mm.split.migrating_records");
+// Held: the locks of the 512 new folios (the migration's), nothing else. The split is done:
+// every page is its own folio owning its records; finalize has not run.
+GPUSVM_SCHED_POINT(g_sp_migrating_split, "mm.split.migrating_split");
 
 // The PMD migration entry of `folio` at (mm, haddr) becomes 512 PTE migration entries in the
 // deposited table. Returns false when the entry is gone (zapped). Rmap walk lock held.
@@ -402,10 +438,15 @@ int split_migrating_folio(Folio* folio, int extra_refs) {
   if (!folio->large() || !folio->is_head() || folio->mapped()) return -EBUSY;
   PhysMem* mem = folio->mem();
   {
-    WriteLock walk(&mem->rmap_walk_lock());  // records change owner below: no walker in flight
+    // Records change owner below: no rmap walker may be in flight, nor anyone who changes a
+    // migration record of an entry under its PTL (zap, split_huge_pmd, fork, mremap all hold
+    // the walk lock shared for that): the records are in our hands until step 3.
+    WriteLock walk(&mem->rmap_walk_lock());
     // 1. Every PMD migration entry becomes PTE migration entries, its record 512 records.
     std::vector<RmapItem> records;
-    for (const RmapItem& it : folio_take_migration_items(folio)) {
+    std::vector<RmapItem> taken = folio_take_migration_items(folio);
+    g_sp_migrating_records.reach();
+    for (const RmapItem& it : taken) {
       if (!it.pmd) {
         records.push_back(it);
       } else if (split_pmd_migration_entry(*it.mm, it.va, folio)) {
@@ -445,6 +486,7 @@ int split_migrating_folio(Folio* folio, int extra_refs) {
   for (uint64_t i = 1; i < kPagesPerPmd; i++) lockdep::acquire_class(&kFolioLockClass);
   if (DevPagemap* pgmap = folio->pagemap()) pgmap->ops()->folio_split(folio);
   mem->stat_split_migrating.add();
+  g_sp_migrating_split.reach();
   return 0;
 }
 

@@ -2,6 +2,7 @@
 #include <cstring>
 #include <optional>
 
+#include "gpusvm/base/sched_point.h"
 #include "gpusvm/mm/device_exclusive.h"
 #include "gpusvm/mm/devmap.h"
 #include "gpusvm/mm/hugetlb.h"
@@ -9,6 +10,10 @@
 #include "gpusvm/mm/shmem.h"
 
 namespace gpusvm::mm {
+
+// Held: the mmap lock (read), no page-table lock. A fault (or a walk) read a migration entry
+// of `page` and is about to wait on the folio that holds the page now (page->head()).
+GPUSVM_SCHED_POINT(g_sp_migration_wait, "mm.fault.migration_wait");
 
 int vm_fault_errno(VmFault f) {
   switch (f) {
@@ -41,6 +46,7 @@ VmFault wait_for_migration(Folio* page) {
   // removed since the entry was read (the caller looked it up after dropping the PTL) has no
   // descriptor any more: its migration (the eviction) is over.
   if (!page) return VmFault::kRetry;
+  g_sp_migration_wait.reach();
   Folio* folio = page->head();
   if (!folio_wait_unlocked(folio, hang_timeout())) {
     panic("fault: migration of pfn " + std::to_string(folio->pfn()) +

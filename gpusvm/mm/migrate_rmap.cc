@@ -5,7 +5,8 @@
 //  - it holds PhysMem::rmap_walk_lock() shared, and whoever frees a page table that may still
 //    be reachable, or an address space, holds it exclusive first (free_pgtables, ~AddressSpace);
 //  - every record it follows was read under the folio's rmap lock, and a zap removes records
-//    under the entry's PTL, so a record names a live address space;
+//    under the entry's PTL (and the walk lock shared, which keeps it out of a split during
+//    migration that holds the records), so a record names a live address space;
 //  - it re-reads the entry under its PTL and acts only if the entry still maps the page.
 #include <string>
 

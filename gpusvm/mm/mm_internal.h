@@ -55,7 +55,13 @@ void zap_range(AddressSpace& mm, Va start, Va end);
 // a THP becomes PTE-mapped (the folio stays large), the huge zero folio becomes 512 zero-page
 // PTEs, a device-private PMD becomes 512 device-private PTEs. Fires a CLEAR invalidation over
 // the 2 MiB. mmap lock held, no page-table lock held. Never fails.
+// A PMD migration entry becomes 512 PTE migration entries and its migration record 512 PTE
+// records; that record change is serialized with a split during migration
+// (split_migrating_folio moves records between folios under the rmap walk lock held for
+// write), so split_huge_pmd takes the rmap walk lock shared, as fork and mremap do when they
+// change records. The _walk_locked variant is for a caller that holds it already (either mode).
 void split_huge_pmd(AddressSpace& mm, PmdSlot slot, Va haddr);
+void split_huge_pmd_walk_locked(AddressSpace& mm, PmdSlot slot, Va haddr);
 
 // Calls fn(slot, addr, next) for each 2 MiB chunk [addr, next) of [start, end) that has a PMD
 // slot, after splitting a huge leaf that the chunk covers only in part. mmap lock held.

@@ -100,7 +100,7 @@ void move_page_tables(AddressSpace& mm, Va old_addr, Va new_addr, uint64_t len) 
           off += step;
           continue;
         }
-        split_huge_pmd(mm, src, pmd_align_down(s));
+        split_huge_pmd_walk_locked(mm, src, pmd_align_down(s));  // mremap holds the walk lock
         if (!dst.load_lockless().is_table() && pt.pte_alloc(dst) != 0) {
           panic("mremap: destination table vanished after preparation");
         }

@@ -52,8 +52,14 @@ void zap_one_pte(AddressSpace& mm, Pte pte, Va va, PutBatch& puts) {
   // the entry gone when it restores (it then drops the page).
 }
 
+// The rmap walk lock (shared) is held by both zaps below: a zapped migration entry's record is
+// removed from the folio that holds the page now, and a split during migration
+// (split_migrating_folio) moves records between folios under that lock held for write. Without
+// it a zap in the split's window found no record (the split had them in hand) and the stale
+// record went to the new folio, for finalize to follow into an address space that had exited.
 void zap_pte_range(AddressSpace& mm, PmdSlot slot, Va start, Va end) {
-  PutBatch puts;
+  PutBatch puts;  // released after the locks below (declared first, destroyed last)
+  ReadLock walk(&mm.mem()->rmap_walk_lock());
   PteTable* t = mm.page_table().pte_offset_map_lock(slot);
   if (!t) return;  // the PMD changed under us (none now): nothing left to zap
   uint64_t zapped = 0;
@@ -76,6 +82,7 @@ bool zap_huge_pmd(AddressSpace& mm, PmdSlot slot, Va haddr) {
   PteTable* deposit = nullptr;
   Folio* put = nullptr;
   {
+    ReadLock walk(&mem->rmap_walk_lock());  // see zap_pte_range
     SpinLockGuard g(&slot.table->lock);
     Pmd pmd = slot.table->get(slot.index);
     if (!pmd.is_leaf()) return pmd.is_none();
