@@ -9,6 +9,7 @@
 #include <condition_variable>
 #include <csignal>
 #include <mutex>
+#include <ostream>
 #include <thread>
 
 #include "drivers/devfs/machine.h"
@@ -19,6 +20,10 @@
 #include "gpusvm/mm/physmem.h"
 
 namespace gpusvm::devfs {
+
+// gtest prints a status as "exited 7" / "killed by SIGSEGV (fault EFAULT)".
+void PrintTo(const ExitStatus& s, std::ostream* os) { *os << s.to_string(); }
+
 namespace {
 
 constexpr unsigned long kEcho = 1;   // *arg = its value + 1
@@ -384,6 +389,29 @@ TEST(DevfsMachine, ShutdownEndsProcessesBeforeDevices) {
   EXPECT_EQ((*m)->devices().find("echo"), nullptr);
   EXPECT_FALSE(destroyed_with_files_open);  // destroyed, and after its last file
   EXPECT_EQ((*m)->shutdown(), 0);           // idempotent
+}
+
+// The destructor alone: a machine dropped with a process that holds a file open, and a child
+// running on its own thread, ends both before the device goes.
+TEST(DevfsMachine, DestructorTearsDownInOrder) {
+  bool destroyed_with_files_open = true;
+  {
+    Result<std::unique_ptr<Machine>> m = Machine::create({.ram_bytes = 16ULL << 20});
+    ASSERT_TRUE(m.ok());
+    auto echo = std::make_shared<EchoDevice>();
+    echo->destroyed_with_files_open = &destroyed_with_files_open;
+    ASSERT_EQ((*m)->add_device("echo", std::move(echo)), 0);
+    Result<Process*> p = (*m)->create_process();
+    ASSERT_TRUE(p.ok());
+    const int fd = *open("echo", **p);
+    Result<Process*> child = (*m)->fork(**p, [fd](Process& c) {
+      int v = 0;
+      while (ioctl(c, fd, kEcho, &v) == 0 && v < 1000000) std::this_thread::yield();
+      return v;  // -EBADF (its fds closed by the kill) ends the loop
+    });
+    ASSERT_TRUE(child.ok());
+  }
+  EXPECT_FALSE(destroyed_with_files_open);
 }
 
 }  // namespace
