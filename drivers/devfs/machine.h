@@ -2,12 +2,13 @@
 // in it and the processes running on it - with the teardown in the only order that works.
 // A program or a test framework other than GoogleTest sets one up in a few lines:
 //
-//   Result<std::unique_ptr<devfs::Machine>> m = devfs::Machine::create({.ram_bytes = 256 << 20});
-//   dmirror::add_unit(**m, 0);                       // "hmm_dmirror0" (drivers/dmirror)
+//   Result<std::unique_ptr<devfs::Machine>> m = devfs::Machine::create({.ram_bytes = 256ULL << 20});
+//   if (!m || !dmirror::add_unit(**m, 0)) return 1;  // "hmm_dmirror0" (drivers/dmirror)
 //   Result<devfs::Process*> p = (*m)->create_process();
-//   Result<int> fd = devfs::open("hmm_dmirror0", **p);
-//   ... mmap, CPU accesses, ioctls ...
+//   Result<int> fd = devfs::open(dmirror::unit_name(0), **p);
+//   ... mmap, CPU accesses, ioctls; (*m)->fork(**p, main) and child->wait(timeout) ...
 //   // ~Machine: processes end, devices go, memory last
+// tests/install/consumer/main.cc is a complete program.
 //
 // Teardown (shutdown(), or the destructor), in order:
 //   1. exit_processes(): every process still running is killed (newest first, so forked
