@@ -178,7 +178,9 @@ mm::Va map_word_page(Process& p, uint64_t v, int prot = PROT_READ | PROT_WRITE) 
   EXPECT_TRUE(va.ok());
   if (!va) return 0;
   EXPECT_EQ(mm::cpu::store<uint64_t>(p.mm(), *va, v), 0);
-  if (prot != (PROT_READ | PROT_WRITE)) EXPECT_EQ(p.mm().mprotect(*va, mm::kPageSize, prot), 0);
+  if (prot != (PROT_READ | PROT_WRITE)) {
+    EXPECT_EQ(p.mm().mprotect(*va, mm::kPageSize, prot), 0);
+  }
   return *va;
 }
 
