@@ -26,7 +26,8 @@
 //                   -> registry lock (PhysMem: pagemaps, address spaces, deferred split)
 //                   -> dmirror free-list lock (taken by folio_free, which may run under
 //                      page-table locks: the last reference can go in a zap)
-//                     -> devfs device registry, fd table (leaves: nothing called under them)
+//                     -> devfs machine (its list of processes), device registry, fd table,
+//                        process exit status (leaves: nothing is called under them)
 //
 // Unordered (rank 0, held-tracking only): the plain-notifier list lock, whose release()
 // callbacks may take driver locks of any rank and which no invalidation ever takes.
@@ -74,8 +75,10 @@ inline constexpr LockClass kDmirrorFreeLockClass{"dmirror_free_list", 870};
 }  // namespace dmirror
 
 namespace devfs {
+inline constexpr LockClass kMachineLockClass{"devfs_machine", 940};
 inline constexpr LockClass kDeviceRegistryLockClass{"devfs_registry", 950};
 inline constexpr LockClass kFdTableLockClass{"devfs_fd_table", 960};
+inline constexpr LockClass kProcessStatusLockClass{"devfs_process_status", 965};
 }  // namespace devfs
 
 namespace mm {
@@ -83,13 +86,14 @@ inline constexpr LockClass kMmuNotifierListLockClass{"mmu_notifier_list", 0};
 }  // namespace mm
 
 // Every ordered class, in table order (the order test walks it).
-inline constexpr std::array<const LockClass*, 17> kLockOrder{
+inline constexpr std::array<const LockClass*, 19> kLockOrder{
     &mm::kMmapLockClass,          &mm::kHugetlbFaultMutexClass,   &mm::kShmemLockClass,
     &mm::kFolioLockClass,         &mm::kRmapWalkLockClass,        &dmirror::kDmirrorDevmemLockClass,
     &dmirror::kDmirrorMutexClass, &mm::kNotifierSubsLockClass,    &mm::kPageTableLockClass,
     &mm::kPmdLockClass,           &mm::kPteLockClass,             &mm::kRmapLockClass,
     &mm::kZoneLockClass,          &mm::kRegistryLockClass,        &dmirror::kDmirrorFreeLockClass,
-    &devfs::kDeviceRegistryLockClass, &devfs::kFdTableLockClass,
+    &devfs::kMachineLockClass,    &devfs::kDeviceRegistryLockClass, &devfs::kFdTableLockClass,
+    &devfs::kProcessStatusLockClass,
 };
 
 }  // namespace gpusvm

@@ -64,9 +64,9 @@ TEST_F(DmirrorTest, OwnerSkip_ConcurrentMirrorFaultSameNotifier_RetriesNotStale)
     cv.notify_all();
     ASSERT_TRUE(cv.wait_for(l, std::chrono::seconds(30), [&] { return go; })) << "main never resumed B";
   };
-  Result<std::shared_ptr<dmirror::DmirrorDevice>> d = dmirror::DmirrorDevice::create(mem.get(), 7, cfg);
+  Result<std::shared_ptr<dmirror::DmirrorDevice>> d = dmirror::DmirrorDevice::create(mem, 7, cfg);
   ASSERT_TRUE(d.ok());
-  ASSERT_EQ(registry.add("hmm_dmirror7", *d), 0);
+  ASSERT_EQ(registry->add("hmm_dmirror7", *d), 0);
   const int fd = hmm_open(*proc, 7);
   ASSERT_GE(fd, 0);
   auto buffer = filled(1);
@@ -100,7 +100,7 @@ TEST_F(DmirrorTest, OwnerSkip_ConcurrentMirrorFaultSameNotifier_RetriesNotStale)
   for (uint64_t i = 0; i < b_view.mirror.size(); i++) ASSERT_EQ(b_view.mirror[i], static_cast<int>(i * 3 + 1));
   buffer.reset();
   EXPECT_EQ(devfs::close(*proc, fd), 0);
-  EXPECT_EQ(registry.remove("hmm_dmirror7"), 0);
+  EXPECT_EQ(registry->remove("hmm_dmirror7"), 0);
 }
 
 // Seed 001, point 2: only the migrating file skips its own MIGRATE invalidation; another

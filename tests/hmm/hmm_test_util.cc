@@ -59,33 +59,33 @@ int hmm_open(devfs::Process& p, int unit) {
 }
 
 void HmmMachine::start() {
-  Result<std::unique_ptr<mm::PhysMem>> m = mm::PhysMem::create({.ram_bytes = 256ULL << 20});
-  ASSERT_TRUE(m.ok());
-  mem = std::move(*m);
-  for (int i = 0; i < kDmirrorUnits; i++) {
-    dmirror::DmirrorDevice::Config cfg;
-    if (i >= 2) cfg.memory_type = mm::DevMemoryType::kDeviceCoherent;
-    Result<std::shared_ptr<dmirror::DmirrorDevice>> d = dmirror::DmirrorDevice::create(mem.get(), i, cfg);
-    ASSERT_TRUE(d.ok()) << d.error();
-    dev[i] = *d;
-    ASSERT_EQ(registry.add(std::string(HMM_DMIRROR_DEVICE_NAME) + std::to_string(i), dev[i]), 0);
-  }
-  Result<std::unique_ptr<devfs::Process>> p = devfs::Process::create(mem.get(), &registry);
-  ASSERT_TRUE(p.ok());
-  proc = std::move(*p);
+  Result<std::unique_ptr<devfs::Machine>> m = devfs::Machine::create({.ram_bytes = 256ULL << 20});
+  ASSERT_TRUE(m.ok()) << m.error();
+  machine = std::move(*m);
+  mem = &machine->mem();
+  registry = &machine->devices();
+  ASSERT_EQ(dmirror::add_test_hmm_units(*machine, dev), 0);
+  Result<devfs::Process*> p = machine->create_process();
+  ASSERT_TRUE(p.ok()) << p.error();
+  proc = *p;
 }
 
 void HmmMachine::stop() {
-  if (!mem) return;
+  if (!machine) return;
   EXPECT_MM_CHECK_OK(*mem);
-  proc.reset();  // exit: unmaps everything, closes the fds
+  // exit: unmaps everything, closes the fds (a forked child still alive is killed).
+  EXPECT_EQ(machine->exit_processes(), 0);
   EXPECT_MM_CHECK_OK(*mem);
   for (int i = 0; i < kDmirrorUnits; i++) {
     if (!dev[i]) continue;
     EXPECT_EQ(dev[i]->pages_in_use(), 0u) << "device " << i << " pages leaked";
-    EXPECT_EQ(registry.remove(std::string(HMM_DMIRROR_DEVICE_NAME) + std::to_string(i)), 0);
     dev[i].reset();
   }
+  machine->remove_devices();
+  proc = nullptr;
+  registry = nullptr;
+  mem = nullptr;
+  machine.reset();
 }
 
 void Hmm::SetUp() {

@@ -24,9 +24,11 @@
 #include <string>
 #include <vector>
 
+#include "drivers/devfs/machine.h"
 #include "drivers/devfs/process.h"
 #include "drivers/devfs/registry.h"
 #include "drivers/dmirror/dmirror_device.h"
+#include "drivers/dmirror/dmirror_machine.h"
 #include "gpusvm/mm/check.h"
 #include "gpusvm/mm/cpu_access.h"
 #include "gpusvm/mm/physmem.h"
@@ -87,15 +89,17 @@ int hmm_dmirror_cmd(devfs::Process& p, int fd, unsigned long request, HmmBuffer*
 [[nodiscard]] int cpu_write_ints(devfs::Process& p, Va va, uint64_t n, int (*f)(uint64_t));
 std::vector<int> cpu_read_ints(devfs::Process& p, Va va, uint64_t n, int* rc);
 
-// The machine: PhysMem, "/dev" with two dmirror units, and the first process.
+// The machine (devfs::Machine): PhysMem, "/dev" with test_hmm's four dmirror units, and the
+// first process. The pointers below point into `machine` and live as long as it.
 class HmmMachine {
  public:
   void start();
-  void stop();  // processes exit, then the checks, then the devices go
-  std::unique_ptr<mm::PhysMem> mem;
-  devfs::DeviceRegistry registry;
+  void stop();  // the checks, processes exit, the checks again, then the devices go
+  std::unique_ptr<devfs::Machine> machine;
+  mm::PhysMem* mem = nullptr;
+  devfs::DeviceRegistry* registry = nullptr;
   std::shared_ptr<dmirror::DmirrorDevice> dev[kDmirrorUnits];
-  std::unique_ptr<devfs::Process> proc;
+  devfs::Process* proc = nullptr;
 };
 
 int hmm_open(devfs::Process& p, int unit);

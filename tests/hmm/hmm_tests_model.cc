@@ -46,7 +46,7 @@ std::unique_ptr<HmmBuffer> file_buffer(devfs::Process& p, std::shared_ptr<mm::Sh
 
 // Read mmap'ed file memory.
 TEST_P(Hmm, file_read) {
-  auto file = hmm_create_file(mem.get(), kSize);
+  auto file = hmm_create_file(mem, kSize);
   ASSERT_NE(file, nullptr);
   // Write initial contents of the file.
   std::vector<int> init(kInts);
@@ -64,7 +64,7 @@ TEST_P(Hmm, file_read) {
 
 // Write mmap'ed file memory.
 TEST_P(Hmm, file_write) {
-  auto file = hmm_create_file(mem.get(), kSize);
+  auto file = hmm_create_file(mem, kSize);
   ASSERT_NE(file, nullptr);
   auto buffer = file_buffer(*proc, file, kSize, PROT_READ | PROT_WRITE, MAP_SHARED);
   ASSERT_NE(buffer->ptr, 0u);
@@ -87,7 +87,7 @@ TEST_P(Hmm, file_write) {
 
 // Migrate private file memory to device private memory.
 TEST_P(Hmm, migrate_file_private) {
-  auto file = hmm_create_file(mem.get(), kSize);
+  auto file = hmm_create_file(mem, kSize);
   ASSERT_NE(file, nullptr);
   auto buffer = file_buffer(*proc, file, kSize, PROT_READ | PROT_WRITE, MAP_PRIVATE);
   ASSERT_NE(buffer->ptr, 0u);
@@ -128,7 +128,7 @@ TEST_P(Hmm, mixedmap) {
   const uint64_t npages = 1;
   const uint64_t size = npages << kPageShift;
   auto buffer = std::make_unique<HmmBuffer>();
-  buffer->proc = proc.get();
+  buffer->proc = proc;
   buffer->size = size;
   buffer->mirror.assign(1, 0);  // malloc(npages): one byte per page
   // Reserve a range of addresses.
@@ -150,7 +150,7 @@ TEST_P(Hmm, mixedmap_model_rules) {
   Result<Va> va = devfs::mmap(*proc, 0, 2 * kPageSize, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
   ASSERT_TRUE(va.ok());
   auto buffer = std::make_unique<HmmBuffer>();
-  buffer->proc = proc.get();
+  buffer->proc = proc;
   buffer->size = 2 * kPageSize;
   buffer->ptr = *va;
   buffer->mirror.assign(1, 0);

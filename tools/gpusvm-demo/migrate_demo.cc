@@ -13,9 +13,10 @@
 #include <string>
 #include <vector>
 
+#include "drivers/devfs/machine.h"
 #include "drivers/devfs/process.h"
-#include "drivers/devfs/registry.h"
 #include "drivers/dmirror/dmirror_device.h"
+#include "drivers/dmirror/dmirror_machine.h"
 #include "gpusvm/base/errno.h"
 #include "gpusvm/mm/check.h"
 #include "gpusvm/mm/cpu_access.h"
@@ -49,15 +50,13 @@ void check_report_ok(PhysMem& mem, const char* when, const ExpectFn& expect) {
 
 int run_migration_demo(const ExpectFn& expect) {
   fmt::print("[8] device migration round trip: the dmirror device, through open/ioctl\n");
-  Result<std::unique_ptr<PhysMem>> mem_r = PhysMem::create({.ram_bytes = 512 * kMiB});
-  if (!mem_r) return expect(false, "PhysMem::create", errno_describe(mem_r.error())) ? 0 : 1;
-  PhysMem& mem = **mem_r;
-  devfs::DeviceRegistry registry;
-  Result<std::shared_ptr<dmirror::DmirrorDevice>> dev = dmirror::DmirrorDevice::create(&mem, 0);
+  Result<std::unique_ptr<devfs::Machine>> machine = devfs::Machine::create({.ram_bytes = 512 * kMiB});
+  if (!machine) return expect(false, "PhysMem::create", errno_describe(machine.error())) ? 0 : 1;
+  PhysMem& mem = (*machine)->mem();
+  Result<std::shared_ptr<dmirror::DmirrorDevice>> dev = dmirror::add_unit(**machine, 0);
   if (!dev) return expect(false, "DmirrorDevice::create", errno_describe(dev.error())) ? 0 : 1;
-  const std::string name = std::string(HMM_DMIRROR_DEVICE_NAME) + "0";
-  if (registry.add(name, *dev) != 0) return expect(false, "register the device", "") ? 0 : 1;
-  Result<std::unique_ptr<devfs::Process>> proc_r = devfs::Process::create(&mem, &registry);
+  const std::string name = dmirror::unit_name(0);
+  Result<devfs::Process*> proc_r = (*machine)->create_process();
   if (!proc_r) return expect(false, "Process::create", errno_describe(proc_r.error())) ? 0 : 1;
   devfs::Process& proc = **proc_r;
   AddressSpace& as = proc.mm();
@@ -160,9 +159,9 @@ int run_migration_demo(const ExpectFn& expect) {
   // in place; nothing faults, and only MIGRATE_TO_SYS brings them back.
   dmirror::DmirrorDevice::Config coherent_cfg;
   coherent_cfg.memory_type = DevMemoryType::kDeviceCoherent;
-  Result<std::shared_ptr<dmirror::DmirrorDevice>> cdev = dmirror::DmirrorDevice::create(&mem, 2, coherent_cfg);
-  const std::string cname = std::string(HMM_DMIRROR_DEVICE_NAME) + "2";
-  if (!cdev || registry.add(cname, *cdev) != 0) return expect(false, "register the coherent device", "") ? 0 : 1;
+  Result<std::shared_ptr<dmirror::DmirrorDevice>> cdev = dmirror::add_unit(**machine, 2, coherent_cfg);
+  const std::string cname = dmirror::unit_name(2);
+  if (!cdev) return expect(false, "register the coherent device", "") ? 0 : 1;
   Result<int> cfd = devfs::open(cname, proc);
   if (!cfd) return expect(false, "open " + cname, errno_describe(cfd.error())) ? 0 : 1;
   active_fd = *cfd;
