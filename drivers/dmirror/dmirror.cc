@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "drivers/dmirror/page_copy.h"
+#include "gpusvm/base/sched_point.h"
 #include "gpusvm/mm/device_exclusive.h"
 
 namespace gpusvm::dmirror {
@@ -28,6 +29,12 @@ constexpr int kMaxFaultPasses = 1000;
 constexpr uint64_t kMaxBouncePages = 1ULL << 18;
 
 std::byte* frame_data(mm::PhysMem* mem, mm::Pfn pfn) { return mem->pfn_to_page(pfn)->data(); }
+
+// EXCLUSIVE: make_device_exclusive returned, the device entry is not stored yet.
+// Held: mmap read lock, the folio lock of the page.
+GPUSVM_SCHED_POINT(g_sp_exclusive_made, "dmirror.exclusive.made");
+// Device fault: hmm_range_fault returned 0, read_retry not checked yet. Held: nothing.
+GPUSVM_SCHED_POINT(g_sp_fault_walked, "dmirror.fault.walked");
 
 }  // namespace
 
@@ -145,6 +152,7 @@ int Dmirror::range_fault(mm::HmmRange* range) {
     }
     if (rc == -EBUSY) continue;
     if (rc) return rc;
+    g_sp_fault_walked.reach();
     if (dev_->config().after_range_fault) dev_->config().after_range_fault();
     mutex_.lock();
     if (notifier_.read_retry(range->notifier_seq)) {
@@ -391,6 +399,7 @@ int Dmirror::exclusive(hmm_dmirror_cmd& cmd) {
         break;
       }
       mm::Folio* folio = (*page)->head();
+      g_sp_exclusive_made.reach();
       {
         // The page is locked: the CPU cannot take it back (restoring the PTE needs the folio
         // lock) before this entry is stored, and the restore's invalidation erases it.

@@ -2,6 +2,7 @@
 #include <cstring>
 #include <optional>
 
+#include "gpusvm/base/sched_point.h"
 #include "gpusvm/mm/device_exclusive.h"
 #include "gpusvm/mm/devmap.h"
 #include "gpusvm/mm/hugetlb.h"
@@ -50,6 +51,10 @@ VmFault wait_for_migration(Folio* page) {
 }
 
 namespace {
+
+// wp_page_copy: the new page is allocated and filled, the PTE not re-read yet. Held: mmap
+// read lock, a reference on the source page.
+GPUSVM_SCHED_POINT(g_sp_cow_copied, "mm.fault.cow_copied");
 
 struct FaultCtx {
   AddressSpace& mm;
@@ -110,6 +115,7 @@ VmFault wp_page_copy(FaultCtx& f, Pte orig, Folio* src) {
   if (src) copy_page_data(folio, src);
   folio->set(kFolioAnon);
   folio->set_page(kPageAnonExclusive);
+  g_sp_cow_copied.reach();
   const unsigned i = pte_index(f.va);
   Folio* old_page = nullptr;
   // Replacing a present page must reach device mirrors (they may map the old one); filling a

@@ -2,11 +2,16 @@
 #include <cerrno>
 #include <vector>
 
+#include "gpusvm/base/sched_point.h"
 #include "gpusvm/mm/hugetlb.h"
 #include "gpusvm/mm/mm_internal.h"
 
 namespace gpusvm::mm {
 namespace {
+
+// mremap is about to move entries (and their rmap and migration records). Held: mmap write
+// lock, the rmap walk lock; no page-table lock yet.
+GPUSVM_SCHED_POINT(g_sp_records_moving, "mm.mremap.records_moving");
 
 // Re-points the mapping accounting of a moved entry from (mm, old_va) to (mm, new_va).
 void move_entry_rmap(AddressSpace& mm, Pte pte, Va old_va, Va new_va) {
@@ -186,6 +191,7 @@ Result<Va> AddressSpace::mremap(Va old_addr, uint64_t old_len, uint64_t new_len,
     {
       // Moves migration records too: no split during migration may move them meanwhile.
       ReadLock walk(&mem_->rmap_walk_lock());
+      g_sp_records_moving.reach();
       move_page_tables(*this, old_addr, new_addr, move_len);
     }
   }

@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "gpusvm/base/fault_inject.h"
+#include "gpusvm/base/sched_point.h"
 #include "gpusvm/mm/devmap.h"
 
 namespace gpusvm::mm {
@@ -290,9 +291,21 @@ uint64_t PhysMem::free_pages() const {
   return nr_free_;
 }
 
+namespace {
+// pfn_to_page of a device pfn found its pagemap's range, the registry lock is dropped. Reached
+// only by lookups made without a spin lock held (a lookup under the PTL of an entry that maps
+// the page is covered by the entry's reference). Held: the caller's sleeping locks.
+GPUSVM_SCHED_POINT(g_sp_pagemap_looked_up, "mm.devmap.pagemap_looked_up");
+
+// Whether the calling thread holds a spin lock (every spin lock of gpusvm/mm ranks at or
+// above the notifier subscriptions lock, every sleeping lock below it).
+bool holds_spin_lock() { return lockdep::max_held_rank() >= kNotifierSubsLockClass.rank; }
+}  // namespace
+
 Folio* PhysMem::pfn_to_page(Pfn pfn) {
   if (pfn < ram_pages_) return &frames_[pfn];
   DevPagemap* pgmap = pfn_to_pagemap(pfn);
+  if (pgmap && !holds_spin_lock()) g_sp_pagemap_looked_up.reach();
   return pgmap ? pgmap->pfn_to_page(pfn) : nullptr;
 }
 
