@@ -292,7 +292,7 @@ uint64_t PhysMem::free_pages() const {
 }
 
 namespace {
-// pfn_to_page of a device pfn found its pagemap's range, the registry lock is dropped. Reached
+// pfn_to_page of a device pfn found its descriptor, the registry lock is dropped. Reached
 // only by lookups made without a spin lock held (a lookup under the PTL of an entry that maps
 // the page is covered by the entry's reference). Held: the caller's sleeping locks.
 GPUSVM_SCHED_POINT(g_sp_pagemap_looked_up, "mm.devmap.pagemap_looked_up");
@@ -304,9 +304,22 @@ bool holds_spin_lock() { return lockdep::max_held_rank() >= kNotifierSubsLockCla
 
 Folio* PhysMem::pfn_to_page(Pfn pfn) {
   if (pfn < ram_pages_) return &frames_[pfn];
-  DevPagemap* pgmap = pfn_to_pagemap(pfn);
-  if (pgmap && !holds_spin_lock()) g_sp_pagemap_looked_up.reach();
-  return pgmap ? pgmap->pfn_to_page(pfn) : nullptr;
+  // The descriptor is found under the registry lock from the registry's own record: once
+  // the lock is dropped the pagemap may be unregistered and freed (a fault on a migration
+  // entry looks the pfn up after dropping the PTE lock, while RELEASE evicts and removes the
+  // chunk), but its descriptors are retired, never freed.
+  Folio* page = nullptr;
+  {
+    SpinLockGuard g(&registry_lock_);
+    for (const PagemapRange& r : pagemaps_) {
+      if (pfn >= r.start && pfn < r.start + r.nr) {
+        page = &r.frames[pfn - r.start];
+        break;
+      }
+    }
+  }
+  if (page && !holds_spin_lock()) g_sp_pagemap_looked_up.reach();
+  return page;
 }
 
 Folio* PhysMem::folio_of(Pfn pfn) {
@@ -314,7 +327,7 @@ Folio* PhysMem::folio_of(Pfn pfn) {
   return p ? p->head() : nullptr;
 }
 
-Result<Pfn> PhysMem::register_pagemap(DevPagemap* pgmap, uint64_t nr_pages) {
+Result<Pfn> PhysMem::register_pagemap(DevPagemap* pgmap, Folio* frames, uint64_t nr_pages) {
   SpinLockGuard g(&registry_lock_);
   if (next_device_pfn_ == 0) next_device_pfn_ = pmd_align_up(ram_pages_ << kPageShift) >> kPageShift;
   // Device pfns are PMD aligned so device-private THPs are possible.
@@ -322,7 +335,7 @@ Result<Pfn> PhysMem::register_pagemap(DevPagemap* pgmap, uint64_t nr_pages) {
   uint64_t span = pmd_align_up(nr_pages << kPageShift) >> kPageShift;
   if (start + span > (1ULL << 40)) return Err{-ENOSPC};
   next_device_pfn_ += span;
-  pagemaps_.push_back(PagemapRange{start, nr_pages, pgmap});
+  pagemaps_.push_back(PagemapRange{start, nr_pages, pgmap, frames});
   return start;
 }
 

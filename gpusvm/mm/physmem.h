@@ -319,13 +319,20 @@ class PhysMem {
   // The reserved slots, for mm::check.
   std::vector<std::pair<AddressSpace*, Va>> hugetlb_reservations() const;
 
-  // Device pagemaps: a pfn range above RAM for a driver's device-private frames.
-  // Returns the first pfn, or -ENOSPC.
-  Result<Pfn> register_pagemap(DevPagemap* pgmap, uint64_t nr_pages);
+  // Device pagemaps: a pfn range above RAM for a driver's device-private frames, whose
+  // descriptors are frames[0, nr_pages). Returns the first pfn, or -ENOSPC.
+  Result<Pfn> register_pagemap(DevPagemap* pgmap, Folio* frames, uint64_t nr_pages);
   // The pagemap's frame descriptors stay allocated until the machine goes: a thread that
   // looked a device page up without a reference (a fault waiting for a migration to end,
   // wait_for_migration) may still read the descriptor while the driver removes its memory.
+  // pfn_to_page resolves a device pfn to its descriptor under the registry lock and never
+  // touches the DevPagemap object, which the driver frees right after this call (the
+  // kernel's pfn_to_page is memmap arithmetic too; only the memmap's lifetime differs).
   void unregister_pagemap(DevPagemap* pgmap, std::unique_ptr<Folio[]> descriptors);
+  // The pagemap registered for pfn, or nullptr. The pointer stays valid only while the
+  // caller holds something that keeps one of its pages in use - a reference on the page, or
+  // the page-table lock over an entry that maps it (page_pgmap() rules): a pagemap is
+  // destroyed only once every page is free. Without that, use pfn_to_page.
   DevPagemap* pfn_to_pagemap(Pfn pfn);
 
   // Every live address space of this machine (for the checker and the reverse map).
@@ -397,7 +404,8 @@ class PhysMem {
   struct PagemapRange {
     Pfn start;
     uint64_t nr;
-    DevPagemap* pgmap;
+    DevPagemap* pgmap;  // valid while registered (see pfn_to_pagemap)
+    Folio* frames;      // its descriptors; outlive the pagemap (retired_descriptors_)
   };
   std::vector<PagemapRange> pagemaps_ GPUSVM_GUARDED_BY(registry_lock_);
   Pfn next_device_pfn_ GPUSVM_GUARDED_BY(registry_lock_) = 0;
