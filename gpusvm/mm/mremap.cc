@@ -10,8 +10,16 @@ namespace gpusvm::mm {
 namespace {
 
 // mremap is about to move entries (and their rmap and migration records). Held: mmap write
-// lock, the rmap walk lock; no page-table lock yet.
+// lock, the rmap walk lock (exclusive); no page-table lock yet.
 GPUSVM_SCHED_POINT(g_sp_records_moving, "mm.mremap.records_moving");
+
+// take_rmap_locks: move_huge_pmd and move_ptes hold the rmap walk lock exclusive. A walker
+// holds it shared from reading a folio's records to acting on them: remove_migration_ptes
+// takes a migration entry's record, then restores the entry at the record's address. An
+// entry moved in between has no record to re-point ("no rmap item"), and the restore finds
+// nothing at the old address, leaving a migration entry at the new one that no migration
+// will remove (seed 000's hang). Shared is not enough: mremap would walk in beside the
+// finalize. Held per move, not across split_huge_pmd.
 
 // Re-points the mapping accounting of a moved entry from (mm, old_va) to (mm, new_va).
 void move_entry_rmap(AddressSpace& mm, Pte pte, Va old_va, Va new_va) {
@@ -31,6 +39,8 @@ void move_entry_rmap(AddressSpace& mm, Pte pte, Va old_va, Va new_va) {
 // differ, which the static analysis cannot follow; the accessors assert both at run time.
 bool move_huge_pmd(AddressSpace& mm, PmdSlot src, PmdSlot dst, Va old_addr, Va new_addr)
     GPUSVM_NO_THREAD_SAFETY_ANALYSIS {
+  WriteLock rmap(&mm.mem()->rmap_walk_lock());  // take_rmap_locks (above)
+  g_sp_records_moving.reach();
   SpinLockGuard gs(&src.table->lock);
   const bool same = src.table == dst.table;
   if (!same) dst.table->lock.lock_nested(1);
@@ -54,6 +64,8 @@ bool move_huge_pmd(AddressSpace& mm, PmdSlot src, PmdSlot dst, Va old_addr, Va n
 // table each, and the destination table exists. Conditional second lock: see move_huge_pmd.
 void move_ptes(AddressSpace& mm, PmdSlot src, PmdSlot dst, Va old_addr, Va new_addr, uint64_t len)
     GPUSVM_NO_THREAD_SAFETY_ANALYSIS {
+  WriteLock rmap(&mm.mem()->rmap_walk_lock());  // take_rmap_locks (above)
+  g_sp_records_moving.reach();
   PageTable& pt = mm.page_table();
   PteTable* ts = pt.pte_offset_map_lock(src, 0);
   if (!ts) return;  // nothing mapped there any more
@@ -187,13 +199,10 @@ Result<Va> AddressSpace::mremap(Va old_addr, uint64_t old_len, uint64_t new_len,
   }
   if (int rc = prepare_destination(*this, old_addr, new_addr, move_len)) return Err{rc};
   {
+    // Each move takes the rmap walk lock exclusive (take_rmap_locks above): it moves migration
+    // records too, which no rmap walker may hold meanwhile.
     MmuInvalidation inv(*this, old_addr, old_addr + move_len, MmuNotifyEvent::kUnmap);
-    {
-      // Moves migration records too: no split during migration may move them meanwhile.
-      ReadLock walk(&mem_->rmap_walk_lock());
-      g_sp_records_moving.reach();
-      move_page_tables(*this, old_addr, new_addr, move_len);
-    }
+    move_page_tables(*this, old_addr, new_addr, move_len);
   }
   auto moved = std::make_unique<Vma>(*vma);
   moved->start = new_addr;
