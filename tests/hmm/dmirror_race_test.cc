@@ -207,21 +207,28 @@ class RecordingMirror : public mm::MmuIntervalNotifierOps {
 
 // Seed 001 replay: the owner-tagged MIGRATE invalidation is skipped (for erasing) only by the
 // migrating file; every other listener invalidates, and the sequence moves for all of them.
-// Files A (device 0) and B (device 1, another owner) mirror the same 8 pages; A has mapped
-// pages 0-3 already.
-//  1. threads FA and FB: READ of pages 4-7 on A and of pages 0-7 on B: each device fault
-//     samples its sequence, hmm_range_fault maps the system pages X, and stops at
-//     dmirror.fault.walked (before read_retry)
+// Files A (device 0) and B (device 1, another owner) mirror the same 8 pages, plus a plain
+// recording notifier; A and B have mapped pages 0-3 already.
+// Phase 1, the second listener:
+//  1. thread FB: READ of pages 0-7 on B: the device fault of pages 4-7 samples B's sequence,
+//     hmm_range_fault maps the system pages X, and FB stops at dmirror.fault.walked (before
+//     read_retry)
 //  2. thread M: MIGRATE_TO_DEV of pages 0-7 on A: migrate_vma_setup fires one MIGRATE
-//     invalidation tagged with device 0: A's callback recognises its own migration, sets the
-//     sequence and keeps its entries; B's callback and the recording mirror see a foreign
-//     one: B sets the sequence and erases. M stops at dmirror.migrate_to_dev.collected
-//  3. main, in the window: A still maps pages 0-3 (to X, which it unmaps before the copy), B
-//     maps nothing, the recording mirror saw MIGRATE with owner device 0
-//  4. M resumes: the pages move to device 0 (D); A maps D
-//  5. FA and FB resume: read_retry is true for both (each sequence moved in step 2), so
-//     neither stores X (freed in step 4): FA walks again and maps D; FB walks again, faults
-//     D back (device 1 may not map device 0's private pages) and maps the system copies.
+//     invalidation tagged with device 0: A's callback recognises its own migration, sets its
+//     sequence and keeps its entries; B's callback and the recording notifier see a foreign
+//     one: B sets its sequence and erases. M stops at dmirror.migrate_to_dev.collected
+//  3. main, in the window: A still maps pages 0-3 (it unmaps them itself before the copy),
+//     B maps nothing (its pages 0-3 were erased), the recording notifier saw MIGRATE with owner device 0
+//  4. M resumes: the pages move to device 0 (D), X is freed; A maps D
+//  5. FB resumes: read_retry is true, so it does not store X: it walks again, faults D back
+//     (device 1 may not map device 0's private pages) and maps the system copies
+// Phase 2, the migrating file's own sequence (nothing else runs meanwhile):
+//  6. thread FA: READ of pages 4-7 on A: walk maps the system pages Y, FA stops at
+//     dmirror.fault.walked
+//  7. MIGRATE_TO_DEV of pages 0-7 on A again: its own MIGRATE invalidation keeps A's entries
+//     but sets A's sequence; Y moves to the device and is freed
+//  8. FA resumes: read_retry is true (step 7), it walks again and maps the device pages. Had
+//     the skip also skipped set_seq (test_hmm), FA would store Y, a freed page.
 TEST_F(DmirrorRaceTest, Seed001_MigrateInvalidation_SecondListenerInvalidates_SequenceForBoth) {
   const int fa = hmm_open(*proc, 0);
   const int fb = hmm_open(*proc, 1);
@@ -230,32 +237,30 @@ TEST_F(DmirrorRaceTest, Seed001_MigrateInvalidation_SecondListenerInvalidates_Se
   constexpr uint64_t n = 8;
   auto buffer = filled(n);
   ASSERT_EQ(hmm_dmirror_cmd(*proc, fa, HMM_DMIRROR_READ, buffer.get(), 4), 0);
+  ASSERT_EQ(hmm_dmirror_cmd(*proc, fb, HMM_DMIRROR_READ, buffer.get(), 4), 0);
   ASSERT_EQ(file(fa)->pt_entries(), 4u);
+  ASSERT_EQ(file(fb)->pt_entries(), 4u);
   RecordingMirror rec_ops;
   mm::MmuIntervalNotifier rec;
   ASSERT_EQ(rec.insert(&proc->mm(), buffer->ptr, n * kPageSize, &rec_ops), 0);
-  const uint64_t retries_a = dev[0]->fault_retries.get(), retries_b = dev[1]->fault_retries.get();
 
-  HmmBuffer view_a, view_b;
-  view_a.ptr = buffer->ptr + 4 * kPageSize;
-  view_a.mirror.assign(4 * kIntsPerPage, -1);
+  // Phase 1.
+  const uint64_t retries_b = dev[1]->fault_retries.get();
+  HmmBuffer view_b;
   view_b.ptr = buffer->ptr;
   view_b.mirror.assign(n * kIntsPerPage, -1);
-  int rc_a = -1, rc_b = -1, rc_m = -1;
-  std::jthread ta;  // joined after the Pause below releases it
-  std::jthread tb;  // joined after the Pause below releases it
-  Pause walked("dmirror.fault.walked", {.stops = 2});
-  ASSERT_EQ(walked.status(), 0);
-  ta = std::jthread([&] { rc_a = hmm_dmirror_cmd(*proc, fa, HMM_DMIRROR_READ, &view_a, 4); });
-  tb = std::jthread([&] { rc_b = hmm_dmirror_cmd(*proc, fb, HMM_DMIRROR_READ, &view_b, n); });
-  ASSERT_TRUE(walked.wait_reached());
-  const auto deadline = std::chrono::steady_clock::now() + 10s;
-  while (walked.stopped() < 2 && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(1ms);
-  ASSERT_EQ(walked.stopped(), 2u) << "both device faults should be stopped after their walk";
+  int rc_b = -1, rc_m = -1;
   {
-    std::jthread tm;  // joined after the Pause below releases it
+    std::jthread tb, tm;  // joined after the Pauses below release them
+    Pause walked("dmirror.fault.walked", {.thread = "fb"});
     Pause collected("dmirror.migrate_to_dev.collected", {.thread = "m"});
+    ASSERT_EQ(walked.status(), 0);
     ASSERT_EQ(collected.status(), 0);
+    tb = std::jthread([&] {
+      sched_point::set_thread_name("fb");
+      rc_b = hmm_dmirror_cmd(*proc, fb, HMM_DMIRROR_READ, &view_b, n);
+    });
+    ASSERT_TRUE(walked.wait_reached());
     tm = std::jthread([&] {
       sched_point::set_thread_name("m");
       rc_m = hmm_dmirror_cmd(*proc, fa, HMM_DMIRROR_MIGRATE_TO_DEV, buffer.get(), n);
@@ -271,21 +276,49 @@ TEST_F(DmirrorRaceTest, Seed001_MigrateInvalidation_SecondListenerInvalidates_Se
     }
     collected.release();
     tm.join();
+    ASSERT_EQ(rc_m, 0);
+    EXPECT_EQ(buffer->cpages, n);
+    expect_ints(buffer->mirror.data(), n, {});
+    walked.release();
+    tb.join();
   }
-  ASSERT_EQ(rc_m, 0);
-  EXPECT_EQ(buffer->cpages, n);
-  expect_ints(buffer->mirror.data(), n, {});
-  walked.release();
-  ta.join();
-  tb.join();
-  ASSERT_EQ(rc_a, 0);
   ASSERT_EQ(rc_b, 0);
-  EXPECT_GE(dev[0]->fault_retries.get(), retries_a + 1) << "A's fault must retry after its own migration";
   EXPECT_GE(dev[1]->fault_retries.get(), retries_b + 1) << "B's fault must retry after A's migration";
-  for (uint64_t i = 0; i < 4 * kIntsPerPage; i++) ASSERT_EQ(view_a.mirror[i], pat(4 * kIntsPerPage + i)) << i;
   expect_ints(view_b.mirror.data(), n, {});
   ASSERT_NO_FATAL_FAILURE(expect_device_pt_matches_cpu(*proc, fa, buffer->ptr, n));
   ASSERT_NO_FATAL_FAILURE(expect_device_pt_matches_cpu(*proc, fb, buffer->ptr, n));
+  EXPECT_MM_CHECK_OK(*mem);
+
+  // Phase 2.
+  const uint64_t retries_a = dev[0]->fault_retries.get();
+  HmmBuffer view_a;
+  view_a.ptr = buffer->ptr + 4 * kPageSize;
+  view_a.mirror.assign(4 * kIntsPerPage, -1);
+  int rc_a = -1;
+  {
+    std::jthread ta;  // joined after the Pause below releases it
+    Pause walked("dmirror.fault.walked", {.thread = "fa"});
+    ASSERT_EQ(walked.status(), 0);
+    ta = std::jthread([&] {
+      sched_point::set_thread_name("fa");
+      rc_a = hmm_dmirror_cmd(*proc, fa, HMM_DMIRROR_READ, &view_a, 4);
+    });
+    ASSERT_TRUE(walked.wait_reached());
+    ASSERT_EQ(hmm_dmirror_cmd(*proc, fa, HMM_DMIRROR_MIGRATE_TO_DEV, buffer.get(), n), 0);
+    EXPECT_EQ(buffer->cpages, n);
+    walked.release();
+    ta.join();
+  }
+  ASSERT_EQ(rc_a, 0);
+  EXPECT_GE(dev[0]->fault_retries.get(), retries_a + 1) << "A's fault must retry after its own migration";
+  for (uint64_t i = 0; i < 4 * kIntsPerPage; i++) ASSERT_EQ(view_a.mirror[i], pat(4 * kIntsPerPage + i)) << i;
+  ASSERT_NO_FATAL_FAILURE(expect_device_pt_matches_cpu(*proc, fa, buffer->ptr, n));
+  ASSERT_NO_FATAL_FAILURE(expect_device_pt_matches_cpu(*proc, fb, buffer->ptr, n));
+  for (uint64_t i = 4; i < n; i++) {
+    std::optional<dmirror::DptEntry> e = file(fa)->pt_lookup(buffer->ptr + i * kPageSize);
+    ASSERT_TRUE(e.has_value()) << i;
+    EXPECT_TRUE(dev[0]->owns(mem->pfn_to_page(e->pfn))) << "page " << i << " should map device memory";
+  }
   rec.remove();
   ASSERT_NO_FATAL_FAILURE(expect_cpu(*proc, buffer->ptr, n));
   EXPECT_MM_CHECK_OK(*mem);
