@@ -349,7 +349,8 @@ class PhysMem {
   // that reaches into another address space's page tables without its mmap lock
   // (try_to_migrate, remove_migration_ptes) holds it shared; freeing a page table that is
   // still linked or an address space holds it exclusive, so a walker never follows a record
-  // into freed memory. Ranked after the folio lock, before page-table locks.
+  // into freed memory; so does whatever moves records a walker may hold (mremap's moves of
+  // entries, split_migrating_folio). Ranked after the folio lock, before page-table locks.
   RwLock& rmap_walk_lock() { return rmap_walk_lock_; }
 
   StatCounter stat_alloc_order0, stat_alloc_thp, stat_alloc_fail, stat_free_pages;
