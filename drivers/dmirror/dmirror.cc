@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "drivers/dmirror/page_copy.h"
+#include "gpusvm/base/log.h"
 #include "gpusvm/base/sched_point.h"
 #include "gpusvm/mm/device_exclusive.h"
 
@@ -462,7 +463,11 @@ int Dmirror::fault_in_writable(Va va) {
 int Dmirror::exclusive_page(Va va) {
   const auto deadline = std::chrono::steady_clock::now() + kRangeTimeout;
   for (int attempt = 0;; attempt++) {
-    if (std::chrono::steady_clock::now() > deadline) return -EBUSY;
+    if (std::chrono::steady_clock::now() > deadline) {
+      log::get().error("dmirror EXCLUSIVE {:#x}: invalidated on each of {} attempts in {} ms", va,
+                       attempt, kRangeTimeout.count());
+      return -EBUSY;
+    }
     if (attempt > 0) {
       if (int rc = fault_in_writable(va)) return rc;
     }
