@@ -69,7 +69,9 @@ TEST_F(RaceWindowTest, Mremap_WhileFinalizeHoldsMigrationRecords_WaitsForIt) {
   const bool entered = moving.wait_reached(500ms);
   EXPECT_FALSE(entered) << "mremap moved entries while a finalize held their migration records";
   taken.release();
-  if (!entered) ASSERT_TRUE(moving.wait_reached()) << "mremap never got the walk lock";
+  if (!entered) {
+    ASSERT_TRUE(moving.wait_reached()) << "mremap never got the walk lock";
+  }
   moving.release();
   e.join();
   m.join();
