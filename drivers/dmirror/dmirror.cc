@@ -7,6 +7,8 @@
 #include <cstring>
 
 #include "drivers/dmirror/page_copy.h"
+#include "gpusvm/base/log.h"
+#include "gpusvm/base/sched_point.h"
 #include "gpusvm/mm/device_exclusive.h"
 
 namespace gpusvm::dmirror {
@@ -27,7 +29,16 @@ constexpr int kMaxFaultPasses = 1000;
 // Largest request the driver bounces (test_hmm vmallocs the bounce buffer; we cap it).
 constexpr uint64_t kMaxBouncePages = 1ULL << 18;
 
+// The file whose make_device_exclusive the current thread is running (nullptr: none).
+thread_local const Dmirror* tls_exclusive = nullptr;
+
 std::byte* frame_data(mm::PhysMem* mem, mm::Pfn pfn) { return mem->pfn_to_page(pfn)->data(); }
+
+// EXCLUSIVE: make_device_exclusive returned, the device entry is not stored yet.
+// Held: mmap read lock, the folio lock of the page.
+GPUSVM_SCHED_POINT(g_sp_exclusive_made, "dmirror.exclusive.made");
+// Device fault: hmm_range_fault returned 0, read_retry not checked yet. Held: nothing.
+GPUSVM_SCHED_POINT(g_sp_fault_walked, "dmirror.fault.walked");
 
 }  // namespace
 
@@ -77,6 +88,15 @@ bool Dmirror::lock_for_invalidation(const mm::MmuNotifierRange& range) {
 bool Dmirror::invalidate(mm::MmuIntervalNotifier* n, const mm::MmuNotifierRange& range,
                          uint64_t cur_seq) {
   if (!lock_for_invalidation(range)) return false;
+  if (exclusive_in_this_thread() && range.event == mm::MmuNotifyEvent::kExclusive &&
+      range.owner == dev_->owner()) {
+    // Our own EXCLUSIVE request, before its entry is installed: the device drops its mapping
+    // of the page and stores the ATOMIC one after read_retry. Setting the sequence here would
+    // make that read_retry fail every time (see the design notes).
+    pt_.erase_range(range.start >> kPageShift, mm::page_align_up(range.end) >> kPageShift);
+    mutex_.unlock();
+    return true;
+  }
   // Always: a mirror fault of this file that sampled the sequence before this invalidation
   // must retry, whoever caused it (seed 001: the skip below must not break the protocol).
   n->set_seq(cur_seq);
@@ -145,6 +165,7 @@ int Dmirror::range_fault(mm::HmmRange* range) {
     }
     if (rc == -EBUSY) continue;
     if (rc) return rc;
+    g_sp_fault_walked.reach();
     if (dev_->config().after_range_fault) dev_->config().after_range_fault();
     mutex_.lock();
     if (notifier_.read_retry(range->notifier_seq)) {
@@ -382,24 +403,7 @@ int Dmirror::exclusive(hmm_dmirror_cmd& cmd) {
   int rc = 0;
   {
     ReadLock g(&mm_->mmap_lock());
-    for (Va va = start; va < end; va += kPageSize) {
-      // Owner NULL, as test_hmm: this file's own mirror sees the EXCLUSIVE invalidation too
-      // and drops the page, which is stored again, ATOMIC, below.
-      Result<mm::Folio*> page = mm::make_device_exclusive(*mm_, va, nullptr);
-      if (!page) {
-        rc = page.error();
-        break;
-      }
-      mm::Folio* folio = (*page)->head();
-      {
-        // The page is locked: the CPU cannot take it back (restoring the PTE needs the folio
-        // lock) before this entry is stored, and the restore's invalidation erases it.
-        MutexLock m(&mutex_);
-        pt_.store(va >> kPageShift, DptEntry{(*page)->pfn(), kDptWrite | kDptAtomic});
-      }
-      mm::folio_unlock(folio);
-      folio->put();
-    }
+    for (Va va = start; va < end && rc == 0; va += kPageSize) rc = exclusive_page(va);
   }
   if (rc) return rc;
   // Read the range back through the device page table for verification.
@@ -411,6 +415,84 @@ int Dmirror::exclusive(hmm_dmirror_cmd& cmd) {
   if (rc == 0) std::memcpy(out, b.buf.data(), b.buf.size());
   cmd.cpages = b.cpages;
   return rc;
+}
+
+class Dmirror::ExclusiveScope {
+ public:
+  explicit ExclusiveScope(const Dmirror* d) : prev_(tls_exclusive) { tls_exclusive = d; }
+  ~ExclusiveScope() { tls_exclusive = prev_; }
+  ExclusiveScope(const ExclusiveScope&) = delete;
+  ExclusiveScope& operator=(const ExclusiveScope&) = delete;
+
+ private:
+  const Dmirror* const prev_;
+};
+
+bool Dmirror::exclusive_in_this_thread() const { return tls_exclusive == this; }
+
+int Dmirror::fault_in_writable(Va va) {
+  mm_->mmap_assert_locked();
+  uint64_t pfn = 0;
+  mm::HmmRange range{.notifier = &notifier_,
+                     .start = va,
+                     .end = va + kPageSize,
+                     .hmm_pfns = &pfn,
+                     .default_flags = mm::HMM_PFN_REQ_FAULT | mm::HMM_PFN_REQ_WRITE,
+                     .pfn_flags_mask = 0,
+                     .dev_private_owner = dev_->owner()};
+  range.notifier_seq = notifier_.read_begin();
+  const int rc = mm::hmm_range_fault(&range);
+  return rc == -EBUSY ? 0 : rc;  // invalidated meanwhile: the caller's sequence check retries
+}
+
+// The protocol, step by step (why each one):
+//   1. seq = read_begin()        waits out invalidations in flight that reached us
+//   2. make_device_exclusive     the PTE becomes a device-exclusive entry for page F, F is
+//                                returned locked (the CPU, a migration and fork cannot take
+//                                it back without the folio lock)
+//   3. mutex; read_retry(seq)    a zap (MADV_DONTNEED needs neither the folio lock nor more
+//                                than the mmap read lock) may have removed the entry after
+//                                step 2 and left F to our reference alone: its invalidation
+//                                set the sequence under this mutex before the zap, so we
+//                                see it here, drop F and start over
+//   4. store ATOMIC entry        no invalidation since step 1: F still backs va, and the
+//                                next one erases the entry under this mutex
+// A retry's step 2 would first give the page back to the CPU (it is device-exclusive from
+// the previous attempt), a CLEAR invalidation that moves the sequence again: a retry faults
+// the page in writable before step 1.
+int Dmirror::exclusive_page(Va va) {
+  const auto deadline = std::chrono::steady_clock::now() + kRangeTimeout;
+  for (int attempt = 0;; attempt++) {
+    if (std::chrono::steady_clock::now() > deadline) {
+      log::get().error("dmirror EXCLUSIVE {:#x}: invalidated on each of {} attempts in {} ms", va,
+                       attempt, kRangeTimeout.count());
+      return -EBUSY;
+    }
+    if (attempt > 0) {
+      if (int rc = fault_in_writable(va)) return rc;
+    }
+    const uint64_t seq = notifier_.read_begin();
+    Result<mm::Folio*> page = Err{-EINVAL};
+    {
+      ExclusiveScope s(this);
+      page = mm::make_device_exclusive(*mm_, va, dev_->owner());
+    }
+    if (!page) return page.error();
+    mm::Folio* folio = (*page)->head();
+    g_sp_exclusive_made.reach();
+    bool stored = false;
+    {
+      MutexLock m(&mutex_);
+      if (!notifier_.read_retry(seq)) {
+        pt_.store(va >> kPageShift, DptEntry{(*page)->pfn(), kDptWrite | kDptAtomic});
+        stored = true;
+      }
+    }
+    mm::folio_unlock(folio);
+    folio->put();
+    if (stored) return 0;
+    dev_->fault_retries.add();
+  }
 }
 
 int Dmirror::check_exclusive(hmm_dmirror_cmd& cmd) {

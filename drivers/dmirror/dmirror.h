@@ -29,6 +29,15 @@
 //        in another thread invalidates its range, then collects - it could take the page the
 //        file is about to store): MIGRATE_TO_DEV waits it out with read_begin() first.
 //    Pages of the range that were not collected keep their entries: they did not move.
+//  - EXCLUSIVE programs each page under the notifier protocol, as a real driver must
+//    (nouveau_atomic_range_fault): read_begin, make_device_exclusive tagged with the device
+//    as owner, then under the mutex read_retry before the ATOMIC entry is stored, retried
+//    within 1 s. Any invalidation after read_begin (a MADV_DONTNEED zapping the new entry
+//    under the mmap read lock, the CPU taking the page back) makes it retry, else the device
+//    would keep an entry to a frame that is freed and reused. The one invalidation it must
+//    not count is its own EXCLUSIVE one (raised inside make_device_exclusive, in this thread,
+//    before the entry is installed): the callback erases the page for it but does not set
+//    the sequence. Every other file, and every other event, sets it as usual.
 //
 // Locking: mutex_ (gpusvm/base/lock_order.h) guards the device page table and the list of migrations in
 // flight. It is never held across a call into gpusvm/mm. flags_ is atomic (FLAGS may race
@@ -113,6 +122,18 @@ class Dmirror final : public devfs::File, private mm::MmuIntervalNotifierOps {
   int snapshot(hmm_dmirror_cmd& cmd) GPUSVM_EXCLUDES(mutex_);
   int exclusive(hmm_dmirror_cmd& cmd) GPUSVM_EXCLUDES(mutex_);
   int check_exclusive(hmm_dmirror_cmd& cmd) GPUSVM_EXCLUDES(mutex_);
+  // One page of EXCLUSIVE: makes va exclusive to the device and stores its ATOMIC entry
+  // under the notifier protocol. Returns 0, make_device_exclusive's errors, hmm_range_fault's
+  // (a retry faults the page in writable first), -EBUSY (1 s budget spent retrying).
+  // Context: mmap lock held (read), nothing else.
+  int exclusive_page(mm::Va va) GPUSVM_EXCLUDES(mutex_);
+  // Faults va in writable with hmm_range_fault (REQ_FAULT | REQ_WRITE), so that a following
+  // make_device_exclusive finds a writable PTE and raises no invalidation but its own.
+  int fault_in_writable(mm::Va va) GPUSVM_EXCLUDES(mutex_);
+  // Marks, for the calling thread, that this file runs make_device_exclusive, so the
+  // callback can tell its own EXCLUSIVE invalidation (see the design notes). RAII.
+  class ExclusiveScope;
+  bool exclusive_in_this_thread() const;
 
   // Device fault over [start, end): hmm_range_fault in chunks, entries stored. A write that
   // finds one of this device's own pages mapped read-only (mprotect made its entry read-only;

@@ -10,11 +10,18 @@
 #include "drivers/devfs/process.h"
 #include "drivers/dmirror/dmirror.h"
 #include "drivers/dmirror/migrate_copy.h"
+#include "gpusvm/base/sched_point.h"
 #include "gpusvm/mm/migrate.h"
 
 namespace gpusvm::dmirror {
 
 using mm::kPageSize;
+
+namespace {
+// RELEASE: migrate_device_range collected a chunk's pages (migration entries installed),
+// nothing copied yet. Held: the collected device folios' locks.
+GPUSVM_SCHED_POINT(g_sp_release_collected, "dmirror.release.collected");
+}  // namespace
 
 Result<std::shared_ptr<DmirrorDevice>> DmirrorDevice::create(mm::PhysMem* mem, int id, Config config) {
   if (!mem || config.chunk_pages == 0 || config.chunk_pages % mm::kPagesPerPmd != 0 ||
@@ -143,6 +150,7 @@ int DmirrorDevice::evict_chunk(Chunk* chunk) {
     }
     if (std::chrono::steady_clock::now() > deadline) return -EBUSY;
     if (int rc = mm::migrate_device_range(mem_, src.data(), chunk->pgmap->first_pfn(), n)) return rc;
+    g_sp_release_collected.reach();
     const uint64_t collected = evict_copy(src.data(), dst.data(), n);
     mm::migrate_device_pages(mem_, src.data(), dst.data(), n);
     mm::migrate_device_finalize(mem_, src.data(), dst.data(), n);

@@ -7,6 +7,7 @@
 
 #include "drivers/dmirror/dmirror.h"
 #include "drivers/dmirror/migrate_copy.h"
+#include "gpusvm/base/sched_point.h"
 
 namespace gpusvm::dmirror {
 
@@ -22,6 +23,11 @@ constexpr uint64_t kMaxBouncePages = 1ULL << 18;
 
 // The file whose migration the current thread is running (nullptr: none).
 thread_local const Dmirror* tls_migrating = nullptr;
+
+// MIGRATE_TO_DEV: migrate_vma_setup collected the chunk (its MIGRATE invalidation has run),
+// the device has not unmapped or copied anything yet. Held: mmap read lock, the collected
+// folios' locks.
+GPUSVM_SCHED_POINT(g_sp_to_dev_collected, "dmirror.migrate_to_dev.collected");
 
 // test_hmm's per-VMA, per-chunk loop: calls migrate(args) for each piece of [start, end) that
 // lies in one readable VMA and one chunk, selecting `flags` for `owner`. A hole or a VMA
@@ -125,6 +131,7 @@ int Dmirror::migrate_chunk_to_dev(mm::MigrateVma* args) {
     migrations_.erase(std::find(migrations_.begin(), migrations_.end(), &rec));
     return rc;
   }
+  g_sp_to_dev_collected.reach();
   // The device stops using the sources before their bytes are copied.
   unmap_collected(*args);
   mm::PhysMem* mem = dev_->mem();

@@ -12,7 +12,7 @@ Result<std::unique_ptr<DevPagemap>> DevPagemap::create(PhysMem* mem, uint64_t nr
   std::unique_ptr<DevPagemap> pgmap(new DevPagemap(mem, owner, ops, type));
   pgmap->frames_ = std::make_unique<Folio[]>(nr_pages);
   if (storage) pgmap->storage_ = std::make_unique<std::byte[]>(nr_pages << kPageShift);
-  Result<Pfn> first = mem->register_pagemap(pgmap.get(), nr_pages);
+  Result<Pfn> first = mem->register_pagemap(pgmap.get(), pgmap->frames_.get(), nr_pages);
   if (!first) return Err{first.error()};
   pgmap->first_pfn_ = *first;
   pgmap->nr_pages_ = nr_pages;

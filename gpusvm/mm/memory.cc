@@ -57,6 +57,10 @@ VmFault wait_for_migration(Folio* page) {
 
 namespace {
 
+// wp_page_copy: the new page is allocated and filled, the PTE not re-read yet. Held: mmap
+// read lock, a reference on the source page.
+GPUSVM_SCHED_POINT(g_sp_cow_copied, "mm.fault.cow_copied");
+
 struct FaultCtx {
   AddressSpace& mm;
   Vma& vma;
@@ -116,6 +120,7 @@ VmFault wp_page_copy(FaultCtx& f, Pte orig, Folio* src) {
   if (src) copy_page_data(folio, src);
   folio->set(kFolioAnon);
   folio->set_page(kPageAnonExclusive);
+  g_sp_cow_copied.reach();
   const unsigned i = pte_index(f.va);
   Folio* old_page = nullptr;
   // Replacing a present page must reach device mirrors (they may map the old one); filling a

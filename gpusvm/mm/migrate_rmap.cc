@@ -11,6 +11,7 @@
 #include <string>
 
 #include "gpusvm/base/lock.h"
+#include "gpusvm/base/sched_point.h"
 #include "gpusvm/mm/devmap.h"
 #include "gpusvm/mm/migrate_internal.h"
 #include "gpusvm/mm/mm_internal.h"
@@ -21,6 +22,10 @@ namespace {
 // Bounds the passes of remove_migration_ptes: each pass restores every record it took, so a
 // further pass happens only when fork copied one of our entries meanwhile.
 constexpr int kRestorePassBudget = 1000;
+
+// remove_migration_ptes took a batch of migration records, none restored yet. Held: the src
+// folio lock, the rmap walk lock (shared).
+GPUSVM_SCHED_POINT(g_sp_records_taken, "mm.migrate.records_taken");
 
 // The mapping that replaces migration entry `mig` of a page now living in `dst`.
 Pte entry_from_migration(Pte mig, const Folio* dst) {
@@ -158,6 +163,7 @@ void remove_migration_ptes(Folio* src, Folio* dst) {
   for (int pass = 0; pass < kRestorePassBudget; pass++) {
     std::vector<RmapItem> items = folio_take_migration_items(src);
     if (items.empty()) return;
+    g_sp_records_taken.reach();
     for (const RmapItem& item : items) {
       if (item.pmd) {
         restore_pmd(item, src, dst);

@@ -2,11 +2,24 @@
 #include <cerrno>
 #include <vector>
 
+#include "gpusvm/base/sched_point.h"
 #include "gpusvm/mm/hugetlb.h"
 #include "gpusvm/mm/mm_internal.h"
 
 namespace gpusvm::mm {
 namespace {
+
+// mremap is about to move entries (and their rmap and migration records). Held: mmap write
+// lock, the rmap walk lock (exclusive); no page-table lock yet.
+GPUSVM_SCHED_POINT(g_sp_records_moving, "mm.mremap.records_moving");
+
+// take_rmap_locks: move_huge_pmd and move_ptes hold the rmap walk lock exclusive. A walker
+// holds it shared from reading a folio's records to acting on them: remove_migration_ptes
+// takes a migration entry's record, then restores the entry at the record's address. An
+// entry moved in between has no record to re-point ("no rmap item"), and the restore finds
+// nothing at the old address, leaving a migration entry at the new one that no migration
+// will remove (seed 000's hang). Shared is not enough: mremap would walk in beside the
+// finalize. Held per move, not across split_huge_pmd.
 
 // Re-points the mapping accounting of a moved entry from (mm, old_va) to (mm, new_va).
 void move_entry_rmap(AddressSpace& mm, Pte pte, Va old_va, Va new_va) {
@@ -21,17 +34,32 @@ void move_entry_rmap(AddressSpace& mm, Pte pte, Va old_va, Va new_va) {
   }
 }
 
-// Moves a whole huge leaf from src to an empty dst PMD. Returns false if dst is not none
-// (the caller splits and moves PTEs instead). The second lock is taken only when the tables
-// differ, which the static analysis cannot follow; the accessors assert both at run time.
+// Whether the PTE table `t` maps nothing (prepare_destination's fresh table).
+bool pte_table_empty(PteTable* t) {
+  SpinLockGuard g(&t->ptl);
+  for (unsigned i = 0; i < kPtrsPerTable; i++) {
+    if (!t->get(i).is_none()) return false;
+  }
+  return true;
+}
+
+// Moves a whole huge leaf from src to dst, which is none or the empty PTE table that
+// prepare_destination allocated (freed here). Returns false if src is no longer a leaf or dst
+// maps something (the caller splits and moves PTEs instead). The second lock is taken only
+// when the tables differ, which the static analysis cannot follow; the accessors assert both
+// at run time.
 bool move_huge_pmd(AddressSpace& mm, PmdSlot src, PmdSlot dst, Va old_addr, Va new_addr)
     GPUSVM_NO_THREAD_SAFETY_ANALYSIS {
+  WriteLock rmap(&mm.mem()->rmap_walk_lock());  // take_rmap_locks (above)
+  g_sp_records_moving.reach();
   SpinLockGuard gs(&src.table->lock);
   const bool same = src.table == dst.table;
   if (!same) dst.table->lock.lock_nested(1);
   bool moved = false;
   Pmd pmd = src.table->get(src.index);
-  if (pmd.is_leaf() && dst.table->get(dst.index).is_none()) {
+  const Pmd old_dst = dst.table->get(dst.index);
+  PteTable* unused = old_dst.is_table() ? old_dst.table() : nullptr;
+  if (pmd.is_leaf() && (old_dst.is_none() || (unused && pte_table_empty(unused)))) {
     src.table->set(src.index, Pmd());
     PteTable* deposit = src.table->withdraw(src.index);
     dst.table->set(dst.index, pmd);
@@ -42,6 +70,7 @@ bool move_huge_pmd(AddressSpace& mm, PmdSlot src, PmdSlot dst, Va old_addr, Va n
     moved = true;
   }
   if (!same) dst.table->lock.unlock();
+  if (moved && unused) PageTable::free_pte_table(unused);  // mmap write lock: no walker sees it
   return moved;
 }
 
@@ -49,6 +78,8 @@ bool move_huge_pmd(AddressSpace& mm, PmdSlot src, PmdSlot dst, Va old_addr, Va n
 // table each, and the destination table exists. Conditional second lock: see move_huge_pmd.
 void move_ptes(AddressSpace& mm, PmdSlot src, PmdSlot dst, Va old_addr, Va new_addr, uint64_t len)
     GPUSVM_NO_THREAD_SAFETY_ANALYSIS {
+  WriteLock rmap(&mm.mem()->rmap_walk_lock());  // take_rmap_locks (above)
+  g_sp_records_moving.reach();
   PageTable& pt = mm.page_table();
   PteTable* ts = pt.pte_offset_map_lock(src, 0);
   if (!ts) return;  // nothing mapped there any more
@@ -67,18 +98,19 @@ void move_ptes(AddressSpace& mm, PmdSlot src, PmdSlot dst, Va old_addr, Va new_a
   PageTable::pte_unmap_unlock(ts);
 }
 
-// Allocates every destination table the move needs, so the move itself cannot fail.
-int prepare_destination(AddressSpace& mm, Va old_addr, Va new_addr, uint64_t len) {
+// Allocates every destination table the move may need, so the move itself cannot fail: a PTE
+// table for each destination PMD, also where the source is a huge leaf now. The leaf may be
+// split before it moves (the mmap write lock does not stop a split during an eviction's
+// migration, which reaches the leaf through the rmap), and then its PTEs need the table;
+// move_huge_pmd frees it when the leaf moves whole.
+int prepare_destination(AddressSpace& mm, Va new_addr, uint64_t len) {
   PageTable& pt = mm.page_table();
   for (uint64_t off = 0; off < len;) {
     const Va d = new_addr + off;
     const uint64_t step = std::min(pmd_align_down(d) + kPmdSize - d, len - off);
     Result<PmdSlot> slot = pt.pmd_alloc(d);
     if (!slot) return slot.error();
-    PmdSlot src = pt.pmd_lookup(old_addr + off);
-    const bool whole_leaf = src && src.load_lockless().is_leaf() && pmd_aligned(old_addr + off) &&
-                            pmd_aligned(d) && step == kPmdSize;
-    if (!whole_leaf && pt.pte_alloc(*slot) != 0) return -ENOMEM;
+    if (pt.pte_alloc(*slot) != 0) return -ENOMEM;
     off += step;
   }
   return 0;
@@ -100,10 +132,7 @@ void move_page_tables(AddressSpace& mm, Va old_addr, Va new_addr, uint64_t len) 
           off += step;
           continue;
         }
-        split_huge_pmd_walk_locked(mm, src, pmd_align_down(s));  // mremap holds the walk lock
-        if (!dst.load_lockless().is_table() && pt.pte_alloc(dst) != 0) {
-          panic("mremap: destination table vanished after preparation");
-        }
+        split_huge_pmd(mm, src, pmd_align_down(s));
       }
       move_ptes(mm, src, dst, s, d, step);
     }
@@ -180,14 +209,12 @@ Result<Va> AddressSpace::mremap(Va old_addr, uint64_t old_len, uint64_t new_len,
     split_huge_pmd_address(*this, old_addr + move_len);
     vmas_.split(vma, old_addr + move_len);
   }
-  if (int rc = prepare_destination(*this, old_addr, new_addr, move_len)) return Err{rc};
+  if (int rc = prepare_destination(*this, new_addr, move_len)) return Err{rc};
   {
+    // Each move takes the rmap walk lock exclusive (take_rmap_locks above): it moves migration
+    // records too, which no rmap walker may hold meanwhile.
     MmuInvalidation inv(*this, old_addr, old_addr + move_len, MmuNotifyEvent::kUnmap);
-    {
-      // Moves migration records too: no split during migration may move them meanwhile.
-      ReadLock walk(&mem_->rmap_walk_lock());
-      move_page_tables(*this, old_addr, new_addr, move_len);
-    }
+    move_page_tables(*this, old_addr, new_addr, move_len);
   }
   auto moved = std::make_unique<Vma>(*vma);
   moved->start = new_addr;

@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "gpusvm/base/fault_inject.h"
+#include "gpusvm/base/sched_point.h"
 #include "gpusvm/mm/devmap.h"
 
 namespace gpusvm::mm {
@@ -290,10 +291,35 @@ uint64_t PhysMem::free_pages() const {
   return nr_free_;
 }
 
+namespace {
+// pfn_to_page of a device pfn found its descriptor, the registry lock is dropped. Reached
+// only by lookups made without a spin lock held (a lookup under the PTL of an entry that maps
+// the page is covered by the entry's reference). Held: the caller's sleeping locks.
+GPUSVM_SCHED_POINT(g_sp_pagemap_looked_up, "mm.devmap.pagemap_looked_up");
+
+// Whether the calling thread holds a spin lock (every spin lock of gpusvm/mm ranks at or
+// above the notifier subscriptions lock, every sleeping lock below it).
+bool holds_spin_lock() { return lockdep::max_held_rank() >= kNotifierSubsLockClass.rank; }
+}  // namespace
+
 Folio* PhysMem::pfn_to_page(Pfn pfn) {
   if (pfn < ram_pages_) return &frames_[pfn];
-  DevPagemap* pgmap = pfn_to_pagemap(pfn);
-  return pgmap ? pgmap->pfn_to_page(pfn) : nullptr;
+  // The descriptor is found under the registry lock from the registry's own record: once
+  // the lock is dropped the pagemap may be unregistered and freed (a fault on a migration
+  // entry looks the pfn up after dropping the PTE lock, while RELEASE evicts and removes the
+  // chunk), but its descriptors are retired, never freed.
+  Folio* page = nullptr;
+  {
+    SpinLockGuard g(&registry_lock_);
+    for (const PagemapRange& r : pagemaps_) {
+      if (pfn >= r.start && pfn < r.start + r.nr) {
+        page = &r.frames[pfn - r.start];
+        break;
+      }
+    }
+  }
+  if (page && !holds_spin_lock()) g_sp_pagemap_looked_up.reach();
+  return page;
 }
 
 Folio* PhysMem::folio_of(Pfn pfn) {
@@ -301,7 +327,7 @@ Folio* PhysMem::folio_of(Pfn pfn) {
   return p ? p->head() : nullptr;
 }
 
-Result<Pfn> PhysMem::register_pagemap(DevPagemap* pgmap, uint64_t nr_pages) {
+Result<Pfn> PhysMem::register_pagemap(DevPagemap* pgmap, Folio* frames, uint64_t nr_pages) {
   SpinLockGuard g(&registry_lock_);
   if (next_device_pfn_ == 0) next_device_pfn_ = pmd_align_up(ram_pages_ << kPageShift) >> kPageShift;
   // Device pfns are PMD aligned so device-private THPs are possible.
@@ -309,7 +335,7 @@ Result<Pfn> PhysMem::register_pagemap(DevPagemap* pgmap, uint64_t nr_pages) {
   uint64_t span = pmd_align_up(nr_pages << kPageShift) >> kPageShift;
   if (start + span > (1ULL << 40)) return Err{-ENOSPC};
   next_device_pfn_ += span;
-  pagemaps_.push_back(PagemapRange{start, nr_pages, pgmap});
+  pagemaps_.push_back(PagemapRange{start, nr_pages, pgmap, frames});
   return start;
 }
 

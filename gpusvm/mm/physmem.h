@@ -319,13 +319,20 @@ class PhysMem {
   // The reserved slots, for mm::check.
   std::vector<std::pair<AddressSpace*, Va>> hugetlb_reservations() const;
 
-  // Device pagemaps: a pfn range above RAM for a driver's device-private frames.
-  // Returns the first pfn, or -ENOSPC.
-  Result<Pfn> register_pagemap(DevPagemap* pgmap, uint64_t nr_pages);
+  // Device pagemaps: a pfn range above RAM for a driver's device-private frames, whose
+  // descriptors are frames[0, nr_pages). Returns the first pfn, or -ENOSPC.
+  Result<Pfn> register_pagemap(DevPagemap* pgmap, Folio* frames, uint64_t nr_pages);
   // The pagemap's frame descriptors stay allocated until the machine goes: a thread that
   // looked a device page up without a reference (a fault waiting for a migration to end,
   // wait_for_migration) may still read the descriptor while the driver removes its memory.
+  // pfn_to_page resolves a device pfn to its descriptor under the registry lock and never
+  // touches the DevPagemap object, which the driver frees right after this call (the
+  // kernel's pfn_to_page is memmap arithmetic too; only the memmap's lifetime differs).
   void unregister_pagemap(DevPagemap* pgmap, std::unique_ptr<Folio[]> descriptors);
+  // The pagemap registered for pfn, or nullptr. The pointer stays valid only while the
+  // caller holds something that keeps one of its pages in use - a reference on the page, or
+  // the page-table lock over an entry that maps it (page_pgmap() rules): a pagemap is
+  // destroyed only once every page is free. Without that, use pfn_to_page.
   DevPagemap* pfn_to_pagemap(Pfn pfn);
 
   // Every live address space of this machine (for the checker and the reverse map).
@@ -342,7 +349,8 @@ class PhysMem {
   // that reaches into another address space's page tables without its mmap lock
   // (try_to_migrate, remove_migration_ptes) holds it shared; freeing a page table that is
   // still linked or an address space holds it exclusive, so a walker never follows a record
-  // into freed memory. Ranked after the folio lock, before page-table locks.
+  // into freed memory; so does whatever moves records a walker may hold (mremap's moves of
+  // entries, split_migrating_folio). Ranked after the folio lock, before page-table locks.
   RwLock& rmap_walk_lock() { return rmap_walk_lock_; }
 
   StatCounter stat_alloc_order0, stat_alloc_thp, stat_alloc_fail, stat_free_pages;
@@ -397,7 +405,8 @@ class PhysMem {
   struct PagemapRange {
     Pfn start;
     uint64_t nr;
-    DevPagemap* pgmap;
+    DevPagemap* pgmap;  // valid while registered (see pfn_to_pagemap)
+    Folio* frames;      // its descriptors; outlive the pagemap (retired_descriptors_)
   };
   std::vector<PagemapRange> pagemaps_ GPUSVM_GUARDED_BY(registry_lock_);
   Pfn next_device_pfn_ GPUSVM_GUARDED_BY(registry_lock_) = 0;
