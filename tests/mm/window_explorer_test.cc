@@ -126,7 +126,19 @@ std::vector<Victim> victims() {
        [](World& w) { (void)w.dev->migrate_to_system(*w.as, w.base, w.base + kRegion, MIGRATE_VMA_SELECT_COMPOUND); }},
       {"cpu_fault_on_device", to_device_a,
        [](World& w) { (void)cpu::load<uint64_t>(*w.as, w.base + 5 * kPageSize); }, true},
+      {"migrate_to_sys_4k",  // the device THPs split for 4 KiB system pages (seed 003)
+       [](World& w) {
+         to_device_a(w);
+         w.dev->fail_thp_alloc = true;
+       },
+       [](World& w) { (void)w.dev->migrate_to_system(*w.as, w.base, w.base + kRegion, MIGRATE_VMA_SELECT_COMPOUND); }},
       {"evict_by_pfn", to_device_a, [](World& w) { (void)w.dev->evict_all(); }},
+      {"evict_by_pfn_4k",
+       [](World& w) {
+         to_device_a(w);
+         w.dev->fail_thp_alloc = true;
+       },
+       [](World& w) { (void)w.dev->evict_all(); }},
       {"make_device_exclusive",
        nullptr,
        [](World& w) {
@@ -273,6 +285,7 @@ struct Tally {
 void explore_one(const Victim& v, const std::string& point, uint64_t nth, const Op& op, Tally& tally) {
   const std::string what = std::string(v.name) + " @" + point + "#" + std::to_string(nth) + " + " + op.name;
   SCOPED_TRACE(what);
+  if (std::getenv("GPUSVM_EXPLORE_VERBOSE")) std::fprintf(stderr, "explore: %s\n", what.c_str());
   World w;
   ASSERT_TRUE(make_world(w));
   if (op.prepare) op.prepare(w);
