@@ -40,7 +40,28 @@ DmirrorDevice::~DmirrorDevice() {
 Result<std::shared_ptr<devfs::File>> DmirrorDevice::open(devfs::Process& opener) {
   Result<std::shared_ptr<Dmirror>> d = Dmirror::create(shared_from_this(), opener.mm_ref());
   if (!d) return Err{d.error()};
+  {
+    MutexLock g(&devmem_lock_);
+    std::erase_if(files_, [](const std::weak_ptr<Dmirror>& f) { return f.expired(); });
+    files_.push_back(*d);
+  }
   return std::shared_ptr<devfs::File>(std::move(*d));
+}
+
+std::vector<std::string> DmirrorDevice::check_mirrors() {
+  std::vector<std::shared_ptr<Dmirror>> files;
+  {
+    // Copied out: check_mirror takes the mmap lock, which ranks before devmem_lock_.
+    MutexLock g(&devmem_lock_);
+    for (const std::weak_ptr<Dmirror>& f : files_) {
+      if (std::shared_ptr<Dmirror> file = f.lock()) files.push_back(std::move(file));
+    }
+  }
+  std::vector<std::string> problems;
+  for (const std::shared_ptr<Dmirror>& f : files) {
+    for (std::string& p : f->check_mirror()) problems.push_back(std::move(p));
+  }
+  return problems;
 }
 
 int DmirrorDevice::add_chunk() {

@@ -75,8 +75,20 @@ void HmmMachine::start() {
   proc = std::move(*p);
 }
 
+void HmmMachine::expect_mirrors_ok() {
+  for (int i = 0; i < kDmirrorUnits; i++) {
+    if (!dev[i]) continue;
+    const std::vector<std::string> problems = dev[i]->check_mirrors();
+    std::string all;
+    for (size_t k = 0; k < problems.size() && k < 20; k++) all += problems[k] + "\n";
+    EXPECT_TRUE(problems.empty()) << problems.size() << " stale device mapping(s) on device " << i
+                                  << ":\n" << all;
+  }
+}
+
 void HmmMachine::stop() {
   if (!mem) return;
+  expect_mirrors_ok();
   EXPECT_MM_CHECK_OK(*mem);
   proc.reset();  // exit: unmaps everything, closes the fds
   EXPECT_MM_CHECK_OK(*mem);
