@@ -36,6 +36,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -147,6 +148,11 @@ class Dmirror final : public devfs::File, private mm::MmuIntervalNotifierOps {
   // Copies between the device page table and the bounce buffer, from b->done onwards.
   // -ENOENT at the first page without a (writable) entry.
   int do_read_locked(mm::Va end, Bounce* b) GPUSVM_REQUIRES(mutex_);
+  // READ / WRITE repeat a fault pass only when an invalidation erased entries between the
+  // fault and the copy: true (logged, naming the range) once kMaxFaultPasses passes or
+  // hang_timeout() are spent, and the request fails -EBUSY.
+  bool fault_passes_exhausted(int pass, std::chrono::steady_clock::time_point deadline, mm::Va at,
+                              mm::Va end, const char* what) const;
   int do_write_locked(mm::Va end, Bounce* b) GPUSVM_REQUIRES(mutex_);
   uint8_t snapshot_entry(uint64_t hmm_pfn) const;
   // check_mirror's test of one entry; "" when it matches the CPU page table. mmap lock

@@ -10,11 +10,32 @@
 #include "drivers/devfs/process.h"
 #include "drivers/dmirror/dmirror.h"
 #include "drivers/dmirror/migrate_copy.h"
+#include "gpusvm/base/log.h"
 #include "gpusvm/mm/migrate.h"
 
 namespace gpusvm::dmirror {
 
 using mm::kPageSize;
+
+namespace {
+
+// RELEASE could not evict every page of `pgmap` within hang_timeout(): names the first
+// pages still in use (their lock holder is usually who keeps them).
+void log_busy_pages(int id, mm::DevPagemap& pgmap) {
+  std::string busy;
+  int shown = 0;
+  uint64_t in_use = 0;
+  for (mm::Pfn pfn = pgmap.first_pfn(); pfn < pgmap.first_pfn() + pgmap.nr_pages(); pfn++) {
+    const mm::Folio* f = pgmap.pfn_to_page(pfn);
+    if (!f->is_head() || f->refcount() == 0) continue;
+    in_use++;
+    if (shown++ < 4) busy += std::string(busy.empty() ? "" : "; ") + mm::folio_describe(f);
+  }
+  log::get().error("dmirror{}: release: {} device folios still in use after {} ms, e.g. {}", id,
+                   in_use, hang_timeout().count(), busy);
+}
+
+}  // namespace
 
 Result<std::shared_ptr<DmirrorDevice>> DmirrorDevice::create(mm::PhysMem* mem, int id, Config config) {
   if (!mem || config.chunk_pages == 0 || config.chunk_pages % mm::kPagesPerPmd != 0 ||
@@ -162,7 +183,10 @@ int DmirrorDevice::evict_chunk(Chunk* chunk) {
       SpinLockGuard g(&free_lock_);
       if (chunk->in_use == 0) return 0;
     }
-    if (std::chrono::steady_clock::now() > deadline) return -EBUSY;
+    if (std::chrono::steady_clock::now() > deadline) {
+      log_busy_pages(id_, *chunk->pgmap);
+      return -EBUSY;
+    }
     if (int rc = mm::migrate_device_range(mem_, src.data(), chunk->pgmap->first_pfn(), n)) return rc;
     const uint64_t collected = evict_copy(src.data(), dst.data(), n);
     mm::migrate_device_pages(mem_, src.data(), dst.data(), n);

@@ -14,6 +14,7 @@
 #include "gpusvm/mm/device_exclusive.h"
 #include "tests/base/log_capture.h"
 #include "tests/base/test_util.h"
+#include "tests/mm/leaked_folio_lock.h"
 #include "tests/mm/mm_test_util.h"
 #include "tests/mm/test_device.h"
 
@@ -34,43 +35,6 @@ std::string hex(uint64_t v) {
   std::snprintf(buf, sizeof(buf), "%#llx", static_cast<unsigned long long>(v));
   return buf;
 }
-
-// A folio lock taken by another thread and kept until release(): what a waiter sees of a
-// leaked lock. (The waiter must not be the holder: it takes the mmap lock, which ranks above
-// the folio lock.) `take` runs in the holder thread and returns the folio it locked;
-// `give_back` runs there at release.
-class LeakedFolioLock {
- public:
-  LeakedFolioLock(std::function<Folio*()> take, std::function<void(Folio*)> give_back)
-      : thread_([this, take = std::move(take), give_back = std::move(give_back)] {
-          Folio* f = take();
-          tid_ = current_tid();
-          folio_ = f;
-          locked_ = true;
-          // Bounded: a test that forgets to release does not keep the thread forever.
-          (void)wait_until([this] { return release_.load(); }, 60s);
-          if (f) give_back(f);
-        }) {
-    EXPECT_TRUE(wait_until([this] { return locked_.load(); })) << "holder did not lock";
-  }
-  explicit LeakedFolioLock(Folio* folio)
-      : LeakedFolioLock([folio] { folio_lock(folio); return folio; },
-                        [](Folio* f) { folio_unlock(f); }) {}
-  ~LeakedFolioLock() { release(); }
-  void release() {
-    release_ = true;
-    if (thread_.joinable()) thread_.join();
-  }
-  pid_t tid() const { return tid_; }
-  Folio* folio() const { return folio_; }
-
- private:
-  std::atomic<bool> locked_{false};
-  std::atomic<bool> release_{false};
-  pid_t tid_ = 0;
-  Folio* folio_ = nullptr;
-  std::thread thread_;
-};
 
 class BoundedWaitTest : public MmTest {
  protected:
