@@ -30,10 +30,12 @@ int hmm_dmirror_cmd(devfs::Process& p, int fd, unsigned long request, HmmBuffer*
   cmd.addr = buffer->ptr;
   cmd.ptr = reinterpret_cast<uintptr_t>(buffer->mirror.data());
   cmd.npages = npages;
-  for (;;) {
+  // Restarted on -EINTR like the C harness, but bounded (dmirror never returns it today).
+  for (int tries = 0;; tries++) {
     const int rc = devfs::ioctl(p, fd, request, &cmd);
     if (rc == 0) break;
-    if (rc == -EINTR) continue;
+    if (rc == -EINTR && tries < 1000) continue;
+    EXPECT_NE(rc, -EINTR) << "ioctl " << request << " still -EINTR after 1000 tries";
     return rc;
   }
   buffer->cpages = cmd.cpages;
