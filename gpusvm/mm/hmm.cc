@@ -37,10 +37,11 @@ enum NeedFault : unsigned {
   kNeedWriteFault = 1u << 1,
 };
 
-// The walk restarts after each fault, wait or split: each made progress or waited for someone
-// else's, so a walk still restarting after hang_timeout() is a livelock (invalidations keep
-// undoing its faults; a folio that stays locked while the walk may not wait for it) or a bug
-// (a leaked folio lock). Then it fails -ETIMEDOUT and logs what the last restart was for.
+// The walk restarts after each fault, wait or split, at the address it stopped at (w.last).
+// A walk whose restart point has not moved forward for hang_timeout() is a livelock
+// (invalidations keep undoing its faults; a folio that stays locked while the walk may not
+// wait for it) or a bug (a leaked folio lock): it fails -ETIMEDOUT and logs what the last
+// restart was for. A long walk that keeps advancing is not cut short.
 // Re-reads of one PMD that keeps changing under the walk before it restarts the walk instead
 // (so that the restart deadline bounds them too).
 constexpr int kPmdRereads = 64;
@@ -502,11 +503,11 @@ Pfn entry_pfn_at(AddressSpace& mm, Va va) {
 void log_no_progress(AddressSpace& mm, const HmmWalk& w, uint64_t restarts) {
   const Pfn pfn = w.restart_pfn ? w.restart_pfn : entry_pfn_at(mm, w.restart_va);
   Folio* folio = pfn ? mm.mem()->folio_of(pfn) : nullptr;
-  log::get().error("hmm_range_fault [{:#x}, {:#x}){}: no progress after {} restarts in {} ms; "
-                   "last restart: {} at {:#x}{}{}",
-                   w.range->start, w.range->end, w.migrating() ? " (migrating)" : "", restarts + 1,
-                   hang_timeout().count(), w.restart_why ? w.restart_why : "?", w.restart_va,
-                   folio ? ", folio " : "", folio ? folio_describe(folio) : std::string());
+  log::get().error("hmm_range_fault [{:#x}, {:#x}){}: no progress past {:#x} for {} ms ({} "
+                   "restarts); last restart: {} at {:#x}{}{}",
+                   w.range->start, w.range->end, w.migrating() ? " (migrating)" : "", w.last,
+                   hang_timeout().count(), restarts + 1, w.restart_why ? w.restart_why : "?",
+                   w.restart_va, folio ? ", folio " : "", folio ? folio_describe(folio) : std::string());
 }
 
 }  // namespace
@@ -527,8 +528,10 @@ int hmm_walk_range(AddressSpace& mm, HmmRange* range, unsigned select, Folio* fa
     inv.emplace(mm, range->start, range->end, MmuNotifyEvent::kMigrate, range->dev_private_owner);
   }
   int rc = -EBUSY;
-  // Started at the first restart: a walk that needs none never reads the clock.
+  // Started at the first restart (a walk that needs none never reads the clock) and moved
+  // whenever the restart point advances.
   std::chrono::steady_clock::time_point deadline{};
+  Va progress = 0;
   for (uint64_t restarts = 0;; restarts++) {
     // An invalidation since read_begin makes everything gathered so far suspect.
     if (!w.migrating() && range->notifier && range->notifier->read_retry(range->notifier_seq)) {
@@ -543,8 +546,9 @@ int hmm_walk_range(AddressSpace& mm, HmmRange* range, unsigned select, Folio* fa
     if (rc != -EBUSY) break;
     mm.stats().hmm_restarts.add();
     const auto now = std::chrono::steady_clock::now();
-    if (restarts == 0) {
+    if (restarts == 0 || w.last > progress) {
       deadline = now + hang_timeout();
+      progress = w.last;
     } else if (now > deadline) {
       log_no_progress(mm, w, restarts);
       rc = -ETIMEDOUT;
