@@ -11,6 +11,8 @@
 
 #include <cstdint>
 #include <map>
+#include <utility>
+#include <vector>
 
 #include "gpusvm/mm/types.h"
 
@@ -47,6 +49,8 @@ class DevicePt {
     return false;
   }
   size_t size() const { return map_.size(); }
+  // Every (vpn, entry), in address order (a copy: for checks, not for the fast path).
+  std::vector<std::pair<uint64_t, DptEntry>> entries() const { return {map_.begin(), map_.end()}; }
   void clear() { map_.clear(); }
 
  private:

@@ -155,15 +155,25 @@ int Dmirror::ioctl(devfs::Process& caller, unsigned long request, void* arg) {
 
 int Dmirror::range_fault(mm::HmmRange* range) {
   const auto deadline = std::chrono::steady_clock::now() + kRangeTimeout;
+  uint64_t busy = 0, collisions = 0;  // for the diagnostic
   for (;;) {
-    if (std::chrono::steady_clock::now() > deadline) return -EBUSY;
+    if (std::chrono::steady_clock::now() > deadline) {
+      log::get().error("dmirror{}: device fault [{:#x}, {:#x}) still invalidated after {} ms: {} "
+                       "hmm_range_fault -EBUSY, {} read_retry collisions, last notifier seq {}",
+                       dev_->id(), range->start, range->end, kRangeTimeout.count(), busy, collisions,
+                       range->notifier_seq);
+      return -EBUSY;
+    }
     range->notifier_seq = notifier_.read_begin();
     int rc;
     {
       ReadLock g(&mm_->mmap_lock());
       rc = mm::hmm_range_fault(range);
     }
-    if (rc == -EBUSY) continue;
+    if (rc == -EBUSY) {
+      busy++;
+      continue;
+    }
     if (rc) return rc;
     g_sp_fault_walked.reach();
     if (dev_->config().after_range_fault) dev_->config().after_range_fault();
@@ -171,6 +181,7 @@ int Dmirror::range_fault(mm::HmmRange* range) {
     if (notifier_.read_retry(range->notifier_seq)) {
       mutex_.unlock();
       dev_->fault_retries.add();
+      collisions++;
       continue;
     }
     return 0;  // with mutex_ held: the caller stores the result before an invalidation can run
@@ -232,6 +243,14 @@ int Dmirror::fault(Va start, Va end, bool write) {
   return 0;
 }
 
+bool Dmirror::fault_passes_exhausted(int pass, std::chrono::steady_clock::time_point deadline, Va at,
+                                     Va end, const char* what) const {
+  if (pass < kMaxFaultPasses && std::chrono::steady_clock::now() <= deadline) return false;
+  log::get().error("dmirror{}: {} [{:#x}, {:#x}): entries still erased between fault and copy "
+                   "after {} fault passes", dev_->id(), what, at, end, pass);
+  return true;
+}
+
 int Dmirror::do_read_locked(Va end, Bounce* b) {
   mutex_.assert_held();
   for (Va va = b->addr + (b->cpages << kPageShift); va < end; va += kPageSize) {
@@ -262,12 +281,17 @@ int Dmirror::read(hmm_dmirror_cmd& cmd) {
   const Va end = start + (cmd.npages << kPageShift);
   Bounce b{start, std::vector<std::byte>(cmd.npages << kPageShift)};
   int rc = -EBUSY;
+  const auto deadline = std::chrono::steady_clock::now() + hang_timeout();
   for (int pass = 0; pass <= kMaxFaultPasses; pass++) {
     {
       MutexLock g(&mutex_);
       rc = do_read_locked(end, &b);
     }
     if (rc != -ENOENT) break;
+    if (fault_passes_exhausted(pass, deadline, start + (b.cpages << kPageShift), end, "READ")) {
+      rc = -EBUSY;
+      break;
+    }
     rc = fault(start + (b.cpages << kPageShift), end, /*write=*/false);
     if (rc) break;
     cmd.faults++;
@@ -287,12 +311,17 @@ int Dmirror::write(hmm_dmirror_cmd& cmd) {
   Bounce b{start, std::vector<std::byte>(cmd.npages << kPageShift)};
   std::memcpy(b.buf.data(), in, b.buf.size());  // copy_from_user
   int rc = -EBUSY;
+  const auto deadline = std::chrono::steady_clock::now() + hang_timeout();
   for (int pass = 0; pass <= kMaxFaultPasses; pass++) {
     {
       MutexLock g(&mutex_);
       rc = do_write_locked(end, &b);
     }
     if (rc != -ENOENT) break;
+    if (fault_passes_exhausted(pass, deadline, start + (b.cpages << kPageShift), end, "WRITE")) {
+      rc = -EBUSY;
+      break;
+    }
     rc = fault(start + (b.cpages << kPageShift), end, /*write=*/true);
     if (rc) break;
     cmd.faults++;
@@ -367,6 +396,9 @@ int Dmirror::snapshot(hmm_dmirror_cmd& cmd) {
     int rc;
     for (;;) {
       if (std::chrono::steady_clock::now() > deadline) {
+        log::get().error("dmirror{}: SNAPSHOT [{:#x}, {:#x}) still invalidated after {} ms (last "
+                         "notifier seq {})", dev_->id(), addr, next, kRangeTimeout.count(),
+                         range.notifier_seq);
         rc = -EBUSY;
         break;
       }

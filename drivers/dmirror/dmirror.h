@@ -45,10 +45,12 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "drivers/devfs/device.h"
@@ -87,6 +89,23 @@ class Dmirror final : public devfs::File, private mm::MmuIntervalNotifierOps {
   // The device page table, for tests: number of entries, and the entry of va's page.
   size_t pt_entries() const GPUSVM_EXCLUDES(mutex_);
   std::optional<DptEntry> pt_lookup(mm::Va va) const GPUSVM_EXCLUDES(mutex_);
+
+  // The device page table against the CPU page table (the driver's half of mm::check): every
+  // entry must point at exactly the frame that backs its address in the CPU page table now -
+  // the present page (a PMD leaf's page at that offset), or the device page of a
+  // device-private or device-exclusive entry - with no more access than that entry grants
+  // (kDptWrite only over a writable entry, kDptAtomic only over a device-exclusive one). A
+  // mismatch is a stale device mapping: an invalidation the mirror missed or ignored, and the
+  // device reads or writes a frame that no longer holds its address's data.
+  // Returns the problems, one line each (empty: consistent). Call at a quiescent point (no
+  // migration or device fault of this file in flight: a migration stores its destinations
+  // before finalize removes the migration entries). Takes the mmap lock (read), mutex_ and
+  // page-table locks; no gpusvm lock may be held.
+  std::vector<std::string> check_mirror() const GPUSVM_EXCLUDES(mutex_);
+  // Test hook: stores `e` for va's page as a buggy driver would, bypassing the notifier
+  // protocol (to prove that check_mirror() sees it).
+  void TEST_pt_store(mm::Va va, DptEntry e) GPUSVM_EXCLUDES(mutex_);
+  void TEST_pt_erase(mm::Va va) GPUSVM_EXCLUDES(mutex_);
 
  private:
   class SnapshotInterval;
@@ -150,8 +169,16 @@ class Dmirror final : public devfs::File, private mm::MmuIntervalNotifierOps {
   // Copies between the device page table and the bounce buffer, from b->done onwards.
   // -ENOENT at the first page without a (writable) entry.
   int do_read_locked(mm::Va end, Bounce* b) GPUSVM_REQUIRES(mutex_);
+  // READ / WRITE repeat a fault pass only when an invalidation erased entries between the
+  // fault and the copy: true (logged, naming the range) once kMaxFaultPasses passes or
+  // hang_timeout() are spent, and the request fails -EBUSY.
+  bool fault_passes_exhausted(int pass, std::chrono::steady_clock::time_point deadline, mm::Va at,
+                              mm::Va end, const char* what) const;
   int do_write_locked(mm::Va end, Bounce* b) GPUSVM_REQUIRES(mutex_);
   uint8_t snapshot_entry(uint64_t hmm_pfn) const;
+  // check_mirror's test of one entry; "" when it matches the CPU page table. mmap lock
+  // (read) and mutex_ held.
+  std::string check_entry_locked(uint64_t vpn, const DptEntry& e) const GPUSVM_REQUIRES(mutex_);
 
   // Migration helpers (dmirror_migrate.cc).
   // One migrate_vma chunk system -> device: collect, copy, commit, map.

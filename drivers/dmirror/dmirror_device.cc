@@ -10,6 +10,7 @@
 #include "drivers/devfs/process.h"
 #include "drivers/dmirror/dmirror.h"
 #include "drivers/dmirror/migrate_copy.h"
+#include "gpusvm/base/log.h"
 #include "gpusvm/base/sched_point.h"
 #include "gpusvm/mm/migrate.h"
 
@@ -21,6 +22,23 @@ namespace {
 // RELEASE: migrate_device_range collected a chunk's pages (migration entries installed),
 // nothing copied yet. Held: the collected device folios' locks.
 GPUSVM_SCHED_POINT(g_sp_release_collected, "dmirror.release.collected");
+
+// RELEASE could not evict every page of `pgmap` within hang_timeout(): names the first
+// pages still in use (their lock holder is usually who keeps them).
+void log_busy_pages(int id, mm::DevPagemap& pgmap) {
+  std::string busy;
+  int shown = 0;
+  uint64_t in_use = 0;
+  for (mm::Pfn pfn = pgmap.first_pfn(); pfn < pgmap.first_pfn() + pgmap.nr_pages(); pfn++) {
+    const mm::Folio* f = pgmap.pfn_to_page(pfn);
+    if (!f->is_head() || f->refcount() == 0) continue;
+    in_use++;
+    if (shown++ < 4) busy += std::string(busy.empty() ? "" : "; ") + mm::folio_describe(f);
+  }
+  log::get().error("dmirror{}: release: {} device folios still in use after {} ms, e.g. {}", id,
+                   in_use, hang_timeout().count(), busy);
+}
+
 }  // namespace
 
 Result<std::shared_ptr<DmirrorDevice>> DmirrorDevice::create(mm::PhysMem* mem, int id, Config config) {
@@ -47,7 +65,28 @@ DmirrorDevice::~DmirrorDevice() {
 Result<std::shared_ptr<devfs::File>> DmirrorDevice::open(devfs::Process& opener) {
   Result<std::shared_ptr<Dmirror>> d = Dmirror::create(shared_from_this(), opener.mm_ref());
   if (!d) return Err{d.error()};
+  {
+    MutexLock g(&devmem_lock_);
+    std::erase_if(files_, [](const std::weak_ptr<Dmirror>& f) { return f.expired(); });
+    files_.push_back(*d);
+  }
   return std::shared_ptr<devfs::File>(std::move(*d));
+}
+
+std::vector<std::string> DmirrorDevice::check_mirrors() {
+  std::vector<std::shared_ptr<Dmirror>> files;
+  {
+    // Copied out: check_mirror takes the mmap lock, which ranks before devmem_lock_.
+    MutexLock g(&devmem_lock_);
+    for (const std::weak_ptr<Dmirror>& f : files_) {
+      if (std::shared_ptr<Dmirror> file = f.lock()) files.push_back(std::move(file));
+    }
+  }
+  std::vector<std::string> problems;
+  for (const std::shared_ptr<Dmirror>& f : files) {
+    for (std::string& p : f->check_mirror()) problems.push_back(std::move(p));
+  }
+  return problems;
 }
 
 int DmirrorDevice::add_chunk() {
@@ -148,7 +187,10 @@ int DmirrorDevice::evict_chunk(Chunk* chunk) {
       SpinLockGuard g(&free_lock_);
       if (chunk->in_use == 0) return 0;
     }
-    if (std::chrono::steady_clock::now() > deadline) return -EBUSY;
+    if (std::chrono::steady_clock::now() > deadline) {
+      log_busy_pages(id_, *chunk->pgmap);
+      return -EBUSY;
+    }
     if (int rc = mm::migrate_device_range(mem_, src.data(), chunk->pgmap->first_pfn(), n)) return rc;
     g_sp_release_collected.reach();
     const uint64_t collected = evict_copy(src.data(), dst.data(), n);

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -35,6 +36,8 @@
 #include "gpusvm/mm/physmem.h"
 
 namespace gpusvm::dmirror {
+
+class Dmirror;
 
 class DmirrorDevice final : public devfs::Device,
                             public mm::DevPagemapOps,
@@ -104,6 +107,10 @@ class DmirrorDevice final : public devfs::Device,
   // Whether any device page is in use (allocated and not freed).
   bool any_page_in_use() const GPUSVM_EXCLUDES(devmem_lock_, free_lock_);
 
+  // Dmirror::check_mirror() of every file of this device still open (tests run it after
+  // every scenario, next to mm::check). Context and quiescence as check_mirror.
+  std::vector<std::string> check_mirrors() GPUSVM_EXCLUDES(devmem_lock_);
+
   // Statistics for tests.
   uint64_t pages_in_use() const GPUSVM_EXCLUDES(devmem_lock_);
   size_t chunk_count() const GPUSVM_EXCLUDES(devmem_lock_);
@@ -146,6 +153,8 @@ class DmirrorDevice final : public devfs::Device,
   std::vector<std::unique_ptr<Chunk>> chunks_ GPUSVM_GUARDED_BY(devmem_lock_);
   // Chunks a release could not empty (pages stayed busy): retried by the next release.
   std::vector<std::unique_ptr<Chunk>> dying_ GPUSVM_GUARDED_BY(devmem_lock_);
+  // The files opened on this device (for check_mirrors); expired ones are pruned at open.
+  std::vector<std::weak_ptr<Dmirror>> files_ GPUSVM_GUARDED_BY(devmem_lock_);
   mutable SpinLock free_lock_{&kDmirrorFreeLockClass};
   std::vector<FreePage> free_ GPUSVM_GUARDED_BY(free_lock_);       // free 4 KiB pages
   std::vector<FreePage> free_huge_ GPUSVM_GUARDED_BY(free_lock_);  // free aligned 2 MiB blocks

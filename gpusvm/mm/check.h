@@ -6,12 +6,14 @@
 //    every page's mapcount equals the PTE entries mapping it, entire_mapcount the PMD entries;
 //  - the reverse map of every anonymous/device folio lists exactly the entries that map it;
 //  - no migration entry exists (checks run between operations: none may be left behind);
-//  - device-private entries point to live device folios of a registered pagemap;
+//  - device-private entries point to live device folios of a registered pagemap, and every
+//    live device folio is mapped or pinned (a device folio nothing references is leaked);
 //  - every present entry lies inside a VMA whose permissions allow it (no write bit without
 //    VM_WRITE; zero page and huge zero folio never writable; COW-shared pages read-only);
 //  - THP PMD leaves are 2 MiB aligned and point to a PMD-order folio head;
 //  - hugetlb folios are mapped only by PMD leaves of hugetlb VMAs, which map nothing else; the
-//    pool's in-use count is the number of live hugetlb folios, in use + reserved <= total, and
+//    pool's in-use count is the number of live hugetlb folios (mapped, or pinned and zapped
+//    since), in use + reserved <= total, and
 //    every reservation is an unfaulted slot of a hugetlb VMA of a live address space;
 //  - free frames have refcount 0, no mapping and are counted by the allocator exactly once.
 // Takes every address space's mmap lock (read) in address order: call it with no gpusvm lock

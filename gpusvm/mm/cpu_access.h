@@ -10,7 +10,8 @@
 // All functions may be called from many threads at once, take the mmap lock (read) per page
 // and must be called with no gpusvm lock held. Errors: -EFAULT (SIGSEGV/SIGBUS: no VMA, no
 // permission), -ENOMEM (fault could not allocate), -EINVAL (misaligned atomic, len overflow),
-// -EBUSY (fault retry budget exhausted: a bug or a livelock, reported with the address).
+// -EBUSY (fault retry budget exhausted: a bug or a livelock, reported with the address),
+// -ETIMEDOUT (the fault waited hang_timeout() for a folio lock: logged naming the folio).
 #pragma once
 
 #include <cstddef>

@@ -88,6 +88,8 @@ Result<Folio*> get_user_page_write(AddressSpace& mm, Va addr, const Vma** vma_ou
         return Err{-EFAULT};
       case VmFault::kOom:
         return Err{-ENOMEM};
+      case VmFault::kTimeout:
+        return Err{-ETIMEDOUT};  // logged by the fault, naming the folio
     }
   }
 }

@@ -17,12 +17,17 @@ enum class VmFault {
   kSigsegv,  // no VMA or no permission
   kSigbus,   // the backing object cannot provide the page
   kOom,      // memory allocation failed
+  // A wait of the fault (for a migration to end, for a folio lock held by another thread)
+  // lasted hang_timeout(): a leaked folio lock, a deadlock or a holder stuck. Logged with the
+  // address, the folio and its holder. Not a Linux VM_FAULT code: Linux would wait forever.
+  kTimeout,
 };
 
 const char* vm_fault_name(VmFault f);
 
 // What a fault on behalf of a kernel-side access (GUP, the CPU-access API) means for its
-// caller: 0 to retry the access (kOk, kRetry), -EFAULT (SIGSEGV, SIGBUS) or -ENOMEM (OOM).
+// caller: 0 to retry the access (kOk, kRetry), -EFAULT (SIGSEGV, SIGBUS), -ENOMEM (OOM) or
+// -ETIMEDOUT (kTimeout: give up, the page stays busy).
 int vm_fault_errno(VmFault f);
 
 enum FaultFlags : unsigned {
@@ -48,7 +53,8 @@ struct VmFaultInfo {
 };
 
 // Resolves one fault at va. Caller holds the mmap lock (read or write) and no other gpusvm
-// lock; may sleep (waits on folio locks / migrations, bounded by hang_timeout()).
+// lock; may sleep (waits on folio locks / migrations, each bounded by hang_timeout(); on
+// expiry the fault returns kTimeout, logged naming the address, the folio and its holder).
 // VMA permission checks are done here: a write to a VMA without VM_WRITE, or any access to a
 // VMA without VM_READ, is kSigsegv.
 VmFault handle_mm_fault(AddressSpace& mm, Va va, unsigned flags);

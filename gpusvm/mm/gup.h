@@ -54,6 +54,7 @@ inline constexpr unsigned FOLL_LONGTERM = 1u << 8;  // the pin may be held indef
 //   -EBUSY   a page kept faulting for hang_timeout() (a livelock or a bug; logged); or a
 //            FOLL_LONGTERM pin met a device-coherent page that could not be moved out (pinned
 //            or referenced elsewhere at that moment), as Linux reports it
+//   -ETIMEDOUT  the fault waited hang_timeout() for a folio lock (logged naming the folio)
 // start is rounded down to a page. nr_pages == 0 returns 0.
 // Context of get_user_pages / pin_user_pages: the mmap lock held (read), asserted, no other
 // gpusvm lock; may sleep (faults). The _fast variants take the mmap lock (read) themselves and

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <optional>
 #include <vector>
 
@@ -60,9 +61,14 @@ enum NeedFault : unsigned {
   kNeedWriteFault = 1u << 1,
 };
 
-// Restarts after faults: each follows a successful fault, so many restarts mean concurrent
-// invalidations keep undoing the work; the caller gets -EBUSY and retries with a new seq.
-constexpr int kRestartBudget = 100000;
+// The walk restarts after each fault, wait or split, at the address it stopped at (w.last).
+// A walk whose restart point has not moved forward for hang_timeout() is a livelock
+// (invalidations keep undoing its faults; a folio that stays locked while the walk may not
+// wait for it) or a bug (a leaked folio lock): it fails -ETIMEDOUT and logs what the last
+// restart was for. A long walk that keeps advancing is not cut short.
+// Re-reads of one PMD that keeps changing under the walk before it restarts the walk instead
+// (so that the restart deadline bounds them too).
+constexpr int kPmdRereads = 64;
 
 struct HmmWalk {
   HmmRange* range;
@@ -73,7 +79,17 @@ struct HmmWalk {
   bool no_wait = false;  // folio locks of a migration are held: never wait on another one
   std::vector<Folio*> puts;          // references to drop once no page-table lock is held
   std::vector<Folio*> unsplittable;  // large folios whose split failed: left where they are
+  // Why the walk last restarted (for the diagnostic of a walk that stops making progress):
+  // what it did at restart_va, and the pfn of the folio involved (0: none).
+  const char* restart_why = nullptr;
+  Va restart_va = 0;
+  Pfn restart_pfn = 0;
   bool migrating() const { return select != 0; }
+  void note_restart(const char* why, Va va, Pfn pfn) {
+    restart_why = why;
+    restart_va = va;
+    restart_pfn = pfn;
+  }
 };
 
 uint64_t* pfn_slot(HmmWalk& w, Va addr) {
@@ -180,8 +196,10 @@ int hmm_vma_fault(Va addr, Va end, unsigned need, MmWalk& walk) {
   // may be its own (the three-step path) or another migrator's that waits for ours.
   if (w.no_wait) flags |= kFaultRetryNowait;
   walk.mm->stats().hmm_faults.add((end - addr) >> kPageShift);
+  w.note_restart("fault", addr, 0);
   for (; addr < end; addr += kPageSize) {
     VmFault r = handle_mm_fault(*walk.mm, addr, flags);
+    if (r == VmFault::kTimeout) return -ETIMEDOUT;  // logged by the fault, naming the folio
     if (r != VmFault::kOk && r != VmFault::kRetry) return -EFAULT;
   }
   return -EBUSY;
@@ -210,13 +228,14 @@ int hmm_pte_hole(Va start, Va end, MmWalk& walk) {
   return fill_hole(w, walk.vma, start, end);
 }
 
-// Waits for the migration holding `pfn` and restarts the walk at addr. The entry's lock
-// must have been dropped.
+// Waits for the migration holding `pfn` and restarts the walk at addr; -ETIMEDOUT (logged)
+// when it did not end within hang_timeout(). The entry's lock must have been dropped.
 int wait_migration_and_restart(MmWalk& walk, Pfn pfn, Va addr) {
   HmmWalk& w = *static_cast<HmmWalk*>(walk.priv);
   w.last = addr;
   g_sp_wait_migration.reach();
-  (void)wait_for_migration(walk.mm->mem()->pfn_to_page(pfn));
+  w.note_restart("wait for a migration", addr, pfn);
+  if (wait_for_migration(walk.mm->mem()->pfn_to_page(pfn), addr) == VmFault::kTimeout) return -ETIMEDOUT;
   return -EBUSY;
 }
 
@@ -454,6 +473,7 @@ Folio* get_folio_to_split(HmmWalk& w, MmWalk& walk, PteTable* t, Pte pte) {
 int split_folio_and_restart(HmmWalk& w, MmWalk& walk, Va addr, Folio* folio) {
   w.last = addr;
   g_sp_split_folio.reach();
+  w.note_restart("split of a large folio", addr, folio->pfn());
   const bool fault_folio = folio == w.fault_page;
   // Blocking on a folio lock while holding the collected ones could deadlock: trylock.
   bool split = false;
@@ -471,7 +491,12 @@ int split_folio_and_restart(HmmWalk& w, MmWalk& walk, Va addr, Folio* folio) {
 
 int hmm_pmd_entry(PmdSlot slot, Va start, Va end, MmWalk& walk) {
   HmmWalk& w = *static_cast<HmmWalk*>(walk.priv);
-  for (;;) {
+  for (int rereads = 0;; rereads++) {
+    if (rereads == kPmdRereads) {  // the PMD keeps changing: let the bounded restart loop retry
+      w.last = start;
+      w.note_restart("PMD kept changing", start, 0);
+      return -EBUSY;
+    }
     const Pmd pmd = slot.load_lockless();
     if (pmd.is_none()) return hmm_pte_hole(start, end, walk);
     if (pmd.is_leaf()) {
@@ -530,6 +555,37 @@ void abort_collected(HmmWalk& w, PhysMem* mem) {
   }
 }
 
+// The pfn the CPU entry at va refers to (0: none, or no entry). mmap lock held, no page-table
+// lock. For diagnostics: the entry may change as soon as the lock is dropped.
+Pfn entry_pfn_at(AddressSpace& mm, Va va) {
+  PmdSlot slot = mm.page_table().pmd_lookup(va);
+  if (!slot) return 0;
+  {
+    SpinLockGuard g(&slot.table->lock);
+    const Pmd pmd = slot.table->get(slot.index);
+    if (pmd.is_leaf()) return pmd.leaf().pfn();
+    if (!pmd.is_table()) return 0;
+  }
+  PteTable* t = mm.page_table().pte_offset_map_lock(slot);
+  if (!t) return 0;
+  const Pte pte = t->get(pte_index(va));
+  PageTable::pte_unmap_unlock(t);
+  return pte.is_none() ? 0 : pte.pfn();
+}
+
+// The walk kept restarting for hang_timeout(): says where it was and for what, naming the
+// folio involved (the one the restart was for, else the one the entry at that address maps:
+// a fault that could not wait for its lock).
+void log_no_progress(AddressSpace& mm, const HmmWalk& w, uint64_t restarts) {
+  const Pfn pfn = w.restart_pfn ? w.restart_pfn : entry_pfn_at(mm, w.restart_va);
+  Folio* folio = pfn ? mm.mem()->folio_of(pfn) : nullptr;
+  log::get().error("hmm_range_fault [{:#x}, {:#x}){}: no progress past {:#x} for {} ms ({} "
+                   "restarts); last restart: {} at {:#x}{}{}",
+                   w.range->start, w.range->end, w.migrating() ? " (migrating)" : "", w.last,
+                   hang_timeout().count(), restarts + 1, w.restart_why ? w.restart_why : "?",
+                   w.restart_va, folio ? ", folio " : "", folio ? folio_describe(folio) : std::string());
+}
+
 }  // namespace
 
 int hmm_walk_range(AddressSpace& mm, HmmRange* range, unsigned select, Folio* fault_page, bool no_wait) {
@@ -548,7 +604,11 @@ int hmm_walk_range(AddressSpace& mm, HmmRange* range, unsigned select, Folio* fa
     inv.emplace(mm, range->start, range->end, MmuNotifyEvent::kMigrate, range->dev_private_owner);
   }
   int rc = -EBUSY;
-  for (int restarts = 0; restarts < kRestartBudget; restarts++) {
+  // Started at the first restart (a walk that needs none never reads the clock) and moved
+  // whenever the restart point advances.
+  std::chrono::steady_clock::time_point deadline{};
+  Va progress = 0;
+  for (uint64_t restarts = 0;; restarts++) {
     // An invalidation since read_begin makes everything gathered so far suspect.
     if (!w.migrating() && range->notifier && range->notifier->read_retry(range->notifier_seq)) {
       rc = -EBUSY;
@@ -561,9 +621,14 @@ int hmm_walk_range(AddressSpace& mm, HmmRange* range, unsigned select, Folio* fa
     w.puts.clear();
     if (rc != -EBUSY) break;
     mm.stats().hmm_restarts.add();
-    if (restarts + 1 == kRestartBudget) {
-      log::get().error("hmm_range_fault [{:#x}, {:#x}): no progress after {} restarts", range->start,
-                       range->end, kRestartBudget);
+    const auto now = std::chrono::steady_clock::now();
+    if (restarts == 0 || w.last > progress) {
+      deadline = now + hang_timeout();
+      progress = w.last;
+    } else if (now > deadline) {
+      log_no_progress(mm, w, restarts);
+      rc = -ETIMEDOUT;
+      break;
     }
   }
   if (rc != 0 && w.migrating()) abort_collected(w, mm.mem());

@@ -98,6 +98,10 @@ inline constexpr bool hmm_pfn_migrate_has_source(uint64_t hmm_pfn) {
 //            VM_FAULT_ERROR is -EFAULT)
 //   -EPERM   a write fault was requested on a VMA without VM_WRITE
 //   -ERANGE  migrating, and the range is not inside one VMA
+//   -ETIMEDOUT  a fault waited hang_timeout() for a folio lock (a migration that does not
+//            end, a leaked lock), or the walk kept restarting for hang_timeout() without
+//            getting through (a livelock); logged with the address and the folio. Do not
+//            retry as for -EBUSY: the page stays busy.
 // HMM_PFN_REQ_MIGRATE without range.migrate (or in pfn_flags_mask) is -EINVAL.
 // Context: the caller holds the address space's mmap lock (read) - asserted - and no other
 // gpusvm lock. Faulting may sleep. Page-table locks are taken per PMD and never held across

@@ -2,6 +2,7 @@
 #include <cstring>
 #include <optional>
 
+#include "gpusvm/base/log.h"
 #include "gpusvm/base/sched_point.h"
 #include "gpusvm/mm/device_exclusive.h"
 #include "gpusvm/mm/devmap.h"
@@ -22,6 +23,7 @@ int vm_fault_errno(VmFault f) {
     case VmFault::kSigsegv:
     case VmFault::kSigbus: return -EFAULT;
     case VmFault::kOom: return -ENOMEM;
+    case VmFault::kTimeout: return -ETIMEDOUT;
   }
   return -EFAULT;
 }
@@ -33,11 +35,21 @@ const char* vm_fault_name(VmFault f) {
     case VmFault::kSigsegv: return "SIGSEGV";
     case VmFault::kSigbus: return "SIGBUS";
     case VmFault::kOom: return "OOM";
+    case VmFault::kTimeout: return "TIMEOUT";
   }
   return "?";
 }
 
-VmFault wait_for_migration(Folio* page) {
+VmFault fault_wait_unlocked(Folio* folio, Va va, const char* what) {
+  if (folio_wait_unlocked(folio, hang_timeout())) return VmFault::kRetry;
+  log::get().error("fault at {:#x} on a {}: folio {} stayed locked for {} ms (a leaked folio "
+                   "lock or a deadlock); the waiter holds {}",
+                   va, what, folio_describe(folio), hang_timeout().count(),
+                   lockdep::held_locks_string());
+  return VmFault::kTimeout;
+}
+
+VmFault wait_for_migration(Folio* page, Va va) {
   // The migrating (or splitting) thread holds the folio lock from installing the migration
   // entries until it removes them; waiting for the unlock is waiting for the migration. No
   // reference is taken - it would make the migration's refcount freeze fail, which is why
@@ -47,12 +59,7 @@ VmFault wait_for_migration(Folio* page) {
   // descriptor any more: its migration (the eviction) is over.
   if (!page) return VmFault::kRetry;
   g_sp_migration_wait.reach();
-  Folio* folio = page->head();
-  if (!folio_wait_unlocked(folio, hang_timeout())) {
-    panic("fault: migration of pfn " + std::to_string(folio->pfn()) +
-          " did not finish within the hang timeout (leftover migration entry?)");
-  }
-  return VmFault::kRetry;
+  return fault_wait_unlocked(page->head(), va, "migration entry");
 }
 
 namespace {
@@ -231,9 +238,9 @@ VmFault remove_device_exclusive_entry(FaultCtx& f, PteTable* t, Pte orig) {
   PageTable::pte_unmap_unlock(t);
   if (!got) return VmFault::kRetry;
   if (!folio_trylock(folio)) {
-    (void)folio_wait_unlocked(folio, hang_timeout());
+    const VmFault r = fault_wait_unlocked(folio, f.va, "device-exclusive entry");
     folio->put();
-    return VmFault::kRetry;
+    return r;
   }
   bool restored = false;
   {
@@ -273,7 +280,7 @@ VmFault handle_pte_fault(FaultCtx& f) {
     PageTable::pte_unmap_unlock(t);
     if (f.nowait) return VmFault::kRetry;
     f.mm.stats().faults_migration_wait.add();
-    return wait_for_migration(mem->pfn_to_page(pte.pfn()));
+    return wait_for_migration(mem->pfn_to_page(pte.pfn()), f.va);
   }
   if (pte.is_device_private()) {
     // do_swap_page for device-private memory: the page's driver moves it back. The page is
@@ -290,7 +297,7 @@ VmFault handle_pte_fault(FaultCtx& f) {
       r = folio->pagemap()->ops()->migrate_to_ram(VmFaultInfo{&f.mm, f.va, f.write ? kFaultWrite : 0u, page});
       folio_unlock(folio);
     } else if (!f.nowait) {
-      (void)folio_wait_unlocked(folio, hang_timeout());
+      r = fault_wait_unlocked(folio, f.va, "device-private entry");
     }
     folio->put();
     return r;
@@ -353,7 +360,7 @@ VmFault do_huge_pmd_device_private(FaultCtx& f, Pte leaf) {
         VmFaultInfo{&f.mm, f.va, f.write ? kFaultWrite : 0u, folio, /*pmd=*/true});
     folio_unlock(folio);
   } else if (!f.nowait) {
-    (void)folio_wait_unlocked(folio, hang_timeout());
+    r = fault_wait_unlocked(folio, f.va, "device-private PMD");
   }
   folio->put();
   return r;
@@ -438,7 +445,7 @@ VmFault handle_mm_fault(AddressSpace& mm, Va va, unsigned flags) {
     if (leaf.is_migration()) {
       if (flags & kFaultRetryNowait) return VmFault::kRetry;
       mm.stats().faults_migration_wait.add();
-      return wait_for_migration(mm.mem()->pfn_to_page(leaf.pfn()));
+      return wait_for_migration(mm.mem()->pfn_to_page(leaf.pfn()), va);
     }
     if (leaf.is_device_private()) return do_huge_pmd_device_private(f, leaf);
     return VmFault::kSigbus;

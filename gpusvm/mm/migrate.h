@@ -92,7 +92,8 @@ struct MigrateVma {
 // Returns 0, or -EINVAL: no mm/src/dst, unaligned or empty range, range not inside one
 // VMA, a hugetlb or VM_SPECIAL VMA (in a shared or file VMA only anonymous pages move), no
 // SELECT flag or unknown flags, a fault_page that is not a locked device-private page. With
-// MIGRATE_VMA_FAULT also the walk's errors (-EFAULT, -EPERM, -EBUSY), after every entry it had
+// MIGRATE_VMA_FAULT also the walk's errors (-EFAULT, -EPERM, -EBUSY, -ETIMEDOUT: see
+// hmm_range_fault; -ETIMEDOUT also without it), after every entry it had
 // replaced was restored (src is all 0 then).
 // Context: mmap lock held (asserted), no page-table lock; may sleep (faults, notifier
 // callbacks).

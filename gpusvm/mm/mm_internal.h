@@ -128,9 +128,15 @@ inline int check_fixed_addr(Va addr, uint64_t alen) {
 // Copies one 4 KiB page's bytes.
 void copy_page_data(Folio* dst, const Folio* src);
 
-// migration_entry_wait: sleeps (bounded) until the folio holding `page` is unlocked, then
-// returns kRetry. page may be null (pfn_to_page of a device pfn whose pagemap is gone): the
-// migration is over, retry at once. Called with no page-table lock held.
-VmFault wait_for_migration(Folio* page);
+// migration_entry_wait: sleeps until the folio holding `page` is unlocked, then returns
+// kRetry. page may be null (pfn_to_page of a device pfn whose pagemap is gone): the migration
+// is over, retry at once. Called with no page-table lock held. `va` (the entry's address) is
+// for the diagnostic: after hang_timeout() it logs the address, the folio and its holder and
+// returns kTimeout (a leftover migration entry or a leaked folio lock).
+VmFault wait_for_migration(Folio* page, Va va);
+// folio_lock_or_retry's wait: the fault found `folio` locked by another thread (`what`: the
+// kind of entry that led to it, for the log) and waits for the unlock. kRetry once unlocked;
+// after hang_timeout() kTimeout, logged as for wait_for_migration. No page-table lock held.
+VmFault fault_wait_unlocked(Folio* folio, Va va, const char* what);
 
 }  // namespace gpusvm::mm

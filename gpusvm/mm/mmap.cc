@@ -1,7 +1,10 @@
 // mmap, munmap, mprotect and madvise.
 #include <cerrno>
+#include <chrono>
 #include <vector>
 
+#include "gpusvm/base/log.h"
+#include "gpusvm/base/sched_point.h"
 #include "gpusvm/mm/fault.h"
 #include "gpusvm/mm/hugetlb.h"
 #include "gpusvm/mm/mm_internal.h"
@@ -9,6 +12,51 @@
 
 namespace gpusvm::mm {
 namespace {
+
+// Between mmap's write-lock hold and the populate's read-lock hold. Held: nothing. The new
+// mapping is visible: another thread may fault, migrate, change or unmap it meanwhile.
+GPUSVM_SCHED_POINT(g_sp_populate, "mm.mmap.populate");
+
+// MAP_POPULATE (mm_populate): pre-faults [start, end) of the new mapping like the kernel's
+// populate: writable private mappings are faulted for write so that no COW is left to break
+// later. Failures are ignored, as in Linux (mmap still returns the address), but bounded: a
+// page that keeps faulting kRetry for hang_timeout() (a livelock) or a fault that timed out
+// (a folio lock held too long) stops the populate, logged with the address. Takes the mmap
+// lock (read); called with no lock held.
+void mm_populate(AddressSpace& mm, Va start, Va end) {
+  g_sp_populate.reach();
+  ReadLock g(&mm.mmap_lock());
+  Vma* v = mm.vma_lookup(start);  // stable under the read lock
+  const unsigned fl = v && (v->flags & VM_WRITE) ? unsigned{kFaultWrite} : 0u;
+  // Per page, started at the page's first retry: the common populate never reads the clock.
+  std::chrono::steady_clock::time_point deadline{};
+  for (Va va = start; v && va < end && va < v->end;) {
+    if (!(v->flags & VM_READ)) break;
+    const VmFault r = handle_mm_fault(mm, va, fl);
+    if (r == VmFault::kRetry) {
+      const auto now = std::chrono::steady_clock::now();
+      if (deadline == std::chrono::steady_clock::time_point{}) {
+        deadline = now + hang_timeout();
+      } else if (now > deadline) {
+        log::get().error("mmap populate [{:#x}, {:#x}): the fault at {:#x} kept retrying for {} ms; "
+                         "populate stopped", start, end, va, hang_timeout().count());
+        break;
+      }
+      continue;
+    }
+    if (r != VmFault::kOk) {
+      if (r == VmFault::kTimeout) {
+        log::get().error("mmap populate [{:#x}, {:#x}): the fault at {:#x} timed out; populate "
+                         "stopped", start, end, va);
+      }
+      break;
+    }
+    deadline = {};
+    PmdSlot slot = mm.page_table().pmd_lookup(va);
+    va = slot && slot.load_lockless().is_huge_present() ? pmd_align_down(va) + kPmdSize
+                                                        : va + kPageSize;
+  }
+}
 
 // Splits the VMA containing addr so that a VMA boundary falls on addr, first splitting a
 // PMD mapping that straddles addr. Write lock held.
@@ -321,22 +369,7 @@ Result<Va> AddressSpace::mmap(Va addr, uint64_t len, int prot, int flags,
     vma->pgoff = offset >> kPageShift;
     vmas_.try_merge(vmas_.insert(std::move(vma)));
   }
-  if (flags & MAP_POPULATE) {
-    // Pre-fault like the kernel's populate: writable private mappings are faulted for write
-    // so that no COW is left to break later. Failures are ignored, as in Linux.
-    ReadLock g(&mmap_lock_);
-    Vma* v = vmas_.lookup(start);
-    const unsigned fl = v && (v->flags & VM_WRITE) ? unsigned{kFaultWrite} : 0u;
-    for (Va va = start; v && va < start + alen;) {
-      if (!(v->flags & VM_READ)) break;
-      VmFault r = handle_mm_fault(*this, va, fl);
-      if (r == VmFault::kRetry) continue;
-      if (r != VmFault::kOk) break;
-      PmdSlot slot = pt_.pmd_lookup(va);
-      va = slot && slot.load_lockless().is_huge_present() ? pmd_align_down(va) + kPmdSize
-                                                          : va + kPageSize;
-    }
-  }
+  if (flags & MAP_POPULATE) mm_populate(*this, start, start + alen);
   return start;
 }
 

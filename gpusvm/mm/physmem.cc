@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 
 #include "gpusvm/base/fault_inject.h"
@@ -71,10 +72,11 @@ void folio_lock(Folio* folio) {
     }
     WaitQueue& wq = folio->mem()->folio_waitqueue(folio);
     if (!wq.wait_for([folio] { return !folio_test_locked(folio); }, hang_timeout())) {
-      panic("folio_lock: pfn " + std::to_string(folio->pfn()) +
-            " stayed locked longer than the hang timeout");
+      panic("folio_lock: folio " + folio_describe(folio) + " stayed locked longer than the hang timeout (" +
+            std::to_string(hang_timeout().count()) + " ms)");
     }
   }
+  folio->lock_holder_.store(current_tid(), std::memory_order_relaxed);
   lockdep::acquire_class(&kFolioLockClass);
 }
 
@@ -83,12 +85,15 @@ bool folio_trylock(Folio* folio) {
   do {
     if (f & kFolioLocked) return false;
   } while (!folio->flags_.compare_exchange_weak(f, f | kFolioLocked, std::memory_order_acquire));
+  folio->lock_holder_.store(current_tid(), std::memory_order_relaxed);
   lockdep::acquire_class(&kFolioLockClass);
   return true;
 }
 
 void folio_unlock(Folio* folio) {
   lockdep::release_class(&kFolioLockClass);
+  // relaxed: diagnostics only (a waiter that reads a stale holder names the previous one).
+  folio->lock_holder_.store(0, std::memory_order_relaxed);
   // release: the unlocking holder's writes are visible to the next locker (acquire above).
   uint32_t old = folio->flags_.fetch_and(~static_cast<uint32_t>(kFolioLocked),
                                          std::memory_order_release);
@@ -105,6 +110,26 @@ void folio_assert_locked(const Folio* folio) {
 bool folio_wait_unlocked(Folio* folio, std::chrono::nanoseconds timeout) {
   return folio->mem()->folio_waitqueue(folio).wait_for(
       [folio] { return !folio_test_locked(folio); }, timeout);
+}
+
+pid_t folio_lock_holder(const Folio* folio) {
+  return folio_test_locked(folio) ? folio->lock_holder_.load(std::memory_order_relaxed) : 0;
+}
+
+std::string folio_describe(const Folio* folio) {
+  char buf[256];
+  const pid_t holder = folio_lock_holder(folio);
+  std::snprintf(buf, sizeof(buf),
+                "pfn %#llx (order %u, refcount %d, mapcount %d, pins %d, flags %#x%s%s, %s",
+                static_cast<unsigned long long>(folio->pfn()), folio->order(), folio->refcount(),
+                folio->total_mapcount(), folio->pincount(), folio->flags(),
+                folio_is_device_private(folio) ? ", device-private" : "",
+                folio_is_device_coherent(folio) ? ", device-coherent" : "",
+                folio_test_locked(folio) ? "locked" : "unlocked");
+  std::string s(buf);
+  if (holder) s += " by tid " + std::to_string(holder);
+  else if (folio_test_locked(folio)) s += " (holder unknown)";
+  return s + ")";
 }
 
 // ---- PhysMem ----
@@ -361,6 +386,14 @@ void PhysMem::add_address_space(AddressSpace* mm) {
 void PhysMem::remove_address_space(AddressSpace* mm) {
   SpinLockGuard g(&registry_lock_);
   std::erase(spaces_, mm);
+}
+
+std::vector<DevPagemap*> PhysMem::pagemaps() const {
+  SpinLockGuard g(&registry_lock_);
+  std::vector<DevPagemap*> out;
+  for (const PagemapRange& r : pagemaps_) out.push_back(r.pgmap);
+  std::sort(out.begin(), out.end(), [](DevPagemap* a, DevPagemap* b) { return a->first_pfn() < b->first_pfn(); });
+  return out;
 }
 
 std::vector<AddressSpace*> PhysMem::address_spaces() {

@@ -27,6 +27,8 @@
 #include <cstdint>
 #include <memory>
 #include <set>
+#include <string>
+#include <sys/types.h>
 #include <utility>
 #include <vector>
 
@@ -157,6 +159,7 @@ class Folio {
   friend void folio_lock(Folio*);
   friend bool folio_trylock(Folio*);
   friend void folio_unlock(Folio*);
+  friend pid_t folio_lock_holder(const Folio*);
   friend int split_folio_exclusive(AddressSpace&, Folio*);
   friend int split_migrating_folio(Folio*, int);
   friend bool folio_mapped_only_by(Folio*, AddressSpace*);
@@ -184,6 +187,9 @@ class Folio {
   std::atomic<int32_t> pincount_{0};         // FOLL_PIN pins (head), see pincount()
   std::atomic<uint32_t> flags_{0};           // FolioFlag (head)
   std::atomic<uint32_t> page_flags_{0};      // PageFlag (this page)
+  // Diagnostics only: the tid that took the folio lock (0 when unlocked), for the message of
+  // a wait that timed out. Written by the holder around the lock bit, read racily by waiters.
+  std::atomic<pid_t> lock_holder_{0};
 
   // Reverse map (anonymous and device folios; head only).
   SpinLock rmap_lock_{&kRmapLockClass};
@@ -208,8 +214,14 @@ void folio_lock(Folio* folio);
 void folio_unlock(Folio* folio);
 bool folio_test_locked(const Folio* folio);
 void folio_assert_locked(const Folio* folio);
-// Waits until the folio is unlocked (migration_entry_wait). Returns false on timeout.
-bool folio_wait_unlocked(Folio* folio, std::chrono::nanoseconds timeout);
+// Waits until the folio is unlocked (migration_entry_wait). Returns false on timeout; the
+// caller must not ignore that (name the folio with folio_describe and fail or panic).
+[[nodiscard]] bool folio_wait_unlocked(Folio* folio, std::chrono::nanoseconds timeout);
+// The thread id that holds the folio lock, 0 when unlocked. A racy snapshot: diagnostics only.
+pid_t folio_lock_holder(const Folio* folio);
+// One line for diagnostics: "pfn 0x.. (order, refcount, mapcount, pins, flags, lock holder)".
+// Racy reads of the folio's atomics: exact only at a quiescent point.
+std::string folio_describe(const Folio* folio);
 
 // Pin accounting for gup.h: folio_pin takes one reference and one pin on the head (the
 // caller holds a reference or the page-table lock of a mapping, so the folio cannot be
@@ -334,6 +346,9 @@ class PhysMem {
   // the page-table lock over an entry that maps it (page_pgmap() rules): a pagemap is
   // destroyed only once every page is free. Without that, use pfn_to_page.
   DevPagemap* pfn_to_pagemap(Pfn pfn);
+  // The registered pagemaps, in pfn order (for the checker: at a quiescent point, when no
+  // driver registers or removes memory).
+  std::vector<DevPagemap*> pagemaps() const;
 
   // Every live address space of this machine (for the checker and the reverse map).
   void add_address_space(AddressSpace* mm);

@@ -63,10 +63,9 @@ class DmirrorCoherentOracle : public ::testing::Test, protected HmmMachine {
     cmd.addr = addr;
     cmd.ptr = reinterpret_cast<uintptr_t>(ptr ? ptr : mirror.data());
     cmd.npages = npages;
-    int rc;
-    do {
-      rc = devfs::ioctl(*proc, fd, req, &cmd);
-    } while (rc == -EINTR);
+    int rc = -EINTR;
+    for (int tries = 0; tries < 1000 && rc == -EINTR; tries++) rc = devfs::ioctl(*proc, fd, req, &cmd);
+    EXPECT_NE(rc, -EINTR) << "ioctl " << req << " still -EINTR after 1000 tries";
     if (rc) cmd.cpages = cmd.faults = 0;
     char line[96];
     std::snprintf(line, sizeof(line), "rc=%d cpages=%llu faults=%llu", rc,

@@ -30,10 +30,12 @@ int hmm_dmirror_cmd(devfs::Process& p, int fd, unsigned long request, HmmBuffer*
   cmd.addr = buffer->ptr;
   cmd.ptr = reinterpret_cast<uintptr_t>(buffer->mirror.data());
   cmd.npages = npages;
-  for (;;) {
+  // Restarted on -EINTR like the C harness, but bounded (dmirror never returns it today).
+  for (int tries = 0;; tries++) {
     const int rc = devfs::ioctl(p, fd, request, &cmd);
     if (rc == 0) break;
-    if (rc == -EINTR) continue;
+    if (rc == -EINTR && tries < 1000) continue;
+    EXPECT_NE(rc, -EINTR) << "ioctl " << request << " still -EINTR after 1000 tries";
     return rc;
   }
   buffer->cpages = cmd.cpages;
@@ -70,8 +72,20 @@ void HmmMachine::start() {
   proc = *p;
 }
 
+void HmmMachine::expect_mirrors_ok() {
+  for (int i = 0; i < kDmirrorUnits; i++) {
+    if (!dev[i]) continue;
+    const std::vector<std::string> problems = dev[i]->check_mirrors();
+    std::string all;
+    for (size_t k = 0; k < problems.size() && k < 20; k++) all += problems[k] + "\n";
+    EXPECT_TRUE(problems.empty()) << problems.size() << " stale device mapping(s) on device " << i
+                                  << ":\n" << all;
+  }
+}
+
 void HmmMachine::stop() {
   if (!machine) return;
+  expect_mirrors_ok();
   EXPECT_MM_CHECK_OK(*mem);
   // exit: unmaps everything, closes the fds (a forked child still alive is killed).
   EXPECT_EQ(machine->exit_processes(), 0);

@@ -13,7 +13,10 @@
 //
 // Every test ends (TearDown) with mm::check over the whole machine: reference counts,
 // mapcounts, no migration entry left, no folio left locked - after closing the fds, and
-// again after the processes exited (then no device page may be in use).
+// again after the processes exited (then no device page may be in use). Before that, every
+// open dmirror file's device page table is checked against the CPU page table
+// (DmirrorDevice::check_mirrors): no device entry may point at a frame that no longer backs
+// its address.
 #pragma once
 
 #include <gtest/gtest.h>
@@ -94,7 +97,10 @@ std::vector<int> cpu_read_ints(devfs::Process& p, Va va, uint64_t n, int* rc);
 class HmmMachine {
  public:
   void start();
-  void stop();  // the checks, processes exit, the checks again, then the devices go
+  void stop();  // mirrors and mm checked, processes exit, mm checked again, devices go
+  // Every device's check_mirrors() (the device page tables against the CPU's), one failure
+  // per problem. Quiescent points only.
+  void expect_mirrors_ok();
   std::unique_ptr<devfs::Machine> machine;
   mm::PhysMem* mem = nullptr;
   devfs::DeviceRegistry* registry = nullptr;

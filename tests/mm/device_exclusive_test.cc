@@ -13,6 +13,7 @@
 #include <utility>
 
 #include "gpusvm/mm/device_exclusive.h"
+#include "tests/base/test_util.h"
 #include "tests/mm/mm_test_util.h"
 #include "tests/mm/test_device.h"
 
@@ -746,7 +747,10 @@ TEST_F(DeviceExclusiveTest, Concurrency_CpuAtomicsVsMakeDeviceExclusive_NoLostUp
   std::vector<std::vector<uint64_t>> cpu_incs(kCpuThreads, std::vector<uint64_t>(kPages, 0));
   for (int t = 0; t < kCpuThreads; t++) {
     threads.emplace_back([&, t] {
-      while (!go.load()) std::this_thread::yield();
+      if (!testing_util::wait_until([&] { return go.load(); })) {
+        ADD_FAILURE() << "CPU thread " << t << ": never started";
+        return;
+      }
       std::mt19937_64 rng(seed + t);
       for (int i = 0; i < kCpuOps; i++) {
         const uint64_t p = rng() % kPages;
@@ -763,7 +767,10 @@ TEST_F(DeviceExclusiveTest, Concurrency_CpuAtomicsVsMakeDeviceExclusive_NoLostUp
     });
   }
   threads.emplace_back([&] {
-    while (!go.load()) std::this_thread::yield();
+    if (!testing_util::wait_until([&] { return go.load(); })) {
+      ADD_FAILURE() << "device thread: never started";
+      return;
+    }
     std::mt19937_64 rng(seed ^ 0xdead);
     // A fixed number of rounds (so the run is bounded), and at least until the CPU is done.
     for (int i = 0; i < kDeviceOps || (cpu_done.load() < kCpuThreads && i < 50 * kDeviceOps); i++) {

@@ -3,6 +3,7 @@
 #include <atomic>
 #include <thread>
 
+#include "tests/base/test_util.h"
 #include "tests/mm/mm_test_util.h"
 #include "tests/mm/test_device.h"
 
@@ -88,10 +89,17 @@ TEST_F(MigrateTest, BusyPageStaysSharedAndLargePagesMove) {
   std::thread holder([&] {
     folio_lock(busy);
     phase = 1;
-    while (phase.load() != 2) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    // Bounded: a test that fails before phase 2 must not keep the lock (and this thread).
+    if (!testing_util::wait_until([&] { return phase.load() == 2; }, std::chrono::seconds(30))) {
+      ADD_FAILURE() << "holder: never told to unlock folio pfn " << busy->pfn();
+    }
     folio_unlock(busy);
   });
-  while (phase.load() != 1) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  if (!testing_util::wait_until([&] { return phase.load() == 1; })) {
+    phase = 2;
+    holder.join();
+    FAIL() << "holder thread did not lock folio pfn " << busy->pfn();
+  }
   // Pages 1..7 are shared with a child after fork; page 0 is written again (exclusive).
   Result<std::unique_ptr<AddressSpace>> child = as->fork();
   ASSERT_TRUE(child.ok());
