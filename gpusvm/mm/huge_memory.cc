@@ -158,6 +158,13 @@ int collapse_huge_page(AddressSpace& mm, Vma& vma, Va haddr) {
         return -EAGAIN;
       }
       locked.push_back(head);
+      // A reference beyond the mappings (a GUP reference or pin, a migration in flight):
+      // someone may still access the page after the collapse copied it, so refuse
+      // (folio_expected_ref_count != folio_ref_count: SCAN_PAGE_COUNT, -EAGAIN).
+      if (head->refcount() != head->total_mapcount()) {
+        unlock_all();
+        return -EAGAIN;
+      }
     }
   }
   if (present == 0) {

@@ -155,6 +155,44 @@ TEST_F(MigrateThpTest, EvictionOfDeviceThpRacesPartialMunmap) {
   EXPECT_EQ(verify_pages(*as, va + kPmdSize / 2, kPmdSize / 2, 6), 0);
 }
 
+// Seed 003 rule 6: without a VMA (migrate_device_pages) a compound source with 4 KiB
+// destinations is not split: it stays on the device, its src word loses MIGRATE and COMPOUND,
+// and the small destinations are released by finalize. A later eviction with a compound
+// destination moves it whole.
+TEST_F(MigrateThpTest, MigrateDevicePages_CompoundSourceSmallDest_NotMigrated) {
+  fill_pages(*as, va, kPmdSize, 12);
+  ASSERT_EQ(*to_device(), kPagesPerPmd);
+  expect_device_pmd();
+  const Pfn dpfn = query_page(*as, va).pfn;
+  const uint64_t n = dev->pgmap()->nr_pages();
+  std::vector<uint64_t> src(n), dst(n);
+  ASSERT_EQ(migrate_device_range(mem.get(), src.data(), dev->pgmap()->first_pfn(), n), 0);
+  const uint64_t i = dpfn - dev->pgmap()->first_pfn();
+  ASSERT_EQ(src[i] & (MIGRATE_PFN_MIGRATE | MIGRATE_PFN_COMPOUND),
+            MIGRATE_PFN_MIGRATE | MIGRATE_PFN_COMPOUND);
+  dev->fail_thp_alloc = true;  // 512 small system destinations
+  const uint64_t free_before = mem->free_pages();
+  dev->copy_to_new_pages(src.data(), dst.data(), n, /*to_device=*/false);
+  migrate_device_pages(mem.get(), src.data(), dst.data(), n);
+  EXPECT_EQ(src[i] & (MIGRATE_PFN_MIGRATE | MIGRATE_PFN_COMPOUND), 0u);
+  EXPECT_EQ(TestDevice::count_moved(src.data(), n), 0u);
+  migrate_device_finalize(mem.get(), src.data(), dst.data(), n);
+  // Unmigrated, unsplit: the same device folio, still PMD-mapped, no split callback.
+  expect_device_pmd();
+  EXPECT_EQ(query_page(*as, va).pfn, dpfn);
+  EXPECT_EQ(mem->folio_of(dpfn)->order(), kPmdOrder);
+  EXPECT_EQ(dev->splits.load(), 0);
+  EXPECT_EQ(mem->free_pages(), free_before);  // the small destinations went back
+  EXPECT_MM_CHECK_OK(*mem);
+  // With a 2 MiB destination the eviction moves it whole.
+  dev->fail_thp_alloc = false;
+  EXPECT_EQ(*dev->evict_all(), kPagesPerPmd);
+  EXPECT_EQ(query_page(*as, va).kind, PageKind::kThpPmd);
+  EXPECT_EQ(dev->splits.load(), 0);
+  EXPECT_MM_CHECK_OK(*mem);
+  EXPECT_EQ(verify_pages(*as, va, kPmdSize, 12), 0);
+}
+
 // A partial munmap splits the device-private PMD: the rest of the device folio is mapped by
 // PTEs. A CPU fault on one of them splits the folio (it is the fault page, locked by the
 // fault handler) and brings that page back; a migration brings back the rest.
