@@ -286,6 +286,18 @@ int madvise_collapse(AddressSpace& mm, Vma& v, Va start, Va end) {
   return err;
 }
 
+// Page-table reclaim after MADV_DONTNEED zapped [start, end) of one VMA (Linux >= 6.14 with
+// CONFIG_PT_RECLAIM, as on the reference host): a PTE table is freed when the zap covered
+// all of it (reclaim_pt_is_enabled: end - start >= PMD_SIZE for that table) and left every
+// entry none. Only MADV_DONTNEED does this; munmap frees tables through free_pgtables.
+// mmap lock held (read suffices, see PageTable::try_reclaim_pte_table), no page-table lock.
+void reclaim_pte_tables(AddressSpace& mm, Va start, Va end) {
+  PageTable& pt = mm.page_table();
+  for (Va h = pmd_align_up(start); h + kPmdSize <= end; h += kPmdSize) {
+    if (PmdSlot slot = pt.pmd_lookup(h)) (void)pt.try_reclaim_pte_table(slot);
+  }
+}
+
 bool valid_advice(int advice) {
   switch (advice) {
     case MADV_DONTNEED: case MADV_FREE: case MADV_HUGEPAGE: case MADV_NOHUGEPAGE:
@@ -459,8 +471,12 @@ int AddressSpace::madvise(Va start, uint64_t len, int advice) {
       const Va e = v->is_hugetlb() ? pmd_align_down(std::min(end, v->end)) : std::min(end, v->end);
       if (s >= e) continue;
       MmuInvalidation inv(*this, s, e, MmuNotifyEvent::kClear);
-      if (advice == MADV_DONTNEED) zap_range(*this, s, e);
-      else madvise_free_range(*this, s, e);
+      if (advice == MADV_DONTNEED) {
+        zap_range(*this, s, e);
+        if (!v->is_hugetlb()) reclaim_pte_tables(*this, s, e);
+      } else {
+        madvise_free_range(*this, s, e);
+      }
     }
     return holes ? -ENOMEM : 0;
   }

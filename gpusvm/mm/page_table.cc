@@ -29,6 +29,37 @@ PageTable::~PageTable() {
     }
     delete pud;
   }
+  for (PteTable* t : reclaimed_) delete t;
+}
+
+PteTable* PageTable::take_reclaimed() {
+  SpinLockGuard g(&page_table_lock_);
+  if (reclaimed_.empty()) return nullptr;
+  PteTable* t = reclaimed_.back();
+  reclaimed_.pop_back();
+  return t;
+}
+
+void PageTable::keep_reclaimed(PteTable* table) {
+  SpinLockGuard g(&page_table_lock_);
+  reclaimed_.push_back(table);
+}
+
+bool PageTable::try_reclaim_pte_table(PmdSlot slot) {
+  PteTable* table = nullptr;
+  {
+    SpinLockGuard pg(&slot.table->lock);
+    const Pmd pmd = slot.table->get(slot.index);
+    if (!pmd.is_table()) return false;
+    table = pmd.table();
+    SpinLockGuard g(&table->ptl);
+    for (unsigned i = 0; i < kPtrsPerTable; i++) {
+      if (!table->get(i).is_none()) return false;  // refilled meanwhile: keep it
+    }
+    slot.table->set(slot.index, Pmd());
+  }
+  keep_reclaimed(table);
+  return true;
 }
 
 PteTable* PageTable::alloc_pte_table() {
@@ -80,7 +111,9 @@ Result<PmdSlot> PageTable::pmd_alloc(Va va) {
 
 int PageTable::pte_alloc(PmdSlot slot) {
   if (!slot.load_lockless().is_none()) return 0;
-  PteTable* fresh = alloc_pte_table();
+  PteTable* fresh = take_reclaimed();
+  const bool reused = fresh != nullptr;
+  if (!fresh) fresh = alloc_pte_table();
   if (!fresh) return -ENOMEM;
   {
     SpinLockGuard g(&slot.table->lock);
@@ -89,7 +122,10 @@ int PageTable::pte_alloc(PmdSlot slot) {
       fresh = nullptr;
     }
   }
-  delete fresh;  // lost the race: someone else installed a table or a leaf
+  // Lost the race: someone else installed a table or a leaf. A reclaimed table may still be
+  // looked at by a stale walker, so it goes back to the list rather than away.
+  if (fresh && reused) keep_reclaimed(fresh);
+  else delete fresh;
   return 0;
 }
 
