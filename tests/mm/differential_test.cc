@@ -458,6 +458,20 @@ std::vector<Scenario> all_scenarios() {
                   .mremap(0, 4 * P, 12 * P, 12 * P, MREMAP_MAYMOVE | MREMAP_FIXED, 1, 0)
                   .mremap(0, 0, 16 * P, 32 * P, MREMAP_MAYMOVE | MREMAP_FIXED, 1, 0)
                   .mremap(0, 0, 16 * P, 16 * P, MREMAP_MAYMOVE));
+  v.push_back(Scenario("mremap_single_vma_trailing_gap_and_shrink",
+                       "a same-size MREMAP_FIXED move of one VMA followed by a gap moves the VMA "
+                       "(a gap at the end is allowed); a shrink across a gap and a VMA unmaps "
+                       "the tail")
+                  .needs(617, "mremap moves several VMAs at once since Linux 6.17")
+                  .mmap(0, 8 * P)
+                  .fill(0, 0, 8 * P)
+                  .munmap(0, 6 * P, 2 * P)
+                  .reserve(1, 2 * M2)
+                  .mremap(0, 0, 8 * P, 8 * P, MREMAP_MAYMOVE | MREMAP_FIXED, 1, 0)
+                  .mmap(2, 16 * P)
+                  .fill(2, 0, 16 * P)
+                  .munmap(2, 4 * P, 2 * P)
+                  .mremap(2, 0, 16 * P, 2 * P, 0));
   v.push_back(Scenario("mprotect_over_hole",
                        "mprotect over a hole changes the VMAs before the hole, then fails with "
                        "-ENOMEM; a range that starts in a hole changes nothing; a trailing hole "
