@@ -4,6 +4,7 @@
 #include <atomic>
 #include <thread>
 
+#include "gpusvm/mm/migrate_internal.h"
 #include "tests/mm/mm_test_util.h"
 #include "tests/mm/test_device.h"
 
@@ -191,6 +192,53 @@ TEST_F(MigrateThpTest, MigrateDevicePages_CompoundSourceSmallDest_NotMigrated) {
   EXPECT_EQ(dev->splits.load(), 0);
   EXPECT_MM_CHECK_OK(*mem);
   EXPECT_EQ(verify_pages(*as, va, kPmdSize, 12), 0);
+}
+
+// Seed 003 rule 1 (Zi Yan: no "isolated" flag on the generic split): the split for folios in
+// migration refuses a folio that is still mapped, so it cannot be misused as a split of a
+// mapped folio: -EBUSY and nothing changes.
+TEST_F(MigrateThpTest, SplitMigratingFolio_MappedFolio_Ebusy) {
+  fill_pages(*as, va, kPmdSize, 13);
+  Folio* folio = mem->folio_of(query_page(*as, va).pfn);
+  ASSERT_EQ(folio->order(), kPmdOrder);
+  folio->get();
+  folio_lock(folio);
+  EXPECT_EQ(split_migrating_folio(folio, 1), -EBUSY);
+  folio_unlock(folio);
+  folio->put();
+  EXPECT_EQ(folio->order(), kPmdOrder);
+  EXPECT_EQ(query_page(*as, va).kind, PageKind::kThpPmd);
+  EXPECT_EQ(mem->stat_split_migrating.get(), 0u);
+  EXPECT_MM_CHECK_OK(*mem);
+  EXPECT_EQ(verify_pages(*as, va, kPmdSize, 13), 0);
+}
+
+// Seed 003 rule 5: a small source with a compound destination is not supported: the source
+// loses MIGRATE, stays mapped, and the destination goes back to the driver.
+TEST_F(MigrateThpTest, MigrateVmaPages_SmallSourceCompoundDest_NotMigrated) {
+  const Va small = map_anon(*as, 4 * kPageSize);
+  fill_pages(*as, small, 4 * kPageSize, 14);
+  std::vector<uint64_t> src(4), dst(4);
+  MigrateVma m{.mm = as.get(), .start = small, .end = small + 4 * kPageSize, .src = src.data(),
+               .dst = dst.data(), .pgmap_owner = dev.get(), .flags = MIGRATE_VMA_SELECT_SYSTEM};
+  {
+    ReadLock g(&as->mmap_lock());
+    ASSERT_EQ(migrate_vma_setup(&m), 0);
+    ASSERT_EQ(m.cpages, 4u);
+    Folio* huge = dev->alloc_device_page(kPmdOrder);
+    ASSERT_NE(huge, nullptr);
+    folio_lock(huge);
+    dst[0] = migrate_pfn(huge->pfn()) | MIGRATE_PFN_COMPOUND;
+    migrate_vma_pages(&m);
+    EXPECT_EQ(src[0] & MIGRATE_PFN_MIGRATE, 0u);
+    migrate_vma_finalize(&m);
+  }
+  const PageState st = query_page(*as, small);
+  EXPECT_EQ(st.kind, PageKind::kSmall);
+  EXPECT_TRUE(st.writable);
+  EXPECT_EQ(dev->free_pages(), 4 * kPagesPerPmd);  // the 2 MiB destination was freed
+  EXPECT_MM_CHECK_OK(*mem);
+  EXPECT_EQ(verify_pages(*as, small, 4 * kPageSize, 14), 0);
 }
 
 // A partial munmap splits the device-private PMD: the rest of the device folio is mapped by
