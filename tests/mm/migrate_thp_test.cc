@@ -194,6 +194,30 @@ TEST_F(MigrateThpTest, MigrateDevicePages_CompoundSourceSmallDest_NotMigrated) {
   EXPECT_EQ(verify_pages(*as, va, kPmdSize, 12), 0);
 }
 
+// Seed 003 rule 8 (Brost: a freed large device folio reused as 4 KiB): once a 2 MiB device
+// folio is freed, any of its frames can be handed out again as a 4 KiB folio, without a split.
+TEST_F(MigrateThpTest, DevPagemap_FreedThpFramesReusedAsSmall_Works) {
+  fill_pages(*as, va, kPmdSize, 15);
+  ASSERT_EQ(*to_device(), kPagesPerPmd);
+  const Pfn block = query_page(*as, va).pfn;
+  ASSERT_EQ(mem->folio_of(block)->order(), kPmdOrder);
+  ASSERT_EQ(*to_system(), kPagesPerPmd);
+  ASSERT_EQ(dev->free_pages(), 4 * kPagesPerPmd);
+  DevPagemap* pgmap = dev->pgmap();
+  for (Pfn pfn : {block, block + 5, block + kPagesPerPmd - 1}) {
+    Folio* f = pgmap->folio_init(pfn, 0);
+    ASSERT_NE(f, nullptr) << pfn - block;
+    EXPECT_EQ(f->order(), 0u);
+    EXPECT_EQ(f->refcount(), 1);
+    EXPECT_EQ(pgmap->folio_init(pfn, 0), nullptr) << "a frame in use is not handed out twice";
+    f->put();
+  }
+  EXPECT_EQ(dev->splits.load(), 0);
+  EXPECT_EQ(dev->free_pages(), 4 * kPagesPerPmd);
+  EXPECT_MM_CHECK_OK(*mem);
+  EXPECT_EQ(verify_pages(*as, va, kPmdSize, 15), 0);
+}
+
 // Seed 003 rule 1 (Zi Yan: no "isolated" flag on the generic split): the split for folios in
 // migration refuses a folio that is still mapped, so it cannot be misused as a split of a
 // mapped folio: -EBUSY and nothing changes.
