@@ -325,6 +325,10 @@ TEST_F(DeviceExclusiveTest, Fork_DeviceExclusive_RestoredThenCowShared) {
     EXPECT_EQ(st.refcount, 2);
     EXPECT_EQ(st.page_mapcount, 2);
   }
+  // Rule 4 (patch 5): restore_exclusive_pte maps the page old, soft-dirty kept; no CPU access
+  // touched the parent's PTE since (fork only write-protects it).
+  EXPECT_FALSE(raw_pte(*as, va).young()) << "restored young";
+  EXPECT_TRUE(raw_pte(*as, va).soft_dirty());
   EXPECT_MM_CHECK_OK(*mem);
   // Both see the data; a write by the parent copies, the child keeps the old bytes.
   EXPECT_EQ(verify_pages(**child, va, 2 * kPageSize, 1), 0);
