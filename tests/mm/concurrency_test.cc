@@ -188,6 +188,46 @@ TEST_F(ConcurrencyTest, MirrorRacesMunmapMprotectForkAndDontneed) {
   n.remove();
 }
 
+// Page-table reclaim (MADV_DONTNEED of a whole PTE table, mmap lock held for read) races CPU
+// faults and accesses of other threads in the same table: a reclaimed table is never freed
+// while a walker may hold it (type-stable reuse), so nothing crashes, every load sees either
+// the value its thread stored or zero (zapped meanwhile), and the checker is green after.
+//   1. thread A stores to its pages, thread B to its pages (faults fill the table);
+//   2. thread C zaps the whole 2 MiB and reclaims the table, A and B keep faulting it back
+//      (small pages, or a THP / the huge zero folio once the PMD is none again).
+TEST_F(ConcurrencyTest, PageTableReclaimRacesFaults) {
+  const uint64_t seed = test_seed();
+  Va va = map_anon(*as, kPmdSize, PROT_READ | PROT_WRITE, /*huge=*/true);
+  std::atomic<bool> stop{false};
+  std::atomic<int> errors{0};
+  std::vector<std::thread> cpus;
+  for (int t = 0; t < 2; t++) {
+    cpus.emplace_back([&, t] {
+      std::mt19937_64 rng(seed + t);
+      for (int it = 0; it < 400 && !stop.load(); it++) {
+        const Va a = va + (rng() % (kPagesPerPmd / 2) * 2 + t) * kPageSize;
+        if (cpu::store<uint64_t>(*as, a, pattern(a, t))) errors++;
+        Result<uint64_t> v = cpu::load<uint64_t>(*as, a);
+        if (!v || (*v != pattern(a, t) && *v != 0)) errors++;
+      }
+    });
+  }
+  std::thread zapper([&] {
+    for (int it = 0; it < 200; it++) {
+      if (as->madvise(va, kPmdSize, MADV_DONTNEED) != 0) errors++;
+      std::this_thread::yield();
+    }
+    stop = true;
+  });
+  for (auto& th : cpus) th.join();
+  zapper.join();
+  EXPECT_EQ(errors.load(), 0);
+  EXPECT_MM_CHECK_OK(*mem);
+  ASSERT_EQ(as->madvise(va, kPmdSize, MADV_DONTNEED), 0);
+  EXPECT_EQ(*cpu::load<uint64_t>(*as, va), 0u);
+  EXPECT_EQ(query_page(*as, va).kind, PageKind::kHugeZero);  // the table was reclaimed
+}
+
 // Writers keep writing and checking their own pages of two THPs while another thread splits
 // the PMDs (mprotect of neighbouring pages, partial DONTNEED) and collapses them back.
 TEST_F(ConcurrencyTest, ThpSplitUnderConcurrentAccess) {
