@@ -4,10 +4,16 @@
 #include <new>
 
 #include "gpusvm/base/fault_inject.h"
+#include "gpusvm/base/lock.h"
+#include "gpusvm/base/sched_point.h"
 
 namespace gpusvm::mm {
 namespace {
 GPUSVM_FAULT_POINT(g_fail_alloc_pgtable, "mm.alloc_pgtable");
+// pte_offset_map_lock between the lockless PMD load and taking the table's PTL (held: the
+// caller's sleeping locks, e.g. the mmap lock; never reached under a spin lock). A table
+// reclaimed in this window must still be lockable (PageTable::try_reclaim_pte_table).
+GPUSVM_SCHED_POINT(g_sp_pte_map, "mm.pgtable.pte_offset_map");
 }  // namespace
 
 PageTable::PageTable() = default;
@@ -133,6 +139,7 @@ PteTable* PageTable::pte_offset_map_lock(PmdSlot slot, unsigned subclass) {
   Pmd pmd = slot.load_lockless();
   if (!pmd.is_table()) return nullptr;
   PteTable* table = pmd.table();
+  if (lockdep::max_held_rank() < kPageTableLockClass.rank) g_sp_pte_map.reach();
   table->ptl.lock_nested(subclass);
   // The PMD may have changed between the load and the lock (collapse under the mmap write
   // lock cannot happen while we hold the mmap lock, but a zap of a huge leaf racing a fault
