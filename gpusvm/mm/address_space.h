@@ -57,7 +57,9 @@ class AddressSpace {
                          const std::function<int(Vma&)>& f_mmap, uint64_t offset = 0);
   // munmap(2). Errors: -EINVAL (unaligned start, len 0, outside user space).
   [[nodiscard]] int munmap(Va start, uint64_t len);
-  // mprotect(2). Errors: -EINVAL (unaligned, bad prot), -ENOMEM (range not fully mapped).
+  // mprotect(2). Errors: -EINVAL (unaligned, bad prot), -ENOMEM (range not fully mapped: as
+  // in Linux, the VMAs from start up to the first hole are changed first; a hole at start
+  // changes nothing).
   [[nodiscard]] int mprotect(Va start, uint64_t len, int prot);
   // madvise(2): MADV_DONTNEED, MADV_FREE, MADV_HUGEPAGE, MADV_NOHUGEPAGE, MADV_COLLAPSE,
   // MADV_DONTFORK, MADV_DOFORK, MADV_WIPEONFORK, MADV_KEEPONFORK. Errors: -EINVAL (unknown
@@ -66,8 +68,10 @@ class AddressSpace {
   [[nodiscard]] int madvise(Va start, uint64_t len, int advice);
   // mremap(2) with MREMAP_MAYMOVE, MREMAP_FIXED, MREMAP_DONTUNMAP. Errors as Linux: -EINVAL
   // (bad flags/alignment, overlapping FIXED ranges, DONTUNMAP without MAYMOVE or with a size
-  // change), -EFAULT (old range not one mapped VMA), -ENOMEM (cannot grow in place without
-  // MAYMOVE, or no room).
+  // change), -EFAULT (no VMA at old_addr; a resize or non-FIXED move of a range not inside
+  // one VMA), -ENOMEM (cannot grow in place without MAYMOVE, or no room). MREMAP_FIXED without
+  // a size change moves every VMA of the range and keeps the gaps between them (Linux 6.17+);
+  // a shrink or same-size non-FIXED call unmaps the tail whatever it spans.
   Result<Va> mremap(Va old_addr, uint64_t old_len, uint64_t new_len, int flags,
                     Va new_addr = 0);
   // fork(2): a child with copies of the VMAs; private pages are shared copy-on-write

@@ -37,40 +37,25 @@ Folio* follow_write_pte(AddressSpace& mm, PmdSlot slot, Va addr) {
   return page;
 }
 
-// The page at addr of a hugetlb PMD leaf mapped writable, referenced; nullptr otherwise
-// (follow_huge_pmd with FOLL_WRITE | FOLL_GET). mmap lock held.
-Folio* follow_write_huge_pmd(AddressSpace& mm, PmdSlot slot, Va addr) {
-  SpinLockGuard g(&slot.table->lock);
-  const Pmd pmd = slot.table->get(slot.index);
-  if (!pmd.is_huge_present() || !pmd.leaf().write()) return nullptr;
-  Folio* page = mm.mem()->pfn_to_page(pmd.leaf().pfn() + pte_index(addr));
-  page->head()->get();  // the mapping holds a reference: the count is not zero
-  return page;
-}
-
 // GUP of one page with FOLL_GET | FOLL_WRITE | FOLL_SPLIT_PMD: returns the page at addr
 // mapped writable by a PTE, referenced, faulting (as a remote write) until it is. A present
-// huge PMD is split first, whatever it maps, as follow_pmd_mask does with FOLL_SPLIT_PMD;
-// a hugetlb page is returned as it is (its PMD leaf mapped writable).
-// Errors: -EFAULT (no VMA, VM_IO/VM_PFNMAP, no VM_WRITE, SIGSEGV/SIGBUS), -ENOMEM, -EBUSY
-// (past the deadline). mmap lock held, nothing else.
+// huge PMD is split first, whatever it maps, as follow_pmd_mask does with FOLL_SPLIT_PMD.
+// Errors: -EFAULT (no VMA, VM_IO/VM_PFNMAP, no VM_WRITE, SIGSEGV/SIGBUS), -EOPNOTSUPP (a
+// hugetlb VMA: check_vma_flags refuses FOLL_SPLIT_PMD there before the write check and before
+// anything is faulted, seed 004 patch 1), -ENOMEM, -EBUSY (past the deadline). mmap lock held,
+// nothing else.
 Result<Folio*> get_user_page_write(AddressSpace& mm, Va addr, const Vma** vma_out,
                                    std::chrono::steady_clock::time_point deadline) {
   mm.mmap_assert_locked();
   for (;;) {
     if (std::chrono::steady_clock::now() > deadline) return Err{-EBUSY};
     const Vma* vma = mm.vma_lookup(addr);
-    if (!vma || (vma->flags & (VM_IO | VM_PFNMAP)) || !(vma->flags & VM_WRITE)) {
-      return Err{-EFAULT};  // check_vma_flags: FOLL_WRITE without FOLL_FORCE
-    }
+    if (!vma || (vma->flags & (VM_IO | VM_PFNMAP))) return Err{-EFAULT};
+    // check_vma_flags, in Linux's order: FOLL_SPLIT_PMD on hugetlb before the write check.
+    if (vma->is_hugetlb()) return Err{-EOPNOTSUPP};
+    if (!(vma->flags & VM_WRITE)) return Err{-EFAULT};  // FOLL_WRITE without FOLL_FORCE
     PmdSlot slot = mm.page_table().pmd_lookup(addr);
-    if (slot && vma->is_hugetlb()) {
-      // FOLL_SPLIT_PMD does not apply to hugetlb: GUP returns the page of the PMD mapping.
-      if (Folio* page = follow_write_huge_pmd(mm, slot, addr)) {
-        *vma_out = vma;
-        return page;
-      }
-    } else if (slot) {
+    if (slot) {
       if (slot.load_lockless().is_huge_present()) split_huge_pmd(mm, slot, pmd_align_down(addr));
       if (slot.load_lockless().is_table()) {
         if (Folio* page = follow_write_pte(mm, slot, addr)) {

@@ -53,8 +53,9 @@ struct Vma;
 //   -EFAULT      no VMA, no VM_WRITE (GUP without FOLL_FORCE), VM_IO/VM_PFNMAP, or the fault
 //                failed with SIGSEGV/SIGBUS (as GUP reports them);
 //   -ENOMEM      the fault could not allocate;
-//   -EOPNOTSUPP  the page is not anonymous (shared mapping / page cache) or is a hugetlb page
-//                (faulted in writable first, as GUP does);
+//   -EOPNOTSUPP  a hugetlb VMA (GUP refuses FOLL_SPLIT_PMD there before the write check and
+//                before faulting anything, seed 004 patch 1), or the page is not anonymous
+//                (shared mapping / page cache);
 //   -EBUSY       the page kept changing for hang_timeout() (logged: a livelock or a bug).
 // Context: mmap lock held (read or write; asserted); no other gpusvm lock held. Sleeps
 // (fault, folio lock, notifier callbacks).

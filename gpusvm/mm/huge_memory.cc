@@ -175,6 +175,13 @@ int collapse_huge_page(AddressSpace& mm, Vma& vma, Va haddr) {
         return -EAGAIN;
       }
       locked.push_back(head);
+      // A reference beyond the mappings (a GUP reference or pin, a migration in flight):
+      // someone may still access the page after the collapse copied it, so refuse
+      // (folio_expected_ref_count != folio_ref_count: SCAN_PAGE_COUNT, -EAGAIN).
+      if (head->refcount() != head->total_mapcount()) {
+        unlock_all();
+        return -EAGAIN;
+      }
     }
   }
   if (present == 0) {
@@ -309,10 +316,15 @@ int split_folio_exclusive(AddressSpace& mm, Folio* folio) {
     t->set(i, mig);
     page_remove_rmap_pte(folio->page(it.page), &mm, it.va);
     PageTable::pte_unmap_unlock(t);
-    // A device-exclusive page comes back to the CPU as try_to_migrate would hand it back: a
-    // read-only present PTE (the CLEAR invalidation above told the device); a write fault
-    // reuses it if it is still anon-exclusive.
-    const Pte restore = pte.is_device_exclusive() ? Pte::make_present(pte.pfn(), false).mkyoung() : pte;
+    // A device-exclusive page comes back to the CPU as try_to_migrate + remove_migration_pte
+    // hand it back: read-only (a write fault reuses it if it is still anon-exclusive), old
+    // (the entry was not young) and clean (its dirty bit went to the folio), soft-dirty kept
+    // from the entry. The CLEAR invalidation above told the device.
+    Pte restore = pte;
+    if (pte.is_device_exclusive()) {
+      restore = Pte::make_present(pte.pfn(), false);
+      if (pte.soft_dirty()) restore = Pte(restore.raw() | pte_bits::kSoftDirty);
+    }
     saved.push_back(SplitMapping{it.va, restore, it.page});
   }
   g_sp_exclusive_unmapped.reach();

@@ -192,6 +192,45 @@ VmFault do_wp_page(FaultCtx& f, PteTable* t, Pte pte) {
   return wp_page_copy(f, pte, page);
 }
 
+// fault_around_bytes (64 KiB): the window a read fault on a file-backed VMA fills from the
+// page cache.
+constexpr uint64_t kFaultAroundPages = 16;
+
+// do_fault_around + filemap_map_pages for a read fault at f.va: every none PTE of the
+// 16-page window aligned in the PTE table (clamped to the VMA and the table) whose page is
+// already in the page cache is mapped too, as the faulting page would be (writable in a
+// shared writable VMA, young); nothing is allocated, a locked folio is skipped. mmap lock
+// held, no other lock.
+void do_fault_around(FaultCtx& f) {
+  // The window divides 2 MiB, so the aligned window lies inside f.va's PTE table.
+  constexpr uint64_t kWindow = kFaultAroundPages * kPageSize;
+  const Va fault_va = page_align_down(f.va);
+  const Va from = std::max(fault_va & ~(kWindow - 1), f.vma.start);
+  const Va to = std::min((fault_va & ~(kWindow - 1)) + kWindow, f.vma.end);
+  const bool writable = f.vma.is_shared() && (f.vma.flags & VM_WRITE);
+  for (Va va = from; va < to; va += kPageSize) {
+    if (va == fault_va) continue;
+    Folio* folio = f.vma.file->find_folio(f.vma.pgoff_of(va));
+    if (!folio) continue;
+    if (!folio_trylock(folio)) {  // next_uptodate_folio skips a locked folio
+      folio->put();
+      continue;
+    }
+    PteTable* t = f.mm.page_table().pte_offset_map_lock(f.slot);
+    if (t && t->get(pte_index(va)).is_none()) {
+      page_add_rmap_pte(folio, &f.mm, va);  // our reference becomes the mapping's
+      t->set(pte_index(va), Pte::make_present(folio->pfn(), writable).mkyoung());
+      folio_unlock(folio);
+      folio = nullptr;
+    }
+    if (t) PageTable::pte_unmap_unlock(t);
+    if (folio) {
+      folio_unlock(folio);
+      folio->put();
+    }
+  }
+}
+
 // A fault on a none PTE of a shared or file-backed VMA. A driver's mapping without a page
 // cache (mmap_device: the driver inserted its pages and has no fault handler) is SIGBUS, as
 // Linux's do_fault without vm_ops->fault.
@@ -219,6 +258,7 @@ VmFault do_file_fault(FaultCtx& f) {
   }
   if (t) PageTable::pte_unmap_unlock(t);
   if (folio) folio->put();
+  if (r == VmFault::kOk && !f.write) do_fault_around(f);  // do_read_fault
   return r;
 }
 

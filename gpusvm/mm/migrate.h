@@ -115,6 +115,10 @@ void migrate_vma_finalize(MigrateVma* args);
 [[nodiscard]] int migrate_device_range(PhysMem* mem, uint64_t* src_pfns, Pfn start, uint64_t npages);
 // The same for a list of device pfns: src_pfns[i] holds a pfn on entry.
 [[nodiscard]] int migrate_device_pfns(PhysMem* mem, uint64_t* src_pfns, uint64_t npages);
+// migrate_vma_pages without a VMA. A compound source (MIGRATE_PFN_COMPOUND) with small
+// destinations is not split, unlike migrate_vma_pages: it stays unmigrated, src loses MIGRATE
+// and COMPOUND (seed 003), so an evicting driver must give compound sources compound
+// destinations; the small ones are released by migrate_device_finalize.
 void migrate_device_pages(PhysMem* mem, uint64_t* src_pfns, uint64_t* dst_pfns, uint64_t npages);
 void migrate_device_finalize(PhysMem* mem, uint64_t* src_pfns, uint64_t* dst_pfns, uint64_t npages);
 

@@ -126,8 +126,11 @@ bool split_compound_src(const MigrateArrays& a, uint64_t i) {
 }
 
 // migrate_vma_pages' commit for entry i, which has a source page. Returns how many entries
-// it covered.
-uint64_t commit_page(const MigrateArrays& a, uint64_t i) {
+// it covered. `vma` is false for migrate_device_pages: without a VMA a compound source with
+// small destinations is not split but left where it is, MIGRATE and COMPOUND cleared (as
+// __migrate_device_pages does when migrate is NULL); the evicting caller must provide compound
+// destinations.
+uint64_t commit_page(const MigrateArrays& a, uint64_t i, bool vma) {
   Folio* dst = dst_folio(a, i);
   Folio* src = src_folio(a, i);
   const bool compound = a.src[i] & MIGRATE_PFN_COMPOUND;
@@ -136,6 +139,10 @@ uint64_t commit_page(const MigrateArrays& a, uint64_t i) {
     return 1;
   }
   if (compound && !(a.dst[i] & MIGRATE_PFN_COMPOUND)) {
+    if (!vma) {
+      a.src[i] &= ~(MIGRATE_PFN_MIGRATE | MIGRATE_PFN_COMPOUND);
+      return kPagesPerPmd;
+    }
     if (!split_compound_src(a, i)) {
       a.src[i] &= ~MIGRATE_PFN_MIGRATE;
       return kPagesPerPmd;
@@ -419,7 +426,7 @@ void migrate_vma_pages(MigrateVma* m) {
       i += insert_hole(*m, vma, i);
       continue;
     }
-    i += commit_page(a, i);
+    i += commit_page(a, i, /*vma=*/true);
   }
   g_sp_pages_done.reach();
 }
@@ -452,7 +459,7 @@ void migrate_device_pages(PhysMem* mem, uint64_t* src_pfns, uint64_t* dst_pfns, 
     } else if (!src_folio(a, i)) {
       src_pfns[i++] &= ~MIGRATE_PFN_MIGRATE;  // nothing to insert without a VMA
     } else {
-      i += commit_page(a, i);
+      i += commit_page(a, i, /*vma=*/false);
     }
   }
   g_sp_pages_done.reach();

@@ -36,6 +36,7 @@ Pte entry_from_migration(Pte mig, const Folio* dst) {
     return mig.soft_dirty() ? e.swp_mksoft_dirty() : e;
   }
   Pte e = Pte::make_present(dst->pfn(), write);
+  if (mig.soft_dirty()) e = Pte(e.raw() | pte_bits::kSoftDirty);  // remove_migration_pte
   if (mig.swp_young()) e = e.mkyoung();
   if (mig.swp_dirty()) e = e.mkdirty();
   return e;

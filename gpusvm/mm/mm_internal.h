@@ -93,7 +93,8 @@ VmFault do_huge_pmd_anonymous_page(AddressSpace& mm, Vma& vma, PmdSlot slot, Va 
                                    bool write, bool* fallback);
 
 // MADV_COLLAPSE of the aligned 2 MiB at haddr (fully inside `vma`). mmap lock held for write.
-// Returns 0, -ENOMEM (no THP), -EAGAIN (a page is busy: shared, locked or a soft leaf).
+// Returns 0, -ENOMEM (no THP), -EAGAIN (a page is busy: locked, referenced beyond its mappings
+// by GUP or a pin, or a soft leaf).
 [[nodiscard]] int collapse_huge_page(AddressSpace& mm, Vma& vma, Va haddr);
 
 // split_folio for a large anonymous folio mapped only by PTEs of `mm` (the kernel's

@@ -84,11 +84,17 @@ void merge_range(VmaTree& vmas, Va start, Va end) {
   }
 }
 
-// True when [start, end) is fully covered by VMAs without holes.
-bool fully_mapped(const VmaTree& vmas, Va start, Va end) {
+// The end of the run of VMAs without holes that starts at `start`, clamped to `end`; start
+// itself when no VMA contains start.
+Va mapped_run_end(const VmaTree& vmas, Va start, Va end) {
   Va at = start;
   for (Vma* v = vmas.find(start); v && v->start <= at && at < end; v = vmas.next(v)) at = v->end;
-  return at >= end;
+  return std::min(at, end);
+}
+
+// True when [start, end) is fully covered by VMAs without holes.
+bool fully_mapped(const VmaTree& vmas, Va start, Va end) {
+  return mapped_run_end(vmas, start, end) >= end;
 }
 
 }  // namespace
@@ -225,24 +231,51 @@ bool folio_splittable_here(AddressSpace& mm, PteTable* t, Va table_va, Folio* fo
   return true;
 }
 
+// folio_maybe_mapped_shared: some mapping of the folio belongs to another address space.
+bool folio_maybe_mapped_shared(Folio* folio, const AddressSpace* mm) {
+  for (const RmapItem& item : folio_rmap_snapshot(folio)) {
+    if (item.mm != mm) return true;
+  }
+  return false;
+}
+
+// madvise_free_huge_pmd for the huge leaf at slot, [addr, next) of its 2 MiB: returns true
+// when the PTE level must be walked next (the PMD was split because [addr, next) covers only
+// part of an exclusively mapped THP; the folio split follows there). A whole exclusive THP
+// becomes clean and lazily freeable and stays PMD-mapped. Left alone, PMD and all: the huge
+// zero folio (a later write still gets a whole THP), a THP another process maps too (a fork
+// child), a busy (locked) THP, a non-present huge leaf. mmap lock held, no page-table lock.
+bool madvise_free_huge_pmd(AddressSpace& mm, PmdSlot slot, Va addr, Va next) {
+  PhysMem* mem = mm.mem();
+  {
+    SpinLockGuard g(&slot.table->lock);
+    const Pmd pmd = slot.table->get(slot.index);
+    if (!pmd.is_leaf()) return pmd.is_table();  // a table meanwhile: walk it
+    if (!pmd.is_huge_present() || mem->is_huge_zero_pfn(pmd.leaf().pfn())) return false;
+    Folio* folio = mem->folio_of(pmd.leaf().pfn());
+    if (folio_is_zone_device(folio) || folio_maybe_mapped_shared(folio, &mm)) return false;
+    if (next - addr == kPmdSize) {
+      folio->clear(kFolioDirty);
+      folio->set(kFolioLazyfree);
+      slot.table->set(slot.index, Pmd::make_leaf(pmd.leaf().mkclean().mkold()));
+      return false;
+    }
+    if (folio_test_locked(folio)) return false;  // folio_trylock would fail: skip, as Linux does
+  }
+  split_huge_pmd(mm, slot, pmd_align_down(addr));
+  return true;
+}
+
 // MADV_FREE on [start, end) of a private anonymous VMA: exclusive pages become clean and
-// lazily freeable. Partly covered THPs are split first.
+// lazily freeable. A partly covered exclusive THP is split first (madvise_free_huge_pmd).
 void madvise_free_range(AddressSpace& mm, Va start, Va end) {
   PhysMem* mem = mm.mem();
   PageTable& pt = mm.page_table();
-  for_each_pmd_range(mm, start, end, [&](PmdSlot slot, Va addr, Va next) {
-    {
-      SpinLockGuard g(&slot.table->lock);
-      Pmd pmd = slot.table->get(slot.index);
-      if (pmd.is_huge_present() && !mem->is_huge_zero_pfn(pmd.leaf().pfn())) {
-        Folio* folio = mem->folio_of(pmd.leaf().pfn());
-        if (folio->total_mapcount() == 1 && !folio_is_zone_device(folio)) {
-          folio->clear(kFolioDirty);
-          folio->set(kFolioLazyfree);
-          slot.table->set(slot.index, Pmd::make_leaf(pmd.leaf().mkclean().mkold()));
-        }
-      }
-    }
+  for (Va addr = start, next; addr < end; addr = next) {
+    next = std::min(pmd_align_down(addr) + kPmdSize, end);
+    PmdSlot slot = pt.pmd_lookup(addr);
+    if (!slot) continue;
+    if (slot.load_lockless().is_leaf() && !madvise_free_huge_pmd(mm, slot, addr, next)) continue;
     Folio* unsplittable = nullptr;
     for (Va va = addr; va < next;) {
       PteTable* t = pt.pte_offset_map_lock(slot);
@@ -277,7 +310,40 @@ void madvise_free_range(AddressSpace& mm, Va start, Va end) {
         split->put();
       }
     }
-  });
+  }
+}
+
+// MADV_COLLAPSE of [start, end) inside `v` (madvise_collapse). -EINVAL when the VMA cannot
+// hold a THP at all (not private anonymous, MADV_NOHUGEPAGE, or no aligned 2 MiB block inside
+// the VMA: thp_vma_allowable_order) or when [start, end) lies inside one 2 MiB block without
+// covering it (Linux's hstart > hend; a range that is empty after alignment, hstart == hend,
+// succeeds with nothing done). Otherwise every aligned block is collapsed; a block that fails
+// does not stop the others, the result is then the last block's error (-ENOMEM stops at once).
+int madvise_collapse(AddressSpace& mm, Vma& v, Va start, Va end) {
+  if (!v.is_anonymous() || v.is_shared() || (v.flags & VM_NOHUGEPAGE)) return -EINVAL;
+  if (pmd_align_up(v.start) + kPmdSize > v.end) return -EINVAL;  // thp_vma_suitable_order
+  const Va hs = pmd_align_up(start);
+  const Va he = pmd_align_down(end);
+  if (hs > he) return -EINVAL;
+  int err = 0;
+  for (Va h = hs; h < he; h += kPmdSize) {
+    const int rc = collapse_huge_page(mm, v, h);
+    if (rc == -ENOMEM) return rc;
+    if (rc) err = rc;
+  }
+  return err;
+}
+
+// Page-table reclaim after MADV_DONTNEED zapped [start, end) of one VMA (Linux >= 6.14 with
+// CONFIG_PT_RECLAIM, as on the reference host): a PTE table is freed when the zap covered
+// all of it (reclaim_pt_is_enabled: end - start >= PMD_SIZE for that table) and left every
+// entry none. Only MADV_DONTNEED does this; munmap frees tables through free_pgtables.
+// mmap lock held (read suffices, see PageTable::try_reclaim_pte_table), no page-table lock.
+void reclaim_pte_tables(AddressSpace& mm, Va start, Va end) {
+  PageTable& pt = mm.page_table();
+  for (Va h = pmd_align_up(start); h + kPmdSize <= end; h += kPmdSize) {
+    if (PmdSlot slot = pt.pmd_lookup(h)) (void)pt.try_reclaim_pte_table(slot);
+  }
 }
 
 bool valid_advice(int advice) {
@@ -388,9 +454,12 @@ int AddressSpace::mprotect(Va start, uint64_t len, int prot) {
   const uint64_t alen = page_align_up(len);
   if (alen < len || start + alen < start) return -ENOMEM;
   if (alen == 0) return 0;  // as Linux: an empty mprotect succeeds and changes nothing
-  const Va end = start + alen;
   WriteLock g(&mmap_lock_);
-  if (!fully_mapped(vmas_, start, end)) return -ENOMEM;
+  // As do_mprotect_pkey: a hole at start fails with nothing changed; a later hole stops the
+  // walk there, after the VMAs before it were changed, and the call fails with -ENOMEM.
+  const Va end = mapped_run_end(vmas_, start, start + alen);
+  if (end == start) return -ENOMEM;
+  const int rc_hole = end < start + alen ? -ENOMEM : 0;
   if (int rc = hugetlb_check_split(vmas_, start, end)) return rc;
   split_vma_at(*this, vmas_, start);
   split_vma_at(*this, vmas_, end);
@@ -407,7 +476,7 @@ int AddressSpace::mprotect(Va start, uint64_t len, int prot) {
     }
   }
   merge_range(vmas_, start, end);
-  return 0;
+  return rc_hole;
 }
 
 int AddressSpace::madvise(Va start, uint64_t len, int advice) {
@@ -435,8 +504,12 @@ int AddressSpace::madvise(Va start, uint64_t len, int advice) {
       const Va e = v->is_hugetlb() ? pmd_align_down(std::min(end, v->end)) : std::min(end, v->end);
       if (s >= e) continue;
       MmuInvalidation inv(*this, s, e, MmuNotifyEvent::kClear);
-      if (advice == MADV_DONTNEED) zap_range(*this, s, e);
-      else madvise_free_range(*this, s, e);
+      if (advice == MADV_DONTNEED) {
+        zap_range(*this, s, e);
+        if (!v->is_hugetlb()) reclaim_pte_tables(*this, s, e);
+      } else {
+        madvise_free_range(*this, s, e);
+      }
     }
     return holes ? -ENOMEM : 0;
   }
@@ -444,20 +517,14 @@ int AddressSpace::madvise(Va start, uint64_t len, int advice) {
   WriteLock g(&mmap_lock_);
   const bool holes = !fully_mapped(vmas_, start, end);
   if (advice == MADV_COLLAPSE) {
-    int err = 0;
+    // madvise_walk_vmas: the first VMA that fails ends the walk with its error; holes make
+    // the call fail with -ENOMEM after the rest was done.
     for (Vma* v = vmas_.find(start); v && v->start < end; v = vmas_.next(v)) {
-      if (!v->is_anonymous() || v->is_shared() || (v->flags & VM_NOHUGEPAGE)) {
-        err = -EINVAL;
-        continue;
-      }
-      const Va hs = pmd_align_up(std::max(start, v->start));
-      const Va he = pmd_align_down(std::min(end, v->end));
-      for (Va h = hs; h + kPmdSize <= he; h += kPmdSize) {
-        int rc = collapse_huge_page(*this, *v, h);
-        if (rc) err = rc;
+      if (int rc = madvise_collapse(*this, *v, std::max(start, v->start), std::min(end, v->end))) {
+        return rc;
       }
     }
-    return err ? err : (holes ? -ENOMEM : 0);
+    return holes ? -ENOMEM : 0;
   }
   if (advice == MADV_WIPEONFORK) {
     for (Vma* v = vmas_.find(start); v && v->start < end; v = vmas_.next(v)) {

@@ -140,6 +140,65 @@ void move_page_tables(AddressSpace& mm, Va old_addr, Va new_addr, uint64_t len) 
   }
 }
 
+// move_vma: moves [old_addr, old_addr + move_len), which lies inside `vma`, to new_addr (free,
+// or made free by the caller) and gives the new VMA nlen bytes. mmap lock held for write.
+Result<Va> move_vma(AddressSpace& mm, VmaTree& vmas, Vma* vma, Va old_addr, uint64_t move_len,
+                    Va new_addr, uint64_t nlen, int flags) {
+  // Isolate the source VMA, prepare tables, move entries, then switch VMAs.
+  if (vma->start < old_addr) {
+    split_huge_pmd_address(mm, old_addr);
+    vma = vmas.split(vma, old_addr);
+  }
+  if (vma->end > old_addr + move_len) {
+    split_huge_pmd_address(mm, old_addr + move_len);
+    vmas.split(vma, old_addr + move_len);
+  }
+  if (int rc = prepare_destination(mm, new_addr, move_len)) return Err{rc};
+  {
+    // Each move takes the rmap walk lock exclusive (take_rmap_locks above): it moves migration
+    // records too, which no rmap walker may hold meanwhile.
+    MmuInvalidation inv(mm, old_addr, old_addr + move_len, MmuNotifyEvent::kUnmap);
+    move_page_tables(mm, old_addr, new_addr, move_len);
+  }
+  auto moved = std::make_unique<Vma>(*vma);
+  moved->start = new_addr;
+  moved->end = new_addr + nlen;
+  if (!(flags & MREMAP_DONTUNMAP)) (void)vmas.erase(vma);
+  vmas.try_merge(vmas.insert(std::move(moved)));
+  if (!(flags & MREMAP_DONTUNMAP)) free_pgtables(mm, vmas, old_addr, old_addr + move_len);
+  return new_addr;
+}
+
+// remap_move (Linux >= 6.17): MREMAP_FIXED without resizing moves every VMA in
+// [old_addr, old_addr + len), each to new_addr plus its distance from old_addr, so the gaps
+// between them stay (the destination's part of a gap is left as it was: each VMA unmaps only
+// its own target). -EFAULT when no VMA starts the range (a gap at the start); a gap at the end
+// is allowed. A VMA that fails stops the walk with its error, the earlier ones moved. mmap
+// lock held for write; every model VMA may take part (Linux refuses uffd-armed VMAs and files
+// with their own get_unmapped_area, which the model does not have).
+Result<Va> remap_move(AddressSpace& mm, VmaTree& vmas, Va old_addr, uint64_t len, Va new_addr,
+                      int flags) {
+  const Va end = old_addr + len;
+  Vma* first = vmas.lookup(old_addr);
+  if (!first) return Err{-EFAULT};
+  // The pieces, collected before anything moves (moving splits and merges VMAs).
+  std::vector<std::pair<Va, Va>> pieces;
+  for (Vma* v = first; v && v->start < end; v = vmas.next(v)) {
+    if (v->is_hugetlb()) return Err{-EINVAL};  // model gap, as for a single VMA
+    pieces.push_back({std::max(v->start, old_addr), std::min(v->end, end)});
+  }
+  if (hugetlb_check_split(vmas, new_addr, new_addr + len)) return Err{-EINVAL};
+  for (auto [s, e] : pieces) {
+    const Va target = new_addr + (s - old_addr);
+    do_munmap(mm, vmas, target, target + (e - s));
+    Vma* v = vmas.lookup(s);
+    if (!v) return Err{-EFAULT};
+    Result<Va> r = move_vma(mm, vmas, v, s, e - s, target, e - s, flags);
+    if (!r) return r;
+  }
+  return new_addr;
+}
+
 }  // namespace
 
 Result<Va> AddressSpace::mremap(Va old_addr, uint64_t old_len, uint64_t new_len, int flags,
@@ -165,18 +224,23 @@ Result<Va> AddressSpace::mremap(Va old_addr, uint64_t old_len, uint64_t new_len,
 
   WriteLock g(&mmap_lock_);
   Vma* vma = vmas_.lookup(old_addr);
-  if (!vma || old_addr + olen > vma->end) return Err{-EFAULT};
+  if (!vma) return Err{-EFAULT};
   // hugetlb VMAs are not remapped (model gap: Linux >= 5.16 moves 2 MiB aligned ranges), and
   // a FIXED target may not cut one at an unaligned address.
   if (vma->is_hugetlb()) return Err{-EINVAL};
+  // A move without resizing may span several VMAs (vrm_move_only, Linux >= 6.17).
+  if (fixed && olen == nlen) return remap_move(*this, vmas_, old_addr, olen, new_addr, flags);
+  // Neither a shrink nor a no-op resize looks past the first VMA (vrm_will_map_new): the
+  // tail is unmapped whatever it spans.
+  if (!fixed && !(flags & MREMAP_DONTUNMAP) && nlen <= olen) {
+    if (nlen < olen) do_munmap(*this, vmas_, old_addr + nlen, old_addr + olen);
+    return old_addr;
+  }
+  if (old_addr + olen > vma->end) return Err{-EFAULT};
   if (fixed && hugetlb_check_split(vmas_, new_addr, new_addr + nlen)) return Err{-EINVAL};
 
   uint64_t move_len = olen;
   if (!fixed && !(flags & MREMAP_DONTUNMAP)) {
-    if (nlen <= olen) {
-      if (nlen < olen) do_munmap(*this, vmas_, old_addr + nlen, old_addr + olen);
-      return old_addr;
-    }
     // Grow in place when the VMA ends at the old range and the space above is free.
     Vma* next = vmas_.next(vma);
     const Va want_end = old_addr + nlen;
@@ -200,29 +264,7 @@ Result<Va> AddressSpace::mremap(Va old_addr, uint64_t old_len, uint64_t new_len,
     if (!new_addr) return Err{-ENOMEM};
   }
 
-  // move_vma: isolate the source VMA, prepare tables, move entries, then switch VMAs.
-  if (vma->start < old_addr) {
-    split_huge_pmd_address(*this, old_addr);
-    vma = vmas_.split(vma, old_addr);
-  }
-  if (vma->end > old_addr + move_len) {
-    split_huge_pmd_address(*this, old_addr + move_len);
-    vmas_.split(vma, old_addr + move_len);
-  }
-  if (int rc = prepare_destination(*this, new_addr, move_len)) return Err{rc};
-  {
-    // Each move takes the rmap walk lock exclusive (take_rmap_locks above): it moves migration
-    // records too, which no rmap walker may hold meanwhile.
-    MmuInvalidation inv(*this, old_addr, old_addr + move_len, MmuNotifyEvent::kUnmap);
-    move_page_tables(*this, old_addr, new_addr, move_len);
-  }
-  auto moved = std::make_unique<Vma>(*vma);
-  moved->start = new_addr;
-  moved->end = new_addr + nlen;
-  if (!(flags & MREMAP_DONTUNMAP)) (void)vmas_.erase(vma);
-  vmas_.try_merge(vmas_.insert(std::move(moved)));
-  if (!(flags & MREMAP_DONTUNMAP)) free_pgtables(*this, vmas_, old_addr, old_addr + move_len);
-  return new_addr;
+  return move_vma(*this, vmas_, vma, old_addr, move_len, new_addr, nlen, flags);
 }
 
 }  // namespace gpusvm::mm

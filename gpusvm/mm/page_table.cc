@@ -4,10 +4,16 @@
 #include <new>
 
 #include "gpusvm/base/fault_inject.h"
+#include "gpusvm/base/lock.h"
+#include "gpusvm/base/sched_point.h"
 
 namespace gpusvm::mm {
 namespace {
 GPUSVM_FAULT_POINT(g_fail_alloc_pgtable, "mm.alloc_pgtable");
+// pte_offset_map_lock between the lockless PMD load and taking the table's PTL (held: the
+// caller's sleeping locks, e.g. the mmap lock; never reached under a spin lock). A table
+// reclaimed in this window must still be lockable (PageTable::try_reclaim_pte_table).
+GPUSVM_SCHED_POINT(g_sp_pte_map, "mm.pgtable.pte_offset_map");
 }  // namespace
 
 PageTable::PageTable() = default;
@@ -29,6 +35,37 @@ PageTable::~PageTable() {
     }
     delete pud;
   }
+  for (PteTable* t : reclaimed_) delete t;
+}
+
+PteTable* PageTable::take_reclaimed() {
+  SpinLockGuard g(&page_table_lock_);
+  if (reclaimed_.empty()) return nullptr;
+  PteTable* t = reclaimed_.back();
+  reclaimed_.pop_back();
+  return t;
+}
+
+void PageTable::keep_reclaimed(PteTable* table) {
+  SpinLockGuard g(&page_table_lock_);
+  reclaimed_.push_back(table);
+}
+
+bool PageTable::try_reclaim_pte_table(PmdSlot slot) {
+  PteTable* table = nullptr;
+  {
+    SpinLockGuard pg(&slot.table->lock);
+    const Pmd pmd = slot.table->get(slot.index);
+    if (!pmd.is_table()) return false;
+    table = pmd.table();
+    SpinLockGuard g(&table->ptl);
+    for (unsigned i = 0; i < kPtrsPerTable; i++) {
+      if (!table->get(i).is_none()) return false;  // refilled meanwhile: keep it
+    }
+    slot.table->set(slot.index, Pmd());
+  }
+  keep_reclaimed(table);
+  return true;
 }
 
 PteTable* PageTable::alloc_pte_table() {
@@ -80,7 +117,9 @@ Result<PmdSlot> PageTable::pmd_alloc(Va va) {
 
 int PageTable::pte_alloc(PmdSlot slot) {
   if (!slot.load_lockless().is_none()) return 0;
-  PteTable* fresh = alloc_pte_table();
+  PteTable* fresh = take_reclaimed();
+  const bool reused = fresh != nullptr;
+  if (!fresh) fresh = alloc_pte_table();
   if (!fresh) return -ENOMEM;
   {
     SpinLockGuard g(&slot.table->lock);
@@ -89,7 +128,10 @@ int PageTable::pte_alloc(PmdSlot slot) {
       fresh = nullptr;
     }
   }
-  delete fresh;  // lost the race: someone else installed a table or a leaf
+  // Lost the race: someone else installed a table or a leaf. A reclaimed table may still be
+  // looked at by a stale walker, so it goes back to the list rather than away.
+  if (fresh && reused) keep_reclaimed(fresh);
+  else delete fresh;
   return 0;
 }
 
@@ -97,6 +139,7 @@ PteTable* PageTable::pte_offset_map_lock(PmdSlot slot, unsigned subclass) {
   Pmd pmd = slot.load_lockless();
   if (!pmd.is_table()) return nullptr;
   PteTable* table = pmd.table();
+  if (lockdep::max_held_rank() < kPageTableLockClass.rank) g_sp_pte_map.reach();
   table->ptl.lock_nested(subclass);
   // The PMD may have changed between the load and the lock (collapse under the mmap write
   // lock cannot happen while we hold the mmap lock, but a zap of a huge leaf racing a fault

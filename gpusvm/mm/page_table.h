@@ -18,6 +18,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <vector>
 
 #include "gpusvm/base/lock.h"
 #include "gpusvm/base/result.h"
@@ -143,11 +144,27 @@ class PageTable {
   static void free_pte_table(PteTable* table);
   static PteTable* alloc_pte_table();  // nullptr on failure ("mm.alloc_pgtable")
 
+  // Page-table reclaim (mm/pt_reclaim.c, CONFIG_PT_RECLAIM, as MADV_DONTNEED uses it): if the
+  // PMD at slot points to a PTE table whose 512 entries are all none, clears the PMD and
+  // returns true; a later fault there starts from a none PMD (and may map a THP or the huge
+  // zero folio). The table is not freed but kept for reuse by this page table's pte_alloc
+  // (freed with the page table): tables are type-stable, as RCU-freed tables are in Linux, so
+  // a walker that loaded the PMD before and locks the table afterwards finds the PMD changed
+  // (pte_offset_map_lock re-checks) and a lockless reader sees none entries. Hence the mmap
+  // read lock suffices. Takes the PMD lock and the PTE lock; caller holds the mmap lock and
+  // no page-table lock.
+  bool try_reclaim_pte_table(PmdSlot slot);
+
   SpinLock& page_table_lock() { return page_table_lock_; }
 
  private:
+  // A reclaimed table to reuse, or nullptr. Put back with keep_reclaimed.
+  PteTable* take_reclaimed();
+  void keep_reclaimed(PteTable* table);
+
   PgdTable pgd_;
   SpinLock page_table_lock_{&kPageTableLockClass};  // fills PGD/PUD slots
+  std::vector<PteTable*> reclaimed_ GPUSVM_GUARDED_BY(page_table_lock_);  // empty, unreachable
 };
 
 template <typename Fn>

@@ -5,6 +5,7 @@
 #include <random>
 #include <thread>
 
+#include "gpusvm/base/sched_point.h"
 #include "tests/mm/mm_test_util.h"
 
 namespace gpusvm::mm::testing {
@@ -186,6 +187,75 @@ TEST_F(ConcurrencyTest, MirrorRacesMunmapMprotectForkAndDontneed) {
   EXPECT_GT(mirror.commits(), 0);
   EXPECT_EQ(mirror.verify(), 0);
   n.remove();
+}
+
+// Page-table reclaim (MADV_DONTNEED of a whole PTE table, mmap lock held for read) races CPU
+// faults and accesses of other threads in the same table: a reclaimed table is never freed
+// while a walker may hold it (type-stable reuse), so nothing crashes, every load sees either
+// the value its thread stored or zero (zapped meanwhile), and the checker is green after.
+//   1. thread A stores to its pages, thread B to its pages (faults fill the table);
+//   2. thread C zaps the whole 2 MiB and reclaims the table, A and B keep faulting it back
+//      (small pages, or a THP / the huge zero folio once the PMD is none again).
+TEST_F(ConcurrencyTest, PageTableReclaimRacesFaults) {
+  const uint64_t seed = test_seed();
+  Va va = map_anon(*as, kPmdSize, PROT_READ | PROT_WRITE, /*huge=*/true);
+  std::atomic<bool> stop{false};
+  std::atomic<int> errors{0};
+  std::vector<std::thread> cpus;
+  for (int t = 0; t < 2; t++) {
+    cpus.emplace_back([&, t] {
+      std::mt19937_64 rng(seed + t);
+      for (int it = 0; it < 400 && !stop.load(); it++) {
+        const Va a = va + (rng() % (kPagesPerPmd / 2) * 2 + t) * kPageSize;
+        if (cpu::store<uint64_t>(*as, a, pattern(a, t))) errors++;
+        Result<uint64_t> v = cpu::load<uint64_t>(*as, a);
+        if (!v || (*v != pattern(a, t) && *v != 0)) errors++;
+      }
+    });
+  }
+  std::thread zapper([&] {
+    for (int it = 0; it < 200; it++) {
+      if (as->madvise(va, kPmdSize, MADV_DONTNEED) != 0) errors++;
+      std::this_thread::yield();
+    }
+    stop = true;
+  });
+  for (auto& th : cpus) th.join();
+  zapper.join();
+  EXPECT_EQ(errors.load(), 0);
+  EXPECT_MM_CHECK_OK(*mem);
+  ASSERT_EQ(as->madvise(va, kPmdSize, MADV_DONTNEED), 0);
+  EXPECT_EQ(*cpu::load<uint64_t>(*as, va), 0u);
+  EXPECT_EQ(query_page(*as, va).kind, PageKind::kHugeZero);  // the table was reclaimed
+}
+
+// The same race, replayed step by step: a PTE table reclaimed between a CPU access's lockless
+// PMD load and its taking the table's lock.
+//   1. thread "cpu" loads from p1: pte_offset_map_lock has read the PMD (table T) and stops
+//      before locking T (mm.pgtable.pte_offset_map; it holds the mmap lock for read);
+//   2. this thread: MADV_DONTNEED of the whole 2 MiB zaps T and reclaims it (the PMD is none);
+//   3. "cpu" goes on: it locks T, which must still be a table (kept for reuse, not freed: ASan
+//      reports a use after free otherwise), sees the PMD changed, and faults: the huge zero
+//      folio, the VMA being MADV_HUGEPAGE.
+TEST_F(ConcurrencyTest, PageTableReclaimedBetweenPmdLoadAndLock) {
+  Va va = map_anon(*as, kPmdSize);
+  fill_pages(*as, va, 4 * kPageSize, 1);
+  ASSERT_EQ(as->madvise(va, kPmdSize, MADV_HUGEPAGE), 0);
+  sched_point::Pause pause("mm.pgtable.pte_offset_map", {.thread = "cpu"});
+  ASSERT_EQ(pause.status(), 0);
+  Result<uint64_t> v = Err{-EINVAL};
+  std::thread cpu([&] {
+    sched_point::set_thread_name("cpu");
+    v = cpu::load<uint64_t>(*as, va + kPageSize);
+  });
+  ASSERT_TRUE(pause.wait_reached());
+  ASSERT_EQ(as->madvise(va, kPmdSize, MADV_DONTNEED), 0);
+  pause.release();
+  cpu.join();
+  ASSERT_TRUE(v.ok());
+  EXPECT_EQ(*v, 0u);  // zapped before the load
+  EXPECT_EQ(query_page(*as, va + kPageSize).kind, PageKind::kHugeZero);
+  EXPECT_MM_CHECK_OK(*mem);
 }
 
 // Writers keep writing and checking their own pages of two THPs while another thread splits

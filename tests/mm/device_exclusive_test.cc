@@ -13,6 +13,7 @@
 #include <utility>
 
 #include "gpusvm/mm/device_exclusive.h"
+#include "gpusvm/mm/migrate_internal.h"
 #include "tests/base/test_util.h"
 #include "tests/mm/mm_test_util.h"
 #include "tests/mm/test_device.h"
@@ -76,6 +77,23 @@ class DeviceExclusiveTest : public MmTest {
   static void release(Folio* page) {
     folio_unlock(page->head());
     page->head()->put();
+  }
+  // The PTE at va, read without its lock (tests look at a quiescent point).
+  static Pte raw_pte(AddressSpace& mm, Va va) {
+    PmdSlot slot = mm.page_table().pmd_lookup(va);
+    if (!slot || !slot.load_lockless().is_table()) return Pte::none();
+    return slot.load_lockless().table()->load_lockless(pte_index(va));
+  }
+  // A device-exclusive page handed back to the CPU by try_to_migrate / a split, as Linux's
+  // remove_migration_pte maps it: present, read-only, old (the entry was not young), clean
+  // (the dirty bit went to the folio when the entry was made), soft-dirty kept.
+  static void expect_given_back(AddressSpace& mm, Va va) {
+    const Pte pte = raw_pte(mm, va);
+    EXPECT_TRUE(pte.present()) << std::hex << va;
+    EXPECT_FALSE(pte.write());
+    EXPECT_FALSE(pte.young()) << "given back young";
+    EXPECT_FALSE(pte.dirty());
+    EXPECT_TRUE(pte.soft_dirty()) << "soft-dirty lost";
   }
   void expect_exclusive(AddressSpace& mm, Va va, Pfn pfn, int refcount = 1) {
     PageState st = query_page(mm, va);
@@ -308,6 +326,10 @@ TEST_F(DeviceExclusiveTest, Fork_DeviceExclusive_RestoredThenCowShared) {
     EXPECT_EQ(st.refcount, 2);
     EXPECT_EQ(st.page_mapcount, 2);
   }
+  // Rule 4 (patch 5): restore_exclusive_pte maps the page old, soft-dirty kept; no CPU access
+  // touched the parent's PTE since (fork only write-protects it).
+  EXPECT_FALSE(raw_pte(*as, va).young()) << "restored young";
+  EXPECT_TRUE(raw_pte(*as, va).soft_dirty());
   EXPECT_MM_CHECK_OK(*mem);
   // Both see the data; a write by the parent copies, the child keeps the old bytes.
   EXPECT_EQ(verify_pages(**child, va, 2 * kPageSize, 1), 0);
@@ -508,9 +530,50 @@ TEST_F(DeviceExclusiveTest, MadviseFree_ThpWithDeviceExclusivePte_SplitGivesPage
   EXPECT_EQ(st.kind, PageKind::kSmall);
   EXPECT_EQ(st.pfn, (*page)->pfn());
   EXPECT_FALSE(st.writable);
+  expect_given_back(*as, va + 100 * kPageSize);
   EXPECT_FALSE(query_page(*as, va + 200 * kPageSize).large);
   EXPECT_MM_CHECK_OK(*mem);
   EXPECT_EQ(verify_pages(*as, va + 4 * kPageSize, kPmdSize - 4 * kPageSize, 1, va + 4 * kPageSize), 0);
+}
+
+// Seed 004 patch 11 (rule 7): try_to_migrate turns a device-exclusive entry into a migration
+// entry like a present PTE's, but never a writable one (read-exclusive for an anon-exclusive
+// page), without young or dirty, soft-dirty kept; the device loses the page (CLEAR). The rmap
+// walk reaches such an entry only through try_to_migrate (a folio split through the reverse
+// map, eviction), never through migrate_vma's collect (rule 11), so the test calls it directly.
+// remove_migration_ptes then maps the page read-only, old and soft-dirty; a write reuses it.
+TEST_F(DeviceExclusiveTest, TryToMigrate_DeviceExclusive_ConvertsAndRestores) {
+  Va va = map_anon(*as, 2 * kPageSize);
+  fill_pages(*as, va, 2 * kPageSize, 1);
+  RecordingMirror mirror;
+  MmuIntervalNotifier n;
+  ASSERT_EQ(n.insert(as.get(), va, 2 * kPageSize, &mirror), 0);
+  Result<Folio*> page = make_exclusive(*as, va + kPageSize, kOwnerA);
+  ASSERT_TRUE(page.ok());
+  Folio* folio = (*page)->head();
+  // 1. try_to_migrate with the migration's reference and the folio lock, as migrate_unmap.
+  folio->get();
+  folio_lock(folio);
+  const int clears = mirror.count(MmuNotifyEvent::kClear, nullptr);
+  EXPECT_TRUE(try_to_migrate(folio)) << "the device-exclusive mapping was not unmapped";
+  EXPECT_FALSE(folio->mapped());
+  const Pte mig = raw_pte(*as, va + kPageSize);
+  EXPECT_EQ(mig.soft_leaf_type(), SoftLeafType::kMigrationReadExclusive);
+  EXPECT_FALSE(mig.swp_young());
+  EXPECT_FALSE(mig.swp_dirty());
+  EXPECT_TRUE(mig.soft_dirty());
+  EXPECT_GT(mirror.count(MmuNotifyEvent::kClear, nullptr), clears);
+  // 2. Restore onto the same folio (a migration that failed, or a split's remap).
+  remove_migration_ptes(folio, folio);
+  folio_unlock(folio);
+  folio->put();
+  expect_given_back(*as, va + kPageSize);
+  EXPECT_MM_CHECK_OK(*mem);
+  EXPECT_EQ(verify_pages(*as, va, 2 * kPageSize, 1), 0);
+  // 3. Still anon-exclusive: a write reuses the page in place.
+  ASSERT_EQ(cpu::store<uint64_t>(*as, va + kPageSize, 7), 0);
+  EXPECT_EQ(query_page(*as, va + kPageSize).pfn, folio->pfn());
+  n.remove();
 }
 
 // Seed 004 rule 7 (TryToMigrate_DeviceExclusive_ConvertsAndRestores / SplitThp_With-
@@ -533,6 +596,7 @@ TEST_F(DeviceExclusiveTest, MigrateVma_ThpWithDeviceExclusivePage_SplitConvertsE
   PageState st = query_page(*as, va + 100 * kPageSize);
   EXPECT_EQ(st.kind, PageKind::kSmall) << "the split gave the page back to the CPU";
   EXPECT_EQ(st.pfn, (*page)->pfn());
+  expect_given_back(*as, va + 100 * kPageSize);
   EXPECT_GE(mirror.count(MmuNotifyEvent::kClear, nullptr), 1);
   EXPECT_MM_CHECK_OK(*mem);
   EXPECT_EQ(verify_pages(*as, va, kPmdSize, 1), 0);

@@ -320,6 +320,178 @@ std::vector<Scenario> all_scenarios() {
                   .reserve(2, 4 * M2)
                   .mremap(0, 0, M2, M2, MREMAP_MAYMOVE | MREMAP_FIXED, 2, 0)
                   .mremap(1, 0, M2, M2, MREMAP_MAYMOVE | MREMAP_FIXED, 2, 2 * M2 + 16 * P));
+
+  // --- issue 10: rules where the model used to differ from Linux 6.18 -----------------------
+  v.push_back(Scenario("free_partial_huge_zero_keeps_pmd",
+                       "MADV_FREE of part of a huge-zero PMD leaves it whole "
+                       "(madvise_free_huge_pmd skips the huge zero folio); a later write gets a "
+                       "whole PMD-mapped THP")
+                  .needs(613, "a write to a huge-zero PMD allocates a THP since Linux 6.13")
+                  .mmap_huge(0, M2)
+                  .read(0, 0)
+                  .madvise(0, 4 * P, 2 * P, MADV_FREE)
+                  .snapshot("after MADV_FREE")
+                  .write(0, 8 * P)
+                  .snapshot("after write"));
+  v.push_back(Scenario("fork_thp_free_partial_skips_shared",
+                       "MADV_FREE of part of a THP that a fork child still maps does nothing: "
+                       "no PMD split, no folio split, both stay PMD-mapped (map 2)")
+                  .mmap_huge(0, M2)
+                  .fill(0, 0, M2)
+                  .fork()
+                  .in(0)
+                  .madvise(0, 4 * P, 2 * P, MADV_FREE)
+                  .snapshot("parent freed p4-p5")
+                  .in(1)
+                  .madvise(0, 0, 0, MADV_FREE)
+                  .snapshot("child freed all"));
+  v.push_back(Scenario("collapse_range_inside_one_block_fails",
+                       "MADV_COLLAPSE of a range that starts past a 2 MiB boundary and ends "
+                       "before the next one (hstart > hend) is -EINVAL, nothing changes")
+                  .mmap(0, 2 * M2)
+                  .fill(0, 0, 2 * M2)
+                  .madvise(0, P, 16 * P, MADV_COLLAPSE)
+                  .madvise(0, M2 - 16 * P, 32 * P, MADV_COLLAPSE));
+  v.push_back(Scenario("collapse_aligned_start_short_range",
+                       "MADV_COLLAPSE of [aligned, aligned + 64 KiB): hstart == hend, no block "
+                       "to collapse")
+                  .mmap(0, M2)
+                  .fill(0, 0, M2)
+                  .madvise(0, 0, 16 * P, MADV_COLLAPSE));
+  v.push_back(Scenario("collapse_vma_without_aligned_block_fails",
+                       "MADV_COLLAPSE in a VMA that holds no aligned 2 MiB block is -EINVAL "
+                       "(thp_vma_allowable_order)")
+                  .mmap(0, M2, kRW, 0, 16 * P)
+                  .fill(0, 0, M2)
+                  .madvise(0, 0, 0, MADV_COLLAPSE));
+  v.push_back(Scenario("collapse_refused_while_page_referenced",
+                       "MADV_COLLAPSE with a page held by a GUP reference (vmsplice) is -EAGAIN "
+                       "(SCAN_PAGE_COUNT: refcount != mapcount); nothing changes; after the "
+                       "reference is dropped the collapse succeeds")
+                  .mmap(0, M2)
+                  .fill(0, 0, M2)
+                  .gup_ref(0, 5 * P, P)
+                  .madvise(0, 0, 0, MADV_COLLAPSE)
+                  .snapshot("referenced")
+                  .put_refs()
+                  .madvise(0, 0, 0, MADV_COLLAPSE)
+                  .snapshot("released"));
+  v.push_back(Scenario("collapse_multi_vma_first_error_stops",
+                       "MADV_COLLAPSE over two VMAs: the first VMA's error ends the walk, the "
+                       "second VMA is not collapsed")
+                  .mmap(0, 2 * M2)
+                  .fill(0, 0, 2 * M2)
+                  .madvise(0, 0, M2, MADV_NOHUGEPAGE)
+                  .madvise(0, 0, 0, MADV_COLLAPSE));
+  v.push_back(Scenario("shmem_read_fault_around",
+                       "a read fault on shared anonymous memory also maps the pages of the "
+                       "aligned 64 KiB window already in the page cache (fault-around); a "
+                       "write fault maps only its page")
+                  .mmap_shared(0, 64 * P)
+                  .fill(0, 0, 8 * P)
+                  .write(0, 12 * P)
+                  .write(0, 40 * P)
+                  .write(0, 60 * P)
+                  .madvise(0, 0, 0, MADV_DONTNEED)
+                  .snapshot("cached, unmapped")
+                  .read(0, 3 * P)
+                  .read(0, 33 * P)
+                  .write(0, 62 * P)
+                  .snapshot("after faults"));
+  v.push_back(Scenario("shmem_fault_around_clamped_to_vma",
+                       "fault-around stays inside the VMA: a neighbour VMA of the same shmem "
+                       "object is not filled")
+                  .mmap_shared(0, 32 * P)
+                  .fill(0, 0, 32 * P)
+                  .mprotect(0, 8 * P, 8 * P, PROT_READ)
+                  .madvise(0, 0, 0, MADV_DONTNEED)
+                  .read(0, 9 * P)
+                  .snapshot("after read in the middle VMA"));
+  v.push_back(Scenario("dontneed_whole_table_frees_it",
+                       "MADV_DONTNEED of a whole 2 MiB PTE table frees the table (page-table "
+                       "reclaim, CONFIG_PT_RECLAIM): a read in a MADV_HUGEPAGE VMA then maps the "
+                       "huge zero PMD, a write a THP")
+                  .mmap(0, 2 * M2)
+                  .fill(0, 0, 2 * M2)
+                  .madvise(0, 0, 0, MADV_HUGEPAGE)
+                  .madvise(0, 0, 0, MADV_DONTNEED)
+                  .snapshot("after DONTNEED")
+                  .read(0, 0)
+                  .write(0, M2 + P)
+                  .snapshot("after read and write"));
+  v.push_back(Scenario("dontneed_part_of_table_keeps_it",
+                       "MADV_DONTNEED of less than a whole PTE table keeps the table, even when "
+                       "every entry is none afterwards: a read maps a 4 KiB zero page")
+                  .mmap(0, M2)
+                  .fill(0, 0, 8 * P)
+                  .madvise(0, 0, 0, MADV_HUGEPAGE)
+                  .madvise(0, 0, M2 - P, MADV_DONTNEED)
+                  .read(0, 0)
+                  .snapshot("after read"));
+  v.push_back(Scenario("free_whole_table_keeps_it",
+                       "MADV_FREE does not reclaim page tables: its pages stay mapped")
+                  .mmap(0, M2)
+                  .fill(0, 0, M2)
+                  .madvise(0, 0, 0, MADV_HUGEPAGE)
+                  .madvise(0, 0, 0, MADV_FREE)
+                  .read(0, 0));
+  v.push_back(Scenario("mremap_moves_several_vmas_keeping_gaps",
+                       "mremap(MAYMOVE|FIXED) without resizing over several VMAs with gaps "
+                       "moves each VMA and keeps the gaps (Linux 6.17+)")
+                  .needs(617, "mremap moves several VMAs at once since Linux 6.17")
+                  .mmap(0, 16 * P)
+                  .fill(0, 0, 16 * P)
+                  .munmap(0, 4 * P, 2 * P)
+                  .mprotect(0, 10 * P, 2 * P, PROT_READ)
+                  .reserve(1, 2 * M2)
+                  .mremap(0, 0, 16 * P, 16 * P, MREMAP_MAYMOVE | MREMAP_FIXED, 1, 0)
+                  .snapshot("moved")
+                  .write(1, 8 * P)
+                  .write(1, 10 * P));
+  v.push_back(Scenario("mremap_several_vmas_refused_cases",
+                       "a multi-VMA mremap fails with -EFAULT when the range starts in a gap, "
+                       "when it resizes, or without MREMAP_FIXED; nothing moves")
+                  .mmap(0, 16 * P)
+                  .fill(0, 0, 16 * P)
+                  .munmap(0, 4 * P, 2 * P)
+                  .reserve(1, 2 * M2)
+                  .mremap(0, 4 * P, 12 * P, 12 * P, MREMAP_MAYMOVE | MREMAP_FIXED, 1, 0)
+                  .mremap(0, 0, 16 * P, 32 * P, MREMAP_MAYMOVE | MREMAP_FIXED, 1, 0)
+                  .mremap(0, 0, 16 * P, 16 * P, MREMAP_MAYMOVE));
+  v.push_back(Scenario("mremap_single_vma_trailing_gap_and_shrink",
+                       "a same-size MREMAP_FIXED move of one VMA followed by a gap moves the VMA "
+                       "(a gap at the end is allowed); a shrink across a gap and a VMA unmaps "
+                       "the tail")
+                  .needs(617, "mremap moves several VMAs at once since Linux 6.17")
+                  .mmap(0, 8 * P)
+                  .fill(0, 0, 8 * P)
+                  .munmap(0, 6 * P, 2 * P)
+                  .reserve(1, 2 * M2)
+                  .mremap(0, 0, 8 * P, 8 * P, MREMAP_MAYMOVE | MREMAP_FIXED, 1, 0)
+                  .mmap(2, 16 * P)
+                  .fill(2, 0, 16 * P)
+                  .munmap(2, 4 * P, 2 * P)
+                  .mremap(2, 0, 16 * P, 2 * P, 0));
+  v.push_back(Scenario("mprotect_over_hole",
+                       "mprotect over a hole changes the VMAs before the hole, then fails with "
+                       "-ENOMEM; a range that starts in a hole changes nothing; a trailing hole "
+                       "also fails after the change")
+                  .mmap(0, 8 * P)
+                  .fill(0, 0, 8 * P)
+                  .munmap(0, 4 * P, P)
+                  .mprotect(0, 0, 8 * P, PROT_READ)
+                  .write(0, 0)
+                  .write(0, 3 * P)
+                  .write(0, 6 * P)
+                  .mmap(1, 8 * P)
+                  .fill(1, 0, 8 * P)
+                  .munmap(1, 2 * P, P)
+                  .mprotect(1, 2 * P, 4 * P, PROT_READ)
+                  .write(1, 3 * P)
+                  .munmap(1, 7 * P, P)
+                  .mprotect(1, 5 * P, 3 * P, PROT_READ)
+                  .write(1, 5 * P)
+                  .write(1, 6 * P));
   return v;
 }
 

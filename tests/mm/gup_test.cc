@@ -126,6 +126,40 @@ TEST_F(GupTest, PinnedPageIsNotMigrated) {
   unpin_user_page(page);
 }
 
+// MADV_COLLAPSE must not copy a page a device still reaches through a GUP reference or a
+// (long-term) pin: the collapse would leave the device writing to a page nothing maps and the
+// CPU reading a stale copy. Linux refuses (folio_expected_ref_count != folio_ref_count:
+// SCAN_PAGE_COUNT, -EAGAIN) and so does the model; once the reference is dropped it collapses.
+TEST_F(GupTest, CollapseRefusedWhilePinnedOrReferenced) {
+  Va va = map_anon(*as, kPmdSize);
+  fill_pages(*as, va, kPmdSize, 3);
+  struct Case {
+    const char* what;
+    bool pin;
+    unsigned flags;
+  } cases[] = {{"get_user_pages", false, 0}, {"pin_user_pages", true, FOLL_WRITE},
+               {"pin_user_pages FOLL_LONGTERM", true, FOLL_WRITE | FOLL_LONGTERM}};
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.what);
+    Folio* page = nullptr;
+    ASSERT_EQ(c.pin ? pin(va + 7 * kPageSize, 1, c.flags, &page) : gup(va + 7 * kPageSize, 1, c.flags, &page), 1);
+    EXPECT_EQ(as->madvise(va, kPmdSize, MADV_COLLAPSE), -EAGAIN);
+    EXPECT_EQ(query_page(*as, va).kind, PageKind::kSmall);
+    // The "device" writes through its reference; the CPU sees it: the page is still mapped.
+    const uint64_t v = 0xd00d0000u + static_cast<uint64_t>(c.pin) + c.flags;
+    std::memcpy(page->data(), &v, sizeof v);
+    EXPECT_EQ(*cpu::load<uint64_t>(*as, va + 7 * kPageSize), v);
+    if (c.pin) unpin_user_page(page); else put_page(page);
+    EXPECT_MM_CHECK_OK(*mem);
+    // Put the pattern back for the next case.
+    ASSERT_EQ(cpu::store<uint64_t>(*as, va + 7 * kPageSize, pattern(va + 7 * kPageSize, 3)), 0);
+  }
+  EXPECT_EQ(as->madvise(va, kPmdSize, MADV_COLLAPSE), 0);
+  EXPECT_EQ(query_page(*as, va).kind, PageKind::kThpPmd);
+  EXPECT_MM_CHECK_OK(*mem);
+  EXPECT_EQ(verify_pages(*as, va, kPmdSize, 3), 0);
+}
+
 // GUP of device-private pages brings them back to RAM through the driver (write access).
 TEST_F(GupTest, DevicePrivatePagesComeBackToRam) {
   Va va = map_anon(*as, 4 * kPageSize);

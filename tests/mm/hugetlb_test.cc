@@ -390,21 +390,41 @@ TEST_F(HugetlbTest, MigrationRefusesHugetlb) {
   n.remove();
 }
 
-// make_device_exclusive faults the page in writable as GUP would, then refuses it.
-TEST_F(HugetlbTest, MakeDeviceExclusiveRefusesHugetlb) {
-  const Va va = map_huge(kPmdSize);
+// Seed 004 patch 1: GUP refuses FOLL_SPLIT_PMD on a hugetlb VMA in check_vma_flags, before
+// the write check and before anything is faulted: make_device_exclusive on hugetlb returns
+// -EOPNOTSUPP whether the VMA is writable or not, and no pool page is consumed.
+TEST_F(HugetlbTest, MakeDeviceExclusiveRefusesHugetlbBeforeFaulting) {
+  const Va va = map_huge(2 * kPmdSize);
+  const PhysMem::HugetlbCounts before = counts();
   int owner;
   {
     ReadLock g(&as->mmap_lock());
     EXPECT_EQ(make_device_exclusive(*as, va + 3 * kPageSize, &owner).error(), -EOPNOTSUPP);
   }
-  PageState st = query_page(*as, va);
+  // 1. Nothing was faulted: the PMD is still empty and the pool unchanged.
+  EXPECT_EQ(query_page(*as, va).kind, PageKind::kNone);
+  EXPECT_EQ(counts().in_use, before.in_use);
+  EXPECT_EQ(counts().free, before.free);
+  // 2. A page already mapped is refused too, and stays PMD-mapped and writable.
+  ASSERT_EQ(cpu::store<uint8_t>(*as, va + kPmdSize, 0x77), 0);
+  {
+    ReadLock g(&as->mmap_lock());
+    EXPECT_EQ(make_device_exclusive(*as, va + kPmdSize, &owner).error(), -EOPNOTSUPP);
+  }
+  PageState st = query_page(*as, va + kPmdSize);
   EXPECT_EQ(st.kind, PageKind::kThpPmd);
   EXPECT_TRUE(st.writable);
   EXPECT_EQ(as->stats().thp_split_pmd.get(), 0u);
-  ASSERT_EQ(as->mprotect(va, kPmdSize, PROT_READ), 0);
-  ReadLock g(&as->mmap_lock());
-  EXPECT_EQ(make_device_exclusive(*as, va, &owner).error(), -EFAULT);
+  // 3. Read-only hugetlb: still -EOPNOTSUPP (the hugetlb check precedes the write check), not
+  // -EFAULT, and still nothing faulted.
+  ASSERT_EQ(as->mprotect(va, 2 * kPmdSize, PROT_READ), 0);
+  {
+    ReadLock g(&as->mmap_lock());
+    EXPECT_EQ(make_device_exclusive(*as, va, &owner).error(), -EOPNOTSUPP);
+  }
+  EXPECT_EQ(query_page(*as, va).kind, PageKind::kNone);
+  EXPECT_EQ(counts().in_use, before.in_use + 1);
+  EXPECT_EQ(*cpu::load<uint8_t>(*as, va + kPmdSize), 0x77);
 }
 
 // ---- the same syscall rules on this machine's Linux ----

@@ -9,6 +9,7 @@
 #include <signal.h>
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
+#include <sys/uio.h>
 #include <sys/utsname.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -25,6 +26,7 @@
 #include "gpusvm/mm/address_space.h"
 #include "gpusvm/mm/check.h"
 #include "gpusvm/mm/cpu_access.h"
+#include "gpusvm/mm/gup.h"
 #include "gpusvm/mm/page_state.h"
 
 namespace gpusvm::mm::oracle {
@@ -198,6 +200,8 @@ const char* op_name(Op op) {
     case Op::kFork: return "fork";
     case Op::kExit: return "exit";
     case Op::kSnapshot: return "snapshot";
+    case Op::kGupRef: return "gup_ref";
+    case Op::kPutRefs: return "put_refs";
   }
   return "?";
 }
@@ -244,6 +248,7 @@ std::string Step::to_string() const {
       s += sl + " len=" + sz(len) + " prot=" + prot_str(prot);
       if (flags & MAP_POPULATE) s += " POPULATE";
       if (flags & MAP_NORESERVE) s += " NORESERVE";
+      if (flags & MAP_SHARED) s += " SHARED";
       if (align_off) s += " at 2M+" + at(align_off);
       break;
     case Op::kMunmap:
@@ -269,8 +274,12 @@ std::string Step::to_string() const {
     case Op::kFill:
       s += sl + " [" + at(off) + " +" + sz(len) + "] =" + hex(byte);
       break;
+    case Op::kGupRef:
+      s += sl + " [" + at(off) + " +" + sz(len) + "]";
+      break;
     case Op::kFork:
     case Op::kExit:
+    case Op::kPutRefs:
       break;
     case Op::kSnapshot:
       s += " \"" + label + "\"";
@@ -363,6 +372,19 @@ Scenario& Scenario::fill(int slot, uint64_t off, uint64_t len, uint8_t byte) {
   s.off = off;
   s.len = len;
   s.byte = byte;
+  return *this;
+}
+
+Scenario& Scenario::gup_ref(int slot, uint64_t off, uint64_t len) {
+  Step& s = add(Op::kGupRef);
+  s.slot = static_cast<uint8_t>(slot);
+  s.off = off;
+  s.len = len;
+  return *this;
+}
+
+Scenario& Scenario::put_refs() {
+  add(Op::kPutRefs);
   return *this;
 }
 
@@ -507,7 +529,7 @@ RunResult Executor::run(const Scenario& s) {
     }
     SlotInfo& sl = slots_[st.slot];
     bool uses_slot = st.op != Op::kFork && st.op != Op::kExit && st.op != Op::kSnapshot &&
-                     st.op != Op::kMmap;
+                     st.op != Op::kMmap && st.op != Op::kPutRefs;
     if (uses_slot && !sl.defined) {
       fail("slot not mapped yet");
       return res;
@@ -534,8 +556,8 @@ RunResult Executor::run(const Scenario& s) {
           return res;
         }
         sl = SlotInfo{true, w, wlen, w + kPmdSize + st.align_off, st.len};
-        rc = do_mmap(0, sl.base, st.len, st.prot,
-                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | st.flags);
+        const int type = (st.flags & MAP_SHARED) ? 0 : MAP_PRIVATE;
+        rc = do_mmap(0, sl.base, st.len, st.prot, type | MAP_ANONYMOUS | MAP_FIXED | st.flags);
         break;
       }
       case Op::kMunmap:
@@ -580,6 +602,16 @@ RunResult Executor::run(const Scenario& s) {
       }
       case Op::kExit:
         rc = do_exit(st.proc);
+        break;
+      case Op::kGupRef:
+        if (st.proc != 0) {
+          fail("only process 0 takes references");
+          return res;
+        }
+        rc = do_gup_ref(addr, len);
+        break;
+      case Op::kPutRefs:
+        rc = do_put_refs();
         break;
       case Op::kSnapshot: {
         Snapshot snap;
@@ -799,6 +831,7 @@ int real_snapshot(const std::map<Va, Va>& owned, Va addr, uint64_t len,
 }  // namespace
 
 RealExecutor::~RealExecutor() {
+  (void)do_put_refs();
   for (int p = 1; p < nprocs_; ++p)
     if (children_[p].pid > 0) (void)do_exit(p);
   for (auto [s, e] : std::map<Va, Va>(owned_)) ::munmap(reinterpret_cast<void*>(s), e - s);
@@ -935,6 +968,30 @@ int RealExecutor::do_snapshot(int proc, Va addr, uint64_t len, std::vector<RawPa
   return dispatch(proc, Cmd{kCmdSnapshot, 0, 0, 0, 0, addr, len, 0, 0}, nullptr, out, error);
 }
 
+// vmsplice (without SPLICE_F_GIFT) takes GUP references on the pages and the pipe holds them
+// until it is closed: a reference beyond the mappings, as a driver's get_user_pages holds.
+int RealExecutor::do_gup_ref(Va addr, uint64_t len) {
+  int p[2];
+  if (::pipe2(p, O_CLOEXEC)) return -errno;
+  ref_pipes_.push_back(p[0]);
+  ref_pipes_.push_back(p[1]);
+  if (::fcntl(p[1], F_SETPIPE_SZ, static_cast<int>(std::max<uint64_t>(len, kPageSize))) < 0) return -errno;
+  uint64_t done = 0;
+  while (done < len) {
+    iovec iov{reinterpret_cast<void*>(addr + done), len - done};
+    ssize_t n = ::vmsplice(p[1], &iov, 1, SPLICE_F_NONBLOCK);
+    if (n <= 0) return n < 0 ? -errno : -EIO;
+    done += static_cast<uint64_t>(n);
+  }
+  return 0;
+}
+
+int RealExecutor::do_put_refs() {
+  for (int fd : ref_pipes_) ::close(fd);
+  ref_pipes_.clear();
+  return 0;
+}
+
 bool RealExecutor::proc_alive(int proc) const {
   if (proc == 0) return true;
   return proc < nprocs_ && children_[proc].pid > 0;
@@ -1008,7 +1065,25 @@ ModelExecutor::ModelExecutor(const PhysMem::Config& config) {
   nprocs_ = 1;
 }
 
+int ModelExecutor::do_gup_ref(Va addr, uint64_t len) {
+  AddressSpace* m = as(0);
+  if (!m) return -ESRCH;
+  const uint64_t n = len / kPageSize;
+  std::vector<Folio*> pages(n);
+  const long got = pin_user_pages_fast(*m, addr, n, 0, pages.data());
+  if (got < 0) return static_cast<int>(got);
+  pinned_.insert(pinned_.end(), pages.begin(), pages.begin() + got);
+  return static_cast<uint64_t>(got) == n ? 0 : -EFAULT;
+}
+
+int ModelExecutor::do_put_refs() {
+  unpin_user_pages(pinned_.data(), pinned_.size());
+  pinned_.clear();
+  return 0;
+}
+
 ModelExecutor::~ModelExecutor() {
+  (void)do_put_refs();
   for (int p = kMaxProcs - 1; p >= 0; --p) procs_[p].reset();
   mem_.reset();
 }

@@ -44,7 +44,8 @@ inline constexpr int kMaxProcs = 8;
 // The scenario language.
 
 enum class Op : uint8_t {
-  kMmap,      // slot: len, prot, flags (MAP_PRIVATE|MAP_ANONYMOUS|MAP_FIXED are implied)
+  kMmap,      // slot: len, prot, flags (MAP_ANONYMOUS|MAP_FIXED are implied, and MAP_PRIVATE
+              // unless flags has MAP_SHARED: shared anonymous memory, i.e. shmem)
   kMunmap,    // slot, off, len
   kMprotect,  // slot, off, len, prot
   kMadvise,   // slot, off, len, advice
@@ -55,6 +56,10 @@ enum class Op : uint8_t {
   kFork,      // proc forks; the child becomes the next process id (1, 2, ...)
   kExit,      // proc exits (a forked child)
   kSnapshot,  // record the state of every slot of every live process under `label`
+  kGupRef,    // slot, off, len: hold a reference on each page beyond its mappings (process 0)
+              // until kPutRefs. Linux: vmsplice into a pipe (GUP references held by the
+              // pipe); model: pin_user_pages (a reference mm::check accounts for)
+  kPutRefs,   // drop every reference kGupRef took (Linux: close the pipes)
 };
 
 const char* op_name(Op op);
@@ -113,6 +118,12 @@ struct Scenario {
   Scenario& fork();  // forks the current process (only process 0 may fork)
   Scenario& exit_proc(int proc);
   Scenario& snapshot(const char* label);
+  // mmap(MAP_SHARED | MAP_ANONYMOUS): a shmem object of len bytes.
+  Scenario& mmap_shared(int slot, uint64_t len, int prot = kRW) {
+    return mmap(slot, len, prot, MAP_SHARED);
+  }
+  Scenario& gup_ref(int slot, uint64_t off, uint64_t len);
+  Scenario& put_refs();
   Scenario& needs(int kernel_version, std::string why) {
     min_kernel = kernel_version;
     min_kernel_why = std::move(why);
@@ -213,6 +224,8 @@ class Executor {
   virtual bool proc_alive(int proc) const = 0;
   virtual int do_snapshot(int proc, Va addr, uint64_t len, std::vector<RawPage>* out,
                           std::string* error) = 0;
+  virtual int do_gup_ref(Va addr, uint64_t len) = 0;  // process 0
+  virtual int do_put_refs() = 0;
   // Called after every snapshot (the model runs its invariant checker here).
   virtual void after_snapshot(RunResult* /*result*/) {}
 
@@ -241,6 +254,8 @@ class RealExecutor final : public Executor {
   bool proc_alive(int proc) const override;
   int do_snapshot(int proc, Va addr, uint64_t len, std::vector<RawPage>* out,
                   std::string* error) override;
+  int do_gup_ref(Va addr, uint64_t len) override;
+  int do_put_refs() override;
 
  public:
   // A primitive as sent to a child process.
@@ -270,6 +285,7 @@ class RealExecutor final : public Executor {
   // part of the test process, e.g. malloc, may map into a hole a scenario unmapped).
   std::map<Va, Va> owned_;  // start -> end
   std::vector<std::pair<Va, uint64_t>> windows_;  // to unmap at the end (process 0)
+  std::vector<int> ref_pipes_;  // kGupRef: pipes holding vmsplice'd pages (both ends)
 };
 
 // Runs scenarios on the model. One instance per run.
@@ -297,9 +313,12 @@ class ModelExecutor final : public Executor {
   int do_snapshot(int proc, Va addr, uint64_t len, std::vector<RawPage>* out,
                   std::string* error) override;
   void after_snapshot(RunResult* result) override;
+  int do_gup_ref(Va addr, uint64_t len) override;
+  int do_put_refs() override;
 
  private:
   AddressSpace* as(int proc) const;
+  std::vector<Folio*> pinned_;  // kGupRef
   std::unique_ptr<PhysMem> mem_;
   std::unique_ptr<AddressSpace> procs_[kMaxProcs];
   int nprocs_ = 0;

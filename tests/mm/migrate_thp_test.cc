@@ -4,6 +4,7 @@
 #include <atomic>
 #include <thread>
 
+#include "gpusvm/mm/migrate_internal.h"
 #include "tests/mm/mm_test_util.h"
 #include "tests/mm/test_device.h"
 
@@ -153,6 +154,115 @@ TEST_F(MigrateThpTest, EvictionOfDeviceThpRacesPartialMunmap) {
   EXPECT_EQ(query_page(*as, va + kPmdSize / 2).kind, PageKind::kThpPte);  // a PTE-mapped THP
   EXPECT_MM_CHECK_OK(*mem);
   EXPECT_EQ(verify_pages(*as, va + kPmdSize / 2, kPmdSize / 2, 6), 0);
+}
+
+// Seed 003 rule 6: without a VMA (migrate_device_pages) a compound source with 4 KiB
+// destinations is not split: it stays on the device, its src word loses MIGRATE and COMPOUND,
+// and the small destinations are released by finalize. A later eviction with a compound
+// destination moves it whole.
+TEST_F(MigrateThpTest, MigrateDevicePages_CompoundSourceSmallDest_NotMigrated) {
+  fill_pages(*as, va, kPmdSize, 12);
+  ASSERT_EQ(*to_device(), kPagesPerPmd);
+  expect_device_pmd();
+  const Pfn dpfn = query_page(*as, va).pfn;
+  const uint64_t n = dev->pgmap()->nr_pages();
+  std::vector<uint64_t> src(n), dst(n);
+  ASSERT_EQ(migrate_device_range(mem.get(), src.data(), dev->pgmap()->first_pfn(), n), 0);
+  const uint64_t i = dpfn - dev->pgmap()->first_pfn();
+  ASSERT_EQ(src[i] & (MIGRATE_PFN_MIGRATE | MIGRATE_PFN_COMPOUND),
+            MIGRATE_PFN_MIGRATE | MIGRATE_PFN_COMPOUND);
+  dev->fail_thp_alloc = true;  // 512 small system destinations
+  const uint64_t free_before = mem->free_pages();
+  dev->copy_to_new_pages(src.data(), dst.data(), n, /*to_device=*/false);
+  migrate_device_pages(mem.get(), src.data(), dst.data(), n);
+  EXPECT_EQ(src[i] & (MIGRATE_PFN_MIGRATE | MIGRATE_PFN_COMPOUND), 0u);
+  EXPECT_EQ(TestDevice::count_moved(src.data(), n), 0u);
+  migrate_device_finalize(mem.get(), src.data(), dst.data(), n);
+  // Unmigrated, unsplit: the same device folio, still PMD-mapped, no split callback.
+  expect_device_pmd();
+  EXPECT_EQ(query_page(*as, va).pfn, dpfn);
+  EXPECT_EQ(mem->folio_of(dpfn)->order(), kPmdOrder);
+  EXPECT_EQ(dev->splits.load(), 0);
+  EXPECT_EQ(mem->free_pages(), free_before);  // the small destinations went back
+  EXPECT_MM_CHECK_OK(*mem);
+  // With a 2 MiB destination the eviction moves it whole.
+  dev->fail_thp_alloc = false;
+  EXPECT_EQ(*dev->evict_all(), kPagesPerPmd);
+  EXPECT_EQ(query_page(*as, va).kind, PageKind::kThpPmd);
+  EXPECT_EQ(dev->splits.load(), 0);
+  EXPECT_MM_CHECK_OK(*mem);
+  EXPECT_EQ(verify_pages(*as, va, kPmdSize, 12), 0);
+}
+
+// Seed 003 rule 8 (Brost: a freed large device folio reused as 4 KiB): once a 2 MiB device
+// folio is freed, any of its frames can be handed out again as a 4 KiB folio, without a split.
+TEST_F(MigrateThpTest, DevPagemap_FreedThpFramesReusedAsSmall_Works) {
+  fill_pages(*as, va, kPmdSize, 15);
+  ASSERT_EQ(*to_device(), kPagesPerPmd);
+  const Pfn block = query_page(*as, va).pfn;
+  ASSERT_EQ(mem->folio_of(block)->order(), kPmdOrder);
+  ASSERT_EQ(*to_system(), kPagesPerPmd);
+  ASSERT_EQ(dev->free_pages(), 4 * kPagesPerPmd);
+  DevPagemap* pgmap = dev->pgmap();
+  for (Pfn pfn : {block, block + 5, block + kPagesPerPmd - 1}) {
+    Folio* f = pgmap->folio_init(pfn, 0);
+    ASSERT_NE(f, nullptr) << pfn - block;
+    EXPECT_EQ(f->order(), 0u);
+    EXPECT_EQ(f->refcount(), 1);
+    EXPECT_EQ(pgmap->folio_init(pfn, 0), nullptr) << "a frame in use is not handed out twice";
+    f->put();
+  }
+  EXPECT_EQ(dev->splits.load(), 0);
+  EXPECT_EQ(dev->free_pages(), 4 * kPagesPerPmd);
+  EXPECT_MM_CHECK_OK(*mem);
+  EXPECT_EQ(verify_pages(*as, va, kPmdSize, 15), 0);
+}
+
+// Seed 003 rule 1 (Zi Yan: no "isolated" flag on the generic split): the split for folios in
+// migration refuses a folio that is still mapped, so it cannot be misused as a split of a
+// mapped folio: -EBUSY and nothing changes.
+TEST_F(MigrateThpTest, SplitMigratingFolio_MappedFolio_Ebusy) {
+  fill_pages(*as, va, kPmdSize, 13);
+  Folio* folio = mem->folio_of(query_page(*as, va).pfn);
+  ASSERT_EQ(folio->order(), kPmdOrder);
+  folio->get();
+  folio_lock(folio);
+  EXPECT_EQ(split_migrating_folio(folio, 1), -EBUSY);
+  folio_unlock(folio);
+  folio->put();
+  EXPECT_EQ(folio->order(), kPmdOrder);
+  EXPECT_EQ(query_page(*as, va).kind, PageKind::kThpPmd);
+  EXPECT_EQ(mem->stat_split_migrating.get(), 0u);
+  EXPECT_MM_CHECK_OK(*mem);
+  EXPECT_EQ(verify_pages(*as, va, kPmdSize, 13), 0);
+}
+
+// Seed 003 rule 5: a small source with a compound destination is not supported: the source
+// loses MIGRATE, stays mapped, and the destination goes back to the driver.
+TEST_F(MigrateThpTest, MigrateVmaPages_SmallSourceCompoundDest_NotMigrated) {
+  const Va small = map_anon(*as, 4 * kPageSize);
+  fill_pages(*as, small, 4 * kPageSize, 14);
+  std::vector<uint64_t> src(4), dst(4);
+  MigrateVma m{.mm = as.get(), .start = small, .end = small + 4 * kPageSize, .src = src.data(),
+               .dst = dst.data(), .pgmap_owner = dev.get(), .flags = MIGRATE_VMA_SELECT_SYSTEM};
+  {
+    ReadLock g(&as->mmap_lock());
+    ASSERT_EQ(migrate_vma_setup(&m), 0);
+    ASSERT_EQ(m.cpages, 4u);
+    Folio* huge = dev->alloc_device_page(kPmdOrder);
+    ASSERT_NE(huge, nullptr);
+    folio_lock(huge);
+    dst[0] = migrate_pfn(huge->pfn()) | MIGRATE_PFN_COMPOUND;
+    migrate_vma_pages(&m);
+    EXPECT_EQ(src[0] & MIGRATE_PFN_MIGRATE, 0u);
+    migrate_vma_finalize(&m);
+  }
+  const PageState st = query_page(*as, small);
+  EXPECT_EQ(st.kind, PageKind::kSmall);
+  EXPECT_TRUE(st.writable);
+  EXPECT_EQ(dev->free_pages(), 4 * kPagesPerPmd);  // the 2 MiB destination was freed
+  EXPECT_MM_CHECK_OK(*mem);
+  EXPECT_EQ(verify_pages(*as, small, 4 * kPageSize, 14), 0);
 }
 
 // A partial munmap splits the device-private PMD: the rest of the device folio is mapped by

@@ -92,6 +92,7 @@ class SplitRaceTest : public MmTest {
     ASSERT_TRUE(pmd_aligned(va));
   }
   void TearDown() override {
+    child.reset();
     if (as) as->exit();
     EXPECT_EQ(dev->free_pages(), kDevPages) << "device pages leaked";
     dev.reset();
@@ -109,6 +110,15 @@ class SplitRaceTest : public MmTest {
     }
     ASSERT_EQ(query_page(*as, va).kind, PageKind::kThpPmd);
   }
+  // make_device_thp, then a fork child that maps the same device folio (device-private PMDs
+  // in both, read-only, the folio shared).
+  void make_shared_device_thp(uint64_t gen) {
+    make_device_thp(gen);
+    Result<std::unique_ptr<AddressSpace>> c = as->fork();
+    ASSERT_TRUE(c.ok());
+    child = std::move(*c);
+    ASSERT_EQ(query_page(*child, va).kind, PageKind::kSoftLeaf);
+  }
   // The THP moved whole to a 2 MiB device folio mapped by a device-private PMD.
   void make_device_thp(uint64_t gen) {
     make_thp(gen);
@@ -120,11 +130,13 @@ class SplitRaceTest : public MmTest {
 
   // Every word of the 2 MiB holds what make_thp wrote, but the pages in `zero` (all zeroes)
   // and `gone` (no longer mapped). Reading faults device pages back.
-  void verify_2m(uint64_t gen, const std::set<uint64_t>& zero, const std::set<uint64_t>& gone = {}) {
+  void verify_2m(uint64_t gen, const std::set<uint64_t>& zero, const std::set<uint64_t>& gone = {},
+                 AddressSpace* in = nullptr) {
+    AddressSpace& target = in ? *in : *as;
     std::vector<uint64_t> buf(kPageSize / sizeof(uint64_t));
     int bad = 0;
     for (uint64_t i = 0; i < kPagesPerPmd; i++) {
-      const int rc = cpu::copy_out(*as, page(i), buf.data(), kPageSize);
+      const int rc = cpu::copy_out(target, page(i), buf.data(), kPageSize);
       if (gone.count(i)) {
         if (rc == 0 && bad++ < 5) ADD_FAILURE() << "page " << i << " still mapped";
         continue;
@@ -147,12 +159,13 @@ class SplitRaceTest : public MmTest {
   }
 
   // No migration record of the 512 folios of the split 2 MiB at pfn names `dead` (an address
-  // space that was destroyed) or a VA of `as` in `unmapped`.
-  void expect_no_stale_records(Pfn pfn, const AddressSpace* dead, const std::set<Va>& unmapped = {}) {
+  // space that was destroyed) or a VA of `of` in `unmapped`.
+  void expect_no_stale_records(Pfn pfn, const AddressSpace* dead, const std::set<Va>& unmapped = {},
+                               const AddressSpace* of = nullptr) {
     int stale = 0;
     for (uint64_t i = 0; i < kPagesPerPmd; i++) {
       for (const RmapItem& r : folio_rmap_snapshot(mem->pfn_to_page(pfn + i))) {
-        if ((r.mm == dead || (r.mm == as.get() && unmapped.count(r.va))) && stale++ < 5) {
+        if ((r.mm == dead || (r.mm == of && unmapped.count(r.va))) && stale++ < 5) {
           ADD_FAILURE() << "page " << i << " keeps a record of a gone mapping at " << std::hex << r.va;
         }
       }
@@ -162,6 +175,7 @@ class SplitRaceTest : public MmTest {
 
   static constexpr uint64_t kDevPages = 4 * kPagesPerPmd;
   std::unique_ptr<TestDevice> dev;
+  std::unique_ptr<AddressSpace> child;  // a fork child sharing the device THP
   Va va = 0;
 };
 
@@ -269,59 +283,81 @@ TEST_F(SplitRaceTest, MigrationSplitWaitsForHugePmdSplit) {
   verify_2m(2, {5});
 }
 
-// Eviction by device pfn racing a partial munmap or mprotect (the eviction holds no mmap
-// lock, so these run while it is stopped):
-//  1. migrate_device_range collects the 2 MiB device folio: its device-private PMD becomes a
-//     PMD migration entry.
-//  2. Only 4 KiB system pages: migrate_device_pages splits the device folio and stops at
-//     mm.split.migrating_records, its records taken.
-//  3. Another thread unmaps (or write-protects) page 0: split_huge_pmd of the PMD migration
-//     entry. Before the fix it ran in the window (the same hole as above); now it waits.
-//  4. The split finishes, then the munmap/mprotect acts on PTE migration entries.
-//  5. finalize: pages 1..511 back in RAM with their data (page 0 read-only after mprotect,
-//     gone after munmap), the 512 device pages free.
-void evict_racing(AddressSpace& as, TestDevice& dev, PhysMem* mem, Va va, const std::function<void()>& op) {
-  const uint64_t n = dev.pgmap()->nr_pages();
-  std::vector<uint64_t> src(n), dst(n);
+// A migration back to RAM of a device THP that a fork child maps too, racing a partial munmap
+// or mprotect in the child (the migrating thread holds only the parent's mmap lock, so the
+// child's own operations run while it is stopped). An eviction by pfn does not split a
+// compound source for small destinations (seed 003, as Linux: the page stays), so this is how
+// the split during migration meets another address space's changes:
+//  1. The parent's migrate_vma_setup collects the 2 MiB device folio: its device-private PMD
+//     becomes a PMD migration entry, and try_to_migrate makes the child's one too.
+//  2. Only 4 KiB system pages: migrate_vma_pages splits the device folio and stops at
+//     mm.split.migrating_records, the records of both address spaces taken.
+//  3. The child unmaps (or write-protects) page 0: split_huge_pmd of its PMD migration entry.
+//     Before the fix it ran in the window and rewrote records the split held in hand; now it
+//     waits for the walk lock.
+//  4. The split finishes, then the munmap/mprotect acts on the child's PTE migration entries.
+//  5. finalize: pages 0..511 back in RAM in the parent with their data, 1..511 in the child
+//     (page 0 read-only after mprotect, gone after munmap), the 512 device pages free.
+void migrate_back_racing_child(AddressSpace& as, TestDevice& dev, Va va, const std::function<void()>& op) {
   dev.fail_thp_alloc = true;
-  sched_point::Pause split("mm.split.migrating_records", {.thread = "eviction"});
+  sched_point::Pause split("mm.split.migrating_records", {.thread = "migration"});
   ASSERT_EQ(split.status(), 0);
-  Op eviction("eviction", [&] {
-    ASSERT_EQ(migrate_device_range(mem, src.data(), dev.pgmap()->first_pfn(), n), 0);  // 1.
-    ASSERT_EQ(TestDevice::count_moved(src.data(), n), kPagesPerPmd);
-    dev.copy_to_new_pages(src.data(), dst.data(), n, /*to_device=*/false);
-    migrate_device_pages(mem, src.data(), dst.data(), n);  // 2., 4.
-    migrate_device_finalize(mem, src.data(), dst.data(), n);  // 5.
+  Op migration("migration", [&] {  // 1., 2., 4., 5.
+    EXPECT_EQ(*dev.migrate_to_system(as, va, va + kPmdSize, MIGRATE_VMA_SELECT_COMPOUND), kPagesPerPmd);
   });
   ASSERT_TRUE(split.wait_reached());
-  EXPECT_EQ(query_page(as, va).leaf, SoftLeafType::kMigrationWrite);
-  Op process("process", op);  // 3.
+  EXPECT_EQ(query_page(as, va).leaf, SoftLeafType::kMigrationRead);
+  Op process("child", op);  // 3.
   EXPECT_FALSE(process.wait_done(kBlockedGrace)) << "the PMD migration entry was split in the window";
   split.release();
-  eviction.join();
+  migration.join();
   process.join();
 }
 
-TEST_F(SplitRaceTest, EvictionSplitRacesPartialMunmap) {
-  make_device_thp(3);
-  evict_racing(*as, *dev, mem.get(), va, [&] { EXPECT_EQ(as->munmap(va, kPageSize), 0); });
+TEST_F(SplitRaceTest, MigrationSplitRacesPartialMunmapInForkChild) {
+  make_shared_device_thp(3);
+  migrate_back_racing_child(*as, *dev, va, [&] { EXPECT_EQ(child->munmap(va, kPageSize), 0); });
   EXPECT_EQ(dev->free_pages(), kDevPages);
-  EXPECT_EQ(query_page(*as, page(1)).kind, PageKind::kSmall);
+  EXPECT_EQ(query_page(*child, page(1)).kind, PageKind::kSmall);
   EXPECT_MM_CHECK_OK(*mem);
-  verify_2m(3, {}, {0});
+  verify_2m(3, {});
+  verify_2m(3, {}, {0}, child.get());
 }
 
-TEST_F(SplitRaceTest, EvictionSplitRacesPartialMprotect) {
-  make_device_thp(4);
-  evict_racing(*as, *dev, mem.get(), va, [&] { EXPECT_EQ(as->mprotect(va, kPageSize, PROT_READ), 0); });
+TEST_F(SplitRaceTest, MigrationSplitRacesPartialMprotectInForkChild) {
+  make_shared_device_thp(4);
+  migrate_back_racing_child(*as, *dev, va, [&] { EXPECT_EQ(child->mprotect(va, kPageSize, PROT_READ), 0); });
   EXPECT_EQ(dev->free_pages(), kDevPages);
-  const PageState first = query_page(*as, va);
+  const PageState first = query_page(*child, va);
   EXPECT_EQ(first.kind, PageKind::kSmall);
   EXPECT_FALSE(first.writable);
-  EXPECT_TRUE(query_page(*as, page(1)).writable);
   EXPECT_MM_CHECK_OK(*mem);
   verify_2m(4, {});
-  EXPECT_EQ(cpu::store<uint64_t>(*as, va, 1), -EFAULT);  // PROT_READ: a write is refused
+  verify_2m(4, {}, {}, child.get());
+  EXPECT_EQ(cpu::store<uint64_t>(*child, va, 1), -EFAULT);  // PROT_READ: a write is refused
+  EXPECT_EQ(cpu::store<uint64_t>(*child, page(1), 1), 0);   // COW: the child gets its copy
+  verify_2m(4, {});                                         // the parent keeps its data
+}
+
+// An eviction by pfn with only 4 KiB system destinations leaves a compound device folio where
+// it is (seed 003: migrate_device_pages has no VMA to split in; MIGRATE and COMPOUND cleared),
+// so nothing splits and a munmap at the same time meets no window.
+TEST_F(SplitRaceTest, EvictionWithSmallDestinationsLeavesDeviceThp) {
+  make_device_thp(5);
+  const uint64_t n = dev->pgmap()->nr_pages();
+  std::vector<uint64_t> src(n), dst(n);
+  dev->fail_thp_alloc = true;
+  ASSERT_EQ(migrate_device_range(mem.get(), src.data(), dev->pgmap()->first_pfn(), n), 0);
+  dev->copy_to_new_pages(src.data(), dst.data(), n, /*to_device=*/false);
+  migrate_device_pages(mem.get(), src.data(), dst.data(), n);
+  EXPECT_EQ(TestDevice::count_moved(src.data(), n), 0u);
+  migrate_device_finalize(mem.get(), src.data(), dst.data(), n);
+  const PageState st = query_page(*as, va);
+  EXPECT_EQ(st.kind, PageKind::kSoftLeaf);
+  EXPECT_TRUE(st.large);
+  EXPECT_EQ(dev->free_pages(), kDevPages - kPagesPerPmd);
+  EXPECT_MM_CHECK_OK(*mem);
+  verify_2m(5, {});
 }
 
 // ---- race 2: split_folio_exclusive's restore after a failed freeze -------------------------
@@ -370,88 +406,85 @@ TEST_F(SplitRaceTest, ExclusiveSplitFreezeFailsAfterZap) {
 
 // ---- race 3: split_migrating_folio's records vs a zap in its window ------------------------
 
-// The eviction of the device THP at va for 4 KiB system pages, run by a thread that stops at
-// mm.split.migrating_records (records taken) and at mm.split.migrating_split (split done,
-// finalize not run): `op` runs in the first window from another thread, `check` in the second
-// after op returned.
-void evict_split_window(TestDevice& dev, PhysMem* mem, const std::function<void()>& op,
-                        const std::function<void()>& check) {
-  const uint64_t n = dev.pgmap()->nr_pages();
-  std::vector<uint64_t> src(n), dst(n);
+// The migration back to RAM (4 KiB system pages) of the device THP at va, which a fork child
+// maps too, run by a thread that stops at mm.split.migrating_records (records taken) and at
+// mm.split.migrating_split (split done, finalize not run): `op` runs in the first window from
+// another thread, `check` in the second after op returned.
+void migrate_back_split_window(AddressSpace& as, TestDevice& dev, Va va, const std::function<void()>& op,
+                               const std::function<void()>& check) {
   dev.fail_thp_alloc = true;
-  sched_point::Pause records("mm.split.migrating_records", {.thread = "eviction"});
-  sched_point::Pause split("mm.split.migrating_split", {.thread = "eviction"});
+  sched_point::Pause records("mm.split.migrating_records", {.thread = "migration"});
+  sched_point::Pause split("mm.split.migrating_split", {.thread = "migration"});
   ASSERT_EQ(records.status() | split.status(), 0);
-  Op eviction("eviction", [&] {
-    ASSERT_EQ(migrate_device_range(mem, src.data(), dev.pgmap()->first_pfn(), n), 0);
-    ASSERT_EQ(TestDevice::count_moved(src.data(), n), kPagesPerPmd);
-    dev.copy_to_new_pages(src.data(), dst.data(), n, /*to_device=*/false);
-    migrate_device_pages(mem, src.data(), dst.data(), n);
-    migrate_device_finalize(mem, src.data(), dst.data(), n);
+  Op migration("migration", [&] {
+    EXPECT_EQ(*dev.migrate_to_system(as, va, va + kPmdSize, MIGRATE_VMA_SELECT_COMPOUND), kPagesPerPmd);
   });
   ASSERT_TRUE(records.wait_reached());
-  Op process("process", op);
+  Op process("child", op);
   EXPECT_FALSE(process.wait_done(kBlockedGrace)) << "a zap ran while the split held the folio's records";
   records.release();
   ASSERT_TRUE(split.wait_reached());
   EXPECT_TRUE(process.wait_done(10s)) << "the zap did not finish once the split was done";
   check();
   split.release();
-  eviction.join();
+  migration.join();
   process.join();
 }
 
-// A device THP mapped by PTEs (a partial munmap split its device PMD) is evicted for 4 KiB
-// system pages while its address space exits:
-//  1. munmap of page 511 splits the device-private PMD: 511 device-private PTEs.
-//  2. The eviction collects the folio by pfn: 511 PTE migration entries, one record each;
-//     migrate_device_pages splits the folio and stops at mm.split.migrating_records, the 511
-//     records in its hands.
-//  3. Another thread destroys the address space (exit zaps every entry, then it is freed).
-//     Before the fix the zap found no record to remove: the stale records went to the new
-//     folios and finalize followed them into the freed address space. Now the zap waits.
+// A device THP that a fork child maps too (by PTEs: a partial munmap split the child's device
+// PMD) goes back to RAM for 4 KiB pages while the child exits:
+//  1. The parent's migration collects the folio: a PMD migration entry in the parent, 511
+//     PTE migration entries in the child, one record each.
+//  2. migrate_vma_pages splits the folio and stops at mm.split.migrating_records, the
+//     records of both address spaces in its hands.
+//  3. The child exits (exit zaps every entry, then it is freed). Before the fix the zap found
+//     no record to remove: the stale records went to the new folios and finalize followed
+//     them into the freed address space. Now the zap waits.
 //  4. The split finishes (mm.split.migrating_split); the exit then removes each entry's
-//     record from its new folio and the address space is freed: no record names it.
-//  5. finalize restores nothing and frees every page.
-TEST_F(SplitRaceTest, EvictionSplitRacesExit) {
-  make_device_thp(6);
-  ASSERT_EQ(as->munmap(page(511), kPageSize), 0);  // 1.
+//     record from its new folio and the child is freed: no record names it.
+//  5. finalize restores the parent's 512 pages and frees every device page.
+TEST_F(SplitRaceTest, MigrationSplitRacesForkChildExit) {
+  make_shared_device_thp(6);
+  ASSERT_EQ(child->munmap(page(511), kPageSize), 0);
   const Pfn dpfn = query_page(*as, va).pfn;
   ASSERT_TRUE(dev->pgmap()->contains(dpfn));
-  const AddressSpace* dead = as.get();
-  evict_split_window(*dev, mem.get(), [&] { as.reset(); },
-                     [&] { expect_no_stale_records(dpfn, dead); });
+  const AddressSpace* dead = child.get();
+  migrate_back_split_window(*as, *dev, va, [&] { child.reset(); },
+                            [&] { expect_no_stale_records(dpfn, dead); });
   EXPECT_EQ(dev->free_pages(), kDevPages);
   EXPECT_MM_CHECK_OK(*mem);
+  verify_2m(6, {});
 }
 
-// The same window with a munmap of half the range (the address space lives on):
-//  1. The device PMD is whole: one PMD migration entry, split by the migration after the
-//     window (split_pmd_migration_entry).
+// The same window with a munmap of half the range in the child (which lives on):
+//  1. The child's device PMD is whole: one PMD migration entry, split by the migration
+//     after the window (split_pmd_migration_entry).
 //  2. munmap of pages 0..255 in the window: before the fix it split the PMD entry itself and
 //     zapped 256 entries there, so the records of the other 256 stayed on page 0 and finalize
 //     restored them onto a 4 KiB folio's nonexistent pages. Now it waits for the split.
-//  3. finalize: pages 256..511 back in RAM with their data, no record of 0..255 left.
-TEST_F(SplitRaceTest, EvictionSplitRacesHalfMunmap) {
-  make_device_thp(7);
+//  3. finalize: the parent's 512 pages and the child's 256..511 back in RAM with their data,
+//     no record of the child's 0..255 left, every record on page 0 of its own folio.
+TEST_F(SplitRaceTest, MigrationSplitRacesHalfMunmapInForkChild) {
+  make_shared_device_thp(7);
   const Pfn dpfn = query_page(*as, va).pfn;
   std::set<Va> unmapped;
   for (uint64_t i = 0; i < kPagesPerPmd / 2; i++) unmapped.insert(page(i));
-  evict_split_window(*dev, mem.get(), [&] { EXPECT_EQ(as->munmap(va, kPmdSize / 2), 0); },
-                     [&] {
-                       expect_no_stale_records(dpfn, nullptr, unmapped);
-                       for (uint64_t i = 0; i < kPagesPerPmd; i++) {
-                         for (const RmapItem& r : folio_rmap_snapshot(mem->pfn_to_page(dpfn + i))) {
-                           EXPECT_EQ(r.page, 0u) << i;
-                           EXPECT_EQ(r.va, page(i)) << i;
-                         }
-                       }
-                     });
+  migrate_back_split_window(*as, *dev, va, [&] { EXPECT_EQ(child->munmap(va, kPmdSize / 2), 0); },
+                            [&] {
+                              expect_no_stale_records(dpfn, nullptr, unmapped, child.get());
+                              for (uint64_t i = 0; i < kPagesPerPmd; i++) {
+                                for (const RmapItem& r : folio_rmap_snapshot(mem->pfn_to_page(dpfn + i))) {
+                                  EXPECT_EQ(r.page, 0u) << i;
+                                  EXPECT_EQ(r.va, page(i)) << i;
+                                }
+                              }
+                            });
   EXPECT_EQ(dev->free_pages(), kDevPages);
   EXPECT_MM_CHECK_OK(*mem);
   std::set<uint64_t> gone;
   for (uint64_t i = 0; i < kPagesPerPmd / 2; i++) gone.insert(i);
-  verify_2m(7, {}, gone);
+  verify_2m(7, {});
+  verify_2m(7, {}, gone, child.get());
 }
 
 // ---- seed 003 step by step -----------------------------------------------------------------

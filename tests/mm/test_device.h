@@ -127,6 +127,10 @@ class TestDevice : public DevPagemapOps {
     return moved;
   }
 
+  // A free device folio of the order (0 or kPmdOrder), unlocked, one reference; nullptr when
+  // none is free. For tests that fill dst by hand.
+  Folio* alloc_device_page(unsigned order) { return alloc_device_folio(order); }
+
   std::atomic<int> cpu_faults{0};
   std::atomic<int> freed{0};
   std::atomic<int> splits{0};

@@ -68,6 +68,7 @@ struct World {
   std::unique_ptr<TestDevice> dev2;  // device B: another owner
   std::unique_ptr<AddressSpace> as;
   std::unique_ptr<AddressSpace> child;
+  std::unique_ptr<AddressSpace> sharer;  // a victim's own fork child (destroyed first)
   Va base = 0;
   Va spare = 0;  // a free 2 MiB-aligned hole for mremap
   std::atomic<uint64_t> b_moved{0};  // pages device B's migration (an op) moved
@@ -132,6 +133,17 @@ std::vector<Victim> victims() {
          w.dev->fail_thp_alloc = true;
        },
        [](World& w) { (void)w.dev->migrate_to_system(*w.as, w.base, w.base + kRegion, MIGRATE_VMA_SELECT_COMPOUND); }},
+      {"fork_child_migrates_part_of_shared_thp",  // splits the parent's THP through the rmap
+       [](World& w) {
+         Result<std::unique_ptr<AddressSpace>> c = w.as->fork();
+         if (c) w.sharer = std::move(*c);
+       },
+       [](World& w) {
+         if (w.sharer) {
+           const Va s = w.base + kPmdSize + 3 * kPageSize;
+           (void)w.dev->migrate_to_device(*w.sharer, s, s + 17 * kPageSize);
+         }
+       }},
       {"evict_by_pfn", to_device_a, [](World& w) { (void)w.dev->evict_all(); }},
       {"evict_by_pfn_4k",
        [](World& w) {
@@ -333,6 +345,7 @@ void explore_one(const Victim& v, const std::string& point, uint64_t nth, const 
   }
   check_data(w, *w.as, what);
   if (w.child && !w.child_exited) check_data(w, *w.child, what + " (fork child)");
+  w.sharer.reset();
   w.child.reset();
   w.as.reset();
   EXPECT_EQ(w.dev->free_pages(), kDevPages) << what << ": device A pages leaked";
