@@ -53,6 +53,10 @@ class SchedPoint {
     // through thread creation or a lock); a hit racing with arm/disarm may go either way.
     if (__builtin_expect(armed_.load(std::memory_order_relaxed), 0)) reach_slow();
   }
+  // For a point that may only stop in some lock states (a site that is also reached under a
+  // spin lock): `if (p.armed() && !holds_spin_lock()) p.reach();` keeps the check of the lock
+  // state off the unarmed path.
+  bool armed() const { return __builtin_expect(armed_.load(std::memory_order_relaxed), 0); }
   const char* name() const { return name_; }
 
  private:

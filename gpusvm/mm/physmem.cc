@@ -343,7 +343,7 @@ Folio* PhysMem::pfn_to_page(Pfn pfn) {
       }
     }
   }
-  if (page && !holds_spin_lock()) g_sp_pagemap_looked_up.reach();
+  if (g_sp_pagemap_looked_up.armed() && page && !holds_spin_lock()) g_sp_pagemap_looked_up.reach();
   return page;
 }
 
