@@ -343,7 +343,7 @@ class PhysMem {
   // (try_to_migrate, remove_migration_ptes) holds it shared; freeing a page table that is
   // still linked or an address space holds it exclusive, so a walker never follows a record
   // into freed memory. Ranked after the folio lock, before page-table locks.
-  RwLock& rmap_walk_lock() { return rmap_walk_lock_; }
+  RwLock& rmap_walk_lock() GPUSVM_RETURN_CAPABILITY(rmap_walk_lock_) { return rmap_walk_lock_; }
 
   StatCounter stat_alloc_order0, stat_alloc_thp, stat_alloc_fail, stat_free_pages;
   StatCounter stat_split_migrating;  // large folios split during a migration (seed 003)
