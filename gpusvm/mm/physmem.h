@@ -239,7 +239,9 @@ std::vector<RmapItem> folio_rmap_snapshot(Folio* folio);
 void page_rmap_pte_to_migration(Folio* page, AddressSpace* mm, Va va);
 void folio_rmap_pmd_to_migration(Folio* folio, AddressSpace* mm, Va haddr);
 // fork copied a migration entry (item.migration must be set); mremap moves one with
-// folio_move_rmap. Zapping one removes its record: false if there was none.
+// folio_move_rmap. Zapping one removes its record: false if there was none. These three also
+// need the rmap walk lock (shared; split_migrating_folio moves records under it exclusive),
+// asserted: the analysis cannot name it, callers reach it through mm.mem() or folio->mem().
 void folio_add_migration_item(Folio* folio, const RmapItem& item);
 bool folio_remove_migration_item(Folio* folio, const RmapItem& item);
 // Removes and returns every migration record of the folio (remove_migration_ptes).
