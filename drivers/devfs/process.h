@@ -121,6 +121,7 @@ class Process {
   // The main thread's body: main, then do_exit with its result.
   void run_main(const Main& main) GPUSVM_EXCLUDES(status_lock_);
   bool ended_locked() const GPUSVM_REQUIRES(status_lock_) {
+    status_lock_.assert_held();
     return status_.has_value() && torn_down_ && !main_running_;
   }
 

@@ -52,7 +52,11 @@ void copy_present_pte(CopyCtx& c, Va va, Pte src, Pte* src_out, Pte* dst_out) {
 // copy removes the record, mremap moves it. Only a migration that runs without the parent's
 // mmap lock (migrate_device_*, or a driver that dropped it between setup and finalize) can
 // leave an entry for fork to meet: fork holds the mmap lock for write.
+// Held: both mmap locks (write), both PTLs, the rmap walk lock (shared); the analysis cannot
+// name them through CopyCtx's references, so only the walk lock (which the record needs) is
+// asserted.
 void copy_migration_entry(CopyCtx& c, Va va, Pte src, Pte* src_out, Pte* dst_out) {
+  c.dst_mm.mem()->rmap_walk_lock().assert_held();
   if (c.cow && src.soft_leaf_type() != SoftLeafType::kMigrationRead) {
     const uint64_t type = static_cast<uint64_t>(SoftLeafType::kMigrationRead) << pte_bits::kTypeShift;
     const Pte ro((src.raw() & ~pte_bits::kTypeMask) | type);
@@ -66,7 +70,9 @@ void copy_migration_entry(CopyCtx& c, Va va, Pte src, Pte* src_out, Pte* dst_out
 
 // copy_present_pte / copy_nonpresent_pte for one entry. Both PTLs held (the parent's is
 // `ts`). Sets the entries to store in the parent and the child, or says why it stopped.
-CopyStop copy_one_pte(CopyCtx& c, PteTable* ts, Va va, Pte src, Pte* src_out, Pte* dst_out) {
+CopyStop copy_one_pte(CopyCtx& c, PteTable* ts, Va va, Pte src, Pte* src_out, Pte* dst_out)
+    GPUSVM_REQUIRES(ts->ptl) {
+  ts->ptl.assert_held();
   PhysMem* mem = c.dst_mm.mem();
   *src_out = src;
   *dst_out = src;
@@ -119,7 +125,10 @@ CopyStop copy_one_pte(CopyCtx& c, PteTable* ts, Va va, Pte src, Pte* src_out, Pt
 // (bounded by hang_timeout()) and the copy resumes at that entry - everything before it is
 // copied, nothing after it was touched.
 int copy_pte_range(AddressSpace& src_mm, AddressSpace& dst_mm, const Vma& vma, PmdSlot src_slot,
-                   Va start, Va end, bool cow) {
+                   Va start, Va end, bool cow)
+    GPUSVM_REQUIRES(src_mm.mmap_lock(), dst_mm.mmap_lock()) {
+  src_mm.mmap_assert_write_locked();
+  dst_mm.mmap_assert_write_locked();
   Result<PmdSlot> dst_slot = dst_mm.page_table().pmd_alloc(start);
   if (!dst_slot) return dst_slot.error();
   if (dst_mm.page_table().pte_alloc(*dst_slot) != 0) return -ENOMEM;
@@ -134,6 +143,7 @@ int copy_pte_range(AddressSpace& src_mm, AddressSpace& dst_mm, const Vma& vma, P
       ReadLock walk(&src_mm.mem()->rmap_walk_lock());
       PteTable* ts = src_mm.page_table().pte_offset_map_lock(src_slot, 0);
       if (!ts) return 0;
+      ts->ptl.assert_held();  // locked by pte_offset_map_lock, which the analysis cannot follow
       PteTable* td = dst_slot->load_lockless().table();
       td->ptl.lock_nested(1);
       for (; va < end; va += kPageSize) {
@@ -163,13 +173,16 @@ int copy_pte_range(AddressSpace& src_mm, AddressSpace& dst_mm, const Vma& vma, P
 }
 
 // The child's copy of the huge leaf `leaf` at haddr (copy_huge_pmd / copy_huge_non_present_pmd);
-// *src_out is what the parent keeps. Both PMD locks held.
+// *src_out is what the parent keeps. Both PMD locks held (not nameable here), and the rmap walk
+// lock (shared: the child's migration record).
 //  - present THP: shared, COW write-protects both sides; the huge zero folio is shared freely;
 //  - device-private PMD: shared read-only, like the PTE case (+1 reference, entire mapcount
 //    and rmap item for the child);
 //  - PMD migration entry: copied as a read entry on both sides with a PMD migration record for
 //    the child, like the PTE case (no reference, no mapcount).
-Pte copy_huge_leaf(PhysMem* mem, AddressSpace& dst_mm, Va haddr, bool cow, Pte leaf, Pte* src_out) {
+Pte copy_huge_leaf(PhysMem* mem, AddressSpace& dst_mm, Va haddr, bool cow, Pte leaf, Pte* src_out)
+    GPUSVM_REQUIRES_SHARED(mem->rmap_walk_lock()) {
+  mem->rmap_walk_lock().assert_held();
   *src_out = leaf;
   if (leaf.present() && mem->is_huge_zero_pfn(leaf.pfn())) return leaf.mkold();
   Folio* folio = mem->folio_of(leaf.pfn());
@@ -198,8 +211,10 @@ Pte copy_huge_leaf(PhysMem* mem, AddressSpace& dst_mm, Va haddr, bool cow, Pte l
 
 // copy_huge_pmd. Returns 1 when the PMD was not a leaf any more (copy its PTEs instead).
 int copy_huge_pmd(AddressSpace& src_mm, AddressSpace& dst_mm, PmdSlot src_slot, Va haddr,
-                  bool cow) {
-  PhysMem* mem = src_mm.mem();
+                  bool cow) GPUSVM_REQUIRES(src_mm.mmap_lock(), dst_mm.mmap_lock())
+    GPUSVM_REQUIRES_SHARED(src_mm.mem()->rmap_walk_lock()) {
+  src_mm.mmap_assert_write_locked();
+  dst_mm.mmap_assert_write_locked();
   Result<PmdSlot> dst_slot = dst_mm.page_table().pmd_alloc(haddr);
   if (!dst_slot) return dst_slot.error();
   PteTable* deposit = PageTable::alloc_pte_table();
@@ -213,7 +228,7 @@ int copy_huge_pmd(AddressSpace& src_mm, AddressSpace& dst_mm, PmdSlot src_slot, 
       rc = 1;
     } else {
       Pte keep;
-      const Pte child = copy_huge_leaf(mem, dst_mm, haddr, cow, pmd.leaf(), &keep);
+      const Pte child = copy_huge_leaf(src_mm.mem(), dst_mm, haddr, cow, pmd.leaf(), &keep);
       if (keep != pmd.leaf()) src_slot.table->set(src_slot.index, Pmd::make_leaf(keep));
       dst_slot->table->set(dst_slot->index, Pmd::make_leaf(child));
       dst_slot->table->deposit(dst_slot->index, deposit);
@@ -224,7 +239,10 @@ int copy_huge_pmd(AddressSpace& src_mm, AddressSpace& dst_mm, PmdSlot src_slot, 
   return rc;
 }
 
-int copy_page_range(AddressSpace& src_mm, AddressSpace& dst_mm, const Vma& vma) {
+int copy_page_range(AddressSpace& src_mm, AddressSpace& dst_mm, const Vma& vma)
+    GPUSVM_REQUIRES(src_mm.mmap_lock(), dst_mm.mmap_lock()) {
+  src_mm.mmap_assert_write_locked();
+  dst_mm.mmap_assert_write_locked();
   // is_cow_mapping: private mappings that may become writable share pages copy-on-write.
   const bool cow = !vma.is_shared() && (vma.flags & VM_MAYWRITE);
   PageTable& pt = src_mm.page_table();

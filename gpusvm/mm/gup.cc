@@ -50,7 +50,10 @@ Folio* grab_page(PhysMem* mem, Pfn pfn, unsigned flags) {
 
 // follow_page_mask: the page at va if its entry allows the access; the lock of the entry is
 // taken and dropped here. kFault: the caller must fault and look again.
-Follow follow_page(AddressSpace& mm, Va va, unsigned flags, Folio** out) {
+// mmap lock held (read).
+Follow follow_page(AddressSpace& mm, Va va, unsigned flags, Folio** out)
+    GPUSVM_REQUIRES_SHARED(mm.mmap_lock()) {
+  mm.mmap_assert_locked();
   PhysMem* mem = mm.mem();
   const bool write = flags & FOLL_WRITE;
   PmdSlot slot = mm.page_table().pmd_lookup(va);
@@ -99,8 +102,8 @@ int move_coherent_out(Folio* page) {
 }
 
 // One page: look up, fault, look up again, within hang_timeout(). Returns 0 with *out set, or
-// a negative errno.
-int gup_one(AddressSpace& mm, Va va, unsigned flags, Folio** out) {
+// a negative errno. mmap lock held (read).
+int gup_one(AddressSpace& mm, Va va, unsigned flags, Folio** out) GPUSVM_REQUIRES_SHARED(mm.mmap_lock()) {
   mm.mmap_assert_locked();
   const auto deadline = std::chrono::steady_clock::now() + hang_timeout();
   for (uint64_t round = 0;; round++) {
@@ -141,7 +144,8 @@ int gup_args(Va* start, unsigned long nr_pages, unsigned flags, Folio** pages, V
   return 0;
 }
 
-long gup_locked(AddressSpace& mm, Va start, unsigned long nr_pages, unsigned flags, Folio** pages) {
+long gup_locked(AddressSpace& mm, Va start, unsigned long nr_pages, unsigned flags, Folio** pages)
+    GPUSVM_REQUIRES_SHARED(mm.mmap_lock()) {
   mm.mmap_assert_locked();
   Va end = 0;
   if (int rc = gup_args(&start, nr_pages, flags, pages, &end)) return rc;
@@ -162,6 +166,7 @@ long gup_unlocked(AddressSpace& mm, Va start, unsigned long nr_pages, unsigned f
 
 long get_user_pages(AddressSpace& mm, Va start, unsigned long nr_pages, unsigned gup_flags,
                     Folio** pages) {
+  mm.mmap_assert_locked();
   if (gup_flags & kFollPin) return -EINVAL;
   return gup_locked(mm, start, nr_pages, gup_flags, pages);
 }
@@ -174,6 +179,7 @@ long get_user_pages_fast(AddressSpace& mm, Va start, unsigned long nr_pages, uns
 
 long pin_user_pages(AddressSpace& mm, Va start, unsigned long nr_pages, unsigned gup_flags,
                     Folio** pages) {
+  mm.mmap_assert_locked();
   if (gup_flags & kFollPin) return -EINVAL;
   return gup_locked(mm, start, nr_pages, gup_flags | kFollPin, pages);
 }

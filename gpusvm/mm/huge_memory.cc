@@ -78,6 +78,7 @@ void split_huge_pmd_walk_locked(AddressSpace& mm, PmdSlot slot, Va haddr) {
 }
 
 void split_huge_pmd_address(AddressSpace& mm, Va addr) {
+  mm.mmap_assert_locked();
   if (pmd_aligned(addr)) return;
   PmdSlot slot = mm.page_table().pmd_lookup(addr);
   if (slot && slot.load_lockless().is_leaf()) split_huge_pmd(mm, slot, pmd_align_down(addr));
@@ -85,6 +86,7 @@ void split_huge_pmd_address(AddressSpace& mm, Va addr) {
 
 VmFault do_huge_pmd_anonymous_page(AddressSpace& mm, Vma& vma, PmdSlot slot, Va va,
                                    bool write, bool* fallback) {
+  mm.mmap_assert_locked();
   *fallback = false;
   PhysMem* mem = mm.mem();
   const Va haddr = pmd_align_down(va);
@@ -249,8 +251,11 @@ bool page_is_zero(const Folio* page) {
 }
 
 // Puts the original entry back where our migration entry still is; otherwise (zapped
-// meanwhile) the mapping is simply gone. Returns true when it mapped `page` again.
-bool restore_mapping(AddressSpace& mm, const SplitMapping& m, Folio* page, bool use_zero_page) {
+// meanwhile) the mapping is simply gone. Returns true when it mapped `page` again. mmap lock
+// of mm held, no page-table lock.
+bool restore_mapping(AddressSpace& mm, const SplitMapping& m, Folio* page, bool use_zero_page)
+    GPUSVM_REQUIRES_SHARED(mm.mmap_lock()) {
+  mm.mmap_assert_locked();
   PmdSlot slot = mm.page_table().pmd_lookup(m.va);
   PteTable* t = slot ? mm.page_table().pte_offset_map_lock(slot) : nullptr;
   if (!t) return false;
@@ -396,7 +401,10 @@ GPUSVM_SCHED_POINT(g_sp_migrating_split, "mm.split.migrating_split");
 
 // The PMD migration entry of `folio` at (mm, haddr) becomes 512 PTE migration entries in the
 // deposited table. Returns false when the entry is gone (zapped). Rmap walk lock held.
-bool split_pmd_migration_entry(AddressSpace& mm, Va haddr, const Folio* folio) {
+// (The walk lock, not mm's mmap lock, keeps mm's tables alive: mm is any mapper of folio.)
+bool split_pmd_migration_entry(AddressSpace& mm, Va haddr, const Folio* folio)
+    GPUSVM_REQUIRES(folio->mem()->rmap_walk_lock()) {
+  folio->mem()->rmap_walk_lock().assert_write_held();
   PmdSlot slot = mm.page_table().pmd_lookup(haddr);
   if (!slot) return false;
   SpinLockGuard g(&slot.table->lock);
@@ -453,7 +461,7 @@ int split_migrating_folio(Folio* folio, int extra_refs) {
     // Records change owner below: no rmap walker may be in flight, nor anyone who changes a
     // migration record of an entry under its PTL (zap, split_huge_pmd, fork, mremap all hold
     // the walk lock shared for that): the records are in our hands until step 3.
-    WriteLock walk(&mem->rmap_walk_lock());
+    WriteLock walk(&folio->mem()->rmap_walk_lock());
     // 1. Every PMD migration entry becomes PTE migration entries, its record 512 records.
     std::vector<RmapItem> records;
     std::vector<RmapItem> taken = folio_take_migration_items(folio);

@@ -40,7 +40,10 @@ void set_anon_exclusive(Folio* folio) {
 // write. The page and the deposit are allocated before the PMD lock is taken; the fault
 // mutex keeps other faults of the slot out, so the PMD is still none under the lock (checked
 // all the same: if not, the page is dropped and the access retried). Fault mutex held.
-VmFault hugetlb_no_page(AddressSpace& mm, const Vma& vma, PmdSlot slot, Va haddr, bool write) {
+VmFault hugetlb_no_page(AddressSpace& mm, const Vma& vma, PmdSlot slot, Va haddr, bool write)
+    GPUSVM_REQUIRES_SHARED(mm.mmap_lock()) GPUSVM_REQUIRES(fault_mutex(&mm, haddr)) {
+  fault_mutex(&mm, haddr)->assert_held();
+  mm.mmap_assert_locked();
   PhysMem* mem = mm.mem();
   PteTable* deposit = PageTable::alloc_pte_table();
   if (!deposit) return VmFault::kOom;
@@ -75,7 +78,10 @@ VmFault hugetlb_no_page(AddressSpace& mm, const Vma& vma, PmdSlot slot, Va haddr
 // all 2 MiB into a new pool page. The copy runs without the PMD lock, holding a reference on
 // the source; the leaf must still be `pmd` when the lock is retaken (MADV_DONTNEED, which
 // needs only the mmap read lock, may zap it meanwhile). Fault mutex held.
-VmFault hugetlb_wp(AddressSpace& mm, PmdSlot slot, Va haddr, Pmd pmd) {
+VmFault hugetlb_wp(AddressSpace& mm, PmdSlot slot, Va haddr, Pmd pmd)
+    GPUSVM_REQUIRES_SHARED(mm.mmap_lock()) GPUSVM_REQUIRES(fault_mutex(&mm, haddr)) {
+  fault_mutex(&mm, haddr)->assert_held();
+  mm.mmap_assert_locked();
   PhysMem* mem = mm.mem();
   Folio* src = mem->folio_of(pmd.leaf().pfn());
   {

@@ -27,20 +27,17 @@
 #pragma once
 
 #include "gpusvm/mm/fault.h"
+#include "gpusvm/mm/address_space.h"
 #include "gpusvm/mm/types.h"
 
 namespace gpusvm::mm {
-
-class AddressSpace;
-class VmaTree;
-struct Vma;
 
 // The hugetlb part of handle_mm_fault, for a VMA with VM_HUGETLB whose permissions allow the
 // access (checked by the caller). mmap lock held (read suffices), no other gpusvm lock. May
 // sleep on the fault mutex of the slot (faults of one (mm, 2 MiB slot) are serialized, as by
 // the kernel's hugetlb_fault_mutex_table). Returns kOk, kRetry (the PMD changed meanwhile),
 // kOom (page-table allocation) or kSigbus (no pool page).
-VmFault hugetlb_fault(AddressSpace& mm, Vma& vma, Va va, unsigned flags);
+VmFault hugetlb_fault(AddressSpace& mm, Vma& vma, Va va, unsigned flags) GPUSVM_REQUIRES_SHARED(mm.mmap_lock());
 
 // -EINVAL when a VMA boundary at `start` or at `end` would cut a hugetlb VMA at an address
 // that is not 2 MiB aligned (the split Linux refuses in hugetlb_vm_op_split), else 0. Call

@@ -19,13 +19,11 @@
 //    small kernel pages into their own mappings).
 #pragma once
 
+#include "gpusvm/mm/address_space.h"
 #include "gpusvm/mm/types.h"
 
 namespace gpusvm::mm {
 
-class AddressSpace;
-class Folio;
-struct Vma;
 
 // vm_insert_page: maps `page` at addr of `vma` (a VMA of `mm` created by mmap_device) and
 // takes a reference for the mapping. Writable only in a shared VMA with VM_WRITE.
@@ -39,6 +37,7 @@ struct Vma;
 //   -ENOMEM  no page table could be allocated (injectable: "mm.alloc_pgtable")
 // Context: the mmap lock held - for write when the VMA is not VM_MIXEDMAP yet (asserted: the
 // flag changes), as in mmap hooks; no page-table lock held. Does not sleep.
-[[nodiscard]] int vm_insert_page(AddressSpace& mm, Vma& vma, Va addr, Folio* page);
+[[nodiscard]] int vm_insert_page(AddressSpace& mm, Vma& vma, Va addr, Folio* page)
+    GPUSVM_REQUIRES_SHARED(mm.mmap_lock());
 
 }  // namespace gpusvm::mm

@@ -183,7 +183,8 @@ void finalize(const MigrateArrays& a) {
 }
 
 // The entry at va for a hole or zero page: replaced by the new page (migrate_vma_insert_page).
-bool insert_page(MigrateVma& m, const Vma& vma, Va va, Folio* dst) {
+bool insert_page(MigrateVma& m, const Vma& vma, Va va, Folio* dst) GPUSVM_REQUIRES_SHARED(m.mm->mmap_lock()) {
+  m.mm->mmap_assert_locked();
   Result<PmdSlot> slot = m.mm->page_table().pmd_alloc(va);
   if (!slot || m.mm->page_table().pte_alloc(*slot) != 0) return false;
   PteTable* t = m.mm->page_table().pte_offset_map_lock(*slot);
@@ -210,7 +211,9 @@ bool insert_page(MigrateVma& m, const Vma& vma, Va va, Folio* dst) {
 
 // A 2 MiB hole (or huge zero folio) receives one 2 MiB destination as a PMD mapping
 // (migrate_vma_insert_huge_pmd_page). Fails if the PMD was populated meanwhile.
-bool insert_huge_page(MigrateVma& m, const Vma& vma, Va haddr, Folio* dst) {
+bool insert_huge_page(MigrateVma& m, const Vma& vma, Va haddr, Folio* dst)
+    GPUSVM_REQUIRES_SHARED(m.mm->mmap_lock()) {
+  m.mm->mmap_assert_locked();
   Result<PmdSlot> slot = m.mm->page_table().pmd_alloc(haddr);
   if (!slot) return false;
   PteTable* deposit = PageTable::alloc_pte_table();
@@ -244,7 +247,8 @@ bool insert_huge_page(MigrateVma& m, const Vma& vma, Va haddr, Folio* dst) {
 
 // A hole entry i of migrate_vma_pages: insert the destination(s). Returns how many entries
 // it covered.
-uint64_t insert_hole(MigrateVma& m, const Vma* vma, uint64_t i) {
+uint64_t insert_hole(MigrateVma& m, const Vma* vma, uint64_t i) GPUSVM_REQUIRES_SHARED(m.mm->mmap_lock()) {
+  m.mm->mmap_assert_locked();
   const MigrateArrays a{m.mm->mem(), m.src, m.dst, m.npages, m.fault_page};
   const Va va = m.start + i * kPageSize;
   Folio* dst = dst_folio(a, i);
@@ -296,7 +300,8 @@ void hmm_pfns_to_src(const uint64_t* hmm_pfns, uint64_t* src, uint64_t npages) {
 
 // The collection walk(s) of migrate_vma_setup, by walk mode (see MigrateWalkMode). The
 // result is left in m.src as hmm words.
-int collect(MigrateVma& m, unsigned select) {
+int collect(MigrateVma& m, unsigned select) GPUSVM_REQUIRES_SHARED(m.mm->mmap_lock()) {
+  m.mm->mmap_assert_locked();
   AddressSpace& mm = *m.mm;
   const bool fault = m.flags & MIGRATE_VMA_FAULT;
   HmmRange r{.start = m.start, .end = m.end, .hmm_pfns = m.src,
@@ -369,8 +374,8 @@ int migrate_vma_setup(MigrateVma* m) {
     return -EINVAL;
   }
   AddressSpace& mm = *m->mm;
-  mm.mmap_assert_locked();
-  const Vma* vma = mm.vma_lookup(m->start);
+  m->mm->mmap_assert_locked();  // named through m, as collect's and insert_hole's contracts
+  const Vma* vma = m->mm->vma_lookup(m->start);
   // As Linux: every VMA but hugetlb and VM_SPECIAL ones (VM_IO, VM_PFNMAP, VM_MIXEDMAP). A file
   // or shmem VMA contributes only its anonymous pages (the COW copies of a private mapping);
   // its holes and page-cache pages are not collected (hole_value, migrate_prepare_pte).
@@ -411,8 +416,8 @@ int migrate_hmm_range_setup(HmmRange* range) {
 
 void migrate_vma_pages(MigrateVma* m) {
   AddressSpace& mm = *m->mm;
-  mm.mmap_assert_locked();
-  const Vma* vma = mm.vma_lookup(m->start);
+  m->mm->mmap_assert_locked();  // named through m, as collect's and insert_hole's contracts
+  const Vma* vma = m->mm->vma_lookup(m->start);
   const MigrateArrays a{mm.mem(), m->src, m->dst, m->npages, m->fault_page};
   std::optional<MmuInvalidation> inv;
   for (uint64_t i = 0; i < m->npages;) {

@@ -36,7 +36,8 @@ Pte make_migration_entry(Pte orig, const Folio* page);
 // entry and turns the rmap record into a migration record. The mapping's folio reference is
 // the caller's to drop after the PTL is released (returned for convenience: page->head()).
 // Context: PTE lock of t held (asserted), folio locked by the migration.
-Folio* install_migration_pte(AddressSpace& mm, PteTable* t, Va va, Pte orig, Folio* page);
+Folio* install_migration_pte(AddressSpace& mm, PteTable* t, Va va, Pte orig, Folio* page)
+    GPUSVM_REQUIRES(t->ptl);
 
 // try_to_migrate: every mapping of the locked folio in any address space (found through the
 // reverse map) becomes a migration entry, each after a CLEAR invalidation in that address

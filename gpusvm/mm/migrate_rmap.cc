@@ -43,7 +43,9 @@ Pte entry_from_migration(Pte mig, const Folio* dst) {
 }
 
 // Restores one PTE migration record onto dst's page `item.page`. Rmap walk lock held.
-void restore_pte(const RmapItem& item, Folio* src, Folio* dst) {
+void restore_pte(const RmapItem& item, Folio* src, Folio* dst)
+    GPUSVM_REQUIRES_SHARED(src->mem()->rmap_walk_lock()) {
+  src->mem()->rmap_walk_lock().assert_held();
   AddressSpace& mm = *item.mm;
   PmdSlot slot = mm.page_table().pmd_lookup(item.va);
   PteTable* t = slot ? mm.page_table().pte_offset_map_lock(slot) : nullptr;
@@ -61,7 +63,9 @@ void restore_pte(const RmapItem& item, Folio* src, Folio* dst) {
 }
 
 // Restores one PMD migration record: a PMD mapping of the 2 MiB folio dst. Rmap walk lock held.
-void restore_pmd(const RmapItem& item, Folio* src, Folio* dst) {
+void restore_pmd(const RmapItem& item, Folio* src, Folio* dst)
+    GPUSVM_REQUIRES_SHARED(src->mem()->rmap_walk_lock()) {
+  src->mem()->rmap_walk_lock().assert_held();
   AddressSpace& mm = *item.mm;
   PmdSlot slot = mm.page_table().pmd_lookup(item.va);
   if (!slot) return;
@@ -80,7 +84,9 @@ void restore_pmd(const RmapItem& item, Folio* src, Folio* dst) {
 // try_to_migrate for a PMD mapping of the whole folio: a PMD migration entry. Returns false
 // if the mapping is there but cannot be taken (a huge zero or foreign leaf is not ours).
 // Rmap walk lock held.
-bool try_to_migrate_pmd(const RmapItem& item, Folio* folio) {
+bool try_to_migrate_pmd(const RmapItem& item, Folio* folio)
+    GPUSVM_REQUIRES_SHARED(folio->mem()->rmap_walk_lock()) {
+  folio->mem()->rmap_walk_lock().assert_held();
   AddressSpace& mm = *item.mm;
   MmuInvalidation inv(mm, item.va, item.va + kPmdSize, MmuNotifyEvent::kClear);
   PmdSlot slot = mm.page_table().pmd_lookup(item.va);
@@ -129,8 +135,7 @@ Folio* install_migration_pte(AddressSpace& mm, PteTable* t, Va va, Pte orig, Fol
 
 bool try_to_migrate(Folio* folio) {
   folio_assert_locked(folio);
-  PhysMem* mem = folio->mem();
-  ReadLock walk(&mem->rmap_walk_lock());
+  ReadLock walk(&folio->mem()->rmap_walk_lock());
   for (const RmapItem& item : folio_rmap_snapshot(folio)) {
     if (item.migration) continue;
     if (item.pmd) {
@@ -144,6 +149,7 @@ bool try_to_migrate(Folio* folio) {
       PmdSlot slot = mm.page_table().pmd_lookup(item.va);
       PteTable* t = slot ? mm.page_table().pte_offset_map_lock(slot) : nullptr;
       if (!t) continue;  // the mapping went away (and so did the record)
+      t->ptl.assert_held();  // locked by pte_offset_map_lock, which the analysis cannot follow
       const Pte pte = t->get(pte_index(item.va));
       Folio* page = folio->page(item.page);
       const bool maps_page = (pte.present() || pte.is_device_private() || pte.is_device_exclusive()) &&
@@ -159,8 +165,7 @@ bool try_to_migrate(Folio* folio) {
 
 void remove_migration_ptes(Folio* src, Folio* dst) {
   folio_assert_locked(src);
-  PhysMem* mem = src->mem();
-  ReadLock walk(&mem->rmap_walk_lock());
+  ReadLock walk(&src->mem()->rmap_walk_lock());
   for (int pass = 0; pass < kRestorePassBudget; pass++) {
     std::vector<RmapItem> items = folio_take_migration_items(src);
     if (items.empty()) return;

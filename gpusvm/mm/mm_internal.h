@@ -90,12 +90,12 @@ void split_huge_pmd_address(AddressSpace& mm, Va addr);
 // Returns kOk, kRetry (the PMD is no longer none), kOom, or kSigbus-free fallback signalled
 // by returning false in *fallback. mmap lock held.
 VmFault do_huge_pmd_anonymous_page(AddressSpace& mm, Vma& vma, PmdSlot slot, Va va,
-                                   bool write, bool* fallback);
+                                   bool write, bool* fallback) GPUSVM_REQUIRES_SHARED(mm.mmap_lock());
 
 // MADV_COLLAPSE of the aligned 2 MiB at haddr (fully inside `vma`). mmap lock held for write.
 // Returns 0, -ENOMEM (no THP), -EAGAIN (a page is busy: locked, referenced beyond its mappings
 // by GUP or a pin, or a soft leaf).
-[[nodiscard]] int collapse_huge_page(AddressSpace& mm, Vma& vma, Va haddr);
+[[nodiscard]] int collapse_huge_page(AddressSpace& mm, Vma& vma, Va haddr) GPUSVM_REQUIRES(mm.mmap_lock());
 
 // split_folio for a large anonymous folio mapped only by PTEs of `mm` (the kernel's
 // split_huge_page as MADV_FREE uses it): unmaps every mapping to a migration entry, freezes the

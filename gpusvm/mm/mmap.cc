@@ -319,7 +319,9 @@ void madvise_free_range(AddressSpace& mm, Va start, Va end) {
 // covering it (Linux's hstart > hend; a range that is empty after alignment, hstart == hend,
 // succeeds with nothing done). Otherwise every aligned block is collapsed; a block that fails
 // does not stop the others, the result is then the last block's error (-ENOMEM stops at once).
-int madvise_collapse(AddressSpace& mm, Vma& v, Va start, Va end) {
+// mmap lock held for write.
+int madvise_collapse(AddressSpace& mm, Vma& v, Va start, Va end) GPUSVM_REQUIRES(mm.mmap_lock()) {
+  mm.mmap_assert_write_locked();
   if (!v.is_anonymous() || v.is_shared() || (v.flags & VM_NOHUGEPAGE)) return -EINVAL;
   if (pmd_align_up(v.start) + kPmdSize > v.end) return -EINVAL;  // thp_vma_suitable_order
   const Va hs = pmd_align_up(start);

@@ -89,7 +89,9 @@ struct MmuNotifierRange {
 class MmuIntervalNotifier;
 
 // Callbacks of an interval notifier. Context: called from the thread changing the page
-// tables, mmap lock held (read or write), no page-table lock held; may sleep when
+// tables, mmap lock held (read or write) - or, for a CLEAR invalidation from an rmap walk
+// (try_to_migrate of an eviction or of another process's migration), only the rmap walk lock
+// (shared) and the folio lock -, no page-table lock held; may sleep when
 // range.blockable(). Must call notifier->set_seq(cur_seq) under the driver lock that also
 // guards read_retry(), unless it returns false.
 class MmuIntervalNotifierOps {
@@ -209,7 +211,8 @@ class MmuNotifierSubscriptions {
   // Runs every intersecting interval notifier's invalidate() (after making the sequence odd)
   // and every MmuNotifier's invalidate_range_start. Returns 0, or -EAGAIN when a callback
   // refused a non-blockable range; then the start has been undone and the caller must not
-  // call invalidate_range_end(). Context: mmap lock held, no page-table lock held.
+  // call invalidate_range_end(). Context: mmap lock held (or, from an rmap walk into another
+  // address space, the rmap walk lock instead: not asserted here), no page-table lock held.
   [[nodiscard]] int invalidate_range_start(const MmuNotifierRange& range);
   void invalidate_range_end(const MmuNotifierRange& range);
 

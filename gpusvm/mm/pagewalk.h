@@ -11,13 +11,11 @@
 // Context: mmap lock held (read) - asserted; no page-table lock held on entry to callbacks.
 #pragma once
 
+#include "gpusvm/mm/address_space.h"
 #include "gpusvm/mm/page_table.h"
 #include "gpusvm/mm/types.h"
 
 namespace gpusvm::mm {
-
-class AddressSpace;
-struct Vma;
 
 struct MmWalk {
   AddressSpace* mm;
@@ -35,6 +33,6 @@ struct MmWalkOps {
 };
 
 [[nodiscard]] int walk_page_range(AddressSpace& mm, Va start, Va end, const MmWalkOps& ops,
-                                  void* priv);
+                                  void* priv) GPUSVM_REQUIRES_SHARED(mm.mmap_lock());
 
 }  // namespace gpusvm::mm

@@ -201,6 +201,7 @@ void Folio::init_frames(Folio* head, unsigned order, uint32_t flags) {
 }
 
 int64_t PhysMem::take_whole_block_locked(bool as_frames) {
+  zone_lock_.assert_held();
   if (whole_free_.empty()) return -1;
   const uint64_t b = whole_free_.back();
   whole_free_.pop_back();

@@ -251,7 +251,9 @@ std::vector<RmapItem> folio_rmap_snapshot(Folio* folio);
 void page_rmap_pte_to_migration(Folio* page, AddressSpace* mm, Va va);
 void folio_rmap_pmd_to_migration(Folio* folio, AddressSpace* mm, Va haddr);
 // fork copied a migration entry (item.migration must be set); mremap moves one with
-// folio_move_rmap. Zapping one removes its record: false if there was none.
+// folio_move_rmap. Zapping one removes its record: false if there was none. These three also
+// need the rmap walk lock (shared; split_migrating_folio moves records under it exclusive),
+// asserted: the analysis cannot name it, callers reach it through mm.mem() or folio->mem().
 void folio_add_migration_item(Folio* folio, const RmapItem& item);
 bool folio_remove_migration_item(Folio* folio, const RmapItem& item);
 // Removes and returns every migration record of the folio (remove_migration_ptes).
@@ -366,7 +368,7 @@ class PhysMem {
   // still linked or an address space holds it exclusive, so a walker never follows a record
   // into freed memory; so does whatever moves records a walker may hold (mremap's moves of
   // entries, split_migrating_folio). Ranked after the folio lock, before page-table locks.
-  RwLock& rmap_walk_lock() { return rmap_walk_lock_; }
+  RwLock& rmap_walk_lock() GPUSVM_RETURN_CAPABILITY(rmap_walk_lock_) { return rmap_walk_lock_; }
 
   StatCounter stat_alloc_order0, stat_alloc_thp, stat_alloc_fail, stat_free_pages;
   StatCounter stat_split_migrating;  // large folios split during a migration (seed 003)

@@ -82,6 +82,7 @@ void folio_rmap_pmd_to_migration(Folio* folio, AddressSpace* mm, Va haddr) {
 }
 
 void folio_add_migration_item(Folio* folio, const RmapItem& item) {
+  folio->mem()->rmap_walk_lock().assert_held();
   if (!item.migration) panic("folio_add_migration_item: not a migration record");
   Folio* head = folio->head();
   SpinLockGuard g(&head->rmap_lock_);
@@ -89,6 +90,7 @@ void folio_add_migration_item(Folio* folio, const RmapItem& item) {
 }
 
 bool folio_remove_migration_item(Folio* folio, const RmapItem& item) {
+  folio->mem()->rmap_walk_lock().assert_held();
   Folio* head = folio->head();
   SpinLockGuard g(&head->rmap_lock_);
   auto it = find_item(head->rmap_, item);
@@ -99,6 +101,7 @@ bool folio_remove_migration_item(Folio* folio, const RmapItem& item) {
 }
 
 std::vector<RmapItem> folio_take_migration_items(Folio* folio) {
+  folio->mem()->rmap_walk_lock().assert_held();
   Folio* head = folio->head();
   std::vector<RmapItem> out;
   SpinLockGuard g(&head->rmap_lock_);

@@ -23,8 +23,12 @@ class PutBatch {
   std::vector<Folio*> pages_;
 };
 
-// Drops what a PTE references. PTL held.
-void zap_one_pte(AddressSpace& mm, Pte pte, Va va, PutBatch& puts) {
+// Drops what a PTE references. PTL held (not nameable here: the caller's table), mmap lock
+// and rmap walk lock (shared) held.
+void zap_one_pte(AddressSpace& mm, Pte pte, Va va, PutBatch& puts)
+    GPUSVM_REQUIRES_SHARED(mm.mmap_lock(), mm.mem()->rmap_walk_lock()) {
+  mm.mmap_assert_locked();
+  mm.mem()->rmap_walk_lock().assert_held();
   PhysMem* mem = mm.mem();
   if (pte.present()) {
     if (pte.special()) return;  // zero page: not refcounted
@@ -57,7 +61,9 @@ void zap_one_pte(AddressSpace& mm, Pte pte, Va va, PutBatch& puts) {
 // (split_migrating_folio) moves records between folios under that lock held for write. Without
 // it a zap in the split's window found no record (the split had them in hand) and the stale
 // record went to the new folio, for finalize to follow into an address space that had exited.
-void zap_pte_range(AddressSpace& mm, PmdSlot slot, Va start, Va end) {
+void zap_pte_range(AddressSpace& mm, PmdSlot slot, Va start, Va end)
+    GPUSVM_REQUIRES_SHARED(mm.mmap_lock()) {
+  mm.mmap_assert_locked();
   PutBatch puts;  // released after the locks below (declared first, destroyed last)
   ReadLock walk(&mm.mem()->rmap_walk_lock());
   PteTable* t = mm.page_table().pte_offset_map_lock(slot);
@@ -77,7 +83,8 @@ void zap_pte_range(AddressSpace& mm, PmdSlot slot, Va start, Va end) {
 
 // Clears a huge leaf covering exactly [haddr, haddr + 2 MiB). Returns false if the PMD is no
 // longer a leaf (it was split meanwhile): the caller zaps PTEs instead.
-bool zap_huge_pmd(AddressSpace& mm, PmdSlot slot, Va haddr) {
+bool zap_huge_pmd(AddressSpace& mm, PmdSlot slot, Va haddr) GPUSVM_REQUIRES_SHARED(mm.mmap_lock()) {
+  mm.mmap_assert_locked();
   PhysMem* mem = mm.mem();
   PteTable* deposit = nullptr;
   Folio* put = nullptr;

@@ -15,6 +15,7 @@ class InsertPageTest : public MmTest {
   // allocation's reference dropped (dmirror_fops_mmap). Returns what the hook returned.
   Result<Va> map_device(uint64_t pages, int prot, int flags, uint64_t fill_gen = 0) {
     return as->mmap_device(0, pages * kPageSize, prot, flags, &file_identity, [&](Vma& vma) {
+      as->mmap_assert_write_locked();  // the hook's context (mmap_device holds it for write)
       for (Va va = vma.start; va < vma.end; va += kPageSize) {
         Folio* page = mem->folio_alloc(0, true);
         if (!page) return -ENOMEM;
@@ -163,6 +164,7 @@ TEST_F(InsertPageTest, HookFailureUndoesTheMapping) {
   const uint64_t free0 = mem->free_pages();
   Va where = 0;
   Result<Va> va = as->mmap_device(0, 4 * kPageSize, PROT_READ, MAP_PRIVATE, &file_identity, [&](Vma& vma) {
+    as->mmap_assert_write_locked();  // the hook's context (mmap_device holds it for write)
     where = vma.start;
     for (Va a = vma.start; a < vma.start + 2 * kPageSize; a += kPageSize) {
       Folio* page = mem->folio_alloc(0, true);
