@@ -16,7 +16,9 @@ TEST(LockOrder, TableIsStrictlyOrderedWithUniqueNames) {
   for (size_t i = 0; i < kLockOrder.size(); i++) {
     const LockClass* c = kLockOrder[i];
     EXPECT_GT(c->rank, 0u) << c->name << ": an ordered class needs a rank";
-    if (i > 0) EXPECT_LT(kLockOrder[i - 1]->rank, c->rank) << kLockOrder[i - 1]->name << " -> " << c->name;
+    if (i > 0) {
+      EXPECT_LT(kLockOrder[i - 1]->rank, c->rank) << kLockOrder[i - 1]->name << " -> " << c->name;
+    }
     EXPECT_TRUE(names.insert(c->name).second) << "duplicate lock class name " << c->name;
   }
   EXPECT_FALSE(names.count(mm::kMmuNotifierListLockClass.name)) << "rank-0 classes are not ordered";
@@ -59,8 +61,8 @@ TEST_P(LockOrderDeathTest, EachStepTakenBackwardsPanics) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Table, LockOrderDeathTest, testing::Range<size_t>(1, kLockOrder.size()),
-                         [](const testing::TestParamInfo<size_t>& info) {
-                           return std::string(kLockOrder[info.param]->name);
+                         [](const testing::TestParamInfo<size_t>& p) {
+                           return std::string(kLockOrder[p.param]->name);
                          });
 
 }  // namespace

@@ -422,8 +422,8 @@ TEST_P(WindowExplorer, EveryPointEveryOp) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Victims, WindowExplorer, ::testing::Range(0, static_cast<int>(victims().size())),
-                         [](const ::testing::TestParamInfo<int>& info) {
-                           return std::string(victims()[info.param].name);
+                         [](const ::testing::TestParamInfo<int>& p) {
+                           return std::string(victims()[p.param].name);
                          });
 
 }  // namespace
