@@ -1,5 +1,11 @@
 // migrate_vma_setup / _pages / _finalize, migrate_hmm_range_setup and migrate_device_*.
 //
+// Where the collection lives: Linux's migrate_vma_collect_pmd/_hole have no counterpart here.
+// migrate_vma_setup collects with the unified walk of hmm.cc (hmm_walk_range with select
+// flags: migrate_prepare_pte and migrate_prepare_pmd install the migration entries in the
+// same lock hold that reads the entry), so one walk serves hmm_range_fault, REQ_MIGRATE and
+// migrate_vma_setup alike. This file holds what follows the walk.
+//
 // Reference and lock states of a collected source page (what mm::check sees afterwards):
 //   collect:  folio locked (unless it is fault_page), +1 reference held by the migration;
 //             each mapping replaced by a migration entry: mapcount and the mapping's
