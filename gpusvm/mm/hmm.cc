@@ -303,8 +303,8 @@ enum class PmdAction { kDone, kReread, kFault, kWaitMigration, kSplit };
 // VALID report and MIGRATE are decided and set under one lock, so no other migration, CPU
 // fault or zap-and-refault can put a page there that the walk never selected; issue 9 §1).
 // *need / *pfn: for kFault / kWaitMigration. Context: PMD lock held (asserted).
-PmdAction hmm_handle_pmd_locked(HmmWalk& w, MmWalk& walk, const PmdSlot& slot, Va start, Va end, unsigned* need,
-                                Pfn* pfn) GPUSVM_REQUIRES(slot.table->lock) {
+PmdAction hmm_handle_pmd_locked(HmmWalk& w, MmWalk& walk, const PmdSlot& slot, Va start, Va end,
+                                unsigned* need, Pfn* pfn) GPUSVM_REQUIRES(slot.table->lock) {
   slot.table->lock.assert_held();
   const Pmd pmd = slot.table->get(slot.index);
   if (!pmd.is_leaf()) return PmdAction::kReread;  // split (or zapped) since the lockless read

@@ -161,7 +161,8 @@ VmFault wp_page_copy(FaultCtx& f, Pte orig, Folio* src) {
 // Called with the PTE lock of t held; returns with it dropped. Callers are checked against
 // RELEASE; the body is exempt because it drops the lock through pte_unmap_unlock, which the
 // analysis cannot follow (it would report t->ptl still held at the end).
-VmFault do_wp_page(FaultCtx& f, PteTable* t, Pte pte) GPUSVM_RELEASE(t->ptl) GPUSVM_NO_THREAD_SAFETY_ANALYSIS {
+VmFault do_wp_page(FaultCtx& f, PteTable* t, Pte pte) GPUSVM_RELEASE(t->ptl)
+    GPUSVM_NO_THREAD_SAFETY_ANALYSIS {
   t->ptl.assert_held();
   f.mm.mmap_assert_locked();
   PhysMem* mem = f.mm.mem();

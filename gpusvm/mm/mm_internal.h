@@ -107,7 +107,8 @@ VmFault do_huge_pmd_anonymous_page(AddressSpace& mm, Vma& vma, PmdSlot slot, Va 
 // Context: mmap lock of `mm` held, folio locked, one reference held by the caller (kept on
 // the first page, which stays locked). Returns 0, -EBUSY (PMD-mapped, mapped by another
 // process, not anonymous) or -EAGAIN (an unexpected reference: nothing changed).
-[[nodiscard]] int split_folio_exclusive(AddressSpace& mm, Folio* folio) GPUSVM_REQUIRES_SHARED(mm.mmap_lock());
+[[nodiscard]] int split_folio_exclusive(AddressSpace& mm, Folio* folio)
+    GPUSVM_REQUIRES_SHARED(mm.mmap_lock());
 
 // The address rules of a MAP_FIXED / MAP_FIXED_NOREPLACE mapping of alen (page-aligned)
 // bytes at addr: 0, -EINVAL (unaligned), -EPERM (below mmap_min_addr) or -ENOMEM (past the

@@ -126,7 +126,8 @@ int prepare_destination(AddressSpace& mm, Va new_addr, uint64_t len) GPUSVM_REQU
 
 // Moves every entry of [old_addr, old_addr + len) to new_addr, whose tables
 // prepare_destination allocated. mmap lock held for write; takes the rmap walk lock per move.
-void move_page_tables(AddressSpace& mm, Va old_addr, Va new_addr, uint64_t len) GPUSVM_REQUIRES(mm.mmap_lock()) {
+void move_page_tables(AddressSpace& mm, Va old_addr, Va new_addr, uint64_t len)
+    GPUSVM_REQUIRES(mm.mmap_lock()) {
   mm.mmap_assert_write_locked();
   PageTable& pt = mm.page_table();
   for (uint64_t off = 0; off < len;) {
