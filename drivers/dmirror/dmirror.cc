@@ -493,6 +493,7 @@ int Dmirror::fault_in_writable(Va va) {
 // the previous attempt), a CLEAR invalidation that moves the sequence again: a retry faults
 // the page in writable before step 1.
 int Dmirror::exclusive_page(Va va) {
+  mm_->mmap_assert_locked();
   const auto deadline = std::chrono::steady_clock::now() + kRangeTimeout;
   for (int attempt = 0;; attempt++) {
     if (std::chrono::steady_clock::now() > deadline) {

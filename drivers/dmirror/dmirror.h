@@ -145,7 +145,7 @@ class Dmirror final : public devfs::File, private mm::MmuIntervalNotifierOps {
   // under the notifier protocol. Returns 0, make_device_exclusive's errors, hmm_range_fault's
   // (a retry faults the page in writable first), -EBUSY (1 s budget spent retrying).
   // Context: mmap lock held (read), nothing else.
-  int exclusive_page(mm::Va va) GPUSVM_EXCLUDES(mutex_);
+  int exclusive_page(mm::Va va) GPUSVM_EXCLUDES(mutex_) GPUSVM_REQUIRES_SHARED(mm_->mmap_lock());
   // Faults va in writable with hmm_range_fault (REQ_FAULT | REQ_WRITE), so that a following
   // make_device_exclusive finds a writable PTE and raises no invalidation but its own.
   int fault_in_writable(mm::Va va) GPUSVM_EXCLUDES(mutex_);

@@ -272,6 +272,7 @@ mm::VmFault DmirrorDevice::migrate_to_ram(const mm::VmFaultInfo& vmf) {
       return mm::VmFault::kOom;
     }
   }
+  args.mm->mmap_assert_locked();  // held by the caller's lock, named through the MigrateVma
   mm::migrate_vma_pages(&args);
   mm::migrate_vma_finalize(&args);
   return mm::VmFault::kOk;

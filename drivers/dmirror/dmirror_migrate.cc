@@ -147,6 +147,7 @@ int Dmirror::migrate_chunk_to_dev(mm::MigrateVma* args) {
   }
   {
     MigratorScope s(this);
+    args->mm->mmap_assert_locked();  // held by the caller's lock, named through the MigrateVma
     mm::migrate_vma_pages(args);
   }
   {
@@ -186,6 +187,7 @@ int Dmirror::migrate_chunk_to_sys(mm::MigrateVma* args, uint64_t* moved) {
   }
   {
     MigratorScope s(this);
+    args->mm->mmap_assert_locked();  // held by the caller's lock, named through the MigrateVma
     mm::migrate_vma_pages(args);
   }
   for (uint64_t i = 0; i < args->npages; i += src_pages(args->src[i])) {

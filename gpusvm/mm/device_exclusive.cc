@@ -24,7 +24,8 @@ GPUSVM_FAULT_POINT(g_fail_exclusive_recheck, "mm.device_exclusive.recheck");
 
 // The page mapped writable by the PTE at addr, referenced; nullptr when the PTE does not map
 // a page writable (follow_page_pte with FOLL_WRITE | FOLL_GET). mmap lock held.
-Folio* follow_write_pte(AddressSpace& mm, PmdSlot slot, Va addr) {
+Folio* follow_write_pte(AddressSpace& mm, PmdSlot slot, Va addr) GPUSVM_REQUIRES_SHARED(mm.mmap_lock()) {
+  mm.mmap_assert_locked();
   PteTable* t = mm.page_table().pte_offset_map_lock(slot);
   if (!t) return nullptr;
   const Pte pte = t->get(pte_index(addr));
@@ -45,7 +46,8 @@ Folio* follow_write_pte(AddressSpace& mm, PmdSlot slot, Va addr) {
 // anything is faulted, seed 004 patch 1), -ENOMEM, -EBUSY (past the deadline). mmap lock held,
 // nothing else.
 Result<Folio*> get_user_page_write(AddressSpace& mm, Va addr, const Vma** vma_out,
-                                   std::chrono::steady_clock::time_point deadline) {
+                                   std::chrono::steady_clock::time_point deadline)
+    GPUSVM_REQUIRES_SHARED(mm.mmap_lock()) {
   mm.mmap_assert_locked();
   for (;;) {
     if (std::chrono::steady_clock::now() > deadline) return Err{-EBUSY};
@@ -81,7 +83,9 @@ Result<Folio*> get_user_page_write(AddressSpace& mm, Va addr, const Vma** vma_ou
 
 // Second walk, under the PTE lock: if addr still maps `page` writable at PTE level, replaces
 // the PTE by a device-exclusive entry and returns true. Folio locked, invalidation started.
-bool convert_to_exclusive(AddressSpace& mm, Va addr, Folio* page) {
+// mmap lock held (read).
+bool convert_to_exclusive(AddressSpace& mm, Va addr, Folio* page) GPUSVM_REQUIRES_SHARED(mm.mmap_lock()) {
+  mm.mmap_assert_locked();
   PmdSlot slot = mm.page_table().pmd_lookup(addr);
   PteTable* t = slot ? mm.page_table().pte_offset_map_lock(slot) : nullptr;
   if (!t) return false;  // no table, or a PMD mapping again: not PTE level

@@ -23,6 +23,7 @@
 #include "gpusvm/base/result.h"
 #include "gpusvm/base/stats.h"
 #include "gpusvm/mm/pte.h"
+#include "gpusvm/mm/address_space.h"
 #include "gpusvm/mm/types.h"
 
 namespace gpusvm::mm {
@@ -59,7 +60,8 @@ struct Vma;
 //   -EBUSY       the page kept changing for hang_timeout() (logged: a livelock or a bug).
 // Context: mmap lock held (read or write; asserted); no other gpusvm lock held. Sleeps
 // (fault, folio lock, notifier callbacks).
-Result<Folio*> make_device_exclusive(AddressSpace& mm, Va addr, const void* owner);
+Result<Folio*> make_device_exclusive(AddressSpace& mm, Va addr, const void* owner)
+    GPUSVM_REQUIRES_SHARED(mm.mmap_lock());
 
 // restore_exclusive_pte: turns the device-exclusive entry `orig` at va back into a present
 // PTE for `page`: not young, soft-dirty kept; writable iff the VMA has VM_WRITE and the page
@@ -68,6 +70,6 @@ Result<Folio*> make_device_exclusive(AddressSpace& mm, Va addr, const void* owne
 // Context: the PTE lock of `t` held (asserted), the folio of `page` locked (asserted), the
 // entry at va still equals `orig` (checked by the caller under this same lock).
 void restore_exclusive_pte_locked(AddressSpace& mm, const Vma& vma, PteTable* t, Va va, Pte orig,
-                                  Folio* page);
+                                  Folio* page) GPUSVM_REQUIRES(t->ptl);
 
 }  // namespace gpusvm::mm

@@ -42,7 +42,9 @@ class DevPagemapOps {
   virtual void folio_free(Folio* folio) = 0;
   // A CPU touched a device-private page (never called for device-coherent memory): migrate
   // it (at least vmf.page) back to system memory, normally with migrate_vma_* and fault_page
-  // = vmf.page. Context: the mmap lock is held (read), vmf.page is locked and referenced by
+  // = vmf.page. Context: the mmap lock of *vmf.mm is held (read; the fault path asserts it
+  // first, but a virtual call cannot state it to the analysis, so an implementation that
+  // calls annotated mm functions asserts it itself), vmf.page is locked and referenced by
   // the caller and must stay locked; may sleep. Returns kOk (the access is retried), kSigbus
   // or kOom. Required.
   virtual VmFault migrate_to_ram(const VmFaultInfo& vmf) = 0;

@@ -3,6 +3,7 @@
 
 #include <cstdint>
 
+#include "gpusvm/mm/address_space.h"
 #include "gpusvm/mm/types.h"
 
 namespace gpusvm::mm {
@@ -57,6 +58,6 @@ struct VmFaultInfo {
 // expiry the fault returns kTimeout, logged naming the address, the folio and its holder).
 // VMA permission checks are done here: a write to a VMA without VM_WRITE, or any access to a
 // VMA without VM_READ, is kSigsegv.
-VmFault handle_mm_fault(AddressSpace& mm, Va va, unsigned flags);
+VmFault handle_mm_fault(AddressSpace& mm, Va va, unsigned flags) GPUSVM_REQUIRES_SHARED(mm.mmap_lock());
 
 }  // namespace gpusvm::mm

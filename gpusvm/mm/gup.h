@@ -30,6 +30,7 @@
 
 #include <cstdint>
 
+#include "gpusvm/mm/address_space.h"
 #include "gpusvm/mm/types.h"
 
 namespace gpusvm::mm {
@@ -60,11 +61,11 @@ inline constexpr unsigned FOLL_LONGTERM = 1u << 8;  // the pin may be held indef
 // gpusvm lock; may sleep (faults). The _fast variants take the mmap lock (read) themselves and
 // must be called with no gpusvm lock held.
 [[nodiscard]] long get_user_pages(AddressSpace& mm, Va start, unsigned long nr_pages,
-                                  unsigned gup_flags, Folio** pages);
+                                  unsigned gup_flags, Folio** pages) GPUSVM_REQUIRES_SHARED(mm.mmap_lock());
 [[nodiscard]] long get_user_pages_fast(AddressSpace& mm, Va start, unsigned long nr_pages,
                                        unsigned gup_flags, Folio** pages);
 [[nodiscard]] long pin_user_pages(AddressSpace& mm, Va start, unsigned long nr_pages,
-                                  unsigned gup_flags, Folio** pages);
+                                  unsigned gup_flags, Folio** pages) GPUSVM_REQUIRES_SHARED(mm.mmap_lock());
 [[nodiscard]] long pin_user_pages_fast(AddressSpace& mm, Va start, unsigned long nr_pages,
                                        unsigned gup_flags, Folio** pages);
 

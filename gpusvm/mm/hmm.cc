@@ -181,6 +181,7 @@ int fill_hole(HmmWalk& w, const Vma* vma, Va start, Va end) {
 // No page-table lock may be held here (faults sleep and take those locks themselves); folio
 // locks of pages this walk has collected may be, as the kernel's unified walk holds them.
 int hmm_vma_fault(Va addr, Va end, unsigned need, MmWalk& walk) {
+  walk.mm->mmap_assert_locked();  // a walk callback: walk_page_range's caller holds it
   HmmWalk& w = *static_cast<HmmWalk*>(walk.priv);
   if (lockdep::max_held_rank() >= kRmapWalkLockClass.rank) {
     panic("hmm_vma_fault: a page-table lock is still held; holds " + lockdep::held_locks_string());
@@ -206,6 +207,7 @@ int hmm_vma_fault(Va addr, Va end, unsigned need, MmWalk& walk) {
 }
 
 int hmm_test_walk(Va start, Va end, MmWalk& walk) {
+  walk.mm->mmap_assert_locked();  // a walk callback: walk_page_range's caller holds it
   HmmWalk& w = *static_cast<HmmWalk*>(walk.priv);
   const Vma* vma = walk.vma;
   if (!(vma->flags & VM_READ) || (vma->flags & (VM_IO | VM_PFNMAP))) {
@@ -218,6 +220,7 @@ int hmm_test_walk(Va start, Va end, MmWalk& walk) {
 }
 
 int hmm_pte_hole(Va start, Va end, MmWalk& walk) {
+  walk.mm->mmap_assert_locked();  // a walk callback: walk_page_range's caller holds it
   HmmWalk& w = *static_cast<HmmWalk*>(walk.priv);
   const unsigned need = range_need_fault(w, start, end, 0);
   if (!walk.vma) {
@@ -261,7 +264,9 @@ bool migrate_selects(const HmmWalk& w, const Folio* folio) {
 // over [haddr, haddr + 2 MiB) with COMPOUND: replaces the PMD by a PMD migration entry (the
 // folio moves as one), or marks the huge zero folio as a compound hole. A busy folio is
 // reported but not taken. Context: PMD lock held (asserted); takes no sleeping lock.
-void migrate_prepare_pmd(HmmWalk& w, MmWalk& walk, PmdSlot slot, Va haddr, Pte leaf) {
+// (slot by reference: the analysis cannot name a lock through a by-value copy.)
+void migrate_prepare_pmd(HmmWalk& w, MmWalk& walk, const PmdSlot& slot, Va haddr, Pte leaf)
+    GPUSVM_REQUIRES(slot.table->lock) {
   slot.table->lock.assert_held();
   PhysMem* mem = walk.mm->mem();
   if (leaf.present() && mem->is_huge_zero_pfn(leaf.pfn())) {
@@ -298,8 +303,8 @@ enum class PmdAction { kDone, kReread, kFault, kWaitMigration, kSplit };
 // VALID report and MIGRATE are decided and set under one lock, so no other migration, CPU
 // fault or zap-and-refault can put a page there that the walk never selected; issue 9 §1).
 // *need / *pfn: for kFault / kWaitMigration. Context: PMD lock held (asserted).
-PmdAction hmm_handle_pmd_locked(HmmWalk& w, MmWalk& walk, PmdSlot slot, Va start, Va end, unsigned* need,
-                                Pfn* pfn) {
+PmdAction hmm_handle_pmd_locked(HmmWalk& w, MmWalk& walk, const PmdSlot& slot, Va start, Va end,
+                                unsigned* need, Pfn* pfn) GPUSVM_REQUIRES(slot.table->lock) {
   slot.table->lock.assert_held();
   const Pmd pmd = slot.table->get(slot.index);
   if (!pmd.is_leaf()) return PmdAction::kReread;  // split (or zapped) since the lockless read
@@ -347,6 +352,7 @@ PmdAction hmm_handle_pmd_locked(HmmWalk& w, MmWalk& walk, PmdSlot slot, Va start
 // of hmm_handle_pmd_locked; faults, waits and splits happen after it, with no page-table lock,
 // and each ends in a fresh read of the entry.
 int hmm_handle_pmd(PmdSlot slot, Va start, Va end, MmWalk& walk) {
+  walk.mm->mmap_assert_locked();  // a walk callback: walk_page_range's caller holds it
   HmmWalk& w = *static_cast<HmmWalk*>(walk.priv);
   unsigned need = 0;
   Pfn pfn = 0;
@@ -420,7 +426,8 @@ PteAction hmm_handle_pte(MmWalk& walk, Va addr, Pte pte, unsigned* need) {
 // hmm_handle_pte reported the entry (*out already holds VALID|pfn[|WRITE]). Replaces a page
 // that may move by a migration entry and marks *out MIGRATE; a hole or the zero page was
 // marked by the report already. Returns kSplitFolio for a page of a large folio.
-PteAction migrate_prepare_pte(HmmWalk& w, MmWalk& walk, PteTable* t, Va addr, Pte pte) {
+PteAction migrate_prepare_pte(HmmWalk& w, MmWalk& walk, PteTable* t, Va addr, Pte pte)
+    GPUSVM_REQUIRES(t->ptl) {
   t->ptl.assert_held();
   uint64_t* out = pfn_slot(w, addr);
   PhysMem* mem = walk.mm->mem();
@@ -457,7 +464,7 @@ PteAction migrate_prepare_pte(HmmWalk& w, MmWalk& walk, PteTable* t, Va addr, Pt
 // migrate_vma_split_folio's caller does before it drops the lock: the folio cannot be freed
 // and its frames handed to another mapping before the split (which would then split that
 // one). The fault page's folio is referenced by the CPU fault handler already. PTE lock held.
-Folio* get_folio_to_split(HmmWalk& w, MmWalk& walk, PteTable* t, Pte pte) {
+Folio* get_folio_to_split(HmmWalk& w, MmWalk& walk, PteTable* t, Pte pte) GPUSVM_REQUIRES(t->ptl) {
   t->ptl.assert_held();
   Folio* folio = walk.mm->mem()->folio_of(pte.pfn());
   if (folio != w.fault_page) folio->get();  // the mapping holds one: the count is not zero
@@ -471,6 +478,7 @@ Folio* get_folio_to_split(HmmWalk& w, MmWalk& walk, PteTable* t, Pte pte) {
 // and referenced by the CPU fault handler already; after the split its first page keeps
 // both, the others are free to collect.
 int split_folio_and_restart(HmmWalk& w, MmWalk& walk, Va addr, Folio* folio) {
+  walk.mm->mmap_assert_locked();  // a walk callback: walk_page_range's caller holds it
   w.last = addr;
   g_sp_split_folio.reach();
   w.note_restart("split of a large folio", addr, folio->pfn());
@@ -490,6 +498,7 @@ int split_folio_and_restart(HmmWalk& w, MmWalk& walk, Va addr, Folio* folio) {
 }
 
 int hmm_pmd_entry(PmdSlot slot, Va start, Va end, MmWalk& walk) {
+  walk.mm->mmap_assert_locked();  // a walk callback: walk_page_range's caller holds it
   HmmWalk& w = *static_cast<HmmWalk*>(walk.priv);
   for (int rereads = 0;; rereads++) {
     if (rereads == kPmdRereads) {  // the PMD keeps changing: let the bounded restart loop retry
@@ -508,6 +517,7 @@ int hmm_pmd_entry(PmdSlot slot, Va start, Va end, MmWalk& walk) {
     g_sp_pte_lock.reach();
     PteTable* t = walk.mm->page_table().pte_offset_map_lock(slot);
     if (!t) continue;  // the PMD changed between the read and the lock
+    t->ptl.assert_held();  // locked by pte_offset_map_lock, which the analysis cannot follow
     for (Va a = start; a < end; a += kPageSize) {
       const Pte pte = t->get(pte_index(a));
       unsigned need = 0;
@@ -648,6 +658,9 @@ int hmm_range_fault(HmmRange* range) {
     return -EINVAL;
   }
   AddressSpace& mm = *range->notifier->mm();
+  // Asserted after the -EINVAL checks, not stated in hmm.h: a null range or notifier is
+  // documented bad input, and the analysis could not name the lock through them there.
+  mm.mmap_assert_locked();
   const unsigned select = migrate ? (range->migrate->flags | MIGRATE_VMA_SELECT_SYSTEM) : 0;
   return hmm_walk_range(mm, range, select, nullptr, false);
 }

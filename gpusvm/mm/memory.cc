@@ -80,6 +80,7 @@ struct FaultCtx {
 // Installs a fresh anonymous page at the (none) PTE. Allocation happens before the PTL is
 // taken; if the entry changed meanwhile the page is dropped and the access retried.
 VmFault do_anonymous_page(FaultCtx& f) {
+  f.mm.mmap_assert_locked();
   PhysMem* mem = f.mm.mem();
   const unsigned i = pte_index(f.va);
   if (!f.write) {
@@ -118,6 +119,7 @@ VmFault do_anonymous_page(FaultCtx& f) {
 // The copy is made without the PTL; the entry must still be `orig` when we retake it
 // (pte_same), else someone else resolved the fault first.
 VmFault wp_page_copy(FaultCtx& f, Pte orig, Folio* src) {
+  f.mm.mmap_assert_locked();
   PhysMem* mem = f.mm.mem();
   Folio* folio = mem->folio_alloc(0, /*zero=*/src == nullptr);
   if (!folio) {
@@ -156,7 +158,13 @@ VmFault wp_page_copy(FaultCtx& f, Pte orig, Folio* src) {
 }
 
 // Write fault on a present read-only PTE in a writable VMA (do_wp_page).
-VmFault do_wp_page(FaultCtx& f, PteTable* t, Pte pte) {
+// Called with the PTE lock of t held; returns with it dropped. Callers are checked against
+// RELEASE; the body is exempt because it drops the lock through pte_unmap_unlock, which the
+// analysis cannot follow (it would report t->ptl still held at the end).
+VmFault do_wp_page(FaultCtx& f, PteTable* t, Pte pte) GPUSVM_RELEASE(t->ptl)
+    GPUSVM_NO_THREAD_SAFETY_ANALYSIS {
+  t->ptl.assert_held();
+  f.mm.mmap_assert_locked();
   PhysMem* mem = f.mm.mem();
   const unsigned i = pte_index(f.va);
   if (pte.special()) {  // the zero page: replace by a zeroed private page
@@ -202,6 +210,7 @@ constexpr uint64_t kFaultAroundPages = 16;
 // shared writable VMA, young); nothing is allocated, a locked folio is skipped. mmap lock
 // held, no other lock.
 void do_fault_around(FaultCtx& f) {
+  f.mm.mmap_assert_locked();
   // The window divides 2 MiB, so the aligned window lies inside f.va's PTE table.
   constexpr uint64_t kWindow = kFaultAroundPages * kPageSize;
   const Va fault_va = page_align_down(f.va);
@@ -235,6 +244,7 @@ void do_fault_around(FaultCtx& f) {
 // cache (mmap_device: the driver inserted its pages and has no fault handler) is SIGBUS, as
 // Linux's do_fault without vm_ops->fault.
 VmFault do_file_fault(FaultCtx& f) {
+  f.mm.mmap_assert_locked();
   if (!f.vma.file) return VmFault::kSigbus;
   bool beyond = false;
   Folio* folio = f.vma.file->get_folio(f.vma.pgoff_of(f.va), &beyond);
@@ -271,7 +281,12 @@ VmFault do_file_fault(FaultCtx& f) {
 // entry and free the folio. A folio that is already free means the entry is gone. A busy folio
 // is waited for and the fault retried (folio_lock_or_retry); the entry is re-checked under
 // the PTE lock after the folio lock and the invalidation start, which cannot be done under it.
-VmFault remove_device_exclusive_entry(FaultCtx& f, PteTable* t, Pte orig) {
+// Body exempt from the analysis for the reason given at do_wp_page (the lock is dropped
+// through pte_unmap_unlock); callers are checked against RELEASE.
+VmFault remove_device_exclusive_entry(FaultCtx& f, PteTable* t, Pte orig) GPUSVM_RELEASE(t->ptl)
+    GPUSVM_NO_THREAD_SAFETY_ANALYSIS {
+  t->ptl.assert_held();
+  f.mm.mmap_assert_locked();
   Folio* page = f.mm.mem()->pfn_to_page(orig.pfn());
   Folio* folio = page->head();
   const bool got = folio->try_get();
@@ -300,10 +315,12 @@ VmFault remove_device_exclusive_entry(FaultCtx& f, PteTable* t, Pte orig) {
 }
 
 VmFault handle_pte_fault(FaultCtx& f) {
+  f.mm.mmap_assert_locked();
   PhysMem* mem = f.mm.mem();
   const unsigned i = pte_index(f.va);
   PteTable* t = f.mm.page_table().pte_offset_map_lock(f.slot);
   if (!t) return VmFault::kRetry;  // the PMD changed (a huge leaf raced in): start over
+  t->ptl.assert_held();  // locked by pte_offset_map_lock, which the analysis cannot follow
   const Pte pte = t->get(i);
   if (pte.is_none()) {
     PageTable::pte_unmap_unlock(t);
@@ -350,6 +367,7 @@ VmFault handle_pte_fault(FaultCtx& f) {
 // Write fault on the huge zero folio: map a new zeroed THP instead. Returns kSigbus (never a
 // real result here) when no THP could be allocated, so the caller falls back to a split.
 VmFault huge_zero_wp_pmd(FaultCtx& f, Pmd pmd) {
+  f.mm.mmap_assert_locked();
   Folio* folio = f.mm.mem()->folio_alloc(kPmdOrder, /*zero=*/true);
   if (!folio) {
     f.mm.stats().faults_thp_fallback.add();
@@ -386,6 +404,7 @@ VmFault huge_zero_wp_pmd(FaultCtx& f, Pmd pmd) {
 // may free it once the lock is dropped), locked for the call (a busy folio is waited for and
 // the fault retried).
 VmFault do_huge_pmd_device_private(FaultCtx& f, Pte leaf) {
+  f.mm.mmap_assert_locked();
   Folio* folio = nullptr;
   {
     SpinLockGuard g(&f.slot.table->lock);
@@ -407,6 +426,7 @@ VmFault do_huge_pmd_device_private(FaultCtx& f, Pte leaf) {
 }
 
 VmFault huge_pmd_fault(FaultCtx& f, Pmd pmd, bool* fallback) {
+  f.mm.mmap_assert_locked();
   *fallback = false;
   PhysMem* mem = f.mm.mem();
   const Pte leaf = pmd.leaf();

@@ -41,6 +41,7 @@
 
 #include <cstdint>
 
+#include "gpusvm/mm/address_space.h"
 #include "gpusvm/mm/types.h"
 
 namespace gpusvm::mm {
@@ -98,7 +99,7 @@ struct MigrateVma {
 // Context: mmap lock held (asserted), no page-table lock; may sleep (faults, notifier
 // callbacks).
 [[nodiscard]] int migrate_vma_setup(MigrateVma* args);
-void migrate_vma_pages(MigrateVma* args);
+void migrate_vma_pages(MigrateVma* args) GPUSVM_REQUIRES_SHARED(args->mm->mmap_lock());
 void migrate_vma_finalize(MigrateVma* args);
 
 // After hmm_range_fault(range) with HMM_PFN_REQ_MIGRATE returned 0: fills range->migrate

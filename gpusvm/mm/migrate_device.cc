@@ -309,6 +309,7 @@ void hmm_pfns_to_src(const uint64_t* hmm_pfns, uint64_t* src, uint64_t npages) {
 int collect(MigrateVma& m, unsigned select) GPUSVM_REQUIRES_SHARED(m.mm->mmap_lock()) {
   m.mm->mmap_assert_locked();
   AddressSpace& mm = *m.mm;
+  mm.mmap_assert_locked();  // the same lock, named through the alias for the analysis
   const bool fault = m.flags & MIGRATE_VMA_FAULT;
   HmmRange r{.start = m.start, .end = m.end, .hmm_pfns = m.src,
              .dev_private_owner = m.pgmap_owner, .migrate = &m};

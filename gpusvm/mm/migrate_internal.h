@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "gpusvm/mm/address_space.h"
 #include "gpusvm/mm/migrate.h"
 #include "gpusvm/mm/page_table.h"
 #include "gpusvm/mm/physmem.h"
@@ -24,7 +25,7 @@ struct HmmRange;
 // skipped, never waited on, and faults do not wait on them either.
 // On error a migrating walk has restored every entry it replaced. mmap lock held.
 [[nodiscard]] int hmm_walk_range(AddressSpace& mm, HmmRange* range, unsigned select, Folio* fault_page,
-                                 bool no_wait);
+                                 bool no_wait) GPUSVM_REQUIRES_SHARED(mm.mmap_lock());
 
 // The migration entry that replaces a present, device-private or device-exclusive mapping of
 // `page`: writable iff the mapping was, read-exclusive for a read-only anon-exclusive page,

@@ -39,17 +39,18 @@ Va get_unmapped_area(const VmaTree& vmas, Va hint, uint64_t len, uint64_t align)
 
 // munmap of [start, end) with the mmap lock held for write: splits VMAs (and PMD mappings)
 // at the ends, fires one UNMAP invalidation, zaps and removes the VMAs.
-void do_munmap(AddressSpace& mm, VmaTree& vmas, Va start, Va end);
+void do_munmap(AddressSpace& mm, VmaTree& vmas, Va start, Va end) GPUSVM_REQUIRES(mm.mmap_lock());
 
 // Frees the PTE tables of the 2 MiB regions of [start, end) that no VMA touches any more
 // (free_pgtables), so a later mapping there starts from a none PMD (and may get a THP).
 // mmap lock held for write.
-void free_pgtables(AddressSpace& mm, const VmaTree& vmas, Va start, Va end);
+void free_pgtables(AddressSpace& mm, const VmaTree& vmas, Va start, Va end)
+    GPUSVM_REQUIRES(mm.mmap_lock());
 
 // Unmaps every entry in [start, end) (inside one VMA), dropping mapcounts, rmap items and
 // mapping references; splits a huge leaf that is only partly covered. The caller has started
 // the matching invalidation. mmap lock held (read suffices), no page-table lock held.
-void zap_range(AddressSpace& mm, Va start, Va end);
+void zap_range(AddressSpace& mm, Va start, Va end) GPUSVM_REQUIRES_SHARED(mm.mmap_lock());
 
 // Splits the huge leaf at slot (if it still is one) into 512 PTEs using the deposited table:
 // a THP becomes PTE-mapped (the folio stays large), the huge zero folio becomes 512 zero-page
@@ -60,13 +61,15 @@ void zap_range(AddressSpace& mm, Va start, Va end);
 // (split_migrating_folio moves records between folios under the rmap walk lock held for
 // write), so split_huge_pmd takes the rmap walk lock shared, as fork and mremap do when they
 // change records. The _walk_locked variant is for a caller that holds it already (either mode).
-void split_huge_pmd(AddressSpace& mm, PmdSlot slot, Va haddr);
-void split_huge_pmd_walk_locked(AddressSpace& mm, PmdSlot slot, Va haddr);
+void split_huge_pmd(AddressSpace& mm, PmdSlot slot, Va haddr) GPUSVM_REQUIRES_SHARED(mm.mmap_lock());
+void split_huge_pmd_walk_locked(AddressSpace& mm, PmdSlot slot, Va haddr)
+    GPUSVM_REQUIRES_SHARED(mm.mmap_lock(), mm.mem()->rmap_walk_lock());
 
 // Calls fn(slot, addr, next) for each 2 MiB chunk [addr, next) of [start, end) that has a PMD
 // slot, after splitting a huge leaf that the chunk covers only in part. mmap lock held.
 template <typename Fn>
-void for_each_pmd_range(AddressSpace& mm, Va start, Va end, Fn&& fn) {
+void for_each_pmd_range(AddressSpace& mm, Va start, Va end, Fn&& fn) GPUSVM_REQUIRES_SHARED(mm.mmap_lock()) {
+  mm.mmap_assert_locked();
   PageTable& pt = mm.page_table();
   for (Va addr = start; addr < end;) {
     const Va haddr = pmd_align_down(addr);
@@ -84,7 +87,7 @@ void for_each_pmd_range(AddressSpace& mm, Va start, Va end, Fn&& fn) {
 
 // Splits every huge leaf that straddles `addr` (not 2 MiB aligned) in the VMA containing it,
 // so that a VMA boundary at addr cuts no PMD mapping. mmap lock held.
-void split_huge_pmd_address(AddressSpace& mm, Va addr);
+void split_huge_pmd_address(AddressSpace& mm, Va addr) GPUSVM_REQUIRES_SHARED(mm.mmap_lock());
 
 // Installs a PMD-mapped THP or huge zero folio at haddr; allocates the deposit table first.
 // Returns kOk, kRetry (the PMD is no longer none), kOom, or kSigbus-free fallback signalled
@@ -104,7 +107,8 @@ VmFault do_huge_pmd_anonymous_page(AddressSpace& mm, Vma& vma, PmdSlot slot, Va 
 // Context: mmap lock of `mm` held, folio locked, one reference held by the caller (kept on
 // the first page, which stays locked). Returns 0, -EBUSY (PMD-mapped, mapped by another
 // process, not anonymous) or -EAGAIN (an unexpected reference: nothing changed).
-[[nodiscard]] int split_folio_exclusive(AddressSpace& mm, Folio* folio);
+[[nodiscard]] int split_folio_exclusive(AddressSpace& mm, Folio* folio)
+    GPUSVM_REQUIRES_SHARED(mm.mmap_lock());
 
 // The address rules of a MAP_FIXED / MAP_FIXED_NOREPLACE mapping of alen (page-aligned)
 // bytes at addr: 0, -EINVAL (unaligned), -EPERM (below mmap_min_addr) or -ENOMEM (past the
@@ -124,7 +128,7 @@ inline int check_fixed_addr(Va addr, uint64_t alen) {
 // locked, one reference held by the caller and kept on the first page, which stays locked);
 // -EBUSY also when a mapping could not be taken, -EAGAIN for an unexpected reference. May
 // sleep (notifier callbacks).
-[[nodiscard]] int split_folio_rmap(AddressSpace& mm, Folio* folio);
+[[nodiscard]] int split_folio_rmap(AddressSpace& mm, Folio* folio) GPUSVM_REQUIRES_SHARED(mm.mmap_lock());
 
 // Copies one 4 KiB page's bytes.
 void copy_page_data(Folio* dst, const Folio* src);

@@ -60,7 +60,8 @@ void mm_populate(AddressSpace& mm, Va start, Va end) {
 
 // Splits the VMA containing addr so that a VMA boundary falls on addr, first splitting a
 // PMD mapping that straddles addr. Write lock held.
-void split_vma_at(AddressSpace& mm, VmaTree& vmas, Va addr) {
+void split_vma_at(AddressSpace& mm, VmaTree& vmas, Va addr) GPUSVM_REQUIRES(mm.mmap_lock()) {
+  mm.mmap_assert_write_locked();
   Vma* v = vmas.lookup(addr);
   if (!v || v->start == addr) return;
   split_huge_pmd_address(mm, addr);
@@ -100,6 +101,7 @@ bool fully_mapped(const VmaTree& vmas, Va start, Va end) {
 }  // namespace
 
 void do_munmap(AddressSpace& mm, VmaTree& vmas, Va start, Va end) {
+  mm.mmap_assert_write_locked();
   split_vma_at(mm, vmas, start);
   split_vma_at(mm, vmas, end);
   std::vector<Vma*> victims = vmas_in(vmas, start, end);
@@ -175,8 +177,11 @@ Pte wrprotect_soft_leaf(PhysMem* mem, Pte e) {
 // (change_protection). Removing write protects every entry; adding write makes writable
 // only what may be written without a fault: anon-exclusive pages and shared mappings - not
 // private hugetlb pages, which hugetlb_change_protection leaves read-only until a write fault
-// (the private mapping's page protection has no write bit).
-void change_protection(AddressSpace& mm, const Vma& vma, Va start, Va end, bool write) {
+// (the private mapping's page protection has no write bit). mmap lock held for write
+// (mprotect changes the VMA flags in the same hold).
+void change_protection(AddressSpace& mm, const Vma& vma, Va start, Va end, bool write)
+    GPUSVM_REQUIRES(mm.mmap_lock()) {
+  mm.mmap_assert_write_locked();
   PhysMem* mem = mm.mem();
   PageTable& pt = mm.page_table();
   auto may_write = [&](Pte pte) {
@@ -221,7 +226,8 @@ void change_protection(AddressSpace& mm, const Vma& vma, Va start, Va end, bool 
 // `mm` in this table, present or device-exclusive (the split gives that page back to the CPU,
 // as Linux's try_to_migrate does). A mapping in another table keeps the folio whole here. PTE
 // lock of t held.
-bool folio_splittable_here(AddressSpace& mm, PteTable* t, Va table_va, Folio* folio) {
+bool folio_splittable_here(AddressSpace& mm, PteTable* t, Va table_va, Folio* folio)
+    GPUSVM_REQUIRES(t->ptl) {
   t->ptl.assert_held();
   for (const RmapItem& item : folio_rmap_snapshot(folio)) {
     if (item.pmd || item.mm != &mm || pmd_align_down(item.va) != table_va) return false;
@@ -245,7 +251,9 @@ bool folio_maybe_mapped_shared(Folio* folio, const AddressSpace* mm) {
 // becomes clean and lazily freeable and stays PMD-mapped. Left alone, PMD and all: the huge
 // zero folio (a later write still gets a whole THP), a THP another process maps too (a fork
 // child), a busy (locked) THP, a non-present huge leaf. mmap lock held, no page-table lock.
-bool madvise_free_huge_pmd(AddressSpace& mm, PmdSlot slot, Va addr, Va next) {
+bool madvise_free_huge_pmd(AddressSpace& mm, PmdSlot slot, Va addr, Va next)
+    GPUSVM_REQUIRES_SHARED(mm.mmap_lock()) {
+  mm.mmap_assert_locked();
   PhysMem* mem = mm.mem();
   {
     SpinLockGuard g(&slot.table->lock);
@@ -268,7 +276,9 @@ bool madvise_free_huge_pmd(AddressSpace& mm, PmdSlot slot, Va addr, Va next) {
 
 // MADV_FREE on [start, end) of a private anonymous VMA: exclusive pages become clean and
 // lazily freeable. A partly covered exclusive THP is split first (madvise_free_huge_pmd).
-void madvise_free_range(AddressSpace& mm, Va start, Va end) {
+// mmap lock held (read suffices: only entries change, as in Linux).
+void madvise_free_range(AddressSpace& mm, Va start, Va end) GPUSVM_REQUIRES_SHARED(mm.mmap_lock()) {
+  mm.mmap_assert_locked();
   PhysMem* mem = mm.mem();
   PageTable& pt = mm.page_table();
   for (Va addr = start, next; addr < end; addr = next) {
@@ -280,6 +290,7 @@ void madvise_free_range(AddressSpace& mm, Va start, Va end) {
     for (Va va = addr; va < next;) {
       PteTable* t = pt.pte_offset_map_lock(slot);
       if (!t) break;
+      t->ptl.assert_held();  // locked by pte_offset_map_lock, which the analysis cannot follow
       Folio* split = nullptr;
       for (; va < next; va += kPageSize) {
         const unsigned i = pte_index(va);

@@ -22,7 +22,12 @@ GPUSVM_SCHED_POINT(g_sp_records_moving, "mm.mremap.records_moving");
 // finalize. Held per move, not across split_huge_pmd.
 
 // Re-points the mapping accounting of a moved entry from (mm, old_va) to (mm, new_va).
-void move_entry_rmap(AddressSpace& mm, Pte pte, Va old_va, Va new_va) {
+// mmap lock held for write, rmap walk lock held exclusive (take_rmap_locks), the PTLs of both
+// entries held (not nameable here: the caller's tables).
+void move_entry_rmap(AddressSpace& mm, Pte pte, Va old_va, Va new_va)
+    GPUSVM_REQUIRES(mm.mmap_lock(), mm.mem()->rmap_walk_lock()) {
+  mm.mmap_assert_write_locked();
+  mm.mem()->rmap_walk_lock().assert_write_held();
   PhysMem* mem = mm.mem();
   if ((pte.present() && !pte.special()) || pte.is_device_private() || pte.is_device_exclusive() ||
       pte.is_migration()) {
@@ -49,7 +54,8 @@ bool pte_table_empty(PteTable* t) {
 // when the tables differ, which the static analysis cannot follow; the accessors assert both
 // at run time.
 bool move_huge_pmd(AddressSpace& mm, PmdSlot src, PmdSlot dst, Va old_addr, Va new_addr)
-    GPUSVM_NO_THREAD_SAFETY_ANALYSIS {
+    GPUSVM_REQUIRES(mm.mmap_lock()) GPUSVM_NO_THREAD_SAFETY_ANALYSIS {
+  mm.mmap_assert_write_locked();
   WriteLock rmap(&mm.mem()->rmap_walk_lock());  // take_rmap_locks (above)
   g_sp_records_moving.reach();
   SpinLockGuard gs(&src.table->lock);
@@ -77,7 +83,8 @@ bool move_huge_pmd(AddressSpace& mm, PmdSlot src, PmdSlot dst, Va old_addr, Va n
 // Moves the PTEs of [old_addr, old_addr + len) to new_addr; both ranges lie inside one PTE
 // table each, and the destination table exists. Conditional second lock: see move_huge_pmd.
 void move_ptes(AddressSpace& mm, PmdSlot src, PmdSlot dst, Va old_addr, Va new_addr, uint64_t len)
-    GPUSVM_NO_THREAD_SAFETY_ANALYSIS {
+    GPUSVM_REQUIRES(mm.mmap_lock()) GPUSVM_NO_THREAD_SAFETY_ANALYSIS {
+  mm.mmap_assert_write_locked();
   WriteLock rmap(&mm.mem()->rmap_walk_lock());  // take_rmap_locks (above)
   g_sp_records_moving.reach();
   PageTable& pt = mm.page_table();
@@ -102,8 +109,9 @@ void move_ptes(AddressSpace& mm, PmdSlot src, PmdSlot dst, Va old_addr, Va new_a
 // table for each destination PMD, also where the source is a huge leaf now. The leaf may be
 // split before it moves (the mmap write lock does not stop a split during an eviction's
 // migration, which reaches the leaf through the rmap), and then its PTEs need the table;
-// move_huge_pmd frees it when the leaf moves whole.
-int prepare_destination(AddressSpace& mm, Va new_addr, uint64_t len) {
+// move_huge_pmd frees it when the leaf moves whole. mmap lock held for write.
+int prepare_destination(AddressSpace& mm, Va new_addr, uint64_t len) GPUSVM_REQUIRES(mm.mmap_lock()) {
+  mm.mmap_assert_write_locked();
   PageTable& pt = mm.page_table();
   for (uint64_t off = 0; off < len;) {
     const Va d = new_addr + off;
@@ -116,7 +124,11 @@ int prepare_destination(AddressSpace& mm, Va new_addr, uint64_t len) {
   return 0;
 }
 
-void move_page_tables(AddressSpace& mm, Va old_addr, Va new_addr, uint64_t len) {
+// Moves every entry of [old_addr, old_addr + len) to new_addr, whose tables
+// prepare_destination allocated. mmap lock held for write; takes the rmap walk lock per move.
+void move_page_tables(AddressSpace& mm, Va old_addr, Va new_addr, uint64_t len)
+    GPUSVM_REQUIRES(mm.mmap_lock()) {
+  mm.mmap_assert_write_locked();
   PageTable& pt = mm.page_table();
   for (uint64_t off = 0; off < len;) {
     const Va s = old_addr + off, d = new_addr + off;
@@ -143,7 +155,8 @@ void move_page_tables(AddressSpace& mm, Va old_addr, Va new_addr, uint64_t len) 
 // move_vma: moves [old_addr, old_addr + move_len), which lies inside `vma`, to new_addr (free,
 // or made free by the caller) and gives the new VMA nlen bytes. mmap lock held for write.
 Result<Va> move_vma(AddressSpace& mm, VmaTree& vmas, Vma* vma, Va old_addr, uint64_t move_len,
-                    Va new_addr, uint64_t nlen, int flags) {
+                    Va new_addr, uint64_t nlen, int flags) GPUSVM_REQUIRES(mm.mmap_lock()) {
+  mm.mmap_assert_write_locked();
   // Isolate the source VMA, prepare tables, move entries, then switch VMAs.
   if (vma->start < old_addr) {
     split_huge_pmd_address(mm, old_addr);
@@ -177,7 +190,8 @@ Result<Va> move_vma(AddressSpace& mm, VmaTree& vmas, Vma* vma, Va old_addr, uint
 // lock held for write; every model VMA may take part (Linux refuses uffd-armed VMAs and files
 // with their own get_unmapped_area, which the model does not have).
 Result<Va> remap_move(AddressSpace& mm, VmaTree& vmas, Va old_addr, uint64_t len, Va new_addr,
-                      int flags) {
+                      int flags) GPUSVM_REQUIRES(mm.mmap_lock()) {
+  mm.mmap_assert_write_locked();
   const Va end = old_addr + len;
   Vma* first = vmas.lookup(old_addr);
   if (!first) return Err{-EFAULT};

@@ -44,6 +44,7 @@ class ForkDeviceTest : public MmTest {
       *dst = new_copy_of(*src);
       ASSERT_NE(*dst, 0u);
     }
+    m.mm->mmap_assert_locked();  // held by the caller's lock, named through the MigrateVma
     migrate_vma_pages(&m);
   }
   static void on_other_thread(const std::function<void()>& fn) {
@@ -238,6 +239,7 @@ TEST_F(ForkDeviceTest, Fork_PmdMigrationEntryBetweenSetupAndFinalize_BothMapNewT
     folio_lock(new_thp);
     std::memcpy(new_thp->data(), mem->pfn_to_page(migrate_pfn_to_pfn(src[0]))->data(), kPmdSize);
     dst[0] = migrate_pfn(new_thp->pfn()) | MIGRATE_PFN_COMPOUND;
+    m.mm->mmap_assert_locked();  // held by the caller's lock, named through the MigrateVma
     migrate_vma_pages(&m);
     ASSERT_TRUE(src[0] & MIGRATE_PFN_MIGRATE);
   }

@@ -253,6 +253,7 @@ TEST_F(MigrateThpTest, MigrateVmaPages_SmallSourceCompoundDest_NotMigrated) {
     ASSERT_NE(huge, nullptr);
     folio_lock(huge);
     dst[0] = migrate_pfn(huge->pfn()) | MIGRATE_PFN_COMPOUND;
+    m.mm->mmap_assert_locked();  // held by the caller's lock, named through the MigrateVma
     migrate_vma_pages(&m);
     EXPECT_EQ(src[0] & MIGRATE_PFN_MIGRATE, 0u);
     migrate_vma_finalize(&m);

@@ -136,6 +136,7 @@ TEST_F(MigrateWalkTest, HmmRangeFault_ReqMigrate_CollectsInOneCallHolesUnfaulted
     ASSERT_EQ(migrate_hmm_range_setup(&r), 0);
     EXPECT_EQ(m.cpages, kPages);
     dev->copy_to_new_pages(src.data(), dst.data(), kPages, /*to_device=*/true);
+    m.mm->mmap_assert_locked();  // held by the caller's lock, named through the MigrateVma
     migrate_vma_pages(&m);
     migrate_vma_finalize(&m);
   }
@@ -299,6 +300,7 @@ TEST_F(MigrateWalkTest, AbortWithEmptyDst_RestoresEveryEntry) {
     ReadLock g(&as->mmap_lock());
     ASSERT_EQ(migrate_vma_setup(&m), 0);
     EXPECT_EQ(m.cpages, n);  // everything was taken (dev2's pages faulted back first)
+    m.mm->mmap_assert_locked();  // held by the caller's lock, named through the MigrateVma
     migrate_vma_pages(&m);
     EXPECT_EQ(TestDevice::count_moved(src.data(), n), 0u);
     migrate_vma_finalize(&m);

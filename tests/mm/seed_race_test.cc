@@ -71,6 +71,7 @@ Migration run_migration(TestDevice& dev, AddressSpace& as, Va start, Va end, uns
   if (out.rc != 0) return out;
   out.cpages = m.cpages;
   dev.copy_to_new_pages(src.data(), dst.data(), n, to_device);
+  m.mm->mmap_assert_locked();  // held by the caller's lock, named through the MigrateVma
   migrate_vma_pages(&m);
   out.moved = TestDevice::count_moved(src.data(), n);
   migrate_vma_finalize(&m);

@@ -219,6 +219,7 @@ TEST_F(SplitRaceTest, DontneedOnePageWhileMigrationSplitsThp) {
     ASSERT_EQ(migrate_vma_setup(&mig.m), 0);
     ASSERT_EQ(mig.m.cpages, kPagesPerPmd);
     dev->copy_to_new_pages(mig.src.data(), mig.dst.data(), kPagesPerPmd, /*to_device=*/true);
+    mig.m.mm->mmap_assert_locked();  // held by the caller's lock, named through the MigrateVma
     migrate_vma_pages(&mig.m);
     moved = TestDevice::count_moved(mig.src.data(), kPagesPerPmd);
     migrate_vma_finalize(&mig.m);
@@ -266,6 +267,7 @@ TEST_F(SplitRaceTest, MigrationSplitWaitsForHugePmdSplit) {
     dev->copy_to_new_pages(mig.src.data(), mig.dst.data(), kPagesPerPmd, /*to_device=*/true);
     stage = 1;
     ASSERT_TRUE(wait_until([&] { return stage.load() == 2; }, 10s));
+    mig.m.mm->mmap_assert_locked();  // held by the caller's lock, named through the MigrateVma
     migrate_vma_pages(&mig.m);  // 3.
     migrate_vma_finalize(&mig.m);
   });
@@ -515,6 +517,7 @@ void replay_seed003(AddressSpace& as, TestDevice& dev, PhysMem* mem, Va va, bool
     ReadLock g(&as.mmap_lock());
     ASSERT_EQ(migrate_vma_setup(&mig.m), 0);  // 1.
     dev.copy_to_new_pages(mig.src.data(), mig.dst.data(), kPagesPerPmd, to_device);
+    mig.m.mm->mmap_assert_locked();  // held by the caller's lock, named through the MigrateVma
     migrate_vma_pages(&mig.m);  // 2., 4.
     migrate_vma_finalize(&mig.m);  // 6.
   });
@@ -646,6 +649,7 @@ uint64_t migrate_to_system_pages(AddressSpace& as, PhysMem* mem, Va start, Va en
     dst[i] = migrate_pfn(f->pfn()) | (huge ? MIGRATE_PFN_COMPOUND : 0);
     if (huge) i += kPagesPerPmd - 1;
   }
+  m.mm->mmap_assert_locked();  // held by the caller's lock, named through the MigrateVma
   migrate_vma_pages(&m);
   const uint64_t moved = TestDevice::count_moved(src.data(), n);
   migrate_vma_finalize(&m);

@@ -54,6 +54,7 @@ class TestDevice : public DevPagemapOps {
                  .fault_page = vmf.page->head()};
     if (migrate_vma_setup(&m) != 0) return VmFault::kSigbus;
     const bool all = copy_to_new_pages(src.data(), dst.data(), n, /*to_device=*/false);
+    m.mm->mmap_assert_locked();  // held by the caller's lock, named through the MigrateVma
     migrate_vma_pages(&m);
     migrate_vma_finalize(&m);
     return all ? VmFault::kOk : VmFault::kOom;
@@ -184,6 +185,7 @@ class TestDevice : public DevPagemapOps {
     if (int rc = migrate_vma_setup(&m)) return Err{rc};
     check_selected(src.data(), n, to_device);
     copy_to_new_pages(src.data(), dst.data(), n, to_device);
+    m.mm->mmap_assert_locked();  // held by the caller's lock, named through the MigrateVma
     migrate_vma_pages(&m);
     const uint64_t moved = count_moved(src.data(), n);
     migrate_vma_finalize(&m);

@@ -103,6 +103,7 @@ class BenchDevice : public mm::DevPagemapOps {
                                  to_device ? "to device" : "to system"));
     }
     Moved r = fill_dst(src_.data(), dst_.data(), n, to_device);
+    m.mm->mmap_assert_locked();  // held by the caller's lock, named through the MigrateVma
     mm::migrate_vma_pages(&m);
     r.pages = moved_pages(src_.data(), n);
     mm::migrate_vma_finalize(&m);
@@ -214,6 +215,7 @@ class BenchDevice : public mm::DevPagemapOps {
                      .fault_page = folio};
     if (mm::migrate_vma_setup(&m) != 0) return mm::VmFault::kSigbus;
     const Moved r = fill_dst(src.data(), dst.data(), n, /*to_device=*/false);
+    m.mm->mmap_assert_locked();  // held by the caller's lock, named through the MigrateVma
     mm::migrate_vma_pages(&m);
     mm::migrate_vma_finalize(&m);
     return r.no_dst ? mm::VmFault::kOom : mm::VmFault::kOk;

@@ -229,6 +229,7 @@ uint64_t collect_range(WalkMigrateBench& b, mm::MmuIntervalNotifier& notifier, P
         need += again[i] ? 1 : 0;
       }
       if (need == 0) break;
+      mv.mm->mmap_assert_locked();  // held by the caller's lock, named through the MigrateVma
       mm::migrate_vma_pages(&mv);  // no destinations: everything stays
       mm::migrate_vma_finalize(&mv);
       rc = hmm_fault(notifier, start, end, 0, kWrite, again, nullptr, owner);
@@ -323,6 +324,7 @@ RunResult walk_migrate_run(WalkMigrateBench& b, Path path, int run, Report* chec
              start + i * kPageSize, s);
       }
     }
+    mv.mm->mmap_assert_locked();  // held by the caller's lock, named through the MigrateVma
     mm::migrate_vma_pages(&mv);  // no destination: every page stays, finalize restores it
     if (BenchDevice::moved_pages(b.src.data(), kPagesPerPmd) != 0) fail("a page moved without a destination");
     mm::migrate_vma_finalize(&mv);
