@@ -20,6 +20,7 @@ struct HeldLock {
   LockMode mode;
   unsigned subclass;
   int count;  // acquisitions of a class-counted entry; 1 otherwise
+  bool spin;  // a SpinLock: its holder must not sleep
 };
 
 // Deep enough for the deepest legal nesting (mmap lock, folio locks of a split, PMD and PTE
@@ -95,10 +96,10 @@ void check_order(const void* lock, const LockClass* cls, unsigned subclass) {
   }
 }
 
-void acquire(const void* lock, const LockClass* cls, LockMode mode, unsigned subclass) {
+void acquire(const void* lock, const LockClass* cls, LockMode mode, unsigned subclass, bool spin) {
   HeldLocks& h = t_held;
   if (h.n == kMaxHeld) panic("held-lock list overflow acquiring " + describe(lock, cls));
-  h.locks[h.n++] = HeldLock{lock, cls, mode, subclass, 1};
+  h.locks[h.n++] = HeldLock{lock, cls, mode, subclass, 1, spin};
 }
 
 void check_class_order(const LockClass* cls) {
@@ -161,6 +162,12 @@ bool held(const void* lock, LockMode* mode) {
 }
 
 int held_count() { return t_held.n; }
+
+int spin_locks_held() {
+  int n = 0;
+  for (int i = 0; i < t_held.n; i++) n += t_held.locks[i].spin;
+  return n;
+}
 
 uint32_t max_held_rank() {
   uint32_t r = 0;
@@ -267,7 +274,7 @@ void SpinLock::lock_nested(unsigned subclass) {
     }
   }
   owner_.store(current_tid(), std::memory_order_relaxed);
-  lockdep::acquire(this, cls_, LockMode::kExclusive, subclass);
+  lockdep::acquire(this, cls_, LockMode::kExclusive, subclass, /*spin=*/true);
 }
 
 bool SpinLock::try_lock() {  // no order check: see Mutex::try_lock
@@ -276,7 +283,7 @@ bool SpinLock::try_lock() {  // no order check: see Mutex::try_lock
     return false;
   }
   owner_.store(current_tid(), std::memory_order_relaxed);
-  lockdep::acquire(this, cls_, LockMode::kExclusive, 0);
+  lockdep::acquire(this, cls_, LockMode::kExclusive, 0, /*spin=*/true);
   return true;
 }
 

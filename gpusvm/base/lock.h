@@ -50,7 +50,9 @@ void set_hang_timeout(std::chrono::milliseconds timeout);
 namespace lockdep {
 // Records that this thread acquired `lock`; checks the lock order first. `subclass` allows
 // nesting two locks of the same rank in a fixed order (lower subclass first).
-void acquire(const void* lock, const LockClass* cls, LockMode mode, unsigned subclass = 0);
+// `spin`: the lock is a SpinLock (spin_locks_held counts it).
+void acquire(const void* lock, const LockClass* cls, LockMode mode, unsigned subclass = 0,
+             bool spin = false);
 // Whether this build checks ranks (GPUSVM_LOCK_RANK_CHECKS; off only in the benchmark
 // `release` preset). When off, check_order() and check_class_order() do nothing: no order or
 // recursion check, while holder tracking and assert_held() work as always.
@@ -68,6 +70,9 @@ void acquire_class(const LockClass* cls);
 void release_class(const LockClass* cls);
 // Number of locks this thread holds (for "must hold no lock" assertions before sleeping).
 int held_count();
+// Number of SpinLocks this thread holds (a thread holding one must not sleep). Scans the
+// held-lock list: for slow paths.
+int spin_locks_held();
 // Highest rank among the locks this thread holds (0 when none): "no lock of rank >= R held"
 // is how a function that sleeps or faults asserts that the inner locks were dropped.
 uint32_t max_held_rank();

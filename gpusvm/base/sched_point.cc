@@ -76,6 +76,7 @@ void SchedPoint::reach_slow() {
     if (it == r.armed.end()) return;  // disarmed meanwhile
     st = it->second;
   }
+  if (lockdep::spin_locks_held() > 0) return;  // never stop a spinning lock's holder
   const sched_point::Spec& spec = st->spec;
   if (!spec.thread.empty() && sched_point::tl_thread_name != spec.thread) return;
   std::unique_lock<std::mutex> l(st->mu);

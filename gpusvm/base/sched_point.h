@@ -25,8 +25,10 @@
 //  - A stopped thread never waits forever: if nobody releases it within hang_timeout() it
 //    panics naming the point (a test that forgot release() fails instead of hanging CI).
 //  - ~Pause releases and disarms, so a failing ASSERT cannot leave a thread stopped.
-//  - Points are meant for windows where no spin lock is held: a thread stopped under a spin
-//    lock makes every thread spinning on it wait too (legal, but say so in the test).
+//  - A thread never stops while it holds a SpinLock (its spinning waiters would burn a core
+//    and could be the very thread the test needs): such a hit is neither counted nor
+//    stopped. So a site reached both with and without a spin lock (a lookup helper) marks
+//    its window with a plain reach(), and only the hits outside spin locks take part.
 #pragma once
 
 #include <atomic>
@@ -53,10 +55,6 @@ class SchedPoint {
     // through thread creation or a lock); a hit racing with arm/disarm may go either way.
     if (__builtin_expect(armed_.load(std::memory_order_relaxed), 0)) reach_slow();
   }
-  // For a point that may only stop in some lock states (a site that is also reached under a
-  // spin lock): `if (p.armed() && !holds_spin_lock()) p.reach();` keeps the check of the lock
-  // state off the unarmed path.
-  bool armed() const { return __builtin_expect(armed_.load(std::memory_order_relaxed), 0); }
   const char* name() const { return name_; }
 
  private:

@@ -139,7 +139,7 @@ PteTable* PageTable::pte_offset_map_lock(PmdSlot slot, unsigned subclass) {
   Pmd pmd = slot.load_lockless();
   if (!pmd.is_table()) return nullptr;
   PteTable* table = pmd.table();
-  if (g_sp_pte_map.armed() && lockdep::max_held_rank() < kPageTableLockClass.rank) g_sp_pte_map.reach();
+  g_sp_pte_map.reach();  // not under a spin lock only: see sched_point.h
   table->ptl.lock_nested(subclass);
   // The PMD may have changed between the load and the lock (collapse under the mmap write
   // lock cannot happen while we hold the mmap lock, but a zap of a huge leaf racing a fault

@@ -322,10 +322,6 @@ namespace {
 // only by lookups made without a spin lock held (a lookup under the PTL of an entry that maps
 // the page is covered by the entry's reference). Held: the caller's sleeping locks.
 GPUSVM_SCHED_POINT(g_sp_pagemap_looked_up, "mm.devmap.pagemap_looked_up");
-
-// Whether the calling thread holds a spin lock (every spin lock of gpusvm/mm ranks at or
-// above the notifier subscriptions lock, every sleeping lock below it).
-bool holds_spin_lock() { return lockdep::max_held_rank() >= kNotifierSubsLockClass.rank; }
 }  // namespace
 
 Folio* PhysMem::pfn_to_page(Pfn pfn) {
@@ -344,7 +340,7 @@ Folio* PhysMem::pfn_to_page(Pfn pfn) {
       }
     }
   }
-  if (g_sp_pagemap_looked_up.armed() && page && !holds_spin_lock()) g_sp_pagemap_looked_up.reach();
+  if (page) g_sp_pagemap_looked_up.reach();  // not under a spin lock only: see sched_point.h
   return page;
 }
 

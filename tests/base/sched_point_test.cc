@@ -102,6 +102,25 @@ TEST(SchedPoint, CountOnlyModeNeverStops) {
   EXPECT_FALSE(pause.wait_reached(10ms));
 }
 
+// A hit under a SpinLock neither stops nor counts; the next hit outside it stops.
+TEST(SchedPoint, NeverStopsAThreadHoldingASpinLock) {
+  sched_point::Pause pause("test.sched.window");
+  SpinLock spin;
+  std::atomic<bool> past_spin{false};
+  std::thread worker([&] {
+    spin.lock();
+    g_window.reach();  // would stop every waiter on `spin` with it: passes
+    spin.unlock();
+    past_spin = true;
+    g_window.reach();  // stops
+  });
+  ASSERT_TRUE(pause.wait_reached(5s));
+  EXPECT_TRUE(past_spin.load());
+  EXPECT_EQ(pause.hits(), 1u);
+  pause.release();
+  worker.join();
+}
+
 TEST(SchedPoint, TwinPointsShareOnePause) {
   sched_point::Pause pause("test.sched.twin", {.nth = 2});
   std::thread worker([&] {
