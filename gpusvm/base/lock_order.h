@@ -26,6 +26,8 @@
 //                   -> registry lock (PhysMem: pagemaps, address spaces, deferred split)
 //                   -> dmirror free-list lock (taken by folio_free, which may run under
 //                      page-table locks: the last reference can go in a zap)
+//                   -> svm DMA record (Device: the DMA mappings of one device; get_pages
+//                      maps under the notifier lock, invalidate unmaps under it)
 //                     -> devfs machine (its list of processes), device registry, fd table,
 //                        process exit status (leaves: nothing is called under them)
 //
@@ -73,6 +75,9 @@ inline constexpr LockClass kRegistryLockClass{"physmem_registry", 850};
 namespace dmirror {
 inline constexpr LockClass kDmirrorFreeLockClass{"dmirror_free_list", 870};
 }  // namespace dmirror
+namespace svm {
+inline constexpr LockClass kDmaRecordLockClass{"svm_dma_record", 880};
+}  // namespace svm
 
 namespace devfs {
 inline constexpr LockClass kMachineLockClass{"devfs_machine", 940};
@@ -86,14 +91,14 @@ inline constexpr LockClass kMmuNotifierListLockClass{"mmu_notifier_list", 0};
 }  // namespace mm
 
 // Every ordered class, in table order (the order test walks it).
-inline constexpr std::array<const LockClass*, 19> kLockOrder{
+inline constexpr std::array<const LockClass*, 20> kLockOrder{
     &mm::kMmapLockClass,          &mm::kHugetlbFaultMutexClass,   &mm::kShmemLockClass,
     &mm::kFolioLockClass,         &mm::kRmapWalkLockClass,        &dmirror::kDmirrorDevmemLockClass,
     &dmirror::kDmirrorMutexClass, &mm::kNotifierSubsLockClass,    &mm::kPageTableLockClass,
     &mm::kPmdLockClass,           &mm::kPteLockClass,             &mm::kRmapLockClass,
     &mm::kZoneLockClass,          &mm::kRegistryLockClass,        &dmirror::kDmirrorFreeLockClass,
-    &devfs::kMachineLockClass,    &devfs::kDeviceRegistryLockClass, &devfs::kFdTableLockClass,
-    &devfs::kProcessStatusLockClass,
+    &svm::kDmaRecordLockClass,    &devfs::kMachineLockClass,      &devfs::kDeviceRegistryLockClass,
+    &devfs::kFdTableLockClass,    &devfs::kProcessStatusLockClass,
 };
 
 }  // namespace gpusvm

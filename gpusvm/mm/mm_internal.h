@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstdint>
+#include <vector>
 
 #include "gpusvm/mm/address_space.h"
 #include "gpusvm/mm/fault.h"
@@ -36,6 +37,18 @@ inline constexpr Va kMmapBase = kTaskSize - (128ULL << 20);
 // get_unmapped_area: `hint` when [hint, hint + len) is free user space, else the highest free
 // gap below the mmap base aligned to `align`; 0 when there is none. mmap lock held.
 Va get_unmapped_area(const VmaTree& vmas, Va hint, uint64_t len, uint64_t align);
+
+// VMA helpers of mmap, mprotect and madvise (mmap.cc). split_vma_at splits the VMA containing
+// addr so that a VMA boundary falls on addr, first splitting a PMD mapping that straddles it
+// (mmap lock held for write). vmas_in lists the VMAs inside [start, end) after split_vma_at
+// of both ends. merge_range re-merges the VMAs around [start, end) after their flags changed.
+// mapped_run_end is the end of the run of VMAs without holes from start, clamped to end (start
+// when no VMA contains it); fully_mapped says whether that run reaches end. mmap lock held.
+void split_vma_at(AddressSpace& mm, VmaTree& vmas, Va addr) GPUSVM_REQUIRES(mm.mmap_lock());
+std::vector<Vma*> vmas_in(VmaTree& vmas, Va start, Va end);
+void merge_range(VmaTree& vmas, Va start, Va end);
+Va mapped_run_end(const VmaTree& vmas, Va start, Va end);
+bool fully_mapped(const VmaTree& vmas, Va start, Va end);
 
 // munmap of [start, end) with the mmap lock held for write: splits VMAs (and PMD mappings)
 // at the ends, fires one UNMAP invalidation, zaps and removes the VMAs.
