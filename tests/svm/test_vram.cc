@@ -110,6 +110,8 @@ int TestVram::populate_mm(Pagemap*, mm::Va start, mm::Va end, mm::AddressSpace* 
 
 void TestVram::destroy(Pagemap* p) {
   EXPECT_EQ(p, pagemap_seen_);
+  EXPECT_EQ(lockdep::held_count(), 0) << "destroy runs with no lock held";
+  destroy_tid.store(current_tid());
   destroyed.fetch_add(1);
 }
 

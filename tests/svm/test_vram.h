@@ -83,6 +83,7 @@ class TestVram final : public PagemapOps, public DevmemOps {
   FailAt fail_populate, fail_copy_to_devmem, fail_copy_to_ram, fail_device_map;
   std::atomic<int> copies_to_devmem{0}, copies_to_ram{0}, released{0}, destroyed{0};
   std::atomic<int64_t> live_device_maps{0};
+  std::atomic<pid_t> destroy_tid{0};  // the thread that ran destroy
   // Whether the pre-migrate fence of each copy had signalled when its bytes moved.
   std::atomic<int> copies_after_fence{0}, copies_before_fence{0};
 
