@@ -147,3 +147,29 @@ TEST_F(PagemapOwnerTest, TwoGroupsGoThroughSystemMemory) {
 
 }  // namespace
 }  // namespace gpusvm::svm::testing
+
+namespace gpusvm::svm::testing {
+namespace {
+
+// gpu1's memory is fragmented: gpu0's 2 MiB folio moves into 512 small pages, so the source
+// device folio is split in the migration (folio_split gives each small folio its own zdd
+// reference) and each is freed on its own; the old allocation is released only after the
+// last of them.
+TEST_F(PagemapOwnerTest, CompoundPeerSourceSplitIntoSmallDestinations) {
+  make(/*linked=*/true);
+  ASSERT_EQ(migrate(va, len, {}, v0.get()), 0);
+  TestDevmem* in0 = last;
+  ASSERT_EQ(mem->folio_of(pfn_at(*as, va))->order(), mm::kPmdOrder);
+  v1->fragmented = true;
+  ASSERT_EQ(migrate(va, len, {}, v1.get()), 0);
+  EXPECT_EQ(mem->folio_of(pfn_at(*as, va))->order(), 0u);
+  EXPECT_TRUE(in0->released());
+  EXPECT_EQ(v0->free_pages(), kVramPages);
+  EXPECT_EQ(device_bad_words(*as, *v1, va, len, 1), 0u);
+  EXPECT_MM_CHECK_OK(*mem);
+  EXPECT_EQ(cpu_bad_words(*as, va, len, 1), 0u);
+  EXPECT_TRUE(last->released());
+}
+
+}  // namespace
+}  // namespace gpusvm::svm::testing
