@@ -250,8 +250,13 @@ TEST_F(PagemapTest, PreMigrateFenceOrdersTheCopy) {
   const Va va = map_anon(*as, len);
   fill_bytes(*as, va, len, 10);
   auto fence = std::make_shared<Fence>();
+  // Signalled only once the copy is waiting for it (bounded), so the order is certain.
   std::thread signaller([&] {
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    while (vram->copies_before_fence.load() == 0 && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    EXPECT_EQ(vram->copies_to_devmem.load(), 0) << "copied before the fence signalled";
     fence->signal();
   });
   EXPECT_EQ(migrate(va, len, {}, nullptr, fence), 0);
