@@ -107,7 +107,8 @@ uint64_t GpuPageTable::count_needed_locked(uint64_t start, uint64_t end, uint64_
 Result<PtReservation> GpuPageTable::reserve(uint64_t start, uint64_t end, uint64_t leaf_size) {
   if (leaf_size != 0 && leaf_size != kSZ4K && leaf_size != kSZ64K && leaf_size != kSZ2M)
     return Err{-EINVAL};
-  if (start >= end || end > kVaLimit || start % kSZ4K || end % kSZ4K) return Err{-EINVAL};
+  const uint64_t align = leaf_size ? leaf_size : kSZ4K;
+  if (start >= end || end > kVaLimit || start % align || end % align) return Err{-EINVAL};
   uint64_t need;
   {
     ReadLock g(&lock_);
