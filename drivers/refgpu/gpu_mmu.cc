@@ -2,9 +2,14 @@
 
 #include <cerrno>
 
+#include "gpusvm/base/sched_point.h"
 #include "gpusvm/mm/physmem.h"
 
 namespace gpusvm::refgpu {
+
+// Between reading a leaf from the page table and caching it in the TLB: the window in which a
+// zap + invalidation must not slip (the fill is under the table lock, so the zap waits).
+GPUSVM_SCHED_POINT(g_sp_walked, "refgpu.mmu.walked");
 
 const char* access_name(Access a) {
   switch (a) {
@@ -32,6 +37,7 @@ int GpuMmu::translate(uint64_t va, Access access, Translation* out, FaultType* f
   if (!leaf) {
     ReadLock g(&pt_->lock());
     leaf = pt_->lookup_locked(va);
+    g_sp_walked.reach();
     if (leaf) tlb_->fill(*pt_, *leaf);
   }
   if (!leaf) {
