@@ -42,6 +42,8 @@ class ExecQueue {
   GpuMmu* mmu() const { return mmu_; }
   // Queues a job running the batch at batch_va. Errors: -ECANCELED when the queue was
   // destroyed, -ENODEV when its engine stopped, -EINVAL for a misaligned batch.
+  // The engine object must outlive every submit() call (the device holds a reference across
+  // an ioctl); a stopped engine is fine, a destroyed one is not.
   Result<std::shared_ptr<Fence>> submit(uint64_t batch_va) GPUSVM_EXCLUDES(lock_);
   size_t queued() const GPUSVM_EXCLUDES(lock_);
 

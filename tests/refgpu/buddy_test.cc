@@ -187,3 +187,31 @@ TEST(Buddy, RandomAllocFreeAgainstReferenceModel) {
 
 }  // namespace
 }  // namespace gpusvm::refgpu
+
+#include "drivers/refgpu/vram_region.h"
+
+namespace gpusvm::refgpu {
+namespace {
+
+// A region's usage is what its allocator has handed out; its blocks address its own arena.
+TEST(VramRegion, UsageFollowsAllocationsAndBlocksAddressTheArena) {
+  EXPECT_EQ(VramRegion::create(0, kSZ2M).error(), -EINVAL) << "instance 0 is system memory";
+  EXPECT_EQ(VramRegion::create(1, kSZ4K).error(), -EINVAL);
+  auto r = VramRegion::create(1, 4 * kSZ2M);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ((*r)->instance(), 1u);
+  EXPECT_EQ((*r)->total_size(), 4 * kSZ2M);
+  EXPECT_EQ((*r)->used(), 0u);
+  auto a = (*r)->buddy().alloc(kSZ2M + kSZ64K, kSZ64K);
+  ASSERT_TRUE(a.ok());
+  EXPECT_EQ((*r)->used(), kSZ2M + kSZ64K);
+  for (const BuddyBlock& b : *a) {
+    ASSERT_TRUE((*r)->arena().contains(b.offset, b.size));
+    (*r)->arena().data(b.offset)[b.size - 1] = std::byte{0x5a};
+  }
+  ASSERT_EQ((*r)->buddy().free(*a), 0);
+  EXPECT_EQ((*r)->used(), 0u);
+}
+
+}  // namespace
+}  // namespace gpusvm::refgpu
