@@ -7,6 +7,7 @@
 
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 #include "drivers/refgpu/gpu_mmu.h"
@@ -42,7 +43,10 @@ class Rig {
     for (uint64_t off = 0; off < size; off += kSZ4K) {
       mm::Folio* f = mem->folio_alloc(0, true);
       EXPECT_NE(f, nullptr);
-      folios.push_back(f);
+      {
+        std::lock_guard<std::mutex> g(folios_mu);  // fault handlers map from their threads
+        folios.push_back(f);
+      }
       pfns.push_back(f->pfn());
       map_page(va + off, f->pfn(), perms);
     }
@@ -87,7 +91,8 @@ class Rig {
   Tlb tlb;
   std::unique_ptr<HostMemoryResolver> resolver;
   std::unique_ptr<GpuMmu> mmu;
-  std::vector<mm::Folio*> folios;
+  std::mutex folios_mu;
+  std::vector<mm::Folio*> folios;  // under folios_mu
 };
 
 // Builds a batch instruction by instruction (what a C program would emit).
