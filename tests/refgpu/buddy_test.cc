@@ -148,7 +148,7 @@ TEST(Buddy, RandomAllocFreeAgainstReferenceModel) {
       const uint64_t min = mins[rng() % 3];
       const uint64_t size = min * (1 + rng() % (min == kSZ2M ? 2 : 12));
       const bool contig = rng() % 2;
-      auto a = b.alloc(size, contig ? kSZ4K : min, 0, contig ? Buddy::kContiguous : 0);
+      auto a = b.alloc(size, contig ? kSZ4K : min, 0, contig ? uint32_t{Buddy::kContiguous} : 0u);
       if (!a.ok()) {
         ASSERT_EQ(a.error(), -ENOSPC) << "step " << step;
         ASSERT_EQ(b.used_bytes(), used);
@@ -158,14 +158,17 @@ TEST(Buddy, RandomAllocFreeAgainstReferenceModel) {
       const int id = next_id++;
       for (const BuddyBlock& blk : *a) {
         ASSERT_EQ(blk.offset % blk.size, 0u);
-        if (!contig) ASSERT_GE(blk.size, min);
+        if (!contig) {
+          ASSERT_GE(blk.size, min);
+        }
         for (uint64_t p = blk.offset / kSZ4K; p < (blk.offset + blk.size) / kSZ4K; p++) {
           ASSERT_EQ(owner[p], -1) << "page " << p << " handed out twice (step " << step << ")";
           owner[p] = id;
         }
       }
-      if (contig)
+      if (contig) {
         for (size_t i = 1; i < a->size(); i++) ASSERT_EQ((*a)[i].offset, (*a)[i - 1].offset + (*a)[i - 1].size);
+      }
       used += size;
       live[id] = std::move(*a);
     } else {
