@@ -16,6 +16,14 @@
 //              [reserved 270-295: notifier locks of drivers and of the middle layer, which
 //               interval-notifier callbacks take under the mmap lock, folio locks and the
 //               rmap walk lock]
+//              -> refgpu TLB access fence (one per device TLB, rw: engines hold it shared
+//                 from a translation to the end of the access; an invalidation takes it
+//                 exclusive after clearing entries, under the notifier lock, to wait out
+//                 accesses in flight through the old translation)
+//                -> refgpu GPU page table (one per VM, rw: walks shared, commits and zaps
+//                   exclusive; commits run under the notifier lock and never allocate)
+//                  -> refgpu TLB entries (one per device TLB: fills happen under the page
+//                     table lock so an invalidation cannot be overtaken by a stale fill)
 //         -> notifier subscriptions lock (spin; never held across callbacks)
 //         -> page_table_lock (AddressSpace, spin: PGD/PUD/PMD table allocation)
 //           -> PMD lock (one per PMD table, spin)
@@ -26,14 +34,20 @@
 //                   -> registry lock (PhysMem: pagemaps, address spaces, deferred split)
 //                   -> dmirror free-list lock (taken by folio_free, which may run under
 //                      page-table locks: the last reference can go in a zap)
-//                   -> svm test VRAM allocator (tests/svm's device-memory double: its
-//                      devmem_release runs from folio_free, under page-table locks)
+//                   -> svm test VRAM allocator (tests/svm's device-memory double) and
+//                      refgpu VRAM buddy (one per VRAM region): allocation under folio locks
+//                      in a migration, free from folio_free (devmem_release) under
+//                      page-table locks
 //                   -> svm DMA record (Device: the DMA mappings of one device; get_pages
 //                      maps under the notifier lock, invalidate unmaps under it)
 //                   -> svm pagemap destroy queue (a last Pagemap put from folio_free
 //                      queues the destroy for the worker)
 //                   -> svm pagemap owner list (owner groups; has_interconnect runs under
 //                      it and must not sleep or lock)
+//                     -> refgpu copy-engine pool, engine (its list of exec queues) -> exec
+//                        queue (its jobs), fault queue (leaves of the device: engines and
+//                        fault handlers hold nothing else when they take them, and call
+//                        nothing under them)
 //                     -> devfs machine (its list of processes), device registry, fd table,
 //                        process exit status (leaves: nothing is called under them)
 //
@@ -68,6 +82,12 @@ inline constexpr LockClass kDmirrorDevmemLockClass{"dmirror_devmem_lock", 260};
 inline constexpr LockClass kDmirrorMutexClass{"dmirror_mutex", 280};
 }  // namespace dmirror
 
+namespace refgpu {
+inline constexpr LockClass kTlbAccessLockClass{"refgpu_tlb_access", 296};
+inline constexpr LockClass kGpuPtLockClass{"refgpu_gpu_pt", 297};
+inline constexpr LockClass kTlbLockClass{"refgpu_tlb", 298};
+}  // namespace refgpu
+
 namespace mm {
 inline constexpr LockClass kNotifierSubsLockClass{"mmu_notifier_subscriptions", 300};
 inline constexpr LockClass kPageTableLockClass{"page_table_lock", 400};
@@ -81,12 +101,21 @@ inline constexpr LockClass kRegistryLockClass{"physmem_registry", 850};
 namespace dmirror {
 inline constexpr LockClass kDmirrorFreeLockClass{"dmirror_free_list", 870};
 }  // namespace dmirror
+namespace refgpu {
+inline constexpr LockClass kBuddyLockClass{"refgpu_buddy", 875};
+}  // namespace refgpu
 namespace svm {
-inline constexpr LockClass kTestVramLockClass{"svm_test_vram", 875};
+inline constexpr LockClass kTestVramLockClass{"svm_test_vram", 873};
 inline constexpr LockClass kDmaRecordLockClass{"svm_dma_record", 880};
 inline constexpr LockClass kPagemapDestroyLockClass{"svm_pagemap_destroy_queue", 890};
 inline constexpr LockClass kPagemapOwnerListLockClass{"svm_pagemap_owner_list", 895};
 }  // namespace svm
+namespace refgpu {
+inline constexpr LockClass kCopyPoolLockClass{"refgpu_copy_pool", 900};
+inline constexpr LockClass kEngineLockClass{"refgpu_engine", 905};
+inline constexpr LockClass kExecQueueLockClass{"refgpu_exec_queue", 910};
+inline constexpr LockClass kFaultQueueLockClass{"refgpu_fault_queue", 920};
+}  // namespace refgpu
 
 namespace devfs {
 inline constexpr LockClass kMachineLockClass{"devfs_machine", 940};
@@ -100,15 +129,18 @@ inline constexpr LockClass kMmuNotifierListLockClass{"mmu_notifier_list", 0};
 }  // namespace mm
 
 // Every ordered class, in table order (the order test walks it).
-inline constexpr std::array<const LockClass*, 23> kLockOrder{
+inline constexpr std::array<const LockClass*, 31> kLockOrder{
     &mm::kMmapLockClass,          &mm::kHugetlbFaultMutexClass,   &mm::kShmemLockClass,
     &mm::kFolioLockClass,         &mm::kRmapWalkLockClass,        &dmirror::kDmirrorDevmemLockClass,
-    &dmirror::kDmirrorMutexClass, &mm::kNotifierSubsLockClass,    &mm::kPageTableLockClass,
+    &dmirror::kDmirrorMutexClass, &refgpu::kTlbAccessLockClass,   &refgpu::kGpuPtLockClass,
+    &refgpu::kTlbLockClass,       &mm::kNotifierSubsLockClass,    &mm::kPageTableLockClass,
     &mm::kPmdLockClass,           &mm::kPteLockClass,             &mm::kRmapLockClass,
     &mm::kZoneLockClass,          &mm::kRegistryLockClass,        &dmirror::kDmirrorFreeLockClass,
-    &svm::kTestVramLockClass,     &svm::kDmaRecordLockClass,      &svm::kPagemapDestroyLockClass,
-    &svm::kPagemapOwnerListLockClass, &devfs::kMachineLockClass,      &devfs::kDeviceRegistryLockClass,
-    &devfs::kFdTableLockClass,    &devfs::kProcessStatusLockClass,
+    &svm::kTestVramLockClass,     &refgpu::kBuddyLockClass,       &svm::kDmaRecordLockClass,
+    &svm::kPagemapDestroyLockClass, &svm::kPagemapOwnerListLockClass, &refgpu::kCopyPoolLockClass,
+    &refgpu::kEngineLockClass,    &refgpu::kExecQueueLockClass,   &refgpu::kFaultQueueLockClass,
+    &devfs::kMachineLockClass,    &devfs::kDeviceRegistryLockClass, &devfs::kFdTableLockClass,
+    &devfs::kProcessStatusLockClass,
 };
 
 }  // namespace gpusvm

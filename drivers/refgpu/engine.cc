@@ -1,0 +1,146 @@
+#include "drivers/refgpu/engine.h"
+
+#include <algorithm>
+#include <cerrno>
+
+namespace gpusvm::refgpu {
+
+Result<std::shared_ptr<Fence>> ExecQueue::submit(uint64_t batch_va) {
+  if (batch_va % 8) return Err{-EINVAL};
+  auto fence = std::make_shared<Fence>();
+  {
+    MutexLock g(&lock_);
+    if (dead_) return Err{dead_};
+    jobs_.push_back({batch_va, fence});
+  }
+  engine_->work_.fetch_add(1, std::memory_order_release);  // pairs with the acquire in run()
+  engine_->kick();
+  return fence;
+}
+
+size_t ExecQueue::queued() const {
+  MutexLock g(&lock_);
+  return jobs_.size();
+}
+
+Engine::Engine(uint16_t instance, FaultSink* faults) : instance_(instance), faults_(faults) {
+  thread_ = std::thread([this] { run(); });
+}
+
+Engine::~Engine() { stop(-ENODEV); }
+
+Result<std::shared_ptr<ExecQueue>> Engine::create_queue(uint32_t id, GpuMmu* mmu) {
+  MutexLock g(&lock_);
+  if (stopped_) return Err{-ENODEV};
+  std::shared_ptr<ExecQueue> q(new ExecQueue(this, id, mmu));
+  queues_.push_back(q);
+  return q;
+}
+
+// Marks the queue dead, fails its queued jobs, and asks its running job to stop.
+void Engine::kill_queue(ExecQueue* q, int err) {
+  std::deque<ExecQueue::Job> cancelled;
+  {
+    MutexLock g(&q->lock_);
+    if (!q->dead_) q->dead_ = err;
+    cancelled.swap(q->jobs_);
+    q->abort_.store(err, std::memory_order_relaxed);  // relaxed: a stop request, polled
+  }
+  for (auto& j : cancelled) j.fence->signal(err);
+}
+
+int Engine::destroy_queue(const std::shared_ptr<ExecQueue>& q) {
+  {
+    MutexLock g(&lock_);
+    auto it = std::find(queues_.begin(), queues_.end(), q);
+    if (it == queues_.end()) return -ENOENT;
+    queues_.erase(it);
+  }
+  kill_queue(q.get(), -ECANCELED);
+  // The running job stops at its next instruction, or when its fault completes.
+  const bool idle = idle_wq_.wait_for(
+      [&] {
+        MutexLock g(&q->lock_);
+        return !q->running_;
+      },
+      hang_timeout());
+  if (!idle) panic("refgpu engine " + std::to_string(instance_) + ": exec queue " + std::to_string(q->id()) +
+                   " still running a job after destroy (a fault nobody completes?)");
+  return 0;
+}
+
+void Engine::set_fence_write_hook(std::function<void()> fn) {
+  MutexLock g(&lock_);
+  fence_hook_ = std::move(fn);
+}
+
+void Engine::stop(int err) {
+  std::vector<std::shared_ptr<ExecQueue>> queues;
+  {
+    MutexLock g(&lock_);
+    if (!stopped_) stopped_ = err < 0 ? err : -ENODEV;
+    queues = queues_;
+  }
+  for (auto& q : queues) kill_queue(q.get(), err < 0 ? err : -ENODEV);
+  work_.fetch_add(1, std::memory_order_release);
+  kick();
+  if (thread_.joinable()) thread_.join();
+}
+
+bool Engine::next_job(std::shared_ptr<ExecQueue>* out, ExecQueue::Job* job) {
+  MutexLock g(&lock_);
+  if (stopped_) return false;
+  for (size_t n = 0; n < queues_.size(); n++) {
+    const size_t i = (rr_ + n) % queues_.size();
+    ExecQueue* q = queues_[i].get();
+    MutexLock qg(&q->lock_);
+    if (q->jobs_.empty() || q->dead_) continue;
+    *job = std::move(q->jobs_.front());
+    q->jobs_.pop_front();
+    q->running_ = true;
+    *out = queues_[i];
+    rr_ = i + 1;
+    return true;
+  }
+  out->reset();
+  return true;
+}
+
+void Engine::run() {
+  for (;;) {
+    // acquire: pairs with the release in submit()/stop(), so a job queued before the bump is
+    // seen by next_job() after it.
+    const uint64_t seen = work_.load(std::memory_order_acquire);
+    std::shared_ptr<ExecQueue> q;
+    ExecQueue::Job job{};
+    if (!next_job(&q, &job)) return;
+    if (!q) {
+      // Idle: sleep until new work; the bounded wait just loops (an idle engine is no hang).
+      (void)wq_.wait_for([&] { return work_.load(std::memory_order_acquire) != seen; },
+                         std::chrono::milliseconds(100));
+      continue;
+    }
+    JobContext ctx;
+    ctx.mmu = q->mmu();
+    ctx.faults = faults_;
+    ctx.exec_queue_id = q->id();
+    ctx.engine = instance_;
+    ctx.stats = &stats_.isa;
+    ctx.abort = &q->abort_;
+    {
+      MutexLock g(&lock_);
+      ctx.on_fence_write = fence_hook_;
+    }
+    const int r = execute_batch(ctx, job.batch_va);
+    stats_.jobs.add();
+    if (r) stats_.job_errors.add();
+    job.fence->signal(r);
+    {
+      MutexLock g(&q->lock_);
+      q->running_ = false;
+    }
+    idle_wq_.wake_all();
+  }
+}
+
+}  // namespace gpusvm::refgpu
