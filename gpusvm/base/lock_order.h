@@ -6,6 +6,8 @@
 //
 //   [reserved 10-90: driver VM and range locks of the middle layer and its drivers, which are
 //    taken before the mmap lock: driver VM lock -> range lock -> mmap lock]
+//   gpusvm driver lock (50: a driver's VM/range lock that Gpusvm asserts held; drivers
+//    without a class of their own, and the svm test driver, use it)
 //   mmap_lock (AddressSpace, rw, sleeping)
 //     -> hugetlb fault mutex (hashed by (mm, 2 MiB slot); held across one hugetlb fault)
 //     -> shmem object lock (ShmemObject, mutex)            page-cache lookups in faults
@@ -16,6 +18,8 @@
 //              [reserved 270-295: notifier locks of drivers and of the middle layer, which
 //               interval-notifier callbacks take under the mmap lock, folio locks and the
 //               rmap walk lock]
+//           -> gpusvm notifier lock (290, rw: Gpusvm's invalidation, get_pages publish
+//              and the driver's commit; nothing allocates or sleeps under it)
 //         -> notifier subscriptions lock (spin; never held across callbacks)
 //         -> page_table_lock (AddressSpace, spin: PGD/PUD/PMD table allocation)
 //           -> PMD lock (one per PMD table, spin)
@@ -49,6 +53,10 @@
 
 namespace gpusvm {
 
+namespace svm {
+inline constexpr LockClass kGpusvmDriverLockClass{"gpusvm_driver_lock", 50};
+}  // namespace svm
+
 namespace mm {
 inline constexpr LockClass kMmapLockClass{"mmap_lock", 100};
 inline constexpr LockClass kHugetlbFaultMutexClass{"hugetlb_fault_mutex", 120};
@@ -61,6 +69,10 @@ namespace dmirror {
 inline constexpr LockClass kDmirrorDevmemLockClass{"dmirror_devmem_lock", 260};
 inline constexpr LockClass kDmirrorMutexClass{"dmirror_mutex", 280};
 }  // namespace dmirror
+
+namespace svm {
+inline constexpr LockClass kGpusvmNotifierLockClass{"gpusvm_notifier_lock", 290};
+}  // namespace svm
 
 namespace mm {
 inline constexpr LockClass kNotifierSubsLockClass{"mmu_notifier_subscriptions", 300};
@@ -91,10 +103,12 @@ inline constexpr LockClass kMmuNotifierListLockClass{"mmu_notifier_list", 0};
 }  // namespace mm
 
 // Every ordered class, in table order (the order test walks it).
-inline constexpr std::array<const LockClass*, 20> kLockOrder{
+inline constexpr std::array<const LockClass*, 22> kLockOrder{
+    &svm::kGpusvmDriverLockClass,
     &mm::kMmapLockClass,          &mm::kHugetlbFaultMutexClass,   &mm::kShmemLockClass,
     &mm::kFolioLockClass,         &mm::kRmapWalkLockClass,        &dmirror::kDmirrorDevmemLockClass,
-    &dmirror::kDmirrorMutexClass, &mm::kNotifierSubsLockClass,    &mm::kPageTableLockClass,
+    &dmirror::kDmirrorMutexClass, &svm::kGpusvmNotifierLockClass, &mm::kNotifierSubsLockClass,
+    &mm::kPageTableLockClass,
     &mm::kPmdLockClass,           &mm::kPteLockClass,             &mm::kRmapLockClass,
     &mm::kZoneLockClass,          &mm::kRegistryLockClass,        &dmirror::kDmirrorFreeLockClass,
     &svm::kDmaRecordLockClass,    &devfs::kMachineLockClass,      &devfs::kDeviceRegistryLockClass,
