@@ -220,7 +220,10 @@ int Gpusvm::map_locked(Pages* const* pages, size_t n, mm::PhysMem* mem,
 
   for (size_t i = 0; i < n; i++) {
     Pages* p = pages[i];
-    if (p->flags() & pages_flags::kHasDmaMapping) continue;  // still valid: keep it
+    if (p->flags() & pages_flags::kHasDmaMapping) {
+      if (ctx.read_only || p->writable_) continue;  // still valid for this access: keep it
+      unmap_pages_locked(p);  // mapped read-only, now written: map again for writing
+    }
     PagemapAddr* a = (*arrays)[i].get();
     size_t done = 0;
     for (; done < plan.size(); done++) {
@@ -248,6 +251,7 @@ int Gpusvm::map_locked(Pages* const* pages, size_t n, mm::PhysMem* mem,
     p->notifier_seq_ = seq;
     if (pagemap) pagemap->get();
     p->pagemap_ = pagemap;
+    p->writable_ = !ctx.read_only;
     p->published_now_ = true;
     // release: pairs with the acquire in flags(); a reader seeing the bit sees the array.
     p->set_flag(pages_flags::kHasDmaMapping | (pagemap ? pages_flags::kHasDevmemPages : 0));

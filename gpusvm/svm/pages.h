@@ -86,6 +86,7 @@ class Pages {
   uint64_t npages_ = 0;
   uint64_t notifier_seq_ = 0;
   Pagemap* pagemap_ = nullptr;
+  bool writable_ = false;       // mapped for device writes (not ctx.read_only)
   bool published_now_ = false;  // mapped by the get_pages in progress (for its rollback)
 };
 
