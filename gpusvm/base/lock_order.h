@@ -30,8 +30,14 @@
 //                   -> registry lock (PhysMem: pagemaps, address spaces, deferred split)
 //                   -> dmirror free-list lock (taken by folio_free, which may run under
 //                      page-table locks: the last reference can go in a zap)
+//                   -> svm test VRAM allocator (tests/svm's device-memory double: its
+//                      devmem_release runs from folio_free, under page-table locks)
 //                   -> svm DMA record (Device: the DMA mappings of one device; get_pages
 //                      maps under the notifier lock, invalidate unmaps under it)
+//                   -> svm pagemap destroy queue (a last Pagemap put from folio_free
+//                      queues the destroy for the worker)
+//                   -> svm pagemap owner list (owner groups; has_interconnect runs under
+//                      it and must not sleep or lock)
 //                     -> devfs machine (its list of processes), device registry, fd table,
 //                        process exit status (leaves: nothing is called under them)
 //
@@ -88,7 +94,10 @@ namespace dmirror {
 inline constexpr LockClass kDmirrorFreeLockClass{"dmirror_free_list", 870};
 }  // namespace dmirror
 namespace svm {
+inline constexpr LockClass kTestVramLockClass{"svm_test_vram", 875};
 inline constexpr LockClass kDmaRecordLockClass{"svm_dma_record", 880};
+inline constexpr LockClass kPagemapDestroyLockClass{"svm_pagemap_destroy_queue", 890};
+inline constexpr LockClass kPagemapOwnerListLockClass{"svm_pagemap_owner_list", 895};
 }  // namespace svm
 
 namespace devfs {
@@ -103,7 +112,7 @@ inline constexpr LockClass kMmuNotifierListLockClass{"mmu_notifier_list", 0};
 }  // namespace mm
 
 // Every ordered class, in table order (the order test walks it).
-inline constexpr std::array<const LockClass*, 22> kLockOrder{
+inline constexpr std::array<const LockClass*, 25> kLockOrder{
     &svm::kGpusvmDriverLockClass,
     &mm::kMmapLockClass,          &mm::kHugetlbFaultMutexClass,   &mm::kShmemLockClass,
     &mm::kFolioLockClass,         &mm::kRmapWalkLockClass,        &dmirror::kDmirrorDevmemLockClass,
@@ -111,7 +120,8 @@ inline constexpr std::array<const LockClass*, 22> kLockOrder{
     &mm::kPageTableLockClass,
     &mm::kPmdLockClass,           &mm::kPteLockClass,             &mm::kRmapLockClass,
     &mm::kZoneLockClass,          &mm::kRegistryLockClass,        &dmirror::kDmirrorFreeLockClass,
-    &svm::kDmaRecordLockClass,    &devfs::kMachineLockClass,      &devfs::kDeviceRegistryLockClass,
+    &svm::kTestVramLockClass,     &svm::kDmaRecordLockClass,      &svm::kPagemapDestroyLockClass,
+    &svm::kPagemapOwnerListLockClass, &devfs::kMachineLockClass,      &devfs::kDeviceRegistryLockClass,
     &devfs::kFdTableLockClass,    &devfs::kProcessStatusLockClass,
 };
 
