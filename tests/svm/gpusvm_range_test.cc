@@ -95,9 +95,8 @@ TEST_F(SvmRangeTest, ChunkSizesFollowVmaEdgesAndPresence) {
 
 TEST_F(SvmRangeTest, ChunkStopsAtNotifierAndGpuVaEdges) {
   make_gpu({.notifier_size = 4 * k2M, .chunk_sizes = {4 * k2M, k2M, k64K, k4K}});
-  // A 16 MiB VMA from kBase + 4 MiB: the 8 MiB chunk around kBase + 6 MiB would cross the
-  // 8 MiB notifier boundary at kBase + 8 MiB's window start... it does not fit the VMA, the
-  // 2 MiB one does.
+  // A 16 MiB VMA [kBase + 4 MiB, kBase + 20 MiB), notifiers of 8 MiB. At kBase + 6 MiB the
+  // 8 MiB chunk [kBase, kBase + 8 MiB) starts before the VMA; the 2 MiB one fits.
   map_at(kBase + 2 * k2M, 8 * k2M, PROT_READ | PROT_WRITE);
   Result<RangeRef> r = insert(kBase + 3 * k2M + k4K);
   ASSERT_TRUE(r.ok());
@@ -110,14 +109,21 @@ TEST_F(SvmRangeTest, ChunkStopsAtNotifierAndGpuVaEdges) {
   EXPECT_EQ((*r)->start(), kBase + 4 * k2M);
   EXPECT_EQ((*r)->size(), 4 * k2M);
   EXPECT_EQ(gpu->gpusvm()->nr_notifiers(), 2u);
-  // The GPU VA window [kBase + 2 MiB + 64 KiB, ...) cuts the 2 MiB chunk at kBase + 2 MiB;
-  // pages absent: 4 KiB.
-  r = insert(kBase + k2M + 2 * k64K, {}, kBase + k2M + k64K, ~mm::Va{0});
-  ASSERT_TRUE(r.ok());
+  // The GPU VA window [kBase + 4 MiB + 64 KiB, ...) cuts the 2 MiB chunk at kBase + 4 MiB;
+  // the 64 KiB one fits but its pages are absent: 4 KiB.
+  const mm::Va f = kBase + 2 * k2M + 2 * k64K;
+  r = insert(f, {}, kBase + 2 * k2M + k64K, ~mm::Va{0});
+  ASSERT_TRUE(r.ok()) << r.error();
+  EXPECT_EQ((*r)->start(), f);
   EXPECT_EQ((*r)->size(), k4K);
-  // The mirrored window: outside it is -EINVAL.
-  EXPECT_EQ(insert(kBase + k2M + 2 * k64K, {}, kBase + k2M + 4 * k64K, kBase + 2 * k2M).error(),
-            -EINVAL);
+  // With the pages present the 64 KiB chunk is taken (next block).
+  fill_pages(*as, f + k64K, k64K, 1);
+  r = insert(f + k64K + k4K, {}, kBase + 2 * k2M + k64K, ~mm::Va{0});
+  ASSERT_TRUE(r.ok()) << r.error();
+  EXPECT_EQ((*r)->start(), f + k64K);
+  EXPECT_EQ((*r)->size(), k64K);
+  // A fault outside the GPU VA window is -EINVAL.
+  EXPECT_EQ(insert(f + 4 * k64K, {}, f + 5 * k64K, kBase + 3 * k2M).error(), -EINVAL);
 }
 
 TEST_F(SvmRangeTest, FindOrInsertErrors) {
