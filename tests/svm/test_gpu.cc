@@ -2,7 +2,9 @@
 
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <cstring>
+#include <thread>
 #include <utility>
 
 #include "gpusvm/base/errno.h"
@@ -127,6 +129,9 @@ int TestGpu::fault(mm::Va addr, bool write, Ctx ctx) {
       continue;
     }
     if (rc != 0) return rc;
+    if (const int us = commit_delay_us.load(std::memory_order_relaxed)) {
+      std::this_thread::sleep_for(std::chrono::microseconds(us));
+    }
     rc = commit(range, write);
     if (rc == -EAGAIN) {
       eagain.fetch_add(1, std::memory_order_relaxed);

@@ -79,6 +79,8 @@ class TestGpu : public GpusvmOps {
   // GpusvmOps.
   void invalidate(Gpusvm* gpusvm, Notifier* notifier, const mm::MmuNotifierRange& range) override;
 
+  // Sleep between get_pages and the commit (widens the window races hit).
+  std::atomic<int> commit_delay_us{0};
   std::atomic<uint64_t> invalidations{0};
   std::atomic<uint64_t> commits{0};
   std::atomic<uint64_t> eagain{0};
