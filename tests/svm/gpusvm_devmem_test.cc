@@ -1,0 +1,206 @@
+// get_pages and scan_mm over device memory (with the provider's TestVram): pages of our own
+// owner mapped in place, a foreign owner's faulted back to RAM, mixed placement, a peer of
+// the owner group mapped over the interconnect, device_map failure, range_evict, and an
+// eviction while a get_pages is in flight (the owner-tagged MIGRATE path).
+#include <gtest/gtest.h>
+
+#include <thread>
+
+#include "gpusvm/base/errno.h"
+#include "gpusvm/base/sched_point.h"
+#include "gpusvm/svm/devmem.h"
+#include "tests/svm/svm_test_util.h"
+#include "tests/svm/test_vram.h"
+
+namespace gpusvm::svm::testing {
+namespace {
+
+class SvmDevmemTest : public SvmTest {
+ protected:
+  void SetUp() override {
+    SvmTest::SetUp();
+    vram = std::make_unique<TestVram>(mem.get(), 8 * mm::kPagesPerPmd, "vram0");
+    ASSERT_TRUE(vram->ok());
+  }
+  void TearDown() override {
+    if (gpu) {
+      gpu->unbind_all();
+      EXPECT_EQ(gpu->device()->dma_mappings(), 0u);
+      gpu.reset();
+    }
+    EXPECT_EQ(vram->live_device_maps.load(), 0);
+    if (peer) EXPECT_EQ(peer->live_device_maps.load(), 0);
+    if (as) as->exit();  // frees the device pages: allocations release
+    peer.reset();
+    vram.reset();
+    SvmTest::TearDown();
+  }
+  const void* owner() { return vram->pagemap()->owner(); }
+  void make_vram_gpu(const void* own = nullptr) {
+    make_gpu({.owner = own ? own : owner(), .use_devices = {vram->device()}});
+  }
+  int migrate(mm::Va va, uint64_t len, TestVram* to = nullptr) {
+    TestVram* v = to ? to : vram.get();
+    TestDevmem* dm = v->alloc_devmem(as.get(), len);
+    if (!dm) return -ENOMEM;
+    return migrate_to_devmem(dm, as.get(), va, va + len, {});
+  }
+  ScanResult scan(mm::Va va, const Pagemap* pm) {
+    RangeRef r = find(va);
+    return gpu->gpusvm()->scan_mm(r.get(), owner(), pm);
+  }
+  std::unique_ptr<TestVram> vram;
+  std::unique_ptr<TestVram> peer;
+};
+
+TEST_F(SvmDevmemTest, OwnDevicePagesAreMappedInPlaceAndEvicted) {
+  make_vram_gpu();
+  map_at(kBase, k2M);
+  fill_pages(*as, kBase, k2M, 1);
+  ASSERT_EQ(migrate(kBase, k2M), 0);
+  ASSERT_EQ(gpu->fault(kBase, true), 0);
+  RangeRef r = find(kBase);
+  {
+    ReadLock g(&gpu->gpusvm()->notifier_lock());
+    EXPECT_TRUE(r->pages().has_devmem_pages());
+    EXPECT_EQ(r->pages().pagemap(), vram->pagemap());
+    EXPECT_EQ(r->pages().addr(0).proto, PagemapAddrProto::kDeviceLocal);
+  }
+  EXPECT_EQ(gpu->device()->dma_mappings(), 0u) << "device pages need no system DMA mapping";
+  EXPECT_GT(vram->live_device_maps.load(), 0);
+  EXPECT_EQ(gpu->check_ptes(), 0);
+  EXPECT_EQ(scan(kBase, vram->pagemap()), ScanResult::kEqual);
+  // Eviction: the pages come back; the GPU mapping of them was zapped on the way.
+  ASSERT_EQ(gpu->gpusvm()->range_evict(r.get()), 0);
+  EXPECT_EQ(gpu->valid_ptes(), 0u);
+  EXPECT_EQ(vram->live_device_maps.load(), 0);
+  EXPECT_EQ(scan(kBase, vram->pagemap()), ScanResult::kSystem);
+  EXPECT_EQ(verify_pages(*as, kBase, k2M, 1), 0);
+  ASSERT_EQ(gpu->fault(kBase, true), 0);
+  EXPECT_FALSE(r->pages().has_devmem_pages());
+  EXPECT_EQ(gpu_matches_cpu(kBase, k2M), 0);
+}
+
+TEST_F(SvmDevmemTest, ForeignOwnerPagesAreFaultedBackToRam) {
+  static int other_owner;
+  make_vram_gpu(&other_owner);
+  map_at(kBase, k2M);
+  fill_pages(*as, kBase, k2M, 2);
+  ASSERT_EQ(migrate(kBase, k2M), 0);
+  ASSERT_EQ(gpu->fault(kBase, true), 0);
+  RangeRef r = find(kBase);
+  EXPECT_FALSE(r->pages().has_devmem_pages());
+  EXPECT_EQ(gpu->device()->dma_mappings(), k2M / k4K);
+  EXPECT_EQ(gpu_matches_cpu(kBase, k2M), 0);
+  EXPECT_EQ(verify_pages(*as, kBase, k2M, 2), 0);
+  EXPECT_EQ(gpu->check_ptes(), 0);
+}
+
+TEST_F(SvmDevmemTest, MixedPlacementNeedsAllowMixed) {
+  make_vram_gpu();
+  map_at(kBase, k2M);
+  fill_pages(*as, kBase, k2M, 3);
+  ASSERT_EQ(migrate(kBase, k64K), 0);
+  {
+    Result<RangeRef> r = insert(kBase);
+    ASSERT_TRUE(r.ok());
+    ASSERT_EQ((*r)->size(), k2M);
+  }
+  EXPECT_EQ(scan(kBase, vram->pagemap()), ScanResult::kMixed);
+  RangeRef r = find(kBase);
+  Ctx c;
+  c.device_private_page_owner = owner();
+  {
+    MutexLock g(&gpu->vm_lock());
+    EXPECT_EQ(gpu->gpusvm()->range_get_pages(r.get(), c), -EOPNOTSUPP);
+    c.devmem_only = true;
+    c.allow_mixed = true;
+    EXPECT_EQ(gpu->gpusvm()->range_get_pages(r.get(), c), -EFAULT);
+    c.devmem_only = false;
+    ASSERT_EQ(gpu->gpusvm()->range_get_pages(r.get(), c), 0);
+    EXPECT_TRUE(r->pages().has_devmem_pages());
+  }
+  EXPECT_EQ(gpu->device()->dma_mappings(), k2M / k4K - k64K / k4K);
+  {
+    Ctx ic;
+    ic.in_notifier = false;
+    gpu->gpusvm()->range_unmap_pages(r.get(), ic);
+  }
+  // The driver's answer to -EOPNOTSUPP: evict and retry, all in system memory then.
+  ASSERT_EQ(gpu->fault(kBase, true), 0);
+  EXPECT_FALSE(r->pages().has_devmem_pages());
+  EXPECT_GE(r->stats().evictions.get(), 1u);
+  EXPECT_EQ(verify_pages(*as, kBase, k2M, 3), 0);
+  EXPECT_EQ(gpu_matches_cpu(kBase, k2M), 0);
+}
+
+// Two VRAMs in one owner group with a link: our device maps the peer's pages in place.
+TEST_F(SvmDevmemTest, PeerOwnerPagesMapOverTheInterconnect) {
+  peer = std::make_unique<TestVram>(mem.get(), 4 * mm::kPagesPerPmd, "vram1", owner());
+  ASSERT_TRUE(peer->ok());
+  peer->add_peer(vram->device());
+  make_vram_gpu();
+  map_at(kBase, k2M);
+  fill_pages(*as, kBase, k2M, 4);
+  ASSERT_EQ(migrate(kBase, k2M, peer.get()), 0);
+  ASSERT_EQ(gpu->fault(kBase, true), 0);
+  RangeRef r = find(kBase);
+  {
+    ReadLock g(&gpu->gpusvm()->notifier_lock());
+    EXPECT_EQ(r->pages().pagemap(), peer->pagemap());
+    EXPECT_EQ(r->pages().addr(0).proto, PagemapAddrProto::kDeviceInterconnect);
+  }
+  EXPECT_EQ(scan(kBase, vram->pagemap()), ScanResult::kOther);
+  EXPECT_EQ(scan(kBase, peer->pagemap()), ScanResult::kEqual);
+  EXPECT_EQ(gpu->check_ptes(), 0);
+}
+
+// device_map failing part-way rolls back: nothing mapped, the next try works.
+TEST_F(SvmDevmemTest, DeviceMapFailureRollsBack) {
+  make_vram_gpu();
+  map_at(kBase, k2M);
+  fill_pages(*as, kBase, k2M, 5);
+  ASSERT_EQ(migrate(kBase, k2M), 0);
+  vram->fail_device_map.arm(1);
+  EXPECT_EQ(gpu->fault(kBase, true), -EFAULT);
+  EXPECT_EQ(vram->live_device_maps.load(), 0);
+  EXPECT_EQ(gpu->valid_ptes(), 0u);
+  ASSERT_EQ(gpu->fault(kBase, true), 0);
+  EXPECT_EQ(gpu->check_ptes(), 0);
+}
+
+// Eviction while get_pages is in flight:
+//   1. fault thread: hmm_range_fault found our device pages, stops at svm.get_pages.faulted
+//   2. test thread: range_evict migrates them to RAM; the MIGRATE invalidation carries our
+//      owner and the range holds no mapping, so the driver's invalidate is skipped, but the
+//      sequence is bumped
+//   3. fault thread: read_retry is true: retry, now mapping the system pages
+// Were the skip to drop the sequence bump, step 3 would map freed device pages.
+TEST_F(SvmDevmemTest, EvictionWhileGetPagesIsInFlight) {
+  make_vram_gpu();
+  map_at(kBase, k2M);
+  fill_pages(*as, kBase, k2M, 6);
+  ASSERT_EQ(migrate(kBase, k2M), 0);
+  ASSERT_TRUE(insert(kBase).ok());
+  RangeRef r = find(kBase);
+  const uint64_t skipped = gpu->gpusvm()->skipped_invalidations();
+  sched_point::Pause pause("svm.get_pages.faulted");
+  ASSERT_EQ(pause.status(), 0);
+  int rc = -1;
+  std::thread t([&] { rc = gpu->fault(kBase, true); });
+  ASSERT_TRUE(pause.wait_reached());
+  ASSERT_EQ(gpu->gpusvm()->range_evict(r.get()), 0);
+  EXPECT_GT(gpu->gpusvm()->skipped_invalidations(), skipped);
+  pause.release();
+  t.join();
+  ASSERT_EQ(rc, 0);
+  EXPECT_GE(r->stats().get_pages_retries.get(), 1u);
+  EXPECT_FALSE(r->pages().has_devmem_pages());
+  EXPECT_EQ(vram->live_device_maps.load(), 0);
+  EXPECT_EQ(gpu->check_ptes(), 0);
+  EXPECT_EQ(gpu_matches_cpu(kBase, k2M), 0);
+  EXPECT_EQ(verify_pages(*as, kBase, k2M, 6), 0);
+}
+
+}  // namespace
+}  // namespace gpusvm::svm::testing
