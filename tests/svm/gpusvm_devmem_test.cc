@@ -155,6 +155,41 @@ TEST_F(SvmDevmemTest, PeerOwnerPagesMapOverTheInterconnect) {
   EXPECT_EQ(gpu->check_ptes(), 0);
 }
 
+// Pages of two pagemaps of one owner in one range: scan_mm says mixed_device, get_pages
+// refuses (one pagemap per Pages object) even with allow_mixed; an unpopulated range scans
+// as such.
+TEST_F(SvmDevmemTest, TwoPagemapsInOneRange) {
+  peer = std::make_unique<TestVram>(mem.get(), 4 * mm::kPagesPerPmd, "vram1", owner());
+  ASSERT_TRUE(peer->ok());
+  peer->add_peer(vram->device());
+  make_vram_gpu();
+  map_at(kBase, 2 * k2M);
+  fill_pages(*as, kBase, k2M, 8);
+  ASSERT_EQ(migrate(kBase, k2M / 2), 0);
+  ASSERT_EQ(migrate(kBase + k2M / 2, k2M / 2, peer.get()), 0);
+  ASSERT_TRUE(insert(kBase).ok());
+  EXPECT_EQ(scan(kBase, vram->pagemap()), ScanResult::kMixedDevice);
+  RangeRef r = find(kBase);
+  Ctx c;
+  c.device_private_page_owner = owner();
+  c.allow_mixed = true;
+  {
+    MutexLock g(&gpu->vm_lock());
+    EXPECT_EQ(gpu->gpusvm()->range_get_pages(r.get(), c), -EOPNOTSUPP);
+  }
+  EXPECT_EQ(vram->live_device_maps.load() + peer->live_device_maps.load(), 0);
+  // An untouched 2 MiB VMA: a 2 MiB range over nothing.
+  Result<RangeRef> u = insert(kBase + k2M);
+  ASSERT_TRUE(u.ok());
+  EXPECT_EQ((*u)->size(), k2M);
+  EXPECT_EQ(scan(kBase + k2M, vram->pagemap()), ScanResult::kUnpopulated);
+  // The driver's fault evicts and maps everything from system memory.
+  ASSERT_EQ(gpu->fault(kBase, true), 0);
+  EXPECT_EQ(scan(kBase, vram->pagemap()), ScanResult::kSystem);
+  EXPECT_EQ(verify_pages(*as, kBase, k2M, 8), 0);
+  EXPECT_EQ(gpu_matches_cpu(kBase, k2M), 0);
+}
+
 // device_map failing part-way rolls back: nothing mapped, the next try works.
 TEST_F(SvmDevmemTest, DeviceMapFailureRollsBack) {
   make_vram_gpu();
