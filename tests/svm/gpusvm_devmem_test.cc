@@ -4,7 +4,11 @@
 // eviction while a get_pages is in flight (the owner-tagged MIGRATE path).
 #include <gtest/gtest.h>
 
+#include <atomic>
+#include <cstdio>
+#include <random>
 #include <thread>
+#include <vector>
 
 #include "gpusvm/base/errno.h"
 #include "gpusvm/base/sched_point.h"
@@ -235,6 +239,75 @@ TEST_F(SvmDevmemTest, EvictionWhileGetPagesIsInFlight) {
   EXPECT_EQ(gpu->check_ptes(), 0);
   EXPECT_EQ(gpu_matches_cpu(kBase, k2M), 0);
   EXPECT_EQ(verify_pages(*as, kBase, k2M, 6), 0);
+}
+
+}  // namespace
+}  // namespace gpusvm::svm::testing
+
+namespace gpusvm::svm::testing {
+namespace {
+
+// The commit contract raced against a second device's migrations: GPU fault threads (of a
+// device with its own owner) against a thread migrating random chunks into another owner's
+// VRAM and a CPU thread writing and dropping pages. Migrations carry the other owner, so
+// every one is a full invalidation for us, and our faults bring the pages back to RAM.
+// After each epoch every committed PTE must match the CPU page table; at the end the GPU
+// reads what the CPU reads.
+TEST_F(SvmDevmemTest, CommitContractAgainstASecondDevicesMigrations) {
+  const uint64_t seed = std::random_device{}();
+  std::printf("seed %llu\n", static_cast<unsigned long long>(seed));
+  static int our_owner;
+  make_gpu({.owner = &our_owner});
+  constexpr uint64_t kLen = 4 * k2M;
+  map_at(kBase, kLen);
+  fill_pages(*as, kBase, kLen, 1);
+  gpu->commit_delay_us = 20;
+  std::atomic<uint64_t> migrated{0}, faults_ok{0};
+  for (int epoch = 0; epoch < 8; epoch++) {
+    std::atomic<bool> stop{false};
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 2; t++) {
+      threads.emplace_back([&, t] {
+        std::mt19937_64 rng(seed + t + 100 * epoch);
+        while (!stop.load(std::memory_order_relaxed)) {
+          const mm::Va va = kBase + (rng() % (kLen / k4K)) * k4K;
+          const int rc = gpu->fault(va, rng() & 1);
+          if (rc == 0) {
+            faults_ok.fetch_add(1, std::memory_order_relaxed);
+          } else if (rc != -EAGAIN && rc != -EBUSY) {
+            ADD_FAILURE() << "fault " << std::hex << va << ": " << std::dec << rc;
+          }
+        }
+      });
+    }
+    std::mt19937_64 rng(seed ^ (0x5eed + epoch));
+    for (int i = 0; i < 12; i++) {
+      const mm::Va b = kBase + (rng() % (kLen / k64K)) * k64K;
+      // The second device migrates 64 KiB into its VRAM (best effort: busy pages, exhausted
+      // memory and a racing fault are normal outcomes).
+      const int rc = migrate(b, k64K);
+      if (rc == 0) migrated.fetch_add(1);
+      if (rc != 0 && rc != -EBUSY && rc != -ENOMEM && rc != -EAGAIN) {
+        ADD_FAILURE() << "migrate " << std::hex << b << ": " << std::dec << rc;
+      }
+      if (rng() % 3 == 0) {
+        ASSERT_EQ(as->madvise(b + k4K, k4K, MADV_DONTNEED), 0);
+        ASSERT_EQ(mm::cpu::store<uint64_t>(*as, b + k4K, pattern(b, epoch)), 0);
+      }
+    }
+    stop.store(true);
+    for (auto& t : threads) t.join();
+    ASSERT_EQ(gpu->check_ptes(), 0) << "epoch " << epoch;
+  }
+  gpu->commit_delay_us = 0;
+  std::printf("migrations %llu, faults %llu, -EAGAIN %llu\n",
+              static_cast<unsigned long long>(migrated.load()),
+              static_cast<unsigned long long>(faults_ok.load()),
+              static_cast<unsigned long long>(gpu->eagain.load()));
+  EXPECT_GT(migrated.load(), 0u);
+  for (mm::Va va = kBase; va < kBase + kLen; va += k4K) ASSERT_EQ(gpu->fault(va, true), 0);
+  EXPECT_EQ(gpu_matches_cpu(kBase, kLen), 0);
+  EXPECT_EQ(gpu->check_ptes(), 0);
 }
 
 }  // namespace
