@@ -6,6 +6,8 @@
 //
 //   [reserved 10-90: driver VM and range locks of the middle layer and its drivers, which are
 //    taken before the mmap lock: driver VM lock -> range lock -> mmap lock]
+//   gpusvm driver lock (50: a driver's VM/range lock that Gpusvm asserts held; drivers
+//    without a class of their own, and the svm test driver, use it)
 //   mmap_lock (AddressSpace, rw, sleeping)
 //     -> hugetlb fault mutex (hashed by (mm, 2 MiB slot); held across one hugetlb fault)
 //     -> shmem object lock (ShmemObject, mutex)            page-cache lookups in faults
@@ -16,6 +18,8 @@
 //              [reserved 270-295: notifier locks of drivers and of the middle layer, which
 //               interval-notifier callbacks take under the mmap lock, folio locks and the
 //               rmap walk lock]
+//           -> gpusvm notifier lock (290, rw: Gpusvm's invalidation, get_pages publish
+//              and the driver's commit; nothing allocates or sleeps under it)
 //              -> refgpu TLB access fence (one per device TLB, rw: engines hold it shared
 //                 from a translation to the end of the access; an invalidation takes it
 //                 exclusive after clearing entries, under the notifier lock, to wait out
@@ -69,6 +73,10 @@
 
 namespace gpusvm {
 
+namespace svm {
+inline constexpr LockClass kGpusvmDriverLockClass{"gpusvm_driver_lock", 50};
+}  // namespace svm
+
 namespace mm {
 inline constexpr LockClass kMmapLockClass{"mmap_lock", 100};
 inline constexpr LockClass kHugetlbFaultMutexClass{"hugetlb_fault_mutex", 120};
@@ -82,6 +90,9 @@ inline constexpr LockClass kDmirrorDevmemLockClass{"dmirror_devmem_lock", 260};
 inline constexpr LockClass kDmirrorMutexClass{"dmirror_mutex", 280};
 }  // namespace dmirror
 
+namespace svm {
+inline constexpr LockClass kGpusvmNotifierLockClass{"gpusvm_notifier_lock", 290};
+}  // namespace svm
 namespace refgpu {
 inline constexpr LockClass kTlbAccessLockClass{"refgpu_tlb_access", 296};
 inline constexpr LockClass kGpuPtLockClass{"refgpu_gpu_pt", 297};
@@ -129,11 +140,13 @@ inline constexpr LockClass kMmuNotifierListLockClass{"mmu_notifier_list", 0};
 }  // namespace mm
 
 // Every ordered class, in table order (the order test walks it).
-inline constexpr std::array<const LockClass*, 31> kLockOrder{
+inline constexpr std::array<const LockClass*, 33> kLockOrder{
+    &svm::kGpusvmDriverLockClass,
     &mm::kMmapLockClass,          &mm::kHugetlbFaultMutexClass,   &mm::kShmemLockClass,
     &mm::kFolioLockClass,         &mm::kRmapWalkLockClass,        &dmirror::kDmirrorDevmemLockClass,
-    &dmirror::kDmirrorMutexClass, &refgpu::kTlbAccessLockClass,   &refgpu::kGpuPtLockClass,
-    &refgpu::kTlbLockClass,       &mm::kNotifierSubsLockClass,    &mm::kPageTableLockClass,
+    &dmirror::kDmirrorMutexClass, &svm::kGpusvmNotifierLockClass, &refgpu::kTlbAccessLockClass,
+    &refgpu::kGpuPtLockClass,     &refgpu::kTlbLockClass,         &mm::kNotifierSubsLockClass,
+    &mm::kPageTableLockClass,
     &mm::kPmdLockClass,           &mm::kPteLockClass,             &mm::kRmapLockClass,
     &mm::kZoneLockClass,          &mm::kRegistryLockClass,        &dmirror::kDmirrorFreeLockClass,
     &svm::kTestVramLockClass,     &refgpu::kBuddyLockClass,       &svm::kDmaRecordLockClass,
