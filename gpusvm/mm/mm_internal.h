@@ -113,6 +113,15 @@ VmFault do_huge_pmd_anonymous_page(AddressSpace& mm, Vma& vma, PmdSlot slot, Va 
 // by GUP or a pin, or a soft leaf).
 [[nodiscard]] int collapse_huge_page(AddressSpace& mm, Vma& vma, Va haddr) GPUSVM_REQUIRES(mm.mmap_lock());
 
+// collapse_pte_mapped_thp (install_pmd): after collapse_file, maps the PMD-sized page-cache
+// folio of `vma`'s object at haddr by one PMD leaf in `mm`: PTEs that still map its pages
+// (a shmem THP left PTE-mapped by a partial munmap or mprotect) are cleared and their table
+// detached. Returns 0 (also when the PMD maps the folio already), -EINVAL when the cache holds
+// no such folio or the table maps something else, -ENOMEM (no PMD table). mmap lock held for
+// write, no other lock; may sleep (notifier callbacks).
+[[nodiscard]] int collapse_pte_mapped_thp(AddressSpace& mm, Vma& vma, Va haddr)
+    GPUSVM_REQUIRES(mm.mmap_lock());
+
 // split_folio for a large anonymous folio mapped only by PTEs of `mm` (the kernel's
 // split_huge_page as MADV_FREE uses it): unmaps every mapping to a migration entry, freezes the
 // refcount, turns the folio into 4 KiB folios and maps them back; subpages that hold only
