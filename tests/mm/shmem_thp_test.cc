@@ -103,27 +103,29 @@ TEST_F(ShmemThpTest, CollapseFillsHolesAndTakesUnmappedCachePages) {
   EXPECT_EQ(kind(va + 200 * P), PageKind::kThpPmd);
 }
 
-// The VMA rules: a VMA whose aligned block is not 2 MiB aligned in the object, a range inside
-// one block, MADV_NOHUGEPAGE; a private file mapping is not collapsed (not modelled).
+// The VMA rules: a range inside one block, MADV_NOHUGEPAGE, and a VMA whose aligned blocks
+// are not 2 MiB aligned in the object (thp_vma_suitable_order's pgoff check).
 TEST_F(ShmemThpTest, CollapseVmaRules) {
   const Va va = map_shared(2 * M2);
   ASSERT_NE(va, 0u);
   fill_pages(*as, va, 2 * M2, 1);
   EXPECT_EQ(as->madvise(va + P, 16 * P, MADV_COLLAPSE), -EINVAL);
   EXPECT_EQ(as->madvise(va, 16 * P, MADV_COLLAPSE), 0);  // empty after alignment
-  ASSERT_EQ(as->madvise(va + M2, M2, MADV_NOHUGEPAGE), 0);
-  EXPECT_EQ(as->madvise(va + M2, M2, MADV_COLLAPSE), -EINVAL);
-  EXPECT_EQ(kind(va), PageKind::kSmall);
-  // mremap the second half 64 KiB off: its pgoff (512) is aligned, its address is not, so no
-  // aligned block of the VMA is aligned in the object.
-  Result<Va> hole = as->mmap(0, 3 * M2, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE);
+  // Moved 64 KiB off a boundary: the VMA [dst, dst + 4 MiB) holds the aligned block at
+  // dst' = pmd_align_up(dst), but that is object offset 496.
+  Result<Va> hole = as->mmap(0, 4 * M2, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE);
   ASSERT_TRUE(hole.ok());
   const Va dst = pmd_align_up(*hole) + 16 * P;
-  ASSERT_TRUE(as->mremap(va + M2, M2, M2, MREMAP_MAYMOVE | MREMAP_FIXED, dst).ok());
-  ASSERT_EQ(as->madvise(dst, M2, MADV_HUGEPAGE), 0);
-  EXPECT_EQ(as->madvise(dst, M2, MADV_COLLAPSE), -EINVAL);
-  EXPECT_EQ(verify_pages(*as, dst, M2, 1, va + M2), 0);
-  EXPECT_EQ(verify_pages(*as, va, M2, 1), 0);
+  ASSERT_TRUE(as->mremap(va, 2 * M2, 2 * M2, MREMAP_MAYMOVE | MREMAP_FIXED, dst).ok());
+  EXPECT_EQ(as->madvise(dst, 2 * M2, MADV_COLLAPSE), -EINVAL);
+  EXPECT_EQ(kind(pmd_align_up(dst)), PageKind::kSmall);
+  EXPECT_EQ(verify_pages(*as, dst, 2 * M2, 1, va), 0);
+  const Va nohuge = map_shared(M2);
+  ASSERT_NE(nohuge, 0u);
+  fill_pages(*as, nohuge, M2, 2);
+  ASSERT_EQ(as->madvise(nohuge, M2, MADV_NOHUGEPAGE), 0);
+  EXPECT_EQ(as->madvise(nohuge, M2, MADV_COLLAPSE), -EINVAL);
+  EXPECT_EQ(kind(nohuge), PageKind::kSmall);
 }
 
 // Rollback 1: no 2 MiB folio. Nothing changed: the small folios stay cached and mapped.
@@ -265,6 +267,10 @@ TEST_F(ShmemThpTest, PartialMunmapAndMprotectPteMapTheLargeFolio) {
   ASSERT_EQ(as->mprotect(va + 200 * P, P, kRW), 0);
   ASSERT_EQ(as->madvise(va + 300 * P, P, MADV_DONTNEED), 0);
   EXPECT_EQ(verify_pages(*as, va + 6 * P, M2 - 6 * P, 1), 0);
+  // Unmapping one PTE of the partly mapped folio does not queue it for deferred split.
+  ASSERT_EQ(as->munmap(va + 2 * P, P), 0);
+  EXPECT_EQ(mem->deferred_split_count(), 0u);
+  EXPECT_EQ(verify_pages(*as, va, 2 * P, 1), 0);
 }
 
 // fork does not copy a PMD-mapped page-cache THP: the child refaults it (PMD again, the VMA
@@ -288,6 +294,58 @@ TEST_F(ShmemThpTest, ForkChildRefaultsThePmd) {
   c.exit();
   child->reset();
   EXPECT_EQ(query_page(*as, va).mapcount, 1);
+}
+
+// fork copies no PTE of a shared mapping either (vma_needs_copy: no anon_vma): the child
+// refaults 4 KiB pages from the cache (with fault-around) and shares them.
+TEST_F(ShmemThpTest, ForkDoesNotCopySharedPtes) {
+  const Va va = map_shared(64 * P);
+  ASSERT_NE(va, 0u);
+  fill_pages(*as, va, 64 * P, 1);
+  Result<std::unique_ptr<AddressSpace>> child = as->fork();
+  ASSERT_TRUE(child.ok());
+  AddressSpace& c = **child;
+  EXPECT_EQ(query_page(c, va + 5 * P).kind, PageKind::kNone);
+  EXPECT_EQ(*cpu::load<uint64_t>(c, va + 5 * P), pattern(va + 5 * P, 1));
+  EXPECT_EQ(query_page(c, va + 15 * P).pfn, query_page(*as, va + 15 * P).pfn);  // fault-around
+  EXPECT_EQ(query_page(c, va + 16 * P).kind, PageKind::kNone);
+  EXPECT_EQ(query_page(*as, va + 5 * P).mapcount, 2);
+  EXPECT_MM_CHECK_OK(*mem);
+  c.exit();
+}
+
+// A private mapping of an object holding a THP: a read maps it by a read-only PMD, fork does
+// not copy that PMD (copy_huge_pmd skips file PMDs), and a write zaps it and copies 4 KiB; the
+// object keeps its bytes.
+TEST_F(ShmemThpTest, PrivateMappingOfCacheThp) {
+  const Va va = map_shared(M2);
+  ASSERT_NE(va, 0u);
+  fill_pages(*as, va, M2, 1);
+  ASSERT_EQ(as->madvise(va, M2, MADV_COLLAPSE), 0);
+  std::shared_ptr<ShmemObject> obj;
+  {
+    ReadLock g(&as->mmap_lock());
+    obj = as->vma_lookup(va)->file;
+  }
+  Result<Va> hint = as->mmap(0, 2 * M2, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE);
+  ASSERT_TRUE(hint.ok());
+  const Va pv = pmd_align_up(*hint);
+  ASSERT_EQ(as->munmap(*hint, 2 * M2), 0);
+  ASSERT_TRUE(as->mmap(pv, M2, kRW, MAP_PRIVATE | MAP_FIXED, obj, 0).ok());
+  EXPECT_EQ(*cpu::load<uint64_t>(*as, pv + 8 * P), pattern(va + 8 * P, 1));
+  EXPECT_EQ(kind(pv), PageKind::kThpPmd);
+  EXPECT_FALSE(query_page(*as, pv).writable);
+  Result<std::unique_ptr<AddressSpace>> child = as->fork();
+  ASSERT_TRUE(child.ok());
+  EXPECT_EQ(query_page(**child, pv).kind, PageKind::kNone);
+  (*child)->exit();
+  child->reset();
+  ASSERT_EQ(cpu::store<uint64_t>(*as, pv + 8 * P, 0x77), 0);
+  EXPECT_EQ(kind(pv + 8 * P), PageKind::kSmall);
+  EXPECT_EQ(*cpu::load<uint64_t>(*as, va + 8 * P), pattern(va + 8 * P, 1));  // not in the object
+  EXPECT_EQ(*cpu::load<uint64_t>(*as, pv + 8 * P), 0x77u);
+  EXPECT_EQ(*cpu::load<uint64_t>(*as, pv + 9 * P), pattern(va + 9 * P, 1));
+  EXPECT_MM_CHECK_OK(*mem);
 }
 
 // mremap: an aligned move keeps the PMD; an unaligned one zaps it and the pages refault by
@@ -339,6 +397,18 @@ TEST_F(ShmemThpTest, HmmReportsOrderNineMigrationSkips) {
     m.mm->mmap_assert_locked();  // held through as, named through the MigrateVma
     migrate_vma_pages(&m);
     migrate_vma_finalize(&m);
+  }
+  EXPECT_EQ(kind(va + 3 * P), PageKind::kThpPmd);
+  // A part of it: not split for a page-by-page collection either.
+  MigrateVma part{.mm = as.get(), .start = va, .end = va + 16 * P, .src = src.data(),
+                  .dst = dst.data(), .flags = MIGRATE_VMA_SELECT_SYSTEM};
+  {
+    ReadLock g(&as->mmap_lock());
+    ASSERT_EQ(migrate_vma_setup(&part), 0);
+    EXPECT_EQ(part.cpages, 0u);
+    part.mm->mmap_assert_locked();  // held through as, named through the MigrateVma
+    migrate_vma_pages(&part);
+    migrate_vma_finalize(&part);
   }
   EXPECT_EQ(kind(va + 3 * P), PageKind::kThpPmd);
   EXPECT_EQ(verify_pages(*as, va, M2, 1), 0);
