@@ -348,6 +348,51 @@ TEST_F(ShmemThpTest, PrivateMappingOfCacheThp) {
   EXPECT_MM_CHECK_OK(*mem);
 }
 
+// Real threads: a fork child reads the shared regions in a loop (its faults wait on the
+// object lock, its PTE tables are retracted under it) while the parent collapses them one by
+// one; a collapse that meets one of the child's fault references fails -EAGAIN and is
+// retried. Every byte stays, in both processes, and the checker agrees at the end.
+TEST_F(ShmemThpTest, CollapseRacesAnotherProcessFaults) {
+  constexpr int kRegions = 6;
+  std::vector<Va> regions;
+  for (int r = 0; r < kRegions; r++) {
+    regions.push_back(map_shared(M2));
+    ASSERT_NE(regions.back(), 0u);
+    fill_pages(*as, regions.back(), M2, r + 1);
+  }
+  Result<std::unique_ptr<AddressSpace>> child = as->fork();
+  ASSERT_TRUE(child.ok());
+  AddressSpace& c = **child;
+  std::atomic<bool> stop{false};
+  std::atomic<int> bad{0};
+  std::thread reader([&] {
+    for (uint64_t i = 0; !stop.load(); i++) {
+      const int r = static_cast<int>(i % kRegions);
+      const Va a = regions[r] + ((i * 37) % kPagesPerPmd) * P;
+      Result<uint64_t> v = cpu::load<uint64_t>(c, a);
+      if (!v || *v != pattern(a, r + 1)) bad++;
+    }
+  });
+  for (int r = 0; r < kRegions; r++) {
+    int rc = -EAGAIN;
+    for (int tries = 0; tries < 1000 && rc == -EAGAIN; tries++) {
+      rc = as->madvise(regions[r], M2, MADV_COLLAPSE);
+    }
+    EXPECT_EQ(rc, 0) << r;
+  }
+  std::this_thread::sleep_for(20ms);
+  stop = true;
+  reader.join();
+  EXPECT_EQ(bad.load(), 0);
+  EXPECT_MM_CHECK_OK(*mem);
+  for (int r = 0; r < kRegions; r++) {
+    EXPECT_EQ(kind(regions[r]), PageKind::kThpPmd) << r;
+    EXPECT_EQ(verify_pages(*as, regions[r], M2, r + 1), 0) << r;
+    EXPECT_EQ(verify_pages(c, regions[r], M2, r + 1), 0) << r;
+  }
+  c.exit();
+}
+
 // mremap: an aligned move keeps the PMD; an unaligned one zaps it and the pages refault by
 // PTEs at the new place.
 TEST_F(ShmemThpTest, MremapAlignedKeepsPmdUnalignedRefaults) {
