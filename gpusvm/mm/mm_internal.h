@@ -67,7 +67,8 @@ void zap_range(AddressSpace& mm, Va start, Va end) GPUSVM_REQUIRES_SHARED(mm.mma
 
 // Splits the huge leaf at slot (if it still is one) into 512 PTEs using the deposited table:
 // a THP becomes PTE-mapped (the folio stays large), the huge zero folio becomes 512 zero-page
-// PTEs, a device-private PMD becomes 512 device-private PTEs. Fires a CLEAR invalidation over
+// PTEs, a device-private PMD becomes 512 device-private PTEs. A page-cache THP's PMD (no
+// deposit) is zapped instead and left none: its pages refault from the cache. Fires a CLEAR invalidation over
 // the 2 MiB. mmap lock held, no page-table lock held. Never fails.
 // A PMD migration entry becomes 512 PTE migration entries and its migration record 512 PTE
 // records; that record change is serialized with a split during migration
