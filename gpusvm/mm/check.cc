@@ -51,8 +51,17 @@ class Checker {
       }
       return;
     }
-    if (!slot.table->has_deposit(slot.index)) {
+    // Every huge leaf has a deposited table except a page-cache THP's (do_set_pmd deposits
+    // none: splitting a file PMD zaps it).
+    const Pte leaf = pmd.leaf();
+    const bool file_thp = leaf.present() && !mm.mem()->is_huge_zero_pfn(leaf.pfn()) &&
+                          mm.mem()->folio_of(leaf.pfn())->test(kFolioShmem);
+    if (!file_thp && !slot.table->has_deposit(slot.index)) {
       problem("%p: huge leaf at %#lx has no deposited PTE table", (void*)&mm, (unsigned long)haddr);
+    }
+    if (file_thp && slot.table->has_deposit(slot.index)) {
+      problem("%p: page-cache THP PMD at %#lx has a deposited table", (void*)&mm,
+              (unsigned long)haddr);
     }
     check_entry(mm, haddr, pmd.leaf(), true);
   }
@@ -119,6 +128,17 @@ class Checker {
       problem("%p: PMD leaf at %#lx does not map an aligned PMD-order folio head", (void*)&mm,
               (unsigned long)va);
       return;
+    }
+    // A page-cache page is mapped where its file offset is: by the VMA of its object, at
+    // the address of its index (for a large folio, the page of that index).
+    if (head->test(kFolioShmem) &&
+        (head->mapping() != vma->file.get() ||
+         head->index() + page->page_index() != vma->pgoff_of(va))) {
+      problem("%p: entry at %#lx maps page-cache page %lu of folio %#lx (index %lu), not the "
+              "VMA's page %lu of its object",
+              (void*)&mm, (unsigned long)va, (unsigned long)page->page_index(),
+              (unsigned long)head->pfn(), (unsigned long)head->index(),
+              (unsigned long)vma->pgoff_of(va));
     }
     if (e.write() && head->test(kFolioAnon) && !vma->is_shared() &&
         !page->test_page(kPageAnonExclusive)) {

@@ -58,7 +58,14 @@ Result<Folio*> get_user_page_write(AddressSpace& mm, Va addr, const Vma** vma_ou
     if (!(vma->flags & VM_WRITE)) return Err{-EFAULT};  // FOLL_WRITE without FOLL_FORCE
     PmdSlot slot = mm.page_table().pmd_lookup(addr);
     if (slot) {
-      if (slot.load_lockless().is_huge_present()) split_huge_pmd(mm, slot, pmd_align_down(addr));
+      if (slot.load_lockless().is_huge_present()) {
+        split_huge_pmd(mm, slot, pmd_align_down(addr));
+        // A page-cache PMD split is a zap that leaves the PMD none: stuff a table in, as
+        // follow_pmd_mask does, or the fault below would map the PMD again.
+        if (slot.load_lockless().is_none() && mm.page_table().pte_alloc(slot) != 0) {
+          return Err{-ENOMEM};
+        }
+      }
       if (slot.load_lockless().is_table()) {
         if (Folio* page = follow_write_pte(mm, slot, addr)) {
           *vma_out = vma;

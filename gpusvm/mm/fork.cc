@@ -226,6 +226,10 @@ int copy_huge_pmd(AddressSpace& src_mm, AddressSpace& dst_mm, PmdSlot src_slot, 
     const Pmd pmd = src_slot.table->get(src_slot.index);
     if (!pmd.is_leaf()) {
       rc = 1;
+    } else if (pmd.leaf().present() && !src_mm.mem()->is_huge_zero_pfn(pmd.leaf().pfn()) &&
+               src_mm.mem()->folio_of(pmd.leaf().pfn())->test(kFolioShmem)) {
+      // A page-cache THP is not copied: the child refaults it from the page cache
+      // (copy_huge_pmd's "skip if can be re-fill on fault" for file-backed PMDs).
     } else {
       Pte keep;
       const Pte child = copy_huge_leaf(src_mm.mem(), dst_mm, haddr, cow, pmd.leaf(), &keep);
@@ -290,9 +294,11 @@ Result<std::unique_ptr<AddressSpace>> AddressSpace::fork() {
         // Write-protecting the parent's entries for COW must reach device mirrors too.
         MmuInvalidation inv(*this, v->start, v->end, MmuNotifyEvent::kProtectionPage);
         rc = copy_page_range(*this, c, *cv);
-      } else {
+      } else if (v->flags & (VM_PFNMAP | VM_MIXEDMAP)) {
         rc = copy_page_range(*this, c, *cv);
       }
+      // Otherwise a shared mapping is not copied: the child's faults fill it from the page
+      // cache (vma_needs_copy: no anon_vma, not VM_PFNMAP/VM_MIXEDMAP).
     }
     c.mmap_lock_.unlock();
   }

@@ -326,7 +326,10 @@ PmdAction hmm_handle_pmd_locked(HmmWalk& w, MmWalk& walk, const PmdSlot& slot, V
   // Migration never takes hugetlb pages (migrate_vma_setup refuses hugetlb VMAs; a
   // migrating hmm walk reports them as they are).
   const Folio* leaf_folio = (cpu_flags & HMM_PFN_VALID) ? walk.mm->mem()->folio_of(leaf.pfn()) : nullptr;
-  if (w.migrating() && leaf_folio && !walk.vma->is_hugetlb() && migrate_selects(w, leaf_folio)) {
+  // Nor page-cache THPs (shmem): reported as they are, never split or collected, as the
+  // page cache's 4 KiB pages (hmm_handle_pte) are.
+  if (w.migrating() && leaf_folio && !walk.vma->is_hugetlb() && !leaf_folio->test(kFolioShmem) &&
+      migrate_selects(w, leaf_folio)) {
     // Only part of it is asked for: split the mapping and collect its pages one by one.
     if (!compound_selected(w, start, end)) return PmdAction::kSplit;
     migrate_prepare_pmd(w, walk, slot, pmd_align_down(start), leaf);

@@ -37,6 +37,29 @@ void split_huge_pmd_walk_locked(AddressSpace& mm, PmdSlot slot, Va haddr) {
   g_sp_split_huge_pmd.reach();
   PhysMem* mem = mm.mem();
   MmuInvalidation inv(mm, haddr, haddr + kPmdSize, MmuNotifyEvent::kClear);
+  {
+    // A page-cache THP (__split_huge_pmd_locked for !vma_is_anonymous): the PMD is simply
+    // zapped - there is no deposited table - and the pages refault through the page cache,
+    // by PTEs where the VMA no longer holds the whole 2 MiB. The folio stays whole in the
+    // cache.
+    Folio* file_put = nullptr;
+    {
+      SpinLockGuard g(&slot.table->lock);
+      const Pmd pmd = slot.table->get(slot.index);
+      if (pmd.is_leaf() && pmd.leaf().present() &&
+          mem->folio_of(pmd.leaf().pfn())->test(kFolioShmem)) {
+        file_put = mem->folio_of(pmd.leaf().pfn());
+        if (pmd.leaf().dirty()) file_put->set(kFolioDirty);
+        slot.table->set(slot.index, Pmd());
+        folio_remove_rmap_pmd(file_put, &mm, haddr);
+      }
+    }
+    if (file_put) {
+      file_put->put();  // the mapping's reference; the page cache keeps its own
+      mm.stats().thp_split_pmd.add();
+      return;
+    }
+  }
   SpinLockGuard g(&slot.table->lock);
   const Pmd pmd = slot.table->get(slot.index);
   if (!pmd.is_leaf()) return;  // split or zapped by someone else meanwhile

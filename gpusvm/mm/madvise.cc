@@ -4,6 +4,7 @@
 
 #include "gpusvm/mm/hugetlb.h"
 #include "gpusvm/mm/mm_internal.h"
+#include "gpusvm/mm/shmem.h"
 
 namespace gpusvm::mm {
 namespace {
@@ -112,22 +113,33 @@ void madvise_free_range(AddressSpace& mm, Va start, Va end) GPUSVM_REQUIRES_SHAR
 }
 
 // MADV_COLLAPSE of [start, end) inside `v` (madvise_collapse). -EINVAL when the VMA cannot
-// hold a THP at all (not private anonymous, MADV_NOHUGEPAGE, or no aligned 2 MiB block inside
-// the VMA: thp_vma_allowable_order) or when [start, end) lies inside one 2 MiB block without
-// covering it (Linux's hstart > hend; a range that is empty after alignment, hstart == hend,
-// succeeds with nothing done). Otherwise every aligned block is collapsed; a block that fails
-// does not stop the others, the result is then the last block's error (-ENOMEM stops at once).
-// mmap lock held for write.
+// hold a THP at all (neither private anonymous nor shared anonymous (shmem), MADV_NOHUGEPAGE,
+// no aligned 2 MiB block inside the VMA, or - shmem - the block not 2 MiB aligned in the
+// object: thp_vma_allowable_order / thp_vma_suitable_order) or when [start, end) lies inside
+// one 2 MiB block without covering it (Linux's hstart > hend; a range that is empty after
+// alignment, hstart == hend, succeeds with nothing done). Otherwise every aligned block is
+// collapsed - shmem by collapse_file in the object, then mapped here by a PMD
+// (collapse_pte_mapped_thp) - and a block that fails does not stop the others, the result is
+// then the last block's error (-ENOMEM stops at once). shmem_enabled does not matter: the
+// collapse forces a THP. mmap lock held for write.
 int madvise_collapse(AddressSpace& mm, Vma& v, Va start, Va end) GPUSVM_REQUIRES(mm.mmap_lock()) {
   mm.mmap_assert_write_locked();
-  if (!v.is_anonymous() || v.is_shared() || (v.flags & VM_NOHUGEPAGE)) return -EINVAL;
+  const bool shmem = v.file && v.is_shared();
+  if ((!shmem && (!v.is_anonymous() || v.is_shared())) || (v.flags & VM_NOHUGEPAGE)) return -EINVAL;
   if (pmd_align_up(v.start) + kPmdSize > v.end) return -EINVAL;  // thp_vma_suitable_order
+  if (shmem && v.pgoff_of(pmd_align_up(v.start)) % kPagesPerPmd != 0) return -EINVAL;
   const Va hs = pmd_align_up(start);
   const Va he = pmd_align_down(end);
   if (hs > he) return -EINVAL;
   int err = 0;
   for (Va h = hs; h < he; h += kPmdSize) {
-    const int rc = collapse_huge_page(mm, v, h);
+    int rc = 0;
+    if (shmem) {
+      rc = v.file->collapse_file(v.pgoff_of(h));
+      if (rc >= 0) rc = collapse_pte_mapped_thp(mm, v, h);
+    } else {
+      rc = collapse_huge_page(mm, v, h);
+    }
     if (rc == -ENOMEM) return rc;
     if (rc) err = rc;
   }

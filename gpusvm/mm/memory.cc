@@ -209,26 +209,38 @@ constexpr uint64_t kFaultAroundPages = 16;
 // already in the page cache is mapped too, as the faulting page would be (writable in a
 // shared writable VMA, young); nothing is allocated, a locked folio is skipped. mmap lock
 // held, no other lock.
-void do_fault_around(FaultCtx& f) {
+// The window grows to the whole folio of the faulting page when that is a shmem THP lying
+// inside the VMA (it is PMD-aligned, so inside one PTE table): Linux 6.18's
+// filemap_map_pages maps a tmpfs large folio completely where it can (observed: one read
+// after a partial mprotect was undone maps all 512 pages).
+// `whole_folio`: the faulting page's folio is large and lies inside the VMA and one PTE table
+// from `folio_first` (computed by the caller while it held a reference).
+void do_fault_around(FaultCtx& f, bool whole_folio, Va folio_first) {
   f.mm.mmap_assert_locked();
   // The window divides 2 MiB, so the aligned window lies inside f.va's PTE table.
   constexpr uint64_t kWindow = kFaultAroundPages * kPageSize;
   const Va fault_va = page_align_down(f.va);
-  const Va from = std::max(fault_va & ~(kWindow - 1), f.vma.start);
-  const Va to = std::min((fault_va & ~(kWindow - 1)) + kWindow, f.vma.end);
+  Va from = std::max(fault_va & ~(kWindow - 1), f.vma.start);
+  Va to = std::min((fault_va & ~(kWindow - 1)) + kWindow, f.vma.end);
+  if (whole_folio) {
+    from = folio_first;
+    to = folio_first + kPmdSize;
+  }
   const bool writable = f.vma.is_shared() && (f.vma.flags & VM_WRITE);
   for (Va va = from; va < to; va += kPageSize) {
     if (va == fault_va) continue;
-    Folio* folio = f.vma.file->find_folio(f.vma.pgoff_of(va));
+    const uint64_t pgoff = f.vma.pgoff_of(va);
+    Folio* folio = f.vma.file->find_folio(pgoff);
     if (!folio) continue;
     if (!folio_trylock(folio)) {  // next_uptodate_folio skips a locked folio
       folio->put();
       continue;
     }
+    Folio* page = folio_file_page(folio, pgoff);
     PteTable* t = f.mm.page_table().pte_offset_map_lock(f.slot);
     if (t && t->get(pte_index(va)).is_none()) {
-      page_add_rmap_pte(folio, &f.mm, va);  // our reference becomes the mapping's
-      t->set(pte_index(va), Pte::make_present(folio->pfn(), writable).mkyoung());
+      page_add_rmap_pte(page, &f.mm, va);  // our reference becomes the mapping's
+      t->set(pte_index(va), Pte::make_present(page->pfn(), writable).mkyoung());
       folio_unlock(folio);
       folio = nullptr;
     }
@@ -247,28 +259,47 @@ VmFault do_file_fault(FaultCtx& f) {
   f.mm.mmap_assert_locked();
   if (!f.vma.file) return VmFault::kSigbus;
   bool beyond = false;
-  Folio* folio = f.vma.file->get_folio(f.vma.pgoff_of(f.va), &beyond);
+  const uint64_t pgoff = f.vma.pgoff_of(f.va);
+  Folio* folio = f.vma.file->get_folio(pgoff, &beyond);
   if (!folio) return beyond ? VmFault::kSigbus : VmFault::kOom;
   f.mm.stats().faults_shmem.add();
+  Folio* page = folio_file_page(folio, pgoff);  // a page of a shmem THP mapped by a PTE
   if (!f.vma.is_shared() && f.write) {
     // Private file mapping, first access is a write: copy straight into an anonymous page.
-    return wp_page_copy(f, Pte::none(), folio);
+    return wp_page_copy(f, Pte::none(), page);
   }
   const unsigned i = pte_index(f.va);
+  // finish_fault for shmem: a large folio that lies inside the VMA is mapped whole by PTEs
+  // when none of its entries is filled yet (a PMD table there is left by a partial
+  // munmap/mprotect that was undone, or kept by retract_page_tables); else just this page.
+  const Va first = page_align_down(f.va) - ((pgoff - folio->index()) << kPageShift);
+  // ... and inside one PTE table: a PMD-sized folio must start on a 2 MiB boundary.
+  const bool whole = folio->large() && pmd_aligned(first) && first >= f.vma.start &&
+                     first + (folio->nr_pages() << kPageShift) <= f.vma.end;
   PteTable* t = f.mm.page_table().pte_offset_map_lock(f.slot);
   VmFault r = VmFault::kRetry;
   if (t && t->get(i).is_none()) {
     bool writable = f.vma.is_shared() && (f.vma.flags & VM_WRITE);
-    Pte pte = Pte::make_present(folio->pfn(), writable).mkyoung();
-    if (f.write) pte = pte.mkdirty();
-    page_add_rmap_pte(folio, &f.mm, f.va);  // our reference becomes the mapping's
-    t->set(i, pte);
+    bool all_none = whole;
+    for (unsigned k = 0; all_none && k < folio->nr_pages(); k++) {
+      all_none = t->get(pte_index(first) + k).is_none();
+    }
+    const unsigned n = all_none ? static_cast<unsigned>(folio->nr_pages()) : 1;
+    const Va va0 = all_none ? first : page_align_down(f.va);
+    Folio* page0 = all_none ? folio : page;
+    if (n > 1) folio->get(static_cast<int>(n - 1));  // one reference per PTE mapping
+    for (unsigned k = 0; k < n; k++) {
+      Pte pte = Pte::make_present(page0->page(k)->pfn(), writable).mkyoung();
+      if (f.write) pte = pte.mkdirty();
+      page_add_rmap_pte(page0->page(k), &f.mm, va0 + k * kPageSize);  // a reference each
+      t->set(pte_index(va0) + k, pte);
+    }
     folio = nullptr;
     r = VmFault::kOk;
   }
   if (t) PageTable::pte_unmap_unlock(t);
   if (folio) folio->put();
-  if (r == VmFault::kOk && !f.write) do_fault_around(f);  // do_read_fault
+  if (r == VmFault::kOk && !f.write) do_fault_around(f, whole, first);  // do_read_fault
   return r;
 }
 
@@ -397,6 +428,49 @@ VmFault huge_zero_wp_pmd(FaultCtx& f, Pmd pmd) {
   return VmFault::kOk;
 }
 
+// do_set_pmd (mm/memory.c), reached from finish_fault and filemap_map_pmd: the PMD is none
+// and the page cache holds a PMD-sized folio at the faulting offset, so map all of it by one
+// PMD leaf - when the VMA can hold it: the aligned 2 MiB lies inside the VMA and is aligned in
+// the object too (thp_vma_suitable_order), and THP is not disabled for the VMA
+// (MADV_NOHUGEPAGE, vma_thp_disabled). shmem_enabled plays no part: the folio exists already.
+// Writable iff the mapping is shared and VM_WRITE (vm_page_prot: shmem has no dirty
+// tracking), dirty on a write fault. A file PMD has no deposited table (x86 needs none for
+// file THPs): splitting it zaps it (split_huge_pmd). Sets *fallback when the PTE path must
+// handle the fault (no such folio, unsuitable VMA). mmap lock held, no page-table lock.
+VmFault do_set_pmd(FaultCtx& f, bool* fallback) {
+  f.mm.mmap_assert_locked();
+  *fallback = true;
+  const Va haddr = pmd_align_down(f.va);
+  if (!f.vma.thp_fits(f.va) || (f.vma.flags & VM_NOHUGEPAGE) ||
+      f.vma.pgoff_of(haddr) % kPagesPerPmd != 0) {
+    return VmFault::kOk;
+  }
+  Folio* folio = f.vma.file->find_folio(f.vma.pgoff_of(f.va));
+  if (!folio) return VmFault::kOk;
+  if (folio->order() != kPmdOrder || folio->index() != f.vma.pgoff_of(haddr)) {
+    folio->put();
+    return VmFault::kOk;
+  }
+  *fallback = false;
+  const bool writable = f.vma.is_shared() && (f.vma.flags & VM_WRITE);
+  {
+    SpinLockGuard g(&f.slot.table->lock);
+    if (f.slot.table->get(f.slot.index).is_none()) {
+      Pte leaf = Pte::make_present(folio->pfn(), writable, /*huge=*/true).mkyoung();
+      if (f.write) leaf = leaf.mkdirty();
+      folio_add_rmap_pmd(folio, &f.mm, haddr);  // our reference becomes the mapping's
+      f.slot.table->set(f.slot.index, Pmd::make_leaf(leaf));
+      folio = nullptr;
+    }
+  }
+  f.mm.stats().faults_shmem.add();
+  if (folio) {
+    folio->put();  // someone else filled the PMD: retry on what is there
+    return VmFault::kRetry;
+  }
+  return VmFault::kOk;
+}
+
 // A fault on a present huge leaf: only writes to read-only leaves need work. Sets *fallback
 // when it split the PMD and the caller must continue with the PTE fault.
 // A CPU access to a device-private PMD: the driver migrates the whole 2 MiB folio back, as
@@ -439,7 +513,17 @@ VmFault huge_pmd_fault(FaultCtx& f, Pmd pmd, bool* fallback) {
     if (upd != leaf) f.slot.table->set(f.slot.index, Pmd::make_leaf(upd));
     return VmFault::kOk;
   }
-  if (mem->is_huge_zero_pfn(leaf.pfn())) {
+  if (mem->folio_of(leaf.pfn())->test(kFolioShmem)) {
+    // A page-cache THP (read-only: a private file mapping, or a shared one without
+    // VM_WRITE's protection yet). wp_huge_pmd: a shared mapping writes in place; a private
+    // one splits the PMD - for a file PMD that zaps it - and the PTE fault copies 4 KiB.
+    SpinLockGuard g(&f.slot.table->lock);
+    if (f.slot.table->get(f.slot.index) != pmd) return VmFault::kRetry;
+    if (f.vma.is_shared()) {
+      f.slot.table->set(f.slot.index, Pmd::make_leaf(leaf.mkwrite().mkdirty().mkyoung()));
+      return VmFault::kOk;
+    }
+  } else if (mem->is_huge_zero_pfn(leaf.pfn())) {
     // Linux >= 6.13 (do_huge_zero_wp_pmd): replace the huge zero folio by a fresh THP;
     // only when that allocation fails does the PMD split into zero PTEs.
     VmFault r = huge_zero_wp_pmd(f, pmd);
@@ -492,6 +576,14 @@ VmFault handle_mm_fault(AddressSpace& mm, Va va, unsigned flags) {
       if (r == VmFault::kOom) mm.stats().faults_oom.add();
       return r;
     }
+    pmd = slot->load_lockless();
+  }
+  if (pmd.is_none() && vma->file && !(!vma->is_shared() && write)) {
+    // finish_fault / filemap_map_pmd: a shmem THP already in the page cache is mapped by a
+    // PMD when the VMA can hold it (do_set_pmd); otherwise the PTE path maps its page.
+    bool fallback = false;
+    VmFault r = do_set_pmd(f, &fallback);
+    if (!fallback) return r;
     pmd = slot->load_lockless();
   }
   if (pmd.is_huge_present()) {

@@ -67,7 +67,8 @@ void zap_range(AddressSpace& mm, Va start, Va end) GPUSVM_REQUIRES_SHARED(mm.mma
 
 // Splits the huge leaf at slot (if it still is one) into 512 PTEs using the deposited table:
 // a THP becomes PTE-mapped (the folio stays large), the huge zero folio becomes 512 zero-page
-// PTEs, a device-private PMD becomes 512 device-private PTEs. Fires a CLEAR invalidation over
+// PTEs, a device-private PMD becomes 512 device-private PTEs. A page-cache THP's PMD (no
+// deposit) is zapped instead and left none: its pages refault from the cache. Fires a CLEAR invalidation over
 // the 2 MiB. mmap lock held, no page-table lock held. Never fails.
 // A PMD migration entry becomes 512 PTE migration entries and its migration record 512 PTE
 // records; that record change is serialized with a split during migration
@@ -112,6 +113,15 @@ VmFault do_huge_pmd_anonymous_page(AddressSpace& mm, Vma& vma, PmdSlot slot, Va 
 // Returns 0, -ENOMEM (no THP), -EAGAIN (a page is busy: locked, referenced beyond its mappings
 // by GUP or a pin, or a soft leaf).
 [[nodiscard]] int collapse_huge_page(AddressSpace& mm, Vma& vma, Va haddr) GPUSVM_REQUIRES(mm.mmap_lock());
+
+// collapse_pte_mapped_thp (install_pmd): after collapse_file, maps the PMD-sized page-cache
+// folio of `vma`'s object at haddr by one PMD leaf in `mm`: PTEs that still map its pages
+// (a shmem THP left PTE-mapped by a partial munmap or mprotect) are cleared and their table
+// detached. Returns 0 (also when the PMD maps the folio already), -EINVAL when the cache holds
+// no such folio or the table maps something else, -ENOMEM (no PMD table). mmap lock held for
+// write, no other lock; may sleep (notifier callbacks).
+[[nodiscard]] int collapse_pte_mapped_thp(AddressSpace& mm, Vma& vma, Va haddr)
+    GPUSVM_REQUIRES(mm.mmap_lock());
 
 // split_folio for a large anonymous folio mapped only by PTEs of `mm` (the kernel's
 // split_huge_page as MADV_FREE uses it): unmaps every mapping to a migration entry, freezes the

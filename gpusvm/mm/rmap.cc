@@ -18,10 +18,12 @@ std::vector<RmapItem>::iterator find_item(std::vector<RmapItem>& rmap, const Rma
 }
 
 // A large folio that lost some but not all of its mappings wastes the unmapped part until
-// it is split: queue it as the kernel does (deferred_split_folio).
+// it is split: queue it as the kernel does (deferred_split_folio). Anonymous folios only:
+// a page-cache THP stays whole in the cache whatever maps it (folio_remove_rmap_ptes queues
+// only anon folios).
 void maybe_deferred_split(Folio* head) {
   if (head->large() && !head->test(kFolioDeferredSplit) && head->entire_mapcount() == 0 &&
-      !head->test(kFolioZero) && head->mapped()) {
+      !head->test(kFolioZero) && !head->test(kFolioShmem) && head->mapped()) {
     head->mem()->deferred_split_folio(head);
   }
 }

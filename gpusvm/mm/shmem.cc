@@ -23,14 +23,21 @@ ShmemObject::~ShmemObject() {
   pages_.clear();
 }
 
+Folio* ShmemObject::lookup_locked(uint64_t pgoff) const {
+  lock_.assert_held();
+  auto it = pages_.upper_bound(pgoff);
+  if (it == pages_.begin()) return nullptr;
+  --it;
+  return pgoff - it->first < it->second->nr_pages() ? it->second : nullptr;
+}
+
 Folio* ShmemObject::get_folio(uint64_t pgoff, bool* beyond_eof) {
   *beyond_eof = pgoff >= size_pages_;
   if (*beyond_eof) return nullptr;
   MutexLock g(&lock_);
-  auto it = pages_.find(pgoff);
-  if (it != pages_.end()) {
-    it->second->get();
-    return it->second;
+  if (Folio* folio = lookup_locked(pgoff)) {
+    folio->get();
+    return folio;
   }
   Folio* folio = mem_->folio_alloc(0, true);
   if (!folio) return nullptr;
@@ -48,10 +55,9 @@ namespace gpusvm::mm {
 
 Folio* ShmemObject::find_folio(uint64_t pgoff) {
   MutexLock g(&lock_);
-  auto it = pages_.find(pgoff);
-  if (it == pages_.end()) return nullptr;
-  it->second->get();
-  return it->second;
+  Folio* folio = lookup_locked(pgoff);
+  if (folio) folio->get();
+  return folio;
 }
 
 int64_t ShmemObject::pwrite(const void* buf, uint64_t len, uint64_t off) {
@@ -68,7 +74,7 @@ int64_t ShmemObject::pwrite(const void* buf, uint64_t len, uint64_t off) {
     if (!folio) break;  // -ENOMEM (beyond is impossible: checked above)
     // The folio lock serialises writers of the same page (write_begin / write_end).
     folio_lock(folio);
-    std::memcpy(folio->data() + in_page, in + done, n);
+    std::memcpy(folio_file_page(folio, pos >> kPageShift)->data() + in_page, in + done, n);
     folio->set(kFolioDirty);
     folio_unlock(folio);
     folio->put();
@@ -89,7 +95,7 @@ int64_t ShmemObject::pread(void* buf, uint64_t len, uint64_t off) {
     const uint64_t n = std::min(len - done, kPageSize - in_page);
     if (Folio* folio = find_folio(pos >> kPageShift)) {
       folio_lock(folio);
-      std::memcpy(out + done, folio->data() + in_page, n);
+      std::memcpy(out + done, folio_file_page(folio, pos >> kPageShift)->data() + in_page, n);
       folio_unlock(folio);
       folio->put();
     } else {

@@ -95,7 +95,8 @@ std::vector<Scenario> all_scenarios() {
                   .write(0, 0)
                   .mprotect(0, 0, 0, PROT_READ));
   v.push_back(Scenario("huge_zero_mprotect_partial",
-                       "mprotect of part of a huge-zero PMD splits it into 512 4 KiB zero-page PTEs")
+                       "mprotect of part of a huge-zero PMD splits it into 512 4 KiB zero-page "
+                       "PTEs")
                   .mmap_huge(0, M2)
                   .read(0, 0)
                   .mprotect(0, 4 * P, 2 * P, PROT_READ));
@@ -492,6 +493,176 @@ std::vector<Scenario> all_scenarios() {
                   .mprotect(1, 5 * P, 3 * P, PROT_READ)
                   .write(1, 5 * P)
                   .write(1, 6 * P));
+  // --- MADV_COLLAPSE of shared anonymous memory (shmem THPs, collapse_file) ----------------
+  v.push_back(Scenario("shmem_collapse_whole",
+                       "MADV_COLLAPSE of 512 written shmem pages (shmem_enabled=never) builds a "
+                       "shmem THP in the page cache and maps it by a PMD (collapse_file + "
+                       "collapse_pte_mapped_thp); accesses keep it")
+                  .mmap_shared(0, M2)
+                  .fill(0, 0, M2)
+                  .madvise(0, 0, 0, MADV_COLLAPSE)
+                  .snapshot("collapsed")
+                  .write(0, 7 * P)
+                  .read(0, 300 * P)
+                  .snapshot("after accesses"));
+  v.push_back(Scenario("shmem_collapse_holes",
+                       "holes and cached-but-unmapped pages are collapsed too (holes become zero "
+                       "pages of the THP); a read of a former hole hits the PMD")
+                  .mmap_shared(0, M2)
+                  .write(0, 0)
+                  .write(0, 100 * P)
+                  .madvise(0, 2 * P, 8 * P, MADV_DONTNEED)
+                  .madvise(0, 0, 0, MADV_COLLAPSE)
+                  .snapshot("collapsed")
+                  .read(0, 200 * P)
+                  .snapshot("after a read of a hole"));
+  v.push_back(Scenario("shmem_collapse_empty",
+                       "nothing in the page cache: -EINVAL, nothing collapsed; a later read "
+                       "allocates a 4 KiB page")
+                  .mmap_shared(0, M2)
+                  .madvise(0, 0, 0, MADV_COLLAPSE)
+                  .snapshot("collapsed")
+                  .read(0, 5 * P)
+                  .snapshot("after a read"));
+  v.push_back(Scenario("shmem_collapse_cached_unmapped",
+                       "every page cached but unmapped (DONTNEED also freed the PTE table): 0, the"
+                       " new THP is PMD-mapped")
+                  .mmap_shared(0, M2)
+                  .fill(0, 0, M2)
+                  .madvise(0, 0, 0, MADV_DONTNEED)
+                  .madvise(0, 0, 0, MADV_COLLAPSE)
+                  .snapshot("collapsed"));
+  v.push_back(Scenario("shmem_collapse_partial_ranges",
+                       "the range rules of anonymous memory: inside one block -EINVAL, [p0,p16) "
+                       "and a range crossing a boundary without covering a block 0 with nothing "
+                       "done")
+                  .mmap_shared(0, 2 * M2)
+                  .fill(0, 0, 2 * M2)
+                  .madvise(0, P, 16 * P, MADV_COLLAPSE)
+                  .madvise(0, 0, 16 * P, MADV_COLLAPSE)
+                  .madvise(0, 496 * P, 32 * P, MADV_COLLAPSE)
+                  .snapshot("nothing collapsed")
+                  .madvise(0, 256 * P, M2, MADV_COLLAPSE)
+                  .snapshot("range over half of each block"));
+  v.push_back(Scenario("shmem_collapse_unaligned_vma",
+                       "a VMA 64 KiB off a 2 MiB boundary: no block aligned both in memory and in "
+                       "the object, -EINVAL")
+                  .mmap(0, 2 * M2, kRW, MAP_SHARED, 64 * kKiB)
+                  .fill(0, 0, 2 * M2)
+                  .madvise(0, 0, 0, MADV_COLLAPSE)
+                  .snapshot("after collapse"));
+  v.push_back(Scenario("shmem_collapse_referenced_page",
+                       "a page held by vmsplice: -EAGAIN (SCAN_PAGE_COUNT) before anything "
+                       "changes; after the pipe is closed 0, PMD-mapped")
+                  .mmap_shared(0, M2)
+                  .fill(0, 0, M2)
+                  .gup_ref(0, 5 * P, P)
+                  .madvise(0, 0, 0, MADV_COLLAPSE)
+                  .snapshot("referenced")
+                  .put_refs()
+                  .madvise(0, 0, 0, MADV_COLLAPSE)
+                  .snapshot("released"));
+  v.push_back(Scenario("shmem_collapse_with_fork_child",
+                       "fork copies no shared PTEs (the child refaults, 16-page fault-around); the"
+                       " parent's collapse unmaps the child's pages and retracts its empty PTE "
+                       "table, so the child's next fault maps the THP by a PMD (map=2)")
+                  .mmap_shared(0, M2)
+                  .fill(0, 0, M2)
+                  .fork()
+                  .in(1).read(0, 0).read(0, 64 * P)
+                  .snapshot("child maps p0-p15 and p64-p79")
+                  .in(0).madvise(0, 0, 0, MADV_COLLAPSE)
+                  .snapshot("parent collapsed")
+                  .in(1).read(0, 3 * P)
+                  .write(0, 400 * P)
+                  .snapshot("child faulted")
+                  .in(0).exit_proc(1));
+  v.push_back(Scenario("shmem_collapse_after_partial_munmap",
+                       "a 4 MiB VMA with a hole in the second block: the first block is collapsed,"
+                       " the second VMA covers no block: -EINVAL")
+                  .mmap_shared(0, 2 * M2)
+                  .fill(0, 0, 2 * M2)
+                  .munmap(0, M2 + 4 * P, 2 * P)
+                  .madvise(0, 0, 0, MADV_COLLAPSE)
+                  .snapshot("after collapse"));
+  v.push_back(Scenario("shmem_thp_dontneed_partial",
+                       "DONTNEED of p4-p5 of a PMD-mapped shmem THP zaps the whole PMD (a file PMD"
+                       " split is a zap); a read maps the whole PMD again")
+                  .mmap_shared(0, M2)
+                  .fill(0, 0, M2)
+                  .madvise(0, 0, 0, MADV_COLLAPSE)
+                  .madvise(0, 4 * P, 2 * P, MADV_DONTNEED)
+                  .snapshot("after DONTNEED")
+                  .read(0, 4 * P)
+                  .snapshot("after a read"));
+  v.push_back(Scenario("shmem_thp_munmap_partial",
+                       "munmap of p4-p5 zaps the PMD; the VMAs left cannot hold the THP: reads map"
+                       " by PTEs with the 16-page fault-around clamped to the VMA, writes one page")
+                  .mmap_shared(0, M2)
+                  .fill(0, 0, M2)
+                  .madvise(0, 0, 0, MADV_COLLAPSE)
+                  .munmap(0, 4 * P, 2 * P)
+                  .snapshot("after munmap")
+                  .read(0, 0)
+                  .write(0, 100 * P)
+                  .snapshot("after faults"));
+  v.push_back(Scenario("shmem_thp_mprotect_partial",
+                       "mprotect of p4-p5 zaps the PMD; faults PTE-map pages of the THP; after "
+                       "mprotect back (VMAs merge) one read PTE-maps the whole folio (6.18 fault-"
+                       "around maps a tmpfs large folio completely)")
+                  .mmap_shared(0, M2)
+                  .fill(0, 0, M2)
+                  .madvise(0, 0, 0, MADV_COLLAPSE)
+                  .mprotect(0, 4 * P, 2 * P, PROT_READ)
+                  .snapshot("after mprotect")
+                  .read(0, 4 * P)
+                  .read(0, 0)
+                  .write(0, 200 * P)
+                  .snapshot("after faults")
+                  .mprotect(0, 4 * P, 2 * P, kRW)
+                  .snapshot("after mprotect back")
+                  .read(0, 300 * P)
+                  .snapshot("after a read"));
+  v.push_back(Scenario("shmem_thp_fork",
+                       "fork does not copy the shmem PMD; the child's write faults it in by a PMD "
+                       "(map=2 in both)")
+                  .mmap_shared(0, M2)
+                  .fill(0, 0, M2)
+                  .madvise(0, 0, 0, MADV_COLLAPSE)
+                  .fork()
+                  .snapshot("after fork")
+                  .in(1).write(0, 9 * P, 0x33)
+                  .snapshot("child wrote")
+                  .in(0).exit_proc(1)
+                  .snapshot("child exited"));
+  v.push_back(Scenario("shmem_thp_mremap",
+                       "an aligned mremap moves the PMD; an unaligned one zaps it and a read maps "
+                       "a 16-page window by PTEs")
+                  .mmap_shared(0, M2)
+                  .fill(0, 0, M2)
+                  .madvise(0, 0, 0, MADV_COLLAPSE)
+                  .reserve(1, 2 * M2)
+                  .mremap(0, 0, M2, M2, MREMAP_MAYMOVE | MREMAP_FIXED, 1, 0)
+                  .snapshot("aligned move")
+                  .reserve(2, 2 * M2)
+                  .mremap(1, 0, M2, M2, MREMAP_MAYMOVE | MREMAP_FIXED, 2, 16 * P)
+                  .snapshot("unaligned move")
+                  .read(2, 16 * P)
+                  .snapshot("after a read"));
+  v.push_back(Scenario("shmem_thp_collapse_again",
+                       "a shmem THP left PTE-mapped is mapped by a PMD again by MADV_COLLAPSE "
+                       "(collapse_pte_mapped_thp: the cache holds the THP already)")
+                  .mmap_shared(0, M2)
+                  .fill(0, 0, M2)
+                  .madvise(0, 0, 0, MADV_COLLAPSE)
+                  .mprotect(0, 4 * P, 2 * P, PROT_READ)
+                  .read(0, 0)
+                  .mprotect(0, 4 * P, 2 * P, kRW)
+                  .read(0, 300 * P)
+                  .snapshot("PTE-mapped")
+                  .madvise(0, 0, 0, MADV_COLLAPSE)
+                  .snapshot("after collapse"));
+
   return v;
 }
 

@@ -2,11 +2,15 @@
 // syscalls' alignment rules, hmm_range_fault reporting order 9, and the refusals of
 // migrate_vma_setup and make_device_exclusive. The last test runs the syscall rules against
 // this machine's Linux as well (when it has free 2 MiB hugetlb pages and we are root).
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <cerrno>
+#include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <string>
 #include <thread>
@@ -552,13 +556,93 @@ uint64_t meminfo(const char* key) {
   return 0;
 }
 
-TEST(HugetlbDifferential, SyscallRulesMatchLinux) {
-  if (geteuid() != 0) GTEST_SKIP() << "needs root (hugetlb pages of this machine)";
-  const uint64_t pool = meminfo("HugePages_Free:");
-  if (meminfo("Hugepagesize:") != 2048 || pool < 4) {
-    GTEST_SKIP() << "needs >= 4 free 2 MiB hugetlb pages (echo 16 > /proc/sys/vm/nr_hugepages); "
-                 << pool << " free";
+// Makes sure this machine has at least `want` free 2 MiB hugetlb pages for the duration of a
+// test and gives back what it added. As root it raises /proc/sys/vm/nr_hugepages by the
+// shortfall and, in the destructor, writes the old value back (the kernel frees the pages it
+// added once nothing uses them: the scenario unmaps everything first). Several test processes
+// may run at once (ctest -j, other worktrees), so the raise-run-restore sequence holds an
+// exclusive flock on a file in /tmp: without it two fixtures could each read the other's
+// raised value as "old" and leave pages allocated.
+class HugetlbPoolGuard {
+ public:
+  explicit HugetlbPoolGuard(uint64_t want) {
+    if (geteuid() != 0) {
+      why_not_ = "needs root (hugetlb pages of this machine, /proc/sys/vm/nr_hugepages)";
+      return;
+    }
+    if (meminfo("Hugepagesize:") != 2048) {
+      why_not_ = "the default hugetlb page size is not 2 MiB";
+      return;
+    }
+    lock_fd_ = ::open("/tmp/gpusvm-hugetlb-differential.lock", O_RDWR | O_CREAT | O_CLOEXEC, 0666);
+    if (lock_fd_ < 0 || ::flock(lock_fd_, LOCK_EX) != 0) {
+      why_not_ = std::string("cannot lock /tmp/gpusvm-hugetlb-differential.lock: ") +
+                 std::strerror(errno);
+      return;
+    }
+    const uint64_t free_pages = meminfo("HugePages_Free:");
+    if (free_pages < want) {
+      if (!read_nr(&old_nr_)) {
+        why_not_ = "cannot read /proc/sys/vm/nr_hugepages";
+        return;
+      }
+      const uint64_t target = old_nr_ + (want - free_pages);
+      if (!write_nr(target)) {
+        why_not_ = "cannot write /proc/sys/vm/nr_hugepages: " + std::string(std::strerror(errno));
+        return;
+      }
+      raised_ = true;
+    }
+    pool_ = meminfo("HugePages_Free:");
+    if (pool_ < want) {
+      why_not_ = "the kernel could not allocate " + std::to_string(want) +
+                 " free 2 MiB hugetlb pages (" + std::to_string(pool_) +
+                 " free after raising nr_hugepages; memory too fragmented?)";
+    }
   }
+  ~HugetlbPoolGuard() {
+    if (raised_ && !write_nr(old_nr_))
+      ADD_FAILURE() << "could not restore /proc/sys/vm/nr_hugepages to " << old_nr_;
+    if (raised_) {
+      uint64_t now = 0;
+      EXPECT_TRUE(read_nr(&now) && now == old_nr_)
+          << "nr_hugepages is " << now << " after restoring " << old_nr_;
+    }
+    if (lock_fd_ >= 0) ::close(lock_fd_);  // drops the flock
+  }
+  HugetlbPoolGuard(const HugetlbPoolGuard&) = delete;
+  HugetlbPoolGuard& operator=(const HugetlbPoolGuard&) = delete;
+
+  const std::string& why_not() const { return why_not_; }
+  uint64_t pool() const { return pool_; }  // free pages now
+  bool raised() const { return raised_; }
+
+ private:
+  static bool read_nr(uint64_t* out) {
+    std::ifstream f("/proc/sys/vm/nr_hugepages");
+    return static_cast<bool>(f >> *out);
+  }
+  static bool write_nr(uint64_t n) {
+    std::ofstream f("/proc/sys/vm/nr_hugepages");
+    f << n << "\n";
+    f.flush();
+    return static_cast<bool>(f);
+  }
+  std::string why_not_;
+  int lock_fd_ = -1;
+  uint64_t old_nr_ = 0;
+  uint64_t pool_ = 0;
+  bool raised_ = false;
+};
+
+// The scenario needs 4 pages (two for `a`, then pool-exhaustion mappings sized from the free
+// count); more are used when the machine already has them free.
+TEST(HugetlbDifferential, SyscallRulesMatchLinux) {
+  HugetlbPoolGuard guard(4);
+  if (!guard.why_not().empty()) GTEST_SKIP() << guard.why_not();
+  const uint64_t pool = guard.pool();
+  std::printf("hugetlb pool: %llu free 2 MiB pages%s\n", static_cast<unsigned long long>(pool),
+              guard.raised() ? " (nr_hugepages raised for this test, restored after)" : "");
   LinuxSys real;
   const std::vector<long> lx = hugetlb_rules(real, pool);
   auto mem = PhysMem::create({.ram_bytes = (pool + 8) * kPmdSize, .hugetlb_pages = pool});
