@@ -3,6 +3,7 @@
 
 #include "gpusvm/mm/devmap.h"
 #include "gpusvm/mm/mm_internal.h"
+#include "gpusvm/mm/swap.h"
 
 namespace gpusvm::mm {
 namespace {
@@ -44,6 +45,12 @@ void zap_one_pte(AddressSpace& mm, Pte pte, Va va, PutBatch& puts)
     Folio* page = mem->pfn_to_page(pte.pfn());
     page_remove_rmap_pte(page, &mm, va);
     puts.add(page);
+  }
+  if (pte.is_swap()) {
+    // free_swap_and_cache: the slot loses this entry; a cached folio nobody maps any more
+    // leaves the swap cache, its reference dropped with the others after the PTL.
+    if (Folio* cached = mem->swap().free_entry(pte.swap_slot())) puts.add(cached);
+    return;
   }
   if (pte.is_migration()) {
     // The entry's migration record goes with it: the migration must not look for the entry
