@@ -71,6 +71,10 @@ GPUSVM_SCHED_POINT(g_sp_cow_copied, "mm.fault.cow_copied");
 // do_swap_page read the swap entry and dropped the PTL; it is about to look the slot up in
 // the swap cache. Held: the mmap read lock.
 GPUSVM_SCHED_POINT(g_sp_swap_entry_read, "mm.fault.swap_entry_read");
+// do_swap_page found the slot's folio in the swap cache (referenced) but locked by someone
+// else (a swap-in reading it, reclaim writing it); it is about to wait for the unlock. Held:
+// the mmap read lock, a reference on the folio.
+GPUSVM_SCHED_POINT(g_sp_swap_cache_busy, "mm.fault.swap_cache_busy");
 
 struct FaultCtx {
   AddressSpace& mm;
@@ -337,6 +341,7 @@ Folio* swapin_folio(FaultCtx& f, uint64_t slot, VmFault* r) {
         cached->put();
         continue;
       }
+      g_sp_swap_cache_busy.reach();
       *r = f.nowait ? VmFault::kRetry : fault_wait_unlocked(cached, f.va, "swap cache folio");
       cached->put();
       return nullptr;

@@ -17,7 +17,17 @@ class PutBatch {
   ~PutBatch() {
     // page->head(), not a head saved earlier: each reference belongs to the folio that holds
     // this page when it is dropped.
-    for (Folio* p : pages_) p->head()->put();
+    for (Folio* p : pages_) {
+      Folio* head = p->head();
+      // free_swap_cache (free_pages_and_swap_cache): a swap-cache folio nothing maps any more
+      // and no swap entry names leaves the cache, so exit and munmap give its frame back.
+      if (head->test(kFolioSwapCache) && !head->mapped() && folio_trylock(head)) {
+        Folio* cached = head->mem()->swap().release_if_unused(head);
+        folio_unlock(head);
+        if (cached) cached->put();
+      }
+      head->put();
+    }
   }
 
  private:
