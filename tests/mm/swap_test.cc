@@ -194,6 +194,28 @@ TEST_F(SwapTest, Zap_SwapEntries_FreeSlots) {
   EXPECT_EQ(*zero, 0u);
 }
 
+// free_swap_and_cache: the last swap entry of a slot whose cached folio nobody maps drops the
+// folio from the swap cache (trylock under the PTL), and the folio is freed.
+//   1. PAGEOUT, fork: slot count 2.   2. child reads: folio cached, mapped by the child, count 1.
+//   3. child MADV_DONTNEED: folio cached, unmapped, count 1 (the parent's entry names it).
+//   4. parent munmap: count 0, folio unmapped: it leaves the cache, the frame is free.
+TEST_F(SwapTest, Zap_LastEntryOfUnmappedCachedFolio_DropsItFromCache) {
+  const Va va = map_anon(*as, kPageSize);
+  fill_bytes(*as, va, kPageSize, 1);
+  ASSERT_EQ(as->madvise(va, kPageSize, MADV_PAGEOUT), 0);
+  Result<std::unique_ptr<AddressSpace>> child = as->fork();
+  ASSERT_TRUE(child);
+  EXPECT_EQ(verify_bytes(**child, va, kPageSize, 1), 0);
+  const uint64_t free_mapped = mem->free_pages();
+  ASSERT_EQ((*child)->madvise(va, kPageSize, MADV_DONTNEED), 0);
+  EXPECT_EQ(mem->free_pages(), free_mapped) << "still cached: the parent's entry names it";
+  EXPECT_MM_CHECK_OK(*mem);
+  ASSERT_EQ(as->munmap(va, kPageSize), 0);
+  EXPECT_EQ(mem->free_pages(), free_mapped + 1) << "dropped from the swap cache and freed";
+  EXPECT_EQ(mem->swap().nr_used(), 0u);
+  EXPECT_MM_CHECK_OK(*mem);
+}
+
 // mremap moves swap entries (the count stays); mprotect leaves them; the data follows.
 TEST_F(SwapTest, MremapMovesAndMprotectKeepsSwapEntries) {
   const Va va = map_anon(*as, kLen);
