@@ -213,6 +213,11 @@ bool try_to_unmap(Folio* folio, bool discard, uint64_t slot) {
         if (pte.dirty()) folio->set(kFolioDirty);
         if (discard && folio->test(kFolioDirty)) {
           ok = false;  // written since MADV_FREE: the data is live again
+        } else if (discard && folio->refcount() != 1 + folio->total_mapcount()) {
+          // A reference beyond the mappings and ours (GUP for direct I/O, which may write to the
+          // page later): discarding would lose what it writes. Linux checks the same before it
+          // drops a lazyfree PTE (the MADV_FREE vs direct-I/O read fix).
+          ok = false;
         } else {
           Pte e = discard ? Pte::none() : Pte::make_swap(slot);
           if (!discard) {

@@ -296,6 +296,21 @@ TEST_F(SwapTest, Lazyfree_CleanDiscarded_RedirtiedSwapped) {
   }
 }
 
+// A lazily freed page with a GUP reference (direct I/O in flight) is not discarded: the I/O may
+// still write into it.
+TEST_F(SwapTest, Lazyfree_GupReference_NotDiscarded) {
+  const Va va = map_anon(*as, kPageSize);
+  fill_bytes(*as, va, kPageSize, 1);
+  ASSERT_EQ(as->madvise(va, kPageSize, MADV_FREE), 0);
+  Folio* pages[1] = {};
+  ASSERT_EQ(get_user_pages_fast(*as, va, 1, 0, pages), 1);
+  ASSERT_EQ(as->madvise(va, kPageSize, MADV_PAGEOUT), 0);
+  EXPECT_EQ(query_page(*as, va).kind, PageKind::kSmall) << "kept while referenced";
+  EXPECT_EQ(mem->stat_reclaim_lazyfree.get(), 0u);
+  put_page(pages[0]);
+  EXPECT_EQ(verify_bytes(*as, va, kPageSize, 1), 0);
+}
+
 // No swap device: anonymous pages cannot be reclaimed, PAGEOUT leaves them.
 TEST_F(SwapTest, NoSwap_PageoutKeepsAnonPages) {
   make(PhysMem::Config{.ram_bytes = 64ULL << 20, .swap_slots = 0});
