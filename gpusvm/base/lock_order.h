@@ -34,6 +34,10 @@
 //             -> PTE lock (one per PTE table, spin; two only as src/dst subclasses 0/1
 //                in fork and mremap)
 //               -> folio rmap lock (spin)
+//               -> swap lock (PhysMem's swap area: slots, counts, swap cache; a zap frees
+//                  slots under the PTE lock)
+//                 -> LRU lock (PhysMem's LRU lists: the first mapping of a folio adds it
+//                    under the PTE lock, freeing removes it)
 //                 -> zone lock (PhysMem allocator, spin)
 //                   -> registry lock (PhysMem: pagemaps, address spaces, deferred split)
 //                   -> dmirror free-list lock (taken by folio_free, which may run under
@@ -105,6 +109,8 @@ inline constexpr LockClass kPageTableLockClass{"page_table_lock", 400};
 inline constexpr LockClass kPmdLockClass{"pmd_lock", 500};
 inline constexpr LockClass kPteLockClass{"pte_lock", 600};
 inline constexpr LockClass kRmapLockClass{"folio_rmap_lock", 700};
+inline constexpr LockClass kSwapLockClass{"swap_lock", 740};
+inline constexpr LockClass kLruLockClass{"lru_lock", 750};
 inline constexpr LockClass kZoneLockClass{"zone_lock", 800};
 inline constexpr LockClass kRegistryLockClass{"physmem_registry", 850};
 }  // namespace mm
@@ -140,7 +146,7 @@ inline constexpr LockClass kMmuNotifierListLockClass{"mmu_notifier_list", 0};
 }  // namespace mm
 
 // Every ordered class, in table order (the order test walks it).
-inline constexpr std::array<const LockClass*, 33> kLockOrder{
+inline constexpr std::array<const LockClass*, 35> kLockOrder{
     &svm::kGpusvmDriverLockClass,
     &mm::kMmapLockClass,          &mm::kHugetlbFaultMutexClass,   &mm::kShmemLockClass,
     &mm::kFolioLockClass,         &mm::kRmapWalkLockClass,        &dmirror::kDmirrorDevmemLockClass,
@@ -148,6 +154,7 @@ inline constexpr std::array<const LockClass*, 33> kLockOrder{
     &refgpu::kGpuPtLockClass,     &refgpu::kTlbLockClass,         &mm::kNotifierSubsLockClass,
     &mm::kPageTableLockClass,
     &mm::kPmdLockClass,           &mm::kPteLockClass,             &mm::kRmapLockClass,
+    &mm::kSwapLockClass,          &mm::kLruLockClass,
     &mm::kZoneLockClass,          &mm::kRegistryLockClass,        &dmirror::kDmirrorFreeLockClass,
     &svm::kTestVramLockClass,     &refgpu::kBuddyLockClass,       &svm::kDmaRecordLockClass,
     &svm::kPagemapDestroyLockClass, &svm::kPagemapOwnerListLockClass, &refgpu::kCopyPoolLockClass,

@@ -61,7 +61,8 @@ class AddressSpace {
   // in Linux, the VMAs from start up to the first hole are changed first; a hole at start
   // changes nothing).
   [[nodiscard]] int mprotect(Va start, uint64_t len, int prot);
-  // madvise(2): MADV_DONTNEED, MADV_FREE, MADV_HUGEPAGE, MADV_NOHUGEPAGE, MADV_COLLAPSE,
+  // madvise(2): MADV_DONTNEED, MADV_FREE, MADV_COLD, MADV_PAGEOUT, MADV_HUGEPAGE,
+  // MADV_NOHUGEPAGE, MADV_COLLAPSE,
   // MADV_DONTFORK, MADV_DOFORK, MADV_WIPEONFORK, MADV_KEEPONFORK. Errors: -EINVAL (unknown
   // advice, unaligned start, DONTNEED on locked VMAs), -ENOMEM (unmapped hole in the range),
   // -EAGAIN/-ENOMEM from COLLAPSE when a THP cannot be allocated.

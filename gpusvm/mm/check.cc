@@ -10,6 +10,7 @@
 #include "gpusvm/mm/address_space.h"
 #include "gpusvm/mm/devmap.h"
 #include "gpusvm/mm/shmem.h"
+#include "gpusvm/mm/swap.h"
 
 namespace gpusvm::mm {
 namespace {
@@ -71,6 +72,14 @@ class Checker {
     const Vma* vma = mm.vma_lookup(va);
     if (!vma || (huge && va + kPmdSize > vma->end)) {
       problem("%p: entry %#lx at %#lx outside a VMA", (void*)&mm, (unsigned long)e.raw(), (unsigned long)va);
+      return;
+    }
+    if (e.is_swap()) {
+      if (huge) problem("%p: swap entry in a PMD at %#lx", (void*)&mm, (unsigned long)va);
+      if (!vma->is_anonymous() || vma->is_shared()) {
+        problem("%p: swap entry at %#lx outside a private anonymous VMA", (void*)&mm, (unsigned long)va);
+      }
+      swap_refs_[e.swap_slot()]++;
       return;
     }
     if (e.is_migration()) {
@@ -161,7 +170,8 @@ class Checker {
       report_.folios_checked++;
       int maps = o.pmd_maps;
       for (auto& [idx, n] : o.pte_maps) maps += n;
-      const int expected_ref = maps + (head->test(kFolioShmem) ? 1 : 0) + head->pincount();
+      const int expected_ref = maps + (head->test(kFolioShmem) ? 1 : 0) +
+                               (head->test(kFolioSwapCache) ? 1 : 0) + head->pincount();
       if (head->refcount() != expected_ref) {
         problem("folio %#lx: refcount %d, expected %d (%d mappings%s + %d pins)",
                 (unsigned long)head->pfn(), head->refcount(), expected_ref, maps,
@@ -206,6 +216,13 @@ class Checker {
       }
       if (!p->is_head() || p->refcount() == 0) continue;  // tail, or reserved frame
       if (p->test(kFolioZero)) continue;
+      if (!observed_.count(p) && p->test(kFolioSwapCache)) {
+        if (p->refcount() != 1 + p->pincount()) {
+          problem("swap-cache folio %#lx: unmapped, %d pins, refcount %d", (unsigned long)pfn,
+                  p->pincount(), p->refcount());
+        }
+        continue;  // owned by the swap cache (checked by check_swap)
+      }
       if (!observed_.count(p) && !p->test(kFolioShmem) && p->pincount() == 0) {
         problem("folio %#lx: refcount %d but no mapping and no owner (leaked)", (unsigned long)pfn,
                 p->refcount());
@@ -286,6 +303,40 @@ class Checker {
     }
   }
 
+  // The swap area: every slot's count is the number of swap PTEs that name it, every swap PTE
+  // names a slot in use, a slot's cached folio is a small anonymous folio that knows the slot
+  // (and is mapped, or named by a swap PTE, or on the LRU for reclaim to drop), and a slot
+  // with no cached folio holds its bytes.
+  void check_swap() {
+    std::unordered_map<uint64_t, uint32_t> refs = swap_refs_;
+    for (const SwapArea::SlotState& st : mem_.swap().snapshot()) {
+      const auto it = refs.find(st.slot);
+      const uint32_t n = it == refs.end() ? 0 : it->second;
+      if (it != refs.end()) refs.erase(it);
+      if (st.count != n) {
+        problem("swap slot %lu: count %u, %u swap entries", (unsigned long)st.slot, st.count, n);
+      }
+      if (!st.cache) {
+        if (!st.has_data) problem("swap slot %lu: in use without a folio or its bytes", (unsigned long)st.slot);
+        if (st.count == 0) problem("swap slot %lu: in use, named by nothing", (unsigned long)st.slot);
+        continue;
+      }
+      Folio* f = st.cache;
+      if (!f->test(kFolioSwapCache) || f->swap_slot() != st.slot || f->large() || !f->test(kFolioAnon) ||
+          (f->flags() & kFolioFree)) {
+        problem("swap slot %lu: cached folio %#lx does not belong to it (flags %#x)", (unsigned long)st.slot,
+                (unsigned long)f->pfn(), f->flags());
+      }
+      if (st.count == 0 && !f->mapped() && !f->test(kFolioLru)) {
+        problem("swap slot %lu: cached folio %#lx unreachable (unmapped, no entry, off the LRU)",
+                (unsigned long)st.slot, (unsigned long)f->pfn());
+      }
+    }
+    for (auto [slot, n] : refs) {
+      problem("%u swap entries name slot %lu, which is not in use", n, (unsigned long)slot);
+    }
+  }
+
   CheckReport take() { return std::move(report_); }
 
  private:
@@ -293,6 +344,7 @@ class Checker {
   CheckReport report_;
   std::unordered_map<Folio*, Observed> observed_;
   uint64_t pinned_unmapped_hugetlb_ = 0;  // counted by check_frames, used by check_hugetlb
+  std::unordered_map<uint64_t, uint32_t> swap_refs_;  // slot -> swap PTEs naming it
 };
 
 }  // namespace
@@ -316,6 +368,7 @@ CheckReport check(PhysMem& mem) {
   c.check_frames();
   c.check_device_frames();
   c.check_hugetlb(spaces);
+  c.check_swap();
   return c.take();
 }
 

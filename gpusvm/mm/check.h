@@ -15,6 +15,8 @@
 //    pool's in-use count is the number of live hugetlb folios (mapped, or pinned and zapped
 //    since), in use + reserved <= total, and
 //    every reservation is an unfaulted slot of a hugetlb VMA of a live address space;
+//  - swap: every slot's count equals the swap PTEs naming it, swap PTEs name slots in use,
+//    cached folios belong to their slot (refcount includes the swap cache's reference);
 //  - free frames have refcount 0, no mapping and are counted by the allocator exactly once.
 // Takes every address space's mmap lock (read) in address order: call it with no gpusvm lock
 // held, at a quiescent point (no operation in flight on these address spaces).

@@ -7,6 +7,7 @@
 #include "gpusvm/base/log.h"
 #include "gpusvm/mm/device_exclusive.h"
 #include "gpusvm/mm/mm_internal.h"
+#include "gpusvm/mm/swap.h"
 
 namespace gpusvm::mm {
 namespace {
@@ -96,6 +97,12 @@ CopyStop copy_one_pte(CopyCtx& c, PteTable* ts, Va va, Pte src, Pte* src_out, Pt
   }
   if (src.is_migration()) {
     copy_migration_entry(c, va, src, src_out, dst_out);
+    return CopyStop::kNone;
+  }
+  if (src.is_swap()) {
+    // copy_nonpresent_pte: both processes name the slot now (swap_duplicate). A swap-in by
+    // either side then shares the folio read-only through the swap cache.
+    mem->swap().duplicate(src.swap_slot());
     return CopyStop::kNone;
   }
   if (src.is_device_exclusive()) {

@@ -374,6 +374,7 @@ int split_folio_exclusive(AddressSpace& mm, Folio* folio) {
   //    wait for that) with one reference owned by this function; the first keeps the
   //    caller's reference too.
   mem->deferred_split_remove(folio);
+  mem->lru_del(folio);  // the new folios join the LRU when they are mapped again
   const uint32_t inherit =
       folio->flags() &
       (kFolioAnon | kFolioDirty | kFolioLazyfree | kFolioYoung | kFolioDevicePrivate | kFolioDeviceCoherent);
@@ -508,6 +509,7 @@ int split_migrating_folio(Folio* folio, int extra_refs) {
     // 3. Split the descriptors: every new folio locked with one reference (the first keeps
     //    the migration's and the extra ones), owning its page's records.
     mem->deferred_split_remove(folio);
+    mem->lru_del(folio);  // the new folios join the LRU when they are mapped again
     const uint32_t inherit =
         folio->flags() & (kFolioAnon | kFolioDirty | kFolioYoung | kFolioDevicePrivate | kFolioDeviceCoherent);
     for (uint64_t i = 0; i < kPagesPerPmd; i++) {

@@ -1,10 +1,12 @@
-// madvise (mm/madvise.c): MADV_DONTNEED, MADV_FREE, MADV_COLLAPSE and the VMA-flag advice.
+// madvise (mm/madvise.c): MADV_DONTNEED, MADV_FREE, MADV_COLD, MADV_PAGEOUT, MADV_COLLAPSE and
+// the VMA-flag advice.
 #include <cerrno>
 #include <vector>
 
 #include "gpusvm/mm/hugetlb.h"
 #include "gpusvm/mm/mm_internal.h"
 #include "gpusvm/mm/shmem.h"
+#include "gpusvm/mm/vmscan.h"
 
 namespace gpusvm::mm {
 namespace {
@@ -112,6 +114,94 @@ void madvise_free_range(AddressSpace& mm, Va start, Va end) GPUSVM_REQUIRES_SHAR
   }
 }
 
+// madvise_cold_or_pageout_huge_pmd for the huge leaf at slot, [addr, next) of its 2 MiB.
+// Returns true when the PTE level must be walked next. A THP only this process maps: with
+// COLD and the whole 2 MiB covered it is aged (PMD old, folio deactivated) and stays mapped;
+// otherwise (PAGEOUT - no THP swap here, so the folio is split first, as Linux's reclaim does
+// without CONFIG_THP_SWAP - or a partial range) the PMD is split and the PTE walk splits the
+// folio. Anything else (huge zero folio, device memory, a THP another process maps, a
+// non-present leaf) is left alone. mmap lock held, no page-table lock.
+bool cold_or_pageout_huge_pmd(AddressSpace& mm, PmdSlot slot, Va addr, Va next, bool pageout)
+    GPUSVM_REQUIRES_SHARED(mm.mmap_lock()) {
+  mm.mmap_assert_locked();
+  PhysMem* mem = mm.mem();
+  {
+    SpinLockGuard g(&slot.table->lock);
+    const Pmd pmd = slot.table->get(slot.index);
+    if (!pmd.is_leaf()) return pmd.is_table();
+    if (!pmd.is_huge_present() || mem->is_huge_zero_pfn(pmd.leaf().pfn())) return false;
+    Folio* folio = mem->folio_of(pmd.leaf().pfn());
+    if (folio_is_zone_device(folio) || folio_maybe_mapped_shared(folio, &mm)) return false;
+    if (!pageout && next - addr == kPmdSize) {
+      slot.table->set(slot.index, Pmd::make_leaf(pmd.leaf().mkold()));
+      mem->folio_deactivate(folio);
+      return false;
+    }
+  }
+  split_huge_pmd(mm, slot, pmd_align_down(addr));
+  return true;
+}
+
+// madvise_cold_or_pageout_pte_range over [start, end) of one private or shared VMA: every
+// present anonymous page only this process maps gets an old PTE; COLD deactivates its folio,
+// PAGEOUT reclaims it (reclaim_pages: swapped out, or discarded when lazily freed and clean),
+// references ignored. Skipped as in Linux: non-present entries (swap, migration, device-private
+// and device-exclusive entries: the walk only looks at present PTEs), the zero page, device
+// memory, pages another process maps too (fork-shared, shared mappings), page-cache pages
+// (file pageout is not modelled). A large folio is split first if only this mm maps it here
+// (split_folio_exclusive), else skipped. mmap lock held (read).
+void madvise_cold_or_pageout(AddressSpace& mm, Va start, Va end, bool pageout)
+    GPUSVM_REQUIRES_SHARED(mm.mmap_lock()) {
+  mm.mmap_assert_locked();
+  PhysMem* mem = mm.mem();
+  PageTable& pt = mm.page_table();
+  for (Va addr = start, next; addr < end; addr = next) {
+    next = std::min(pmd_align_down(addr) + kPmdSize, end);
+    PmdSlot slot = pt.pmd_lookup(addr);
+    if (!slot) continue;
+    if (slot.load_lockless().is_leaf() && !cold_or_pageout_huge_pmd(mm, slot, addr, next, pageout)) continue;
+    Folio* unsplittable = nullptr;
+    for (Va va = addr; va < next;) {
+      PteTable* t = pt.pte_offset_map_lock(slot);
+      if (!t) break;
+      t->ptl.assert_held();  // locked by pte_offset_map_lock, which the analysis cannot follow
+      Folio* split = nullptr;
+      std::vector<Folio*> reclaim;
+      for (; va < next; va += kPageSize) {
+        const unsigned i = pte_index(va);
+        const Pte pte = t->get(i);
+        if (!pte.present() || pte.special()) continue;
+        Folio* folio = mem->folio_of(pte.pfn());
+        if (folio_is_zone_device(folio) || !folio->test(kFolioAnon) || folio->test(kFolioShmem)) continue;
+        if (folio->large()) {
+          if (folio != unsplittable && folio_mapped_only_by(folio, &mm) &&
+              folio_splittable_here(mm, t, pmd_align_down(va), folio) && folio_trylock(folio)) {
+            folio->get();
+            split = folio;
+            break;
+          }
+          continue;
+        }
+        if (folio->total_mapcount() != 1) continue;  // folio_maybe_mapped_shared
+        if (pte.young()) t->set(i, pte.mkold());
+        if (pageout) {
+          folio->get();  // the PTE's reference keeps it alive: the count is not zero
+          reclaim.push_back(folio);
+        } else {
+          mem->folio_deactivate(folio);
+        }
+      }
+      PageTable::pte_unmap_unlock(t);
+      if (!reclaim.empty()) (void)reclaim_pages(*mem, reclaim);  // no PTL held: reclaim sleeps
+      if (split) {
+        if (split_folio_exclusive(mm, split) != 0) unsplittable = split;
+        folio_unlock(split);
+        split->put();
+      }
+    }
+  }
+}
+
 // MADV_COLLAPSE of [start, end) inside `v` (madvise_collapse). -EINVAL when the VMA cannot
 // hold a THP at all (neither private anonymous nor shared anonymous (shmem), MADV_NOHUGEPAGE,
 // no aligned 2 MiB block inside the VMA, or - shmem - the block not 2 MiB aligned in the
@@ -162,7 +252,7 @@ bool valid_advice(int advice) {
   switch (advice) {
     case MADV_DONTNEED: case MADV_FREE: case MADV_HUGEPAGE: case MADV_NOHUGEPAGE:
     case MADV_COLLAPSE: case MADV_DONTFORK: case MADV_DOFORK: case MADV_WIPEONFORK:
-    case MADV_KEEPONFORK:
+    case MADV_KEEPONFORK: case MADV_COLD: case MADV_PAGEOUT:
       return true;
     default:
       return false;
@@ -177,6 +267,22 @@ int AddressSpace::madvise(Va start, uint64_t len, int advice) {
   if (alen == 0) return 0;  // as Linux
   const Va end = start + alen;
   if (end > kTaskSize) return -ENOMEM;
+
+  if (advice == MADV_COLD || advice == MADV_PAGEOUT) {
+    // Only entries and LRU state change: the read lock, as in Linux.
+    ReadLock g(&mmap_lock_);
+    const bool holes = !fully_mapped(vmas_, start, end);
+    for (Vma* v = vmas_.find(start); v && v->start < end; v = vmas_.next(v)) {
+      // can_madv_lru_vma
+      if ((v->flags & (VM_LOCKED | VM_PFNMAP)) || v->is_hugetlb()) return -EINVAL;
+    }
+    for (Vma* v = vmas_.find(start); v && v->start < end; v = vmas_.next(v)) {
+      const Va s = std::max(start, v->start);
+      const Va e = std::min(end, v->end);
+      if (s < e) madvise_cold_or_pageout(*this, s, e, advice == MADV_PAGEOUT);
+    }
+    return holes ? -ENOMEM : 0;
+  }
 
   if (advice == MADV_DONTNEED || advice == MADV_FREE) {
     // Only the entries change, not the VMAs: the read lock suffices, as in Linux.

@@ -9,6 +9,7 @@
 #include "gpusvm/mm/hugetlb.h"
 #include "gpusvm/mm/mm_internal.h"
 #include "gpusvm/mm/shmem.h"
+#include "gpusvm/mm/swap.h"
 
 namespace gpusvm::mm {
 
@@ -67,6 +68,13 @@ namespace {
 // wp_page_copy: the new page is allocated and filled, the PTE not re-read yet. Held: mmap
 // read lock, a reference on the source page.
 GPUSVM_SCHED_POINT(g_sp_cow_copied, "mm.fault.cow_copied");
+// do_swap_page read the swap entry and dropped the PTL; it is about to look the slot up in
+// the swap cache. Held: the mmap read lock.
+GPUSVM_SCHED_POINT(g_sp_swap_entry_read, "mm.fault.swap_entry_read");
+// do_swap_page found the slot's folio in the swap cache (referenced) but locked by someone
+// else (a swap-in reading it, reclaim writing it); it is about to wait for the unlock. Held:
+// the mmap read lock, a reference on the folio.
+GPUSVM_SCHED_POINT(g_sp_swap_cache_busy, "mm.fault.swap_cache_busy");
 
 struct FaultCtx {
   AddressSpace& mm;
@@ -93,7 +101,7 @@ VmFault do_anonymous_page(FaultCtx& f) {
     PageTable::pte_unmap_unlock(t);
     return VmFault::kOk;
   }
-  Folio* folio = mem->folio_alloc(0, /*zero=*/true);
+  Folio* folio = mem->folio_alloc_reclaim(0, /*zero=*/true);
   if (!folio) return VmFault::kOom;
   folio->set(kFolioAnon);
   folio->set_page(kPageAnonExclusive);
@@ -121,7 +129,7 @@ VmFault do_anonymous_page(FaultCtx& f) {
 VmFault wp_page_copy(FaultCtx& f, Pte orig, Folio* src) {
   f.mm.mmap_assert_locked();
   PhysMem* mem = f.mm.mem();
-  Folio* folio = mem->folio_alloc(0, /*zero=*/src == nullptr);
+  Folio* folio = mem->folio_alloc_reclaim(0, /*zero=*/src == nullptr);
   if (!folio) {
     if (src) src->head()->put();
     return VmFault::kOom;
@@ -345,6 +353,107 @@ VmFault remove_device_exclusive_entry(FaultCtx& f, PteTable* t, Pte orig) GPUSVM
   return restored ? VmFault::kOk : VmFault::kRetry;
 }
 
+// The folio holding swap slot `slot`'s bytes, referenced and locked: the swap cache's if one
+// is cached (a concurrent swap-in, or reclaim that has not freed it yet), else a new folio
+// that this fault adds to the cache and reads the slot into. nullptr with *r set: kOom (no
+// folio), kRetry (the entry went away meanwhile, or the cached folio was busy and is unlocked
+// now), kTimeout. Context: mmap read lock, no other lock; allocates and may reclaim.
+Folio* swapin_folio(FaultCtx& f, uint64_t slot, VmFault* r) {
+  f.mm.mmap_assert_locked();
+  PhysMem* mem = f.mm.mem();
+  SwapArea& swap = mem->swap();
+  for (;;) {
+    if (Folio* cached = swap.cache_get(slot)) {
+      // swap cache hit: another fault is reading it in (it holds the lock until the bytes are
+      // there) or reclaim has it; wait for the unlock and retry (folio_lock_or_retry).
+      if (folio_trylock(cached)) {
+        if (cached->test(kFolioSwapCache) && cached->swap_slot() == slot) return cached;
+        folio_unlock(cached);  // left the cache before we locked it: look again
+        cached->put();
+        continue;
+      }
+      g_sp_swap_cache_busy.reach();
+      *r = f.nowait ? VmFault::kRetry : fault_wait_unlocked(cached, f.va, "swap cache folio");
+      cached->put();
+      return nullptr;
+    }
+    Folio* folio = mem->folio_alloc_reclaim(0, /*zero=*/false);
+    if (!folio) {
+      *r = VmFault::kOom;
+      return nullptr;
+    }
+    folio->set(kFolioAnon);
+    if (!folio_trylock(folio)) panic("swap-in: a new folio is locked");
+    const int rc = swap.cache_add(slot, folio);
+    if (rc == 0) {
+      swap.read(slot, folio);  // under the folio lock: concurrent faults wait for the bytes
+      mem->stat_pswpin.add();
+      f.mm.stats().faults_swapin.add();
+      return folio;
+    }
+    folio_unlock(folio);
+    folio->put();
+    if (rc == -ENOENT) {
+      *r = VmFault::kRetry;  // no entry names the slot: ours was zapped or swapped in
+      return nullptr;
+    }
+    // -EEXIST: another fault added its folio first; use that one.
+  }
+}
+
+// do_swap_page: a fault on a swap entry. The folio comes from the swap cache or is read
+// from the slot (swapin_folio), then replaces the entry if the PTE still holds it (pte_same
+// under the PTL). The page is exclusive to this mapping when this entry was the slot's last
+// and nobody maps the folio: then it is mapped anon-exclusive, writable on a write fault (the
+// slot is freed then, as should_try_to_free_swap does for a write: the bytes would go stale),
+// else read-only and left in the swap cache, so that reclaim can drop it again without a write
+// while it stays clean. A shared slot (fork) maps the folio read-only, not exclusive; a write
+// then retries into do_wp_page, which copies. Called with the PTE lock of `t` held (the entry
+// read there is `orig`); returns with it dropped. Body exempt from the analysis for the
+// reason given at do_wp_page.
+VmFault do_swap_page(FaultCtx& f, PteTable* t, Pte orig) GPUSVM_RELEASE(t->ptl)
+    GPUSVM_NO_THREAD_SAFETY_ANALYSIS {
+  t->ptl.assert_held();
+  f.mm.mmap_assert_locked();
+  PageTable::pte_unmap_unlock(t);
+  g_sp_swap_entry_read.reach();
+  PhysMem* mem = f.mm.mem();
+  SwapArea& swap = mem->swap();
+  const uint64_t slot = orig.swap_slot();
+  VmFault r = VmFault::kRetry;
+  Folio* folio = swapin_folio(f, slot, &r);
+  if (!folio) return r;
+  Folio* drop_cache = nullptr;
+  bool mapped = false;
+  bool write = false;
+  t = f.mm.page_table().pte_offset_map_lock(f.slot);
+  if (t && t->get(pte_index(f.va)) == orig) {
+    // The entry goes either way (swap_free); it was the last one iff exclusive.
+    const bool exclusive = !folio->mapped() && swap.take_last_entry(slot);
+    if (!exclusive && swap.free_entry(slot)) {
+      panic("swap-in: the cached folio left the cache while locked: " + folio_describe(folio));
+    }
+    write = f.write && exclusive && (f.vma.flags & VM_WRITE);
+    Pte pte = Pte::make_present(folio->pfn(), write).mkyoung();
+    if (write) pte = pte.mkdirty();
+    if (orig.soft_dirty()) pte = Pte(pte.raw() | pte_bits::kSoftDirty);
+    if (exclusive) folio->set_page(kPageAnonExclusive);
+    folio->get();  // the mapping's
+    page_add_rmap_pte(folio, &f.mm, f.va);
+    t->set(pte_index(f.va), pte);
+    mapped = true;
+    if (write && swap.free_swap(folio)) drop_cache = folio;
+  }
+  if (t) PageTable::pte_unmap_unlock(t);
+  if (!mapped && !drop_cache) drop_cache = swap.release_if_unused(folio);
+  folio_unlock(folio);
+  folio->put();  // ours
+  if (drop_cache) drop_cache->put();
+  if (!mapped) return VmFault::kRetry;
+  // A write that could not reuse the page (shared slot) runs again: do_wp_page copies.
+  return f.write && !write ? VmFault::kRetry : VmFault::kOk;
+}
+
 VmFault handle_pte_fault(FaultCtx& f) {
   f.mm.mmap_assert_locked();
   PhysMem* mem = f.mm.mem();
@@ -391,6 +500,7 @@ VmFault handle_pte_fault(FaultCtx& f) {
     return r;
   }
   if (pte.is_device_exclusive()) return remove_device_exclusive_entry(f, t, pte);  // unlocks
+  if (pte.is_swap()) return do_swap_page(f, t, pte);  // unlocks
   PageTable::pte_unmap_unlock(t);
   return VmFault::kSigbus;  // an entry type this model does not create
 }

@@ -13,6 +13,7 @@ namespace gpusvm::mm {
   X(faults, "CPU page faults handled")                                            \
   X(faults_read_zero, "read faults mapped to the zero page")                      \
   X(faults_anon, "faults that allocated a 4 KiB anonymous page")                  \
+  X(faults_swapin, "faults that read a page back from swap (do_swap_page)")        \
   X(faults_thp, "faults that allocated a PMD-mapped THP")                         \
   X(faults_thp_fallback, "THP-eligible faults that fell back to 4 KiB")           \
   X(faults_huge_zero, "read faults mapped to the huge zero folio")                \

@@ -10,6 +10,7 @@
 #include "gpusvm/base/fault_inject.h"
 #include "gpusvm/base/sched_point.h"
 #include "gpusvm/mm/devmap.h"
+#include "gpusvm/mm/swap.h"
 
 namespace gpusvm::mm {
 namespace {
@@ -139,7 +140,9 @@ Result<std::unique_ptr<PhysMem>> PhysMem::create(const Config& config) {
   if (config.ram_bytes == 0 || !pmd_aligned(config.ram_bytes) || config.ram_bytes > (1ULL << 40)) {
     return Err{-EINVAL};
   }
+  if (config.swap_slots > (1ULL << 32)) return Err{-EINVAL};  // fits the pfn field easily
   std::unique_ptr<PhysMem> mem(new PhysMem(config));
+  mem->swap_ = std::make_unique<SwapArea>(config.swap_slots);
   size_t bytes = config.ram_bytes + 2 * kPmdSize;
   void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
                    -1, 0);
@@ -221,9 +224,24 @@ Folio* PhysMem::folio_alloc(unsigned order, bool zero) {
     stat_alloc_fail.add();
     return nullptr;
   }
+  return alloc_frames(order, zero);
+}
+
+uint64_t PhysMem::used_pages() const {
+  SpinLockGuard g(&zone_lock_);
+  return (blocks_.size() - 2) * kPagesPerPmd - nr_free_;
+}
+
+Folio* PhysMem::alloc_frames(unsigned order, bool zero) {
   Pfn pfn;
   {
     SpinLockGuard g(&zone_lock_);
+    // The memory limit (Config::memory_limit_pages) counts every RAM frame in use.
+    if (config_.memory_limit_pages &&
+        (blocks_.size() - 2) * kPagesPerPmd - nr_free_ + (1ULL << order) > config_.memory_limit_pages) {
+      stat_alloc_fail.add();
+      return nullptr;
+    }
     if (order == kPmdOrder) {
       const int64_t b = take_whole_block_locked(/*as_frames=*/false);
       if (b < 0) {
@@ -269,6 +287,10 @@ void PhysMem::free_folio(Folio* folio) {
     panic("freeing mapped folio pfn " + std::to_string(folio->pfn()));
   }
   if (folio->test(kFolioLocked)) panic("freeing locked folio pfn " + std::to_string(folio->pfn()));
+  if (folio->test(kFolioSwapCache) || folio->test(kFolioIsolated)) {
+    panic("freeing a folio still in the swap cache or isolated: " + folio_describe(folio));
+  }
+  lru_del(folio);
   deferred_split_remove(folio);
   const uint64_t n = folio->nr_pages();
   const Pfn pfn = folio->pfn();

@@ -15,7 +15,8 @@
 //
 // Reference counting (the contract mm::check verifies):
 //   refcount == (PTE mappings of its pages) + (PMD mappings) + (page-cache reference, if in a
-//               ShmemObject) + (transient pins held by code in progress)
+//               ShmemObject) + (swap-cache reference, if kFolioSwapCache)
+//               + (transient pins held by code in progress)
 //   page mapcount == PTE mappings of that page; entire_mapcount == PMD mappings.
 //
 // Locking: allocator state under zone_lock_; folio fields are atomics or guarded by the folio
@@ -45,6 +46,7 @@ class AddressSpace;
 class DevPagemap;
 class PhysMem;
 class ShmemObject;
+class SwapArea;
 
 // Folio flags (head descriptor).
 enum FolioFlag : uint32_t {
@@ -60,6 +62,12 @@ enum FolioFlag : uint32_t {
   kFolioShmem = 1u << 9,          // in a ShmemObject's page cache
   kFolioHugetlb = 1u << 10,       // a 2 MiB page of the hugetlb pool (PMD-mapped only)
   kFolioDeviceCoherent = 1u << 11,  // device-coherent memory (mapped present, CPU-addressable)
+  // Reclaim (vmscan.cc, swap.h). kFolioLru/kFolioActive change only under the LRU lock.
+  kFolioLru = 1u << 12,         // on one of the LRU lists
+  kFolioActive = 1u << 13,      // ... the active one
+  kFolioReferenced = 1u << 14,  // PG_referenced: seen referenced by one inactive scan already
+  kFolioSwapCache = 1u << 15,   // in the swap cache (swap_slot() valid); folio lock + swap lock
+  kFolioIsolated = 1u << 16,    // taken off the LRU by reclaim, which puts it back (LRU lock)
 };
 
 // Per-page flags (every descriptor).
@@ -141,7 +149,12 @@ class Folio {
   // Driver data for device-private folios (zone_device_data).
   void* zone_device_data = nullptr;
 
+  // The swap slot of a folio in the swap cache (kFolioSwapCache; the kernel's folio->swap).
+  // Set and cleared under the swap lock with the folio locked: stable for a folio-lock holder.
+  uint64_t swap_slot() const { return swap_slot_; }
+
  private:
+  friend class SwapArea;
   friend class PhysMem;
   friend class DevPagemap;
   friend class ShmemObject;
@@ -180,6 +193,10 @@ class Folio {
   std::atomic<uint8_t> order_{0};
   ShmemObject* mapping_ = nullptr;
   uint64_t index_ = 0;
+  uint64_t swap_slot_ = 0;  // see swap_slot()
+  // LRU list links (head only), guarded by PhysMem's LRU lock; meaningful with kFolioLru.
+  Folio* lru_prev_ = nullptr;
+  Folio* lru_next_ = nullptr;
 
   std::atomic<int32_t> refcount_{0};
   std::atomic<int32_t> mapcount_{0};         // PTE mappings of this page
@@ -268,6 +285,12 @@ class PhysMem {
     // vm.nr_hugepages: how many 2 MiB hugetlb pages MAP_HUGETLB may use at most (the
     // oracle machine has 16). Taken from RAM only when reserved or faulted (see below).
     uint64_t hugetlb_pages = 16;
+    // Reclaim (vmscan.cc). swap_slots: pages the in-memory swap device holds (0: a machine
+    // without swap; only lazily freed pages can then be reclaimed). memory_limit_pages: RAM
+    // frames that may be in use at once (0: all of ram_bytes); an allocation past the limit
+    // fails, or reclaims first where the caller may sleep (folio_alloc_reclaim).
+    uint64_t swap_slots = 0;
+    uint64_t memory_limit_pages = 0;
   };
 
   // Returns the arena, -EINVAL for a bad size, -ENOMEM if the host refuses the memory.
@@ -280,6 +303,13 @@ class PhysMem {
   // Returns nullptr when memory is exhausted or an injected failure fires ("mm.alloc_folio"
   // for order 0, "mm.alloc_folio_thp" for kPmdOrder). Never sleeps.
   Folio* folio_alloc(unsigned order, bool zero = true);
+  // folio_alloc for a context that may sleep and reclaim (the GFP_KERNEL faults): when the
+  // allocation fails for want of memory (not an injected failure), direct reclaim frees up to
+  // 32 pages from the LRU (shrink_lru) and the allocation is retried, a bounded number of
+  // times. Context: no spin lock held (asserted), no folio lock, not the rmap walk lock; the
+  // mmap lock of the faulting address space may be held (read) - reclaim never takes an mmap
+  // lock, it reaches other address spaces through the reverse map. nullptr: OOM.
+  Folio* folio_alloc_reclaim(unsigned order, bool zero = true);
 
   Folio* pfn_to_page(Pfn pfn);   // descriptor of the frame (nullptr outside every range)
   Folio* folio_of(Pfn pfn);      // head descriptor of the folio holding the frame
@@ -301,6 +331,29 @@ class PhysMem {
 
   uint64_t ram_pages() const { return ram_pages_; }
   uint64_t free_pages() const;
+  // RAM frames in use (allocated folios, hugetlb reservations), what memory_limit_pages bounds.
+  uint64_t used_pages() const;
+
+  // ---- reclaim (vmscan.cc; design in docs/reclaim.md) ----
+  // The LRU: anonymous folios (small and THP, not zone-device, not hugetlb, not the zero
+  // folios) join the inactive list when first mapped (page_add_rmap_pte /
+  // folio_add_rmap_pmd) and leave it when freed; reclaim isolates them off it. Leaf lock.
+  void lru_add(Folio* folio);      // no-op when ineligible or already on it
+  void lru_del(Folio* folio);      // no-op when not on it
+  void folio_deactivate(Folio* folio);  // MADV_COLD: to the inactive list, unreferenced
+  struct LruCounts {
+    uint64_t active = 0;
+    uint64_t inactive = 0;
+  };
+  LruCounts lru_counts() const;
+  // Reclaims up to nr pages from the LRU tails (shrink_inactive_list / shrink_active_list):
+  // ages references through the reverse map, swaps anonymous pages out, discards lazily freed
+  // clean ones. Returns the pages freed. Context as folio_alloc_reclaim. Every folio is only
+  // trylocked; busy, pinned and large folios (THP reclaim from the LRU is not modelled: see
+  // docs/reclaim.md) are skipped.
+  uint64_t shrink_lru(uint64_t nr);
+  // The swap device (slots, counts, swap cache). Exists with zero slots too.
+  SwapArea& swap() { return *swap_; }
 
   // ---- hugetlb pool (mm/hugetlb.c's hstate for 2 MiB pages) ----
   // Decision: the pool is a limit of config().hugetlb_pages pages, not memory set aside at
@@ -372,6 +425,10 @@ class PhysMem {
 
   StatCounter stat_alloc_order0, stat_alloc_thp, stat_alloc_fail, stat_free_pages;
   StatCounter stat_split_migrating;  // large folios split during a migration (seed 003)
+  // Reclaim: pages written to swap, read back, dropped clean (a swap-cache page whose slot
+  // still holds its bytes), lazily freed pages discarded, folios scanned / activated.
+  StatCounter stat_pswpout, stat_pswpin, stat_reclaim_clean, stat_reclaim_lazyfree;
+  StatCounter stat_reclaim_scanned, stat_reclaim_activate, stat_direct_reclaim;
 
  private:
   explicit PhysMem(const Config& config);
@@ -380,6 +437,28 @@ class PhysMem {
   friend int split_folio_exclusive(AddressSpace&, Folio*);
   friend int split_migrating_folio(Folio*, int);
   void free_folio(Folio* folio);  // refcount reached zero
+  Folio* alloc_frames(unsigned order, bool zero);  // folio_alloc without the injection point
+  // The LRU (see lru_add). Intrusive doubly linked lists through Folio::lru_prev_/lru_next_.
+  struct LruList {
+    Folio* head = nullptr;  // most recently added
+    Folio* tail = nullptr;  // oldest: reclaim scans from here
+    uint64_t nr = 0;
+  };
+  void lru_link_locked(Folio* folio, bool active) GPUSVM_REQUIRES(lru_lock_);
+  void lru_unlink_locked(Folio* folio) GPUSVM_REQUIRES(lru_lock_);
+  std::vector<Folio*> lru_isolate(bool active, uint64_t nr);
+ public:
+  // folio_isolate_lru for a folio the caller references: false if another reclaimer has it
+  // isolated; else it is off the lists and the caller's reference is the isolation's.
+  bool lru_isolate_folio(Folio* folio);
+  // Puts an isolated folio back (if still eligible: mapped anon) and drops the isolation's
+  // reference.
+  void lru_putback(Folio* folio, bool active);
+ private:
+  void shrink_active(uint64_t nr);
+  mutable SpinLock lru_lock_{&kLruLockClass};
+  LruList lru_[2] GPUSVM_GUARDED_BY(lru_lock_);  // [0] inactive, [1] active
+  std::unique_ptr<SwapArea> swap_;
   void deferred_split_remove(Folio* folio);
 
   const Config config_;

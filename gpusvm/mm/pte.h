@@ -31,6 +31,7 @@ enum class SoftLeafType : uint8_t {
   kDevicePrivateRead = 4,       // the page lives in device-private memory, read-only mapping
   kDevicePrivateWrite = 5,      // ... writable mapping
   kDeviceExclusive = 6,         // a device holds exclusive (atomic) access to the page
+  kSwap = 7,                    // the page was swapped out: the pfn field holds the swap slot
 };
 
 namespace pte_bits {
@@ -113,6 +114,11 @@ class Pte {
   constexpr bool is_device_exclusive() const {
     return soft_leaf_type() == SoftLeafType::kDeviceExclusive;
   }
+  // A swap entry (swap.h): no page behind it, the pfn field is the slot of the swap area.
+  // Only PTEs hold them (a PMD-mapped THP is split before it is swapped out).
+  static constexpr Pte make_swap(uint64_t slot) { return make_soft_leaf(SoftLeafType::kSwap, slot); }
+  constexpr bool is_swap() const { return soft_leaf_type() == SoftLeafType::kSwap; }
+  constexpr uint64_t swap_slot() const { return pfn(); }
   // Write permission a soft leaf carries (migration write, device-private write).
   constexpr bool soft_leaf_write() const {
     SoftLeafType t = soft_leaf_type();

@@ -28,13 +28,24 @@ void maybe_deferred_split(Folio* head) {
   }
 }
 
+// folio_add_lru at the first mapping of an anonymous RAM folio (the kernel adds new folios
+// where it maps them: do_anonymous_page, do_swap_page, wp_page_copy, migration, collapse; one
+// hook here covers them all). One flag test when the folio is on the LRU already.
+void maybe_lru_add(Folio* head) {
+  if (head->pagemap() || !head->test(kFolioAnon) || head->test(kFolioLru)) return;
+  head->mem()->lru_add(head);
+}
+
 }  // namespace
 
 void page_add_rmap_pte(Folio* page, AddressSpace* mm, Va va) {
   Folio* head = page->head();
   page->mapcount_.fetch_add(1, std::memory_order_acq_rel);
-  SpinLockGuard g(&head->rmap_lock_);
-  head->rmap_.push_back(RmapItem{mm, va, static_cast<uint32_t>(page->page_index()), false});
+  {
+    SpinLockGuard g(&head->rmap_lock_);
+    head->rmap_.push_back(RmapItem{mm, va, static_cast<uint32_t>(page->page_index()), false});
+  }
+  maybe_lru_add(head);
 }
 
 void page_remove_rmap_pte(Folio* page, AddressSpace* mm, Va va) {
@@ -116,8 +127,11 @@ std::vector<RmapItem> folio_take_migration_items(Folio* folio) {
 
 void folio_add_rmap_pmd(Folio* folio, AddressSpace* mm, Va haddr) {
   folio->entire_mapcount_.fetch_add(1, std::memory_order_acq_rel);
-  SpinLockGuard g(&folio->rmap_lock_);
-  folio->rmap_.push_back(RmapItem{mm, haddr, 0, true});
+  {
+    SpinLockGuard g(&folio->rmap_lock_);
+    folio->rmap_.push_back(RmapItem{mm, haddr, 0, true});
+  }
+  maybe_lru_add(folio);
 }
 
 void folio_remove_rmap_pmd(Folio* folio, AddressSpace* mm, Va haddr) {

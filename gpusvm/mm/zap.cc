@@ -3,6 +3,7 @@
 
 #include "gpusvm/mm/devmap.h"
 #include "gpusvm/mm/mm_internal.h"
+#include "gpusvm/mm/swap.h"
 
 namespace gpusvm::mm {
 namespace {
@@ -16,7 +17,17 @@ class PutBatch {
   ~PutBatch() {
     // page->head(), not a head saved earlier: each reference belongs to the folio that holds
     // this page when it is dropped.
-    for (Folio* p : pages_) p->head()->put();
+    for (Folio* p : pages_) {
+      Folio* head = p->head();
+      // free_swap_cache (free_pages_and_swap_cache): a swap-cache folio nothing maps any more
+      // and no swap entry names leaves the cache, so exit and munmap give its frame back.
+      if (head->test(kFolioSwapCache) && !head->mapped() && folio_trylock(head)) {
+        Folio* cached = head->mem()->swap().release_if_unused(head);
+        folio_unlock(head);
+        if (cached) cached->put();
+      }
+      head->put();
+    }
   }
 
  private:
@@ -44,6 +55,12 @@ void zap_one_pte(AddressSpace& mm, Pte pte, Va va, PutBatch& puts)
     Folio* page = mem->pfn_to_page(pte.pfn());
     page_remove_rmap_pte(page, &mm, va);
     puts.add(page);
+  }
+  if (pte.is_swap()) {
+    // free_swap_and_cache: the slot loses this entry; a cached folio nobody maps any more
+    // leaves the swap cache, its reference dropped with the others after the PTL.
+    if (Folio* cached = mem->swap().free_entry(pte.swap_slot())) puts.add(cached);
+    return;
   }
   if (pte.is_migration()) {
     // The entry's migration record goes with it: the migration must not look for the entry

@@ -81,8 +81,10 @@ struct World {
 // Sets up the region and both devices. Returns false (with a failure) if the machine could
 // not be built.
 bool make_world(World& w) {
-  w.mem = make_mem(64ULL << 20);
-  if (!w.mem) return false;
+  // With a swap device, for the madv_pageout_page op.
+  Result<std::unique_ptr<PhysMem>> mem = PhysMem::create({.ram_bytes = 64ULL << 20, .swap_slots = 64});
+  if (!mem) return false;
+  w.mem = std::move(*mem);
   w.free_at_start = w.mem->free_pages();
   w.as = make_as(w.mem.get());
   w.dev = std::make_unique<TestDevice>(w.mem.get(), kDevPages);
@@ -194,6 +196,10 @@ std::vector<Op> ops() {
        [](World& w) { w.want.word0[kOpPage] = w.want.word1[kOpPage] = 0; }},
       {"madv_free_page", [](World& w) { (void)w.as->madvise(w.page(kOpPage), kPageSize, MADV_FREE); },
        [](World& w) { w.want.zero_or_same[kOpPage] = true; }},
+      // Reclaim in the window: the page is swapped out (its THP split first) if only this
+      // process maps it and it is present; its bytes must come back either way.
+      {"madv_pageout_page", [](World& w) { (void)w.as->madvise(w.page(kOpPage), kPageSize, MADV_PAGEOUT); },
+       [](World&) {}},
       {"mprotect_read", [](World& w) { (void)w.as->mprotect(w.page(kOpPage), 2 * kPageSize, PROT_READ); },
        [](World&) {}},
       {"mremap_second_thp",
