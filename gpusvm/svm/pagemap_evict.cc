@@ -68,7 +68,7 @@ int evict_to_ram(Devmem* devmem) {
     if (err) break;
     g_sp_evict_collected.reach();
     uint64_t mpages = 0;
-    err = populate_ram_pfn(mem, nullptr, src.data(), dst.data(), npages, &mpages);
+    err = populate_ram_pfn(mem, devmem, src.data(), dst.data(), npages, &mpages);
     if (!err && mpages) err = copy_back(mem, devmem, src.data(), dst.data(), npages);
     if (err) unlock_put_pages(mem, dst.data(), npages);
     mm::migrate_device_pages(mem, src.data(), dst.data(), npages);
@@ -116,7 +116,7 @@ mm::VmFault pagemap_migrate_to_ram(const mm::VmFaultInfo& vmf) {
   mm::PhysMem* mem = as->mem();
   uint64_t mpages = 0;
   // Only this allocation's pages move (the window may hold a peer's pages of our owner).
-  int err = populate_ram_pfn(mem, zdd, src.data(), dst.data(), npages, &mpages);
+  int err = populate_ram_pfn(mem, devmem, src.data(), dst.data(), npages, &mpages);
   if (!err) err = copy_back(mem, devmem, src.data(), dst.data(), npages);
   if (err) unlock_put_pages(mem, dst.data(), npages);
   m.mm->mmap_assert_locked();

@@ -242,12 +242,13 @@ void unlock_put_pages(mm::PhysMem* mem, uint64_t* dst, uint64_t npages) {
   }
 }
 
-int populate_ram_pfn(mm::PhysMem* mem, const PagemapZdd* only, const uint64_t* src, uint64_t* dst,
+int populate_ram_pfn(mm::PhysMem* mem, const Devmem* devmem, const uint64_t* src, uint64_t* dst,
                      uint64_t npages, uint64_t* mpages) {
   *mpages = 0;
   for (uint64_t i = 0; i < npages;) {
     mm::Folio* s = (src[i] & mm::MIGRATE_PFN_MIGRATE) ? mpfn_folio(mem, src[i]) : nullptr;
-    if (!s || (only && page_zdd(s) != only)) {
+    const PagemapZdd* zdd = s ? page_zdd(s) : nullptr;
+    if (!zdd || zdd->devmem != devmem) {
       i++;
       continue;
     }

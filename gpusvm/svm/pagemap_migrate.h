@@ -33,9 +33,10 @@ void unmap_pages(mm::PhysMem* mem, Device* dev, PagemapAddr* addrs, const uint64
 void unlock_put_pages(mm::PhysMem* mem, uint64_t* dst, uint64_t npages);
 
 // Allocates a locked system folio of the source's order for every collected device page in
-// src that belongs to `only` (any allocation when null). Returns 0 or -ENOMEM (nothing kept).
-// Sets *mpages to the pages allocated.
-int populate_ram_pfn(mm::PhysMem* mem, const struct PagemapZdd* only, const uint64_t* src, uint64_t* dst,
+// src that belongs to `devmem` (others - a peer's pages in a fault window, frames reused by a
+// new allocation - get none and stay). Returns 0 or -ENOMEM (nothing kept). Sets *mpages to
+// the pages allocated.
+int populate_ram_pfn(mm::PhysMem* mem, const Devmem* devmem, const uint64_t* src, uint64_t* dst,
                      uint64_t npages, uint64_t* mpages);
 
 // dev_pagemap_ops.migrate_to_ram of every svm device page (pagemap_evict.cc).

@@ -63,22 +63,27 @@ TestDevmem* TestVram::alloc_devmem(mm::AddressSpace* as, uint64_t size, std::sha
   {
     SpinLockGuard g(&lock_);
     const uint64_t total = used_.size();
-    if (n % kPagesPerPmd == 0) {
-      // Whole free aligned blocks, lowest first.
-      for (uint64_t b = 0; b < total && pfns.size() < n; b += kPagesPerPmd) {
-        bool free = true;
-        for (uint64_t j = 0; j < kPagesPerPmd && free; j++) free = !used_[b + j];
-        if (!free) continue;
-        for (uint64_t j = 0; j < kPagesPerPmd; j++) pfns.push_back(b + j);
+    // Whole free aligned blocks for each full 2 MiB, lowest first...
+    for (uint64_t b = 0; b < total && pfns.size() + kPagesPerPmd <= n && !fragmented; b += kPagesPerPmd) {
+      bool free = true;
+      for (uint64_t j = 0; j < kPagesPerPmd && free; j++) free = !used_[b + j];
+      if (!free) continue;
+      for (uint64_t j = 0; j < kPagesPerPmd; j++) {
+        pfns.push_back(b + j);
+        used_[b + j] = true;
       }
-    } else {
-      // Single pages, highest first, so that small allocations break few blocks.
-      for (uint64_t i = total; i-- > 0 && pfns.size() < n;) {
-        if (!used_[i]) pfns.push_back(i);
-      }
-      std::sort(pfns.begin(), pfns.end());
     }
-    if (pfns.size() < n) return nullptr;
+    // ... then single pages, highest first, so that small allocations break few blocks.
+    std::vector<mm::Pfn> small;
+    for (uint64_t i = total; i-- > 0 && pfns.size() + small.size() < n;) {
+      if (!used_[i]) small.push_back(i);
+    }
+    if (!fragmented) std::sort(small.begin(), small.end());  // fragmented: not even contiguous
+    pfns.insert(pfns.end(), small.begin(), small.end());
+    if (pfns.size() < n) {
+      for (mm::Pfn p : pfns) used_[p] = false;
+      return nullptr;
+    }
     for (mm::Pfn& p : pfns) {
       used_[p] = true;
       p += dpm_->first_pfn();

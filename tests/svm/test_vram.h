@@ -1,8 +1,7 @@
 // TestVram: a small device-memory double for the provider tests (a driver's VRAM manager,
 // written in the test folder). It owns an mm::DevPagemap with storage (so copies are real
 // memcpy of real bytes), a Device, the svm Pagemap over it (holding the driver's reference),
-// and a bitmap allocator handing out allocations as whole aligned 2 MiB blocks (sizes that
-// are multiples of 2 MiB) or 4 KiB pages. It implements PagemapOps and DevmemOps, with
+// and a bitmap allocator handing out allocations as aligned 2 MiB blocks and 4 KiB pages. It implements PagemapOps and DevmemOps, with
 // failure injection for every op (fail the nth call from arming).
 #pragma once
 
@@ -69,8 +68,8 @@ class TestVram final : public PagemapOps, public DevmemOps {
   mm::DevPagemap* dev_pagemap() { return dpm_.get(); }
   mm::PhysMem* mem() { return mem_; }
 
-  // A new allocation of `size` bytes (2 MiB blocks when size is a multiple of 2 MiB, else
-  // 4 KiB pages), or nullptr when the memory is exhausted. Owned by the VRAM (kept until its
+  // A new allocation of `size` bytes (a free aligned 2 MiB block for each full 2 MiB while
+  // there is one, 4 KiB pages for the rest), or nullptr when the memory is exhausted. Owned by the VRAM (kept until its
   // destruction, so an evict_to_ram after release still sees valid memory).
   TestDevmem* alloc_devmem(mm::AddressSpace* as, uint64_t size, std::shared_ptr<Fence> fence = nullptr);
   uint64_t free_pages() const;
@@ -80,6 +79,8 @@ class TestVram final : public PagemapOps, public DevmemOps {
   // Devices that reach this memory over an interconnect (device_map succeeds for them).
   void add_peer(Device* dev) { peers_.insert(dev); }
 
+  // A fragmented VRAM: allocations get 4 KiB pages only (so THPs get small destinations).
+  std::atomic<bool> fragmented{false};
   FailAt fail_populate, fail_copy_to_devmem, fail_copy_to_ram, fail_device_map;
   std::atomic<int> copies_to_devmem{0}, copies_to_ram{0}, released{0}, destroyed{0};
   std::atomic<int64_t> live_device_maps{0};
