@@ -5,7 +5,10 @@
 #include <cstring>
 #include <utility>
 
+#include <fmt/format.h>
+
 #include "gpusvm/base/errno.h"
+#include "gpusvm/mm/page_state.h"
 
 namespace gpusvm::bench {
 
@@ -448,6 +451,53 @@ int BenchGpu::gpu_store(Va addr, uint64_t value) {
   std::memcpy(opts_.vram ? opts_.vram->bytes(a) : as_->mem()->ram_data(a >> kPageShift) + (a & (kPageSize - 1)),
               &value, sizeof(value));
   return 0;
+}
+
+uint64_t BenchGpu::check_ptes(std::string* first) {
+  MutexLock g(&vm_lock_);
+  // Copy the valid PTEs out under the notifier lock, compare after it (query_page takes the
+  // mmap lock, which ranks above the notifier lock).
+  struct Seen {
+    Va va;
+    svm::DmaAddr addr;
+    bool write;
+  };
+  std::vector<Seen> seen;
+  {
+    ReadLock nl(&gpusvm_->notifier_lock());
+    for (auto& [start, b] : pt_) {
+      Va va = start;
+      for (const GpuPte& p : b.ptes) {
+        const uint64_t n = uint64_t{1} << p.order;
+        if (p.valid) {
+          for (uint64_t k = 0; k < n; k++) seen.push_back({va + (k << kPageShift), p.addr + (k << kPageShift), p.write});
+        }
+        va += n << kPageShift;
+      }
+    }
+  }
+  uint64_t bad = 0;
+  for (const Seen& e : seen) {
+    const mm::PageState st = mm::query_page(*as_, e.va);
+    mm::Pfn pfn = st.pfn;
+    // query_page gives the head pfn for a PMD-level device-private entry: offset it.
+    if (st.kind == mm::PageKind::kSoftLeaf && st.large && pfn % kPagesPerPmd == 0) {
+      pfn += (e.va & (mm::kPmdSize - 1)) >> kPageShift;
+    }
+    const bool present = st.kind == mm::PageKind::kSmall || st.kind == mm::PageKind::kThpPte ||
+                         st.kind == mm::PageKind::kThpPmd ||
+                         (st.kind == mm::PageKind::kSoftLeaf && (st.leaf == mm::SoftLeafType::kDevicePrivateRead ||
+                                                           st.leaf == mm::SoftLeafType::kDevicePrivateWrite));
+    const bool same = present && (pfn << kPageShift) == e.addr;
+    const bool write_ok = !e.write || st.writable;
+    if (!same || !write_ok) {
+      if (bad++ == 0 && first) {
+        *first = fmt::format("GPU PTE at {:#x} -> {:#x}{} but the CPU has {} pfn {:#x}{}", e.va, e.addr,
+                             e.write ? " (write)" : "", mm::page_kind_name(st.kind), pfn, st.writable ? " (write)" : "");
+      }
+    }
+  }
+  return bad;
 }
 
 void BenchGpu::unbind_all() {

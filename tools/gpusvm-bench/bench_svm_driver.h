@@ -172,6 +172,11 @@ class BenchGpu : public svm::GpusvmOps {
   // it. Takes vm_lock and the notifier lock (read).
   Result<uint64_t> gpu_load(mm::Va addr);
   [[nodiscard]] int gpu_store(mm::Va addr, uint64_t value);
+  // Checks every valid GPU PTE against the CPU page table (call when nothing runs: no CPU
+  // or GPU activity in flight): the CPU maps that address to the same frame (system pages)
+  // or to a device-private entry of the same frame (device pages), writable if the PTE is.
+  // Returns the mismatches; *first describes the first one. Takes vm_lock.
+  uint64_t check_ptes(std::string* first);
   // Removes every range (zap, evict what a partial unmap left, remove). Takes vm_lock.
   void unbind_all();
   // Runs the garbage collector. Takes vm_lock. Returns the ranges removed.
