@@ -380,14 +380,20 @@ void Gpusvm::notifier_invalidate(Notifier* notifier, mm::MmuIntervalNotifier* n,
   for (auto it = first; it != notifier->ranges_.end() && it->first < end; ++it) {
     it->second->stats_.invalidations.add();
   }
+  // The driver's own migration (tagged with its owner) needs no device work when it zapped
+  // and unmapped the ranges before migrating, as a driver does. The skip is decided here and
+  // not trusted blindly: the same owner tags a CPU fault's migrate_to_ram of our device
+  // pages, which the GPU may still map. Every committed GPU PTE has a mapped Pages behind it
+  // (the commit checks pages_valid under this lock; invalidate zaps before it unmaps), so
+  // "no intersecting Pages is mapped" means "no PTE to zap".
+  bool mapped = false;
   if (own_migrate) {
-    // The driver's own migration zapped its PTEs before migrating; the helper still drops
-    // the mappings so no array outlives the source pages and pages_valid() turns false.
-    for (auto it = first; it != notifier->ranges_.end() && it->first < end; ++it) {
-      // The array stays allocated (freed by the next get_pages or free_pages): only its
-      // mappings go, as unmap_pages in a notifier does.
-      for (auto& p : it->second->pages_) unmap_pages_locked(p.get());
+    for (auto it = first; it != notifier->ranges_.end() && it->first < end && !mapped; ++it) {
+      for (auto& p : it->second->pages_) mapped |= p->has_dma_mapping();
     }
+  }
+  if (own_migrate && !mapped) {
+    skipped_invalidations_.add();
   } else {
     cfg_.ops->invalidate(this, notifier, range);
   }

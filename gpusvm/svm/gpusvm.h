@@ -239,9 +239,11 @@ struct GpusvmConfig {
   // The driver's range lock (drm_gpusvm_driver_set_lock): any gpusvm lock (Mutex, RwLock),
   // asserted held by the calls documented so. Null: not checked.
   const void* driver_lock = nullptr;
-  // The device-private owner of this VM's own migrations: MIGRATE invalidations tagged with
-  // it skip the driver's invalidate (the migrating driver zapped its PTEs already) but still
-  // bump the sequence and unmap the pages. Null: every MIGRATE event is passed on.
+  // The device-private owner of this VM's own migrations: a MIGRATE invalidation tagged with
+  // it skips the driver's invalidate when no Pages of the ranges it covers is mapped (the
+  // migrating driver zapped and unmapped first), yet still bumps the sequence, so a get_pages
+  // in flight retries. A mapped range still gets the driver's invalidate: the same owner tags
+  // a CPU fault's migrate_to_ram of our pages. Null: every MIGRATE event is passed on.
   const void* migrate_owner = nullptr;
 };
 
@@ -363,6 +365,9 @@ class Gpusvm {
   // Whole-Gpusvm statistics.
   uint64_t nr_ranges() const { return nr_ranges_.load(std::memory_order_relaxed); }
   uint64_t nr_notifiers() const { return nr_notifiers_.load(std::memory_order_relaxed); }
+  // Owner-tagged MIGRATE invalidations of this VM's own migrations that needed no driver
+  // invalidate (see GpusvmConfig::migrate_owner).
+  uint64_t skipped_invalidations() const { return skipped_invalidations_.get(); }
 
  private:
   explicit Gpusvm(GpusvmConfig config) : cfg_(std::move(config)) {}
@@ -409,6 +414,7 @@ class Gpusvm {
   Range* gc_head_ GPUSVM_GUARDED_BY(notifier_lock_) = nullptr;
   std::atomic<uint64_t> nr_ranges_{0};
   std::atomic<uint64_t> nr_notifiers_{0};
+  StatCounter skipped_invalidations_;
 };
 
 }  // namespace gpusvm::svm

@@ -2,7 +2,9 @@
 
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <cstring>
+#include <thread>
 #include <utility>
 
 #include "gpusvm/base/errno.h"
@@ -11,14 +13,16 @@
 namespace gpusvm::svm::testing {
 
 TestGpu::TestGpu(mm::AddressSpace* as, Options opts, int* rc) : as_(as), opts_(std::move(opts)) {
-  for (int i = 0; i < opts_.devices; i++) {
+  device_ptrs_ = opts_.use_devices;
+  for (int i = static_cast<int>(device_ptrs_.size()); i < opts_.devices; i++) {
     devices_.push_back(std::make_unique<Device>(opts_.name + "." + std::to_string(i)));
+    device_ptrs_.push_back(devices_.back().get());
   }
   GpusvmConfig cfg{.name = opts_.name, .as = as, .mm_start = opts_.mm_start,
                    .mm_range = opts_.mm_range, .notifier_size = opts_.notifier_size, .ops = this,
                    .chunk_sizes = opts_.chunk_sizes, .driver_lock = &vm_lock_,
                    .migrate_owner = opts_.owner};
-  for (auto& d : devices_) cfg.devices.push_back(d.get());
+  cfg.devices = device_ptrs_;
   Result<std::unique_ptr<Gpusvm>> g = Gpusvm::init(std::move(cfg));
   *rc = g.error();
   if (g) gpusvm_ = std::move(*g);
@@ -125,6 +129,9 @@ int TestGpu::fault(mm::Va addr, bool write, Ctx ctx) {
       continue;
     }
     if (rc != 0) return rc;
+    if (const int us = commit_delay_us.load(std::memory_order_relaxed)) {
+      std::this_thread::sleep_for(std::chrono::microseconds(us));
+    }
     rc = commit(range, write);
     if (rc == -EAGAIN) {
       eagain.fetch_add(1, std::memory_order_relaxed);

@@ -48,13 +48,15 @@ class TestGpu : public GpusvmOps {
     std::vector<uint64_t> chunk_sizes;  // empty: default
     const void* owner = nullptr;        // device-private owner / migrate owner
     int devices = 1;                    // Pages objects per range
+    // Devices to use instead of creating them (a VRAM's own device, so device_map is local).
+    std::vector<Device*> use_devices;
   };
   // Creates the Gpusvm; *rc gets its init result.
   TestGpu(mm::AddressSpace* as, Options opts, int* rc);
   ~TestGpu() override;
 
   Gpusvm* gpusvm() { return gpusvm_.get(); }
-  Device* device(int i = 0) { return devices_[i].get(); }
+  Device* device(int i = 0) { return device_ptrs_[i]; }
   Mutex& vm_lock() { return vm_lock_; }
 
   // The GPU page fault (xe_svm_handle_pagefault shape). 0 or a negative errno. Takes vm_lock.
@@ -77,6 +79,8 @@ class TestGpu : public GpusvmOps {
   // GpusvmOps.
   void invalidate(Gpusvm* gpusvm, Notifier* notifier, const mm::MmuNotifierRange& range) override;
 
+  // Sleep between get_pages and the commit (widens the window races hit).
+  std::atomic<int> commit_delay_us{0};
   std::atomic<uint64_t> invalidations{0};
   std::atomic<uint64_t> commits{0};
   std::atomic<uint64_t> eagain{0};
@@ -93,6 +97,7 @@ class TestGpu : public GpusvmOps {
   const Options opts_;
   Mutex vm_lock_{&kGpusvmDriverLockClass};
   std::vector<std::unique_ptr<Device>> devices_;
+  std::vector<Device*> device_ptrs_;
   std::unique_ptr<Gpusvm> gpusvm_;
   // The GPU page table, by range start (see the file comment for its locking).
   std::map<mm::Va, GpuPteBlock> ptes_;
