@@ -10,6 +10,7 @@
 #include <atomic>
 #include <cstdint>
 
+#include "gpusvm/base/log.h"
 #include "gpusvm/svm/devmem.h"
 
 namespace gpusvm::svm {
@@ -21,9 +22,12 @@ void devmem_detach(Devmem* devmem, bool from_reclaim);
 struct PagemapZdd {
   explicit PagemapZdd(Devmem* d) : devmem(d) {}
   void get() { refcount.fetch_add(1, std::memory_order_relaxed); }  // caller holds one
-  // Never sleeps (the release path is folio_free-safe).
+  // Never sleeps (the release path is folio_free-safe). An unbalanced put panics (kref's
+  // underflow warning), so a missing get shows up as the second put, not as silence.
   void put(bool from_reclaim) {
-    if (refcount.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+    const int64_t old = refcount.fetch_sub(1, std::memory_order_acq_rel);
+    if (old <= 0) panic("svm: zdd reference underflow");
+    if (old != 1) return;
     devmem_detach(devmem, from_reclaim);
     delete this;
   }

@@ -43,6 +43,40 @@ TEST_F(PagemapTest, LastPutFromTheDriverDestroysInline) {
   EXPECT_EQ(vram->destroy_tid.load(), current_tid());
 }
 
+TEST_F(PagemapTest, PagemapRefCountsAndReleases) {
+  Pagemap* pm = vram->pagemap();
+  {
+    PagemapRef a = PagemapRef::get(pm);
+    EXPECT_EQ(pm->refcount(), 2);
+    PagemapRef b = a;
+    EXPECT_EQ(pm->refcount(), 3);
+    PagemapRef c = std::move(b);
+    EXPECT_FALSE(b);
+    EXPECT_EQ(c.get(), pm);
+    EXPECT_EQ(pm->refcount(), 3);
+    c.reset();
+    EXPECT_EQ(pm->refcount(), 2);
+  }
+  EXPECT_EQ(pm->refcount(), 1);
+  EXPECT_EQ(vram->destroyed.load(), 0);
+  pm->get();
+  PagemapRef adopted = PagemapRef::adopt(pm);
+  EXPECT_EQ(pm->refcount(), 2);
+}
+
+// An address space that has exited: nothing to migrate into, the allocation is consumed.
+TEST_F(PagemapTest, ExitedAddressSpaceIsEfault) {
+  const Va va = map_anon(*as, 4 * kPageSize);
+  fill_bytes(*as, va, 4 * kPageSize, 9);
+  TestDevmem* dm = vram->alloc_devmem(as.get(), 4 * kPageSize);
+  as->exit();
+  EXPECT_EQ(migrate_to_devmem(dm, as.get(), va, va + 4 * kPageSize, {}), -EFAULT);
+  EXPECT_TRUE(dm->released());
+  EXPECT_EQ(vram->pagemap()->populate_mm(va, va + 4 * kPageSize, as.get(), 0), -EFAULT);
+  EXPECT_EQ(evict_to_ram(dm), 0);  // detached: nothing left to evict
+  EXPECT_EQ(vram->free_pages(), kVramPages);
+}
+
 // A CPU fault before the timeslice expires leaves the pages in device memory (upstream
 // returns without migrating and the access faults again) until the time is up.
 TEST_F(PagemapTest, TimesliceKeepsPagesUntilItExpires) {

@@ -108,6 +108,34 @@ TEST_F(PagemapTest, ThpSourceWithSmallDestinations) {
   EXPECT_TRUE(dm->released());
 }
 
+// A migration of part of a 2 MiB device folio: the walk splits the folio first (folio_split
+// gives each small folio its own reference on the allocation), finds every page already in
+// this pagemap and has nothing to do. The allocation then lives on in 512 small folios until
+// the last of them goes.
+TEST_F(PagemapTest, PartOfA2MiBDeviceFolioIsSplitAndStays) {
+  const Va va = map_anon(*as, kPmdSize, PROT_READ | PROT_WRITE, /*huge=*/true);
+  fill_bytes(*as, va, kPmdSize, 12);
+  ASSERT_EQ(migrate(va, kPmdSize), 0);
+  TestDevmem* old = last;
+  ASSERT_EQ(mem->folio_of(pfn_at(*as, va))->order(), mm::kPmdOrder);
+  const Va part = va + 32 * kPageSize;
+  ASSERT_EQ(migrate(part, 16 * kPageSize, MigrateDetails{.can_migrate_same_pagemap = true}), 0);
+  EXPECT_TRUE(last->released());  // not needed: consumed
+  EXPECT_EQ(mem->folio_of(pfn_at(*as, va))->order(), 0u);
+  EXPECT_EQ(device_bad_words(*as, *vram, va, kPmdSize, 12), 0u);
+  EXPECT_MM_CHECK_OK(*mem);
+  // Each small folio holds the allocation: freeing some of them does not release it.
+  ASSERT_EQ(as->munmap(part, 16 * kPageSize), 0);
+  EXPECT_FALSE(old->released());
+  EXPECT_EQ(device_bad_words(*as, *vram, va, 32 * kPageSize, 12), 0u);
+  EXPECT_EQ(cpu_bad_words(*as, va, 32 * kPageSize, 12), 0u);  // the fault takes the allocation back
+  EXPECT_EQ(evict_to_ram(old), 0);
+  EXPECT_TRUE(old->released());
+  EXPECT_EQ(cpu_bad_words(*as, part + 16 * kPageSize, kPmdSize - 48 * kPageSize, 12), 0u);
+  EXPECT_EQ(vram->free_pages(), kVramPages);
+  EXPECT_MM_CHECK_OK(*mem);
+}
+
 TEST_F(PagemapTest, HolesAreZeroFilled) {
   const uint64_t len = 16 * kPageSize;
   const Va va = map_anon(*as, len);
@@ -222,8 +250,13 @@ TEST_F(PagemapTest, PreMigrateFenceOrdersTheCopy) {
   const Va va = map_anon(*as, len);
   fill_bytes(*as, va, len, 10);
   auto fence = std::make_shared<Fence>();
+  // Signalled only once the copy is waiting for it (bounded), so the order is certain.
   std::thread signaller([&] {
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    while (vram->copies_before_fence.load() == 0 && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    EXPECT_EQ(vram->copies_to_devmem.load(), 0) << "copied before the fence signalled";
     fence->signal();
   });
   EXPECT_EQ(migrate(va, len, {}, nullptr, fence), 0);
