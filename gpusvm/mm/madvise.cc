@@ -35,6 +35,54 @@ bool folio_maybe_mapped_shared(Folio* folio, const AddressSpace* mm) {
   return false;
 }
 
+// The PTE walk MADV_FREE, MADV_COLD and MADV_PAGEOUT share (their *_pte_range in Linux):
+// for each present page of [addr, next) (inside the 2 MiB of `slot`) whose folio `want`
+// accepts, a large folio only this mm maps in this table is split first (split_folio_exclusive,
+// with the PTE lock dropped) and its pages looked at again; one that cannot be split is left
+// alone. Each small folio only this mm maps goes to page_fn(t, index, pte, folio) under the PTE
+// lock; after_unlock() runs after each PTE-lock hold, with no page-table lock held. mmap lock
+// held (read suffices).
+template <typename Want, typename PageFn, typename AfterUnlock>
+void for_each_exclusive_small_page(AddressSpace& mm, PmdSlot slot, Va addr, Va next, Want&& want,
+                                   PageFn&& page_fn, AfterUnlock&& after_unlock)
+    GPUSVM_REQUIRES_SHARED(mm.mmap_lock()) {
+  PhysMem* mem = mm.mem();
+  PageTable& pt = mm.page_table();
+  Folio* unsplittable = nullptr;
+  for (Va va = addr; va < next;) {
+    PteTable* t = pt.pte_offset_map_lock(slot);
+    if (!t) break;
+    t->ptl.assert_held();  // locked by pte_offset_map_lock, which the analysis cannot follow
+    Folio* split = nullptr;
+    for (; va < next; va += kPageSize) {
+      const unsigned i = pte_index(va);
+      const Pte pte = t->get(i);
+      if (!pte.present() || pte.special()) continue;
+      Folio* folio = mem->folio_of(pte.pfn());
+      if (!want(folio)) continue;
+      if (folio->large()) {
+        // Split it if only we map it (as Linux does), then look at this page again.
+        if (folio != unsplittable && folio_mapped_only_by(folio, &mm) &&
+            folio_splittable_here(mm, t, pmd_align_down(va), folio) && folio_trylock(folio)) {
+          folio->get();
+          split = folio;
+          break;
+        }
+        continue;
+      }
+      if (folio->total_mapcount() != 1) continue;  // folio_maybe_mapped_shared
+      page_fn(t, i, pte, folio);
+    }
+    PageTable::pte_unmap_unlock(t);
+    after_unlock();
+    if (split) {
+      if (split_folio_exclusive(mm, split) != 0) unsplittable = split;
+      folio_unlock(split);
+      split->put();
+    }
+  }
+}
+
 // madvise_free_huge_pmd for the huge leaf at slot, [addr, next) of its 2 MiB: returns true
 // when the PTE level must be walked next (the PMD was split because [addr, next) covers only
 // part of an exclusively mapped THP; the folio split follows there). A whole exclusive THP
@@ -69,48 +117,23 @@ bool madvise_free_huge_pmd(AddressSpace& mm, PmdSlot slot, Va addr, Va next)
 // mmap lock held (read suffices: only entries change, as in Linux).
 void madvise_free_range(AddressSpace& mm, Va start, Va end) GPUSVM_REQUIRES_SHARED(mm.mmap_lock()) {
   mm.mmap_assert_locked();
-  PhysMem* mem = mm.mem();
   PageTable& pt = mm.page_table();
   for (Va addr = start, next; addr < end; addr = next) {
     next = std::min(pmd_align_down(addr) + kPmdSize, end);
     PmdSlot slot = pt.pmd_lookup(addr);
     if (!slot) continue;
     if (slot.load_lockless().is_leaf() && !madvise_free_huge_pmd(mm, slot, addr, next)) continue;
-    Folio* unsplittable = nullptr;
-    for (Va va = addr; va < next;) {
-      PteTable* t = pt.pte_offset_map_lock(slot);
-      if (!t) break;
-      t->ptl.assert_held();  // locked by pte_offset_map_lock, which the analysis cannot follow
-      Folio* split = nullptr;
-      for (; va < next; va += kPageSize) {
-        const unsigned i = pte_index(va);
-        const Pte pte = t->get(i);
-        if (!pte.present() || pte.special()) continue;
-        Folio* folio = mem->folio_of(pte.pfn());
-        if (folio_is_zone_device(folio)) continue;  // device memory is never reclaimed lazily
-        if (folio->large()) {
-          // Part of a large folio: split it if only we map it (as Linux does), then look
-          // at this page again; a folio that cannot be split is left alone.
-          if (folio != unsplittable && folio_mapped_only_by(folio, &mm) &&
-              folio_splittable_here(mm, t, pmd_align_down(va), folio) && folio_trylock(folio)) {
-            folio->get();
-            split = folio;
-            break;
-          }
-          continue;
-        }
-        if (folio->total_mapcount() != 1) continue;
-        folio->clear(kFolioDirty);
-        folio->set(kFolioLazyfree);
-        t->set(i, pte.mkclean().mkold());
-      }
-      PageTable::pte_unmap_unlock(t);
-      if (split) {
-        if (split_folio_exclusive(mm, split) != 0) unsplittable = split;
-        folio_unlock(split);
-        split->put();
-      }
-    }
+    for_each_exclusive_small_page(
+        mm, slot, addr, next,
+        // device memory is never reclaimed lazily
+        [](Folio* folio) { return !folio_is_zone_device(folio); },
+        [&](PteTable* t, unsigned i, Pte pte, Folio* folio) {
+          t->ptl.assert_held();  // the walk calls this under the PTE lock
+          folio->clear(kFolioDirty);
+          folio->set(kFolioLazyfree);
+          t->set(i, pte.mkclean().mkold());
+        },
+        [] {});
   }
 }
 
@@ -160,45 +183,27 @@ void madvise_cold_or_pageout(AddressSpace& mm, Va start, Va end, bool pageout)
     PmdSlot slot = pt.pmd_lookup(addr);
     if (!slot) continue;
     if (slot.load_lockless().is_leaf() && !cold_or_pageout_huge_pmd(mm, slot, addr, next, pageout)) continue;
-    Folio* unsplittable = nullptr;
-    for (Va va = addr; va < next;) {
-      PteTable* t = pt.pte_offset_map_lock(slot);
-      if (!t) break;
-      t->ptl.assert_held();  // locked by pte_offset_map_lock, which the analysis cannot follow
-      Folio* split = nullptr;
-      std::vector<Folio*> reclaim;
-      for (; va < next; va += kPageSize) {
-        const unsigned i = pte_index(va);
-        const Pte pte = t->get(i);
-        if (!pte.present() || pte.special()) continue;
-        Folio* folio = mem->folio_of(pte.pfn());
-        if (folio_is_zone_device(folio) || !folio->test(kFolioAnon) || folio->test(kFolioShmem)) continue;
-        if (folio->large()) {
-          if (folio != unsplittable && folio_mapped_only_by(folio, &mm) &&
-              folio_splittable_here(mm, t, pmd_align_down(va), folio) && folio_trylock(folio)) {
-            folio->get();
-            split = folio;
-            break;
+    std::vector<Folio*> reclaim;
+    for_each_exclusive_small_page(
+        mm, slot, addr, next,
+        [](Folio* folio) {
+          return !folio_is_zone_device(folio) && folio->test(kFolioAnon) && !folio->test(kFolioShmem);
+        },
+        [&](PteTable* t, unsigned i, Pte pte, Folio* folio) {
+          t->ptl.assert_held();  // the walk calls this under the PTE lock
+          if (pte.young()) t->set(i, pte.mkold());
+          if (pageout) {
+            folio->get();  // the PTE's reference keeps it alive: the count is not zero
+            reclaim.push_back(folio);
+          } else {
+            mem->folio_deactivate(folio);
           }
-          continue;
-        }
-        if (folio->total_mapcount() != 1) continue;  // folio_maybe_mapped_shared
-        if (pte.young()) t->set(i, pte.mkold());
-        if (pageout) {
-          folio->get();  // the PTE's reference keeps it alive: the count is not zero
-          reclaim.push_back(folio);
-        } else {
-          mem->folio_deactivate(folio);
-        }
-      }
-      PageTable::pte_unmap_unlock(t);
-      if (!reclaim.empty()) (void)reclaim_pages(*mem, reclaim);  // no PTL held: reclaim sleeps
-      if (split) {
-        if (split_folio_exclusive(mm, split) != 0) unsplittable = split;
-        folio_unlock(split);
-        split->put();
-      }
-    }
+        },
+        [&] {
+          if (reclaim.empty()) return;
+          (void)reclaim_pages(*mem, reclaim);  // no PTL held: reclaim sleeps
+          reclaim.clear();
+        });
   }
 }
 
