@@ -50,8 +50,11 @@ TEST_F(PagemapTest, SecondMigrationOfACollectedRangeIsBusy) {
   cpu.join();
   EXPECT_EQ(rc1, 0);
   EXPECT_EQ(got, word_at(va + 3 * kPageSize, 1));
-  EXPECT_TRUE(first->released());  // the CPU fault brought the whole allocation back
+  // The fault may meet pages the migrator's finalize still holds locked and leave those in
+  // device memory (migrate_to_ram skips what it cannot lock); reading every page brings the
+  // rest back, and then nothing of the allocation is left.
   EXPECT_EQ(cpu_bad_words(*as, va, len, 1), 0u);
+  EXPECT_TRUE(first->released());
   EXPECT_MM_CHECK_OK(*mem);
 }
 
