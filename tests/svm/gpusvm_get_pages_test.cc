@@ -211,7 +211,7 @@ class Userptr : public mm::MmuIntervalNotifierOps {
 TEST_F(SvmGetPagesTest, PagesOnlyModeMapsWithTheCallersNotifier) {
   Result<std::unique_ptr<Gpusvm>> g = Gpusvm::init({.name = "userptr"});
   ASSERT_TRUE(g.ok());
-  Device dev("uptr");
+  Device dev("uptr", mem.get());
   Pages pages(&dev);
   Userptr ops(g->get(), &pages);
   const mm::Va v = map_at(kBase, 16 * k4K);

@@ -15,7 +15,7 @@ namespace gpusvm::svm::testing {
 TestGpu::TestGpu(mm::AddressSpace* as, Options opts, int* rc) : as_(as), opts_(std::move(opts)) {
   device_ptrs_ = opts_.use_devices;
   for (int i = static_cast<int>(device_ptrs_.size()); i < opts_.devices; i++) {
-    devices_.push_back(std::make_unique<Device>(opts_.name + "." + std::to_string(i)));
+    devices_.push_back(std::make_unique<Device>(opts_.name + "." + std::to_string(i), as_->mem()));
     device_ptrs_.push_back(devices_.back().get());
   }
   GpusvmConfig cfg{.name = opts_.name, .as = as, .mm_start = opts_.mm_start,

@@ -17,7 +17,7 @@ TestDevmem::TestDevmem(TestVram* vram, mm::AddressSpace* as, uint64_t size, std:
     : Devmem(vram->device(), as, vram, vram->pagemap(), size, std::move(fence)), pfns_(std::move(pfns)) {}
 
 TestVram::TestVram(mm::PhysMem* mem, uint64_t nr_pages, std::string name, const void* owner)
-    : mem_(mem), dev_(std::move(name)) {
+    : mem_(mem), dev_(std::move(name), mem) {
   Result<std::unique_ptr<mm::DevPagemap>> d =
       mm::DevPagemap::create(mem, nr_pages, owner ? owner : this, pagemap_dev_pagemap_ops(), /*storage=*/true);
   if (!d) return;

@@ -22,7 +22,7 @@ using mm::Va;
 BenchDevmem::BenchDevmem(BenchVram* vram, mm::AddressSpace* as, uint64_t size, std::vector<mm::Pfn> pfns)
     : Devmem(vram->device(), as, vram, vram->pagemap(), size), pfns_(std::move(pfns)) {}
 
-BenchVram::BenchVram(mm::PhysMem* mem, uint64_t nr_pages, std::string name) : mem_(mem), dev_(std::move(name)) {
+BenchVram::BenchVram(mm::PhysMem* mem, uint64_t nr_pages, std::string name) : mem_(mem), dev_(std::move(name), mem) {
   nr_pages_ = (nr_pages + kPagesPerPmd - 1) / kPagesPerPmd * kPagesPerPmd;
   Result<std::unique_ptr<mm::DevPagemap>> d =
       mm::DevPagemap::create(mem, nr_pages_, this, svm::pagemap_dev_pagemap_ops(), /*storage=*/true);
@@ -251,7 +251,7 @@ BenchGpu::BenchGpu(mm::AddressSpace* as, Options opts, int* rc) : as_(as), opts_
   if (opts_.vram) {
     dev_ = opts_.vram->device();  // device pages of its own vram map through device_map
   } else {
-    own_dev_ = std::make_unique<svm::Device>(opts_.name);
+    own_dev_ = std::make_unique<svm::Device>(opts_.name, as->mem());
     dev_ = own_dev_.get();
   }
   svm::GpusvmConfig cfg{.name = opts_.name, .as = as, .mm_start = opts_.mm_start, .mm_range = opts_.mm_range,

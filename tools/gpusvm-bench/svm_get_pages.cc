@@ -179,9 +179,9 @@ Report run_get_pages(const Options& opt, uint64_t size) {
                "THP {} B / 4K {} B; address array THP {} B / 4K {} B; total THP {} B / 4K {} B",
                thp.insert_bytes, small.insert_bytes, thp.array_bytes, small.array_bytes,
                thp.insert_bytes + thp.array_bytes, small.insert_bytes + small.array_bytes);
-    rep.detail("  (the get_pages delta includes the model's per-device DMA mapping record, one map node per "
-               "mapped entry, where the kernel has the IOMMU's page tables; the address array alone is the "
-               "sizeof figure above)");
+    rep.detail("  (the get_pages delta is the address array and its allocator rounding: the per-device DMA "
+               "mapping record is a flat per-pfn array reserved when the Device is created, where the kernel "
+               "has the IOMMU's page tables)");
     rep.metric("meta_thp_bytes", static_cast<double>(thp.insert_bytes + thp.array_bytes));
     rep.metric("meta_4k_bytes", static_cast<double>(small.insert_bytes + small.array_bytes));
   } else {
