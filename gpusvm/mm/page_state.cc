@@ -61,7 +61,12 @@ PageState query_page(AddressSpace& mm, Va va) {
     st.kind = PageKind::kSoftLeaf;
     st.leaf = pte.soft_leaf_type();
     st.writable = pte.soft_leaf_write();
-    if (pte.is_device_private() || pte.is_device_exclusive()) fill_folio_state(st, mem->pfn_to_page(pte.pfn()));
+    // A PMD-sized soft leaf that names a folio (a device-private THP, a PMD migration entry)
+    // holds the head pfn; page i of it is head + i, as hmm_vma_handle_absent_pmd reports
+    // each subpage of a device-private PMD entry.
+    const bool names_folio = pte.is_device_private() || pte.is_device_exclusive() || pte.is_migration();
+    if (huge && names_folio) st.pfn += pte_index(va);
+    if (pte.is_device_private() || pte.is_device_exclusive()) fill_folio_state(st, mem->pfn_to_page(st.pfn));
     return st;
   }
   st.writable = pte.write();

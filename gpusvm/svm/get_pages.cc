@@ -108,10 +108,12 @@ Pages::~Pages() {
 
 int Gpusvm::range_get_pages(Range* range, const Ctx& ctx) {
   assert_driver_lock_held("range_get_pages");
+  Notifier* notifier = range->notifier();
+  if (!notifier) return -ENOENT;  // removed (stable: removal needs the driver lock)
   std::vector<Pages*> v;
   v.reserve(range->pages_.size());
   for (auto& p : range->pages_) v.push_back(p.get());
-  return get_pages_impl(v.data(), v.size(), cfg_.as, &range->notifier_->notifier_,
+  return get_pages_impl(v.data(), v.size(), cfg_.as, &notifier->notifier_,
                         range->start_, range->end_, ctx, range);
 }
 

@@ -143,14 +143,24 @@ Result<Notifier*> Gpusvm::notifier_create(mm::Va fault_addr) {
     cfg_.ops->notifier_free(n);
     return Err{rc == -EINVAL && cfg_.as->exited() ? -EFAULT : rc};
   }
-  notifiers_.emplace(n->start_, n);
+  // The tree node is allocated here, before the notifier lock (a map insert allocates).
+  std::map<mm::Va, Notifier*> node_source;
+  node_source.emplace(n->start_, n);
+  {
+    WriteLock g(&notifier_lock_);
+    notifiers_.insert(node_source.extract(node_source.begin()));
+  }
   nr_notifiers_.fetch_add(1, std::memory_order_relaxed);
   return n;
 }
 
 void Gpusvm::notifier_destroy(Notifier* n) {
   n->notifier_.remove();
-  notifiers_.erase(n->start_);
+  std::map<mm::Va, Notifier*>::node_type node;  // freed after the lock
+  {
+    WriteLock g(&notifier_lock_);
+    node = notifiers_.extract(n->start_);
+  }
   nr_notifiers_.fetch_sub(1, std::memory_order_relaxed);
   cfg_.ops->notifier_free(n);
 }
@@ -173,9 +183,18 @@ bool Gpusvm::has_mapping(mm::Va start, mm::Va end) const {
   return found;
 }
 
+void Gpusvm::assert_tree_lock_held(const char* where) const {
+  if (notifier_lock_.held_by_me()) return;  // read or write
+  if (cfg_.driver_lock && lockdep::held(cfg_.driver_lock)) return;
+  if (!cfg_.driver_lock) {
+    panic(std::string("gpusvm ") + cfg_.name + ": " + where + " without the notifier lock");
+  }
+  panic(std::string("gpusvm ") + cfg_.name + ": " + where + " without the driver lock or the notifier lock");
+}
+
 void Gpusvm::for_each_range(mm::Va start, mm::Va end,
                             const std::function<void(Range*)>& fn) const {
-  assert_driver_lock_held("for_each_range");
+  assert_tree_lock_held("for_each_range");
   auto nit = notifiers_.upper_bound(start);
   if (nit != notifiers_.begin()) --nit;
   for (; nit != notifiers_.end() && nit->first < end; ++nit) {
@@ -185,6 +204,14 @@ void Gpusvm::for_each_range(mm::Va start, mm::Va end,
     if (rit != n->ranges_.begin() && std::prev(rit)->second->end_ > start) --rit;
     for (; rit != n->ranges_.end() && rit->first < end; ++rit) fn(rit->second);
   }
+}
+
+void Gpusvm::for_each_range(const Notifier* n, mm::Va start, mm::Va end,
+                            const std::function<void(Range*)>& fn) const {
+  assert_tree_lock_held("for_each_range");
+  auto rit = n->ranges_.upper_bound(start);
+  if (rit != n->ranges_.begin() && std::prev(rit)->second->end_ > start) --rit;
+  for (; rit != n->ranges_.end() && rit->first < end; ++rit) fn(rit->second);
 }
 
 mm::Va Gpusvm::find_vma_start(mm::Va start, mm::Va end) const {
@@ -327,7 +354,7 @@ void Gpusvm::range_remove(Range* range) {
 
 void Gpusvm::range_remove_internal(Range* range) {
   if (!range->inserted()) return;
-  Notifier* n = range->notifier_;
+  Notifier* n = range->notifier_.load(std::memory_order_relaxed);
   // Destroyed after the lock is dropped (nothing is freed under the notifier lock).
   std::map<mm::Va, Range*>::node_type node;
   std::vector<std::unique_ptr<PagemapAddr[]>> old_addrs(range->pages_.size());
@@ -346,6 +373,9 @@ void Gpusvm::range_remove_internal(Range* range) {
       p->nr_addrs_ = 0;
     }
     node = n->ranges_.extract(it);
+    // Detached: the notifier goes with its last range, the Gpusvm may go with fini.
+    range->notifier_.store(nullptr, std::memory_order_release);
+    range->gpusvm_.store(nullptr, std::memory_order_release);
   }
   nr_ranges_.fetch_sub(1, std::memory_order_relaxed);
   if (n->ranges_.empty()) notifier_destroy(n);

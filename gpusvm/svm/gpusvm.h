@@ -155,8 +155,11 @@ class Range {
   Range() = default;
   virtual ~Range();
 
-  Gpusvm* gpusvm() const { return gpusvm_; }
-  Notifier* notifier() const { return notifier_; }
+  // The owning Gpusvm and notifier while the range is in the tree; nullptr once it was
+  // removed (range_remove, the garbage collector, fini): a detached range the driver still
+  // holds a reference to outlives both, so it must not point at them.
+  Gpusvm* gpusvm() const { return gpusvm_.load(std::memory_order_acquire); }
+  Notifier* notifier() const { return notifier_.load(std::memory_order_acquire); }
   mm::Va start() const { return start_; }
   mm::Va end() const { return end_; }
   uint64_t size() const { return end_ - start_; }
@@ -181,9 +184,9 @@ class Range {
 
  private:
   friend class Gpusvm;
-  Gpusvm* gpusvm_ = nullptr;    // const after creation
+  std::atomic<Gpusvm*> gpusvm_{nullptr};  // set at creation, cleared at removal
   GpusvmOps* ops_ = nullptr;     // const after creation (range_free after fini)
-  Notifier* notifier_ = nullptr;  // const after creation; dangling once removed
+  std::atomic<Notifier*> notifier_{nullptr};  // set at creation, cleared at removal
   mm::Va start_ = 0, end_ = 0;
   std::vector<std::unique_ptr<Pages>> pages_;  // one per device, const after creation
   // acq_rel on the final decrement: the freeing thread sees every write of earlier holders.
@@ -274,6 +277,8 @@ class Gpusvm {
   RwLock& notifier_lock() GPUSVM_RETURN_CAPABILITY(notifier_lock_) { return notifier_lock_; }
   // Panics unless the driver lock (if set) is held by this thread.
   void assert_driver_lock_held(const char* where) const;
+  // The tree-walk rule of for_each_range: the driver lock or the notifier lock (any mode).
+  void assert_tree_lock_held(const char* where) const;
 
   // drm_gpusvm_range_find_or_insert. Driver lock held (asserted); takes the mmap lock.
   // Returns a reference to the range covering fault_addr, existing or new: the largest chunk
@@ -294,7 +299,7 @@ class Gpusvm {
   void range_remove(Range* range);
 
   // get_pages of every Pages object of `range` (devices()), with the range's notifier.
-  // Driver lock held (asserted). See get_pages below.
+  // Driver lock held (asserted). -ENOENT for a removed range. See get_pages below.
   [[nodiscard]] int range_get_pages(Range* range, const Ctx& ctx);
   // drm_gpusvm_get_pages: for [start, end) of `as` under `notifier`: read_begin, one
   // hmm_range_fault (REQ_FAULT, REQ_WRITE unless ctx.read_only; device pages of
@@ -328,11 +333,13 @@ class Gpusvm {
 
   // drm_gpusvm_range_evict: faults the whole range with no device-private owner, so every
   // device page (of any owner) is migrated back to system memory. 0, -ETIME when collisions
-  // lasted the whole budget, or hmm_range_fault's error. No lock held (it takes the mmap
-  // lock); the driver lock may be held.
+  // lasted the whole budget, -ENOENT for a removed range, or hmm_range_fault's error. No
+  // lock held (it takes the mmap lock); the driver lock may be held, and must be where the
+  // range could be removed concurrently (its notifier goes with its last range).
   [[nodiscard]] int range_evict(Range* range);
   // drm_gpusvm_scan_mm: a non-faulting snapshot of where the pages of `range` are.
-  // `owner`: device pages of that owner are seen (others look unpopulated). No lock held.
+  // `owner`: device pages of that owner are seen (others look unpopulated); a removed range
+  // is kUnpopulated. No lock held (the driver lock, as for range_evict, against removal).
   ScanResult scan_mm(Range* range, const void* owner, const Pagemap* pagemap);
 
   // Lookups. Driver lock held (asserted).
@@ -343,8 +350,15 @@ class Gpusvm {
   // drm_gpusvm_has_mapping: whether any range intersects [start, end).
   bool has_mapping(mm::Va start, mm::Va end) const;
   // Calls fn for every range intersecting [start, end), in address order (fn must not
-  // insert or remove ranges; collect them to do so).
+  // insert or remove ranges; collect them to do so). Either lock keeps both trees stable
+  // (they change only with the driver lock and the notifier lock held for write): the
+  // driver lock, or the notifier lock in either mode - the invalidate callback walks the
+  // ranges of its event this way. Panics with neither held.
   void for_each_range(mm::Va start, mm::Va end, const std::function<void(Range*)>& fn) const;
+  // drm_gpusvm_for_each_range: the ranges of one notifier intersecting [start, end), with
+  // the same locking rule.
+  void for_each_range(const Notifier* notifier, mm::Va start, mm::Va end,
+                      const std::function<void(Range*)>& fn) const;
   // drm_gpusvm_find_vma_start: start of the first VMA intersecting [start, end), or
   // ~0 when none. Takes the mmap lock.
   mm::Va find_vma_start(mm::Va start, mm::Va end) const;
@@ -408,7 +422,9 @@ class Gpusvm {
   const GpusvmConfig cfg_;  // const after init
   // Notifier lock: see the file comment (rank kGpusvmNotifierLockClass).
   mutable RwLock notifier_lock_{&kGpusvmNotifierLockClass};
-  // Notifiers by start; driver lock.
+  // Notifiers by start; changed with the driver lock and the notifier lock (write), so
+  // either lock is enough to walk it (for_each_range). The map nodes are made and freed
+  // outside the notifier lock (node handles), as nothing under it allocates.
   std::map<mm::Va, Notifier*> notifiers_;
   // UNMAP-queued ranges, each holding a reference; notifier lock (write to change).
   Range* gc_head_ GPUSVM_GUARDED_BY(notifier_lock_) = nullptr;

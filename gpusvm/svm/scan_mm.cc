@@ -25,7 +25,9 @@ int Gpusvm::range_evict(Range* range) {
   mm::AddressSpace* as = cfg_.as;
   std::vector<uint64_t> pfns(range->npages());
   range->stats_.evictions.add();
-  mm::MmuIntervalNotifier* notifier = &range->notifier_->notifier_;
+  Notifier* n = range->notifier();
+  if (!n) return -ENOENT;  // removed: nothing mirrored to evict (its notifier is gone)
+  mm::MmuIntervalNotifier* notifier = &n->notifier_;
   const auto deadline = Clock::now() + std::chrono::milliseconds(kHmmRangeDefaultTimeoutMs);
   for (;;) {
     if (Clock::now() > deadline) {
@@ -45,7 +47,9 @@ int Gpusvm::range_evict(Range* range) {
 ScanResult Gpusvm::scan_mm(Range* range, const void* owner, const Pagemap* pagemap) {
   mm::AddressSpace* as = cfg_.as;
   std::vector<uint64_t> pfns(range->npages());
-  mm::MmuIntervalNotifier* notifier = &range->notifier_->notifier_;
+  Notifier* n = range->notifier();
+  if (!n) return ScanResult::kUnpopulated;  // removed: its notifier is gone
+  mm::MmuIntervalNotifier* notifier = &n->notifier_;
   const auto deadline = Clock::now() + std::chrono::milliseconds(kHmmRangeDefaultTimeoutMs);
   while (Clock::now() <= deadline) {
     std::fill(pfns.begin(), pfns.end(), 0);

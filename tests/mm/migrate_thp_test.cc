@@ -37,6 +37,14 @@ class MigrateThpTest : public MmTest {
     ASSERT_TRUE(dev->pgmap()->contains(first.pfn));
     EXPECT_EQ(mem->folio_of(first.pfn)->order(), kPmdOrder);
     EXPECT_EQ(mem->folio_of(first.pfn)->entire_mapcount(), 1);
+    EXPECT_EQ(mem->folio_of(first.pfn)->pfn(), first.pfn);
+    // Each subpage has its own pfn (head + index), as hmm reports a device-private PMD.
+    for (uint64_t i = 1; i < kPagesPerPmd; i++) {
+      const PageState st = query_page(*as, va + i * kPageSize);
+      ASSERT_EQ(st.kind, PageKind::kSoftLeaf) << "page " << i;
+      ASSERT_EQ(st.pfn, first.pfn + i) << "page " << i;
+      ASSERT_TRUE(st.large) << "page " << i;
+    }
   }
 
   std::unique_ptr<TestDevice> dev;

@@ -8,9 +8,14 @@
 #include <utility>
 
 #include "gpusvm/base/errno.h"
+#include "gpusvm/base/sched_point.h"
 #include "gpusvm/mm/hmm.h"
 
 namespace gpusvm::svm::testing {
+namespace {
+// Between get_pages and commit (the window pages_valid closes): tests invalidate here.
+GPUSVM_SCHED_POINT(g_sp_before_commit, "svm_test.gpu.before_commit");
+}  // namespace
 
 TestGpu::TestGpu(mm::AddressSpace* as, Options opts, int* rc) : as_(as), opts_(std::move(opts)) {
   device_ptrs_ = opts_.use_devices;
@@ -46,13 +51,13 @@ void TestGpu::invalidate(Gpusvm* g, Notifier* notifier, const mm::MmuNotifierRan
   invalidations.fetch_add(1, std::memory_order_relaxed);
   Ctx ctx;
   ctx.in_notifier = true;
-  // Whole ranges: a range is never split, so any overlap zaps all of it.
-  for (auto& [start, r] : notifier->ranges()) {
-    if (r->end() <= range.start || r->start() >= range.end) continue;
+  // Whole ranges: a range is never split, so any overlap zaps all of it. The walk holds the
+  // notifier lock only (no driver lock in a notifier callback), as xe_svm_invalidate does.
+  g->for_each_range(notifier, range.start, range.end, [&](Range* r) {
     zap_locked(r);
     // (TLB flush: the model GPU has no TLB; zapped PTEs are never used again.)
     g->range_unmap_pages(r, ctx);
-  }
+  });
 }
 
 int TestGpu::commit(Range* range, bool write) {
@@ -132,6 +137,7 @@ int TestGpu::fault(mm::Va addr, bool write, Ctx ctx) {
     if (const int us = commit_delay_us.load(std::memory_order_relaxed)) {
       std::this_thread::sleep_for(std::chrono::microseconds(us));
     }
+    g_sp_before_commit.reach();
     rc = commit(range, write);
     if (rc == -EAGAIN) {
       eagain.fetch_add(1, std::memory_order_relaxed);
