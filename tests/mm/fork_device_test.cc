@@ -289,7 +289,7 @@ TEST_F(ForkDeviceTest, Fork_DevicePrivatePmd_SharedReadOnly) {
   for (AddressSpace* mm : {as.get(), child->get()}) {
     PageState st = query_page(*mm, va + 9 * kPageSize);
     EXPECT_EQ(st.leaf, SoftLeafType::kDevicePrivateRead);
-    EXPECT_EQ(st.pfn, before.pfn);
+    EXPECT_EQ(st.pfn, before.pfn + 9);  // page 9 of the one device folio both share
     EXPECT_EQ(st.refcount, 2);
     EXPECT_EQ(st.mapcount, 2);
     EXPECT_FALSE(st.anon_exclusive);
