@@ -123,10 +123,19 @@ void TestVram::destroy(Pagemap* p) {
 void TestVram::devmem_release(Devmem* devmem) {
   auto* d = static_cast<TestDevmem*>(devmem);
   EXPECT_FALSE(d->released()) << "devmem released twice";
-  SpinLockGuard g(&lock_);
-  for (mm::Pfn p : d->pfns()) used_[p - dpm_->first_pfn()] = false;
-  d->released_.store(true, std::memory_order_release);
-  released.fetch_add(1);
+  std::unique_ptr<TestDevmem> freed;  // deleted after the spin lock
+  {
+    SpinLockGuard g(&lock_);
+    for (mm::Pfn p : d->pfns()) used_[p - dpm_->first_pfn()] = false;
+    d->released_.store(true, std::memory_order_release);
+    released.fetch_add(1);
+    if (free_on_release.load(std::memory_order_relaxed)) {
+      for (auto& owned : devmems_) {
+        if (owned.get() == d) freed = std::move(owned);
+      }
+      std::erase(devmems_, nullptr);
+    }
+  }
 }
 
 int TestVram::populate_devmem_pfn(Devmem* devmem, uint64_t npages, uint64_t* pfns) {

@@ -81,6 +81,10 @@ class TestVram final : public PagemapOps, public DevmemOps {
 
   // A fragmented VRAM: allocations get 4 KiB pages only (so THPs get small destinations).
   std::atomic<bool> fragmented{false};
+  // devmem_release frees the TestDevmem (as a driver frees its allocation object there:
+  // Xe's devmem_release drops the bo). Such an allocation must not be touched after its
+  // release (evict_to_ram on it is then the caller's to keep alive).
+  std::atomic<bool> free_on_release{false};
   FailAt fail_populate, fail_copy_to_devmem, fail_copy_to_ram, fail_device_map;
   std::atomic<int> copies_to_devmem{0}, copies_to_ram{0}, released{0}, destroyed{0};
   std::atomic<int64_t> live_device_maps{0};
