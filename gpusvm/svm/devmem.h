@@ -7,9 +7,12 @@
 // device page then holds a reference on the allocation's zdd (pagemap_zdd.h); when the last
 // page is freed the zdd goes, `detached` completes and ops->devmem_release is called (maybe
 // from folio_free, under page-table locks: it must not sleep). The Devmem holds a Pagemap
-// reference from construction; this layer drops it right after devmem_release returns. The
-// Devmem object itself stays the driver's: it must stay valid while an evict_to_ram on it
-// runs (the kernel's caller holds a bo reference for the same reason).
+// reference from construction; this layer drops it right after devmem_release returns,
+// through a pointer read before the call. The Devmem object itself stays the driver's, and
+// devmem_release may free it (as Xe's drops the bo embedding it): nothing here touches the
+// Devmem once devmem_release was called (tests/svm/pagemap_release_test.cc, under ASan). The
+// one exception is evict_to_ram, whose caller keeps the Devmem valid across the call (the
+// kernel's caller holds a bo reference for the same reason).
 #pragma once
 
 #include <atomic>

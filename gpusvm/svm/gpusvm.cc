@@ -222,12 +222,15 @@ mm::Va Gpusvm::find_vma_start(mm::Va start, mm::Va end) const {
   return vma->start;
 }
 
-bool Gpusvm::check_pages(Notifier* notifier, mm::Va start, mm::Va end) {
+bool Gpusvm::check_pages(Notifier* notifier, mm::Va start, mm::Va end, const void* owner) {
   const uint64_t npages = (end - start) >> mm::kPageShift;
   if (g_fail_check_pages_alloc.should_fail()) return false;  // as kvmalloc failing: no
   std::vector<uint64_t> pfns(npages, 0);
   mm::HmmRange r{.notifier = &notifier->notifier_, .notifier_seq = notifier->notifier_.read_begin(),
-                 .start = start, .end = end, .hmm_pfns = pfns.data()};
+                 .start = start, .end = end, .hmm_pfns = pfns.data(),
+                 // Our own device pages are present too (drm_gpusvm_check_pages passes the
+                 // owner): a range migrated to VRAM keeps its chunk size on a re-fault.
+                 .dev_private_owner = owner};
   if (mm::hmm_range_fault(&r) != 0) return false;
   for (uint64_t w : pfns) {
     if (!(w & mm::HMM_PFN_VALID)) return false;
@@ -249,7 +252,7 @@ uint64_t Gpusvm::range_chunk_size(Notifier* notifier, const mm::Vma& vma, mm::Va
     // Small chunks only over what the CPU faulted in: a range must not cover pages the CPU
     // never touched and the device would fault in for nothing (drm_gpusvm_check_pages).
     if (chunk <= ctx.check_pages_threshold && chunk != mm::kPageSize &&
-        !check_pages(notifier, start, end)) {
+        !check_pages(notifier, start, end, ctx.device_private_page_owner)) {
       continue;
     }
     return chunk;

@@ -397,7 +397,7 @@ class Gpusvm {
                             mm::Va gpuva_start, mm::Va gpuva_end, const Ctx& ctx)
       GPUSVM_NO_THREAD_SAFETY_ANALYSIS;
   // Every page of [start, end) present for the CPU (snapshot walk). mmap lock held.
-  bool check_pages(Notifier* notifier, mm::Va start, mm::Va end);
+  bool check_pages(Notifier* notifier, mm::Va start, mm::Va end, const void* owner);
   // Drops the mappings of `pages` (keeps its array allocated: nothing is freed under the
   // lock). Write lock held, or the read lock in get_pages (which the caller serializes).
   void unmap_pages_locked(Pages* pages) GPUSVM_REQUIRES_SHARED(notifier_lock_);
