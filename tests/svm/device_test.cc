@@ -5,43 +5,13 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
-#include <cstdlib>
-#include <new>
 #include <thread>
 #include <vector>
 
 #include "gpusvm/base/fault_inject.h"
 #include "gpusvm/mm/physmem.h"
 #include "tests/mm/mm_test_util.h"
-
-// Counts operator new calls of the calling thread while a test arms it (the whole test binary
-// gets this operator new; it only counts). The aligned forms are not replaced; the record
-// uses none. Sanitizer runtimes define operator new themselves: there the counting test skips
-// (the default and gcc builds run it).
-#if defined(__has_feature)
-#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
-#define GPUSVM_TEST_NO_ALLOC_COUNT 1
-#endif
-#endif
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-#define GPUSVM_TEST_NO_ALLOC_COUNT 1
-#endif
-
-namespace {
-thread_local bool g_count_allocs = false;
-thread_local uint64_t g_allocs = 0;
-}  // namespace
-
-#ifndef GPUSVM_TEST_NO_ALLOC_COUNT
-void* operator new(std::size_t n) {
-  if (g_count_allocs) g_allocs++;
-  void* p = std::malloc(n ? n : 1);
-  if (!p) throw std::bad_alloc();
-  return p;
-}
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-#endif
+#include "tests/svm/alloc_count.h"
 
 namespace gpusvm::svm {
 namespace {
@@ -49,12 +19,9 @@ namespace {
 // Counts this thread's operator new calls between construction and count().
 class AllocCounter {
  public:
-  AllocCounter() {
-    g_allocs = 0;
-    g_count_allocs = true;
-  }
-  ~AllocCounter() { g_count_allocs = false; }
-  uint64_t count() const { return g_allocs; }
+  AllocCounter() { testing::alloc_count_begin(); }
+  ~AllocCounter() { (void)testing::alloc_count_end(); }
+  uint64_t count() const { return testing::alloc_count_end(); }
 };
 
 TEST(SvmDevice, MapUnmapIsCountedPerPageAndOrder) {
@@ -75,9 +42,7 @@ TEST(SvmDevice, MapUnmapIsCountedPerPageAndOrder) {
 // The rule of docs/svm.md "Locking": nothing under the notifier lock allocates, and
 // get_pages maps there. 4 KiB pages, a THP, and a second order at a mapped pfn.
 TEST(SvmDevice, MappingAndUnmappingNeverAllocate) {
-#ifdef GPUSVM_TEST_NO_ALLOC_COUNT
-  GTEST_SKIP() << "operator new is the sanitizer's in this build";
-#endif
+  if (!testing::alloc_counting()) GTEST_SKIP() << "operator new is the sanitizer's in this build";
   Device dev("gpu0");
   std::vector<DmaAddr> addrs(600);  // allocated before counting
   {

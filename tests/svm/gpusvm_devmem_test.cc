@@ -33,7 +33,9 @@ class SvmDevmemTest : public SvmTest {
       gpu.reset();
     }
     EXPECT_EQ(vram->live_device_maps.load(), 0);
-    if (peer) EXPECT_EQ(peer->live_device_maps.load(), 0);
+    if (peer) {
+      EXPECT_EQ(peer->live_device_maps.load(), 0);
+    }
     if (as) as->exit();  // frees the device pages: allocations release
     peer.reset();
     vram.reset();

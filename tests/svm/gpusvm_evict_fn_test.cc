@@ -135,8 +135,12 @@ TEST_F(SvmEvictFnTest, DevmemFnOncePerContiguousRunOfOneAllocation) {
     for (uint64_t j = 0; j < run.npages; j++) {
       EXPECT_EQ(mem->pfn_to_page(run.first + j)->zone_device_data, run.allocation) << i;
     }
-    if (i > 0) EXPECT_EQ(runs[i].npages, 1u) << i;
-    if (i > 1) EXPECT_NE(runs[i].first, runs[i - 1].first + 1) << i;
+    if (i > 0) {
+      EXPECT_EQ(runs[i].npages, 1u) << i;
+    }
+    if (i > 1) {
+      EXPECT_NE(runs[i].first, runs[i - 1].first + 1) << i;
+    }
   }
   EXPECT_EQ(total, 16u);
   EXPECT_NE(runs[0].allocation, runs[1].allocation);

@@ -35,7 +35,9 @@ TestVram::~TestVram() {
   pagemap_flush_destroy_work();
   EXPECT_EQ(destroyed.load(), pagemap_seen_ ? 1 : 0) << dev_.name() << ": pagemap not destroyed";
   EXPECT_EQ(live_device_maps.load(), 0) << dev_.name() << ": device mappings leaked";
-  if (dpm_) EXPECT_EQ(free_pages(), dpm_->nr_pages()) << dev_.name() << ": device memory leaked";
+  if (dpm_) {
+    EXPECT_EQ(free_pages(), dpm_->nr_pages()) << dev_.name() << ": device memory leaked";
+  }
   {
     SpinLockGuard g(&lock_);
     for (const auto& d : devmems_) EXPECT_TRUE(d->released()) << dev_.name() << ": devmem not released";
