@@ -20,7 +20,8 @@
 //    next entry, and the allocator retries within its bounds.
 //  - evict(): takes the least recently used non-busy entry, unlinks it and marks it busy
 //    while it runs the entry's evict() with no lock held; an entry that could not be evicted
-//    goes back to the most-recent end (it is in use). Each call walks at most the entries
+//    goes back to the most-recent end (it is in use) if its owner still wants it listed.
+//    Each call walks at most the entries
 //    that were linked when it started.
 //
 // Locking: one SpinLock (kVramLruLockClass, 876) per list; nothing is called under it; taken
@@ -91,7 +92,9 @@ class VramLruEntry {
   VramLruEntry* prev_ = nullptr;
   VramLruEntry* next_ = nullptr;
   bool linked_ = false;
-  bool dead_ = false;
+  bool wanted_ = false;    // the owner wants it listed (add, not unlink/remove since)
+  bool evicting_ = false;  // taken off the list by an evictor that is running its evict()
+  bool dead_ = false;      // removed for good
 };
 
 class VramLru {
@@ -102,8 +105,12 @@ class VramLru {
   VramLru& operator=(const VramLru&) = delete;
 
   // Links `e` as the most recently used, unless it is linked already or dead (removed for
-  // good). Never sleeps or allocates.
+  // good); an entry being evicted is linked again when its eviction returns. Never sleeps or
+  // allocates.
   void add(VramLruEntry* e) GPUSVM_EXCLUDES(lock_);
+  // Unlinks `e` (its VRAM went, but it may come back: a BO moved to system memory); a later
+  // add() links it again. Context as touch.
+  void unlink(VramLruEntry* e) GPUSVM_EXCLUDES(lock_);
   // Moves a linked `e` to the most-recent end (an unlinked or dead entry is left alone).
   // Context: any, including under the notifier lock (get_pages' devmem_fn) and page-table
   // locks; never sleeps or allocates.
@@ -116,6 +123,7 @@ class VramLru {
   // linked). Context: no lock held (entries' evict() may sleep and take mm and gpusvm locks).
   uint64_t evict(uint64_t bytes) GPUSVM_EXCLUDES(lock_);
 
+  bool linked(const VramLruEntry* e) const GPUSVM_EXCLUDES(lock_);
   uint64_t linked_count() const GPUSVM_EXCLUDES(lock_);
   uint64_t linked_bytes() const GPUSVM_EXCLUDES(lock_);
   // The linked entries, least recently used first (tests; allocates, so not under locks).
