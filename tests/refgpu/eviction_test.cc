@@ -101,29 +101,33 @@ TEST_F(EvictionTest, ThreeTimesOversubscribedKeepsEveryByteAndTheLruOrder) {
 // room evicts the others around it, and the paused one completes afterwards.
 TEST_F(EvictionTest, AnAllocationBeingMigratedIntoIsNeverEvicted) {
   map_ranges(6);
-  for (int i = 0; i < 3; i++) {
-    int mrc = -1;
-    ASSERT_TRUE(svm->fault(range_va(i), true, &mrc).ok());
-    ASSERT_EQ(mrc, 0);
-  }
   ASSERT_TRUE(svm->fault(range_va(3), false).ok());  // the range exists (system pages)
+  // The oldest allocation is the one whose migration is paused (allocated, not migrated).
   sched_point::Pause pause("refgpu.vram.allocated");
   int paused_rc = -1;
   std::thread t([&] { paused_rc = vram->migrate_to_vram(as.get(), range_va(3), range_va(3) + k2M, 0); });
   ASSERT_TRUE(pause.wait_reached());
-  // VRAM is full (3 linked + 1 in flight). Two more need room twice over: only linked
-  // entries can go.
+  EXPECT_EQ(vram->lru().linked_count(), 0u) << "an allocation being migrated into is not evictable";
+  for (int i = 0; i < 3; i++) {  // VRAM full: 1 in flight + 3
+    int mrc = -1;
+    ASSERT_TRUE(svm->fault(range_va(i), true, &mrc).ok());
+    ASSERT_EQ(mrc, 0);
+  }
+  // Two more need room twice over: only linked entries can go, oldest first.
   for (int i = 4; i < 6; i++) {
     int mrc = -1;
     ASSERT_TRUE(svm->fault(range_va(i), true, &mrc).ok());
     ASSERT_EQ(mrc, 0) << "range " << i;
   }
+  EXPECT_EQ(vram->lru().linked_count(), 3u);
+  EXPECT_EQ(vram->stats().eviction_skips.get(), 0u) << "the in-flight allocation was never even tried";
   pause.release();
   t.join();
   EXPECT_EQ(paused_rc, 0);
   EXPECT_EQ(where(3), svm::ScanResult::kEqual);
   EXPECT_EQ(where(0), svm::ScanResult::kSystem);
   EXPECT_EQ(where(1), svm::ScanResult::kSystem);
+  EXPECT_EQ(where(2), svm::ScanResult::kEqual);
   expect_accounting();
   expect_all_bytes(6);
 }
