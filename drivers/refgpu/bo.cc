@@ -62,7 +62,7 @@ Result<BoRef> Bo::create(const BoCreateInfo& info) {
   }
   if (!want_vram) return ref;
   Result<std::vector<BuddyBlock>> blocks =
-      info.vram->alloc_vram(info.size, kSZ4K, (info.flags & kBoFlagVramContiguous) ? Buddy::kContiguous : 0);
+      info.vram->alloc_vram(info.size, kSZ4K, (info.flags & kBoFlagVramContiguous) ? uint32_t{Buddy::kContiguous} : 0u);
   if (!blocks) {
     if (info.placement & kBoPlacementSystem) return ref;  // falls back to system memory
     return Err{blocks.error()};
@@ -178,7 +178,7 @@ int Bo::move_to_vram() {
   if (!(placement_ & kBoPlacementVram)) return -EINVAL;
   if (cpu_mapped_.load(std::memory_order_acquire)) return -EBUSY;
   Result<std::vector<BuddyBlock>> blocks =
-      vram_->alloc_vram(size_, kSZ4K, (flags_ & kBoFlagVramContiguous) ? Buddy::kContiguous : 0);
+      vram_->alloc_vram(size_, kSZ4K, (flags_ & kBoFlagVramContiguous) ? uint32_t{Buddy::kContiguous} : 0u);
   if (!blocks) return blocks.error();
   std::vector<mm::Folio*> folios;
   if (int rc = system_pages_locked(0, npages(), &folios)) {
