@@ -147,6 +147,65 @@ TEST_F(VramPagemapTest, InjectedFailuresRollBack) {
   EXPECT_GE(vram->stats().allocation_failures.get(), 1u);
 }
 
+// Two refgpu devices of one owner group, linked: a range in the first device's VRAM migrates
+// into the second's device to device (the source copies over the interconnect), and the
+// second device maps the first's pages in place over the link.
+TEST_F(VramPagemapTest, LinkedPeerMigratesDeviceToDevice) {
+  // Re-create our VRAM with a group owner, and a peer region with the same owner.
+  static int group_owner;
+  svm.reset();
+  vram.reset();
+  VramPagemap::Config cfg;
+  cfg.owner = &group_owner;
+  Result<std::unique_ptr<VramPagemap>> v = VramPagemap::create(mem.get(), dev.get(), region.get(), copy.get(), cfg);
+  ASSERT_TRUE(v.ok());
+  vram = std::move(*v);
+  Result<std::unique_ptr<VramRegion>> pr = VramRegion::create(2, 8ULL << 20);
+  ASSERT_TRUE(pr.ok());
+  std::unique_ptr<VramRegion> peer_region = std::move(*pr);
+  CopyEngine peer_copy(mem.get(), &peer_region->arena(), std::make_unique<HostCopyBackend>());
+  svm::Device peer_dev("refgpu1");
+  Result<std::unique_ptr<VramPagemap>> p = VramPagemap::create(mem.get(), &peer_dev, peer_region.get(), &peer_copy, cfg);
+  ASSERT_TRUE(p.ok());
+  std::unique_ptr<VramPagemap> peer = std::move(*p);
+  vram->add_peer(peer.get());
+  peer->add_peer(vram.get());
+
+  map_at(kBase, k2M, true);
+  fill_bytes(*as, kBase, k2M, 7);
+  ASSERT_EQ(peer->migrate_to_vram(as.get(), kBase, kBase + k2M, 0), 0);
+  EXPECT_EQ(peer_region->buddy().used_bytes(), k2M);
+  // Our device maps the peer's pages in place, over the interconnect.
+  svm = std::make_unique<MiniSvm>(as.get(), vram.get());
+  {
+    Result<svm::RangeRef> r = svm->fault(kBase, false);
+    ASSERT_TRUE(r.ok()) << r.error();
+    ReadLock g(&svm->gpusvm()->notifier_lock());
+    ASSERT_TRUE((*r)->pages(0).has_devmem_pages());
+    EXPECT_EQ((*r)->pages(0).addr(0).proto, svm::PagemapAddrProto::kDeviceInterconnect);
+  }
+  EXPECT_GT(peer->live_device_maps(), 0);
+  // Device to device: into our VRAM, the peer's copy_to_ram writing our pages.
+  const uint64_t peer_to_ram = peer->stats().migrations_to_ram.get();
+  ASSERT_EQ(vram->migrate_to_vram(as.get(), kBase, kBase + k2M, 0), 0);
+  EXPECT_GT(peer->stats().migrations_to_ram.get(), peer_to_ram) << "the source copied";
+  EXPECT_EQ(peer->stats().bytes_to_ram.get(), k2M);
+  EXPECT_EQ(peer_region->buddy().used_bytes(), 0u) << "the peer's allocation was released";
+  EXPECT_EQ(region->buddy().used_bytes(), k2M);
+  {
+    Result<svm::RangeRef> r = svm->fault(kBase, false);
+    ASSERT_TRUE(r.ok()) << r.error();
+    ReadLock g(&svm->gpusvm()->notifier_lock());
+    EXPECT_EQ((*r)->pages(0).addr(0).proto, svm::PagemapAddrProto::kDeviceLocal);
+    EXPECT_EQ(bad_vram_bytes(region->arena(), (*r)->pages(0).addr(0).addr, kBase, k2M, 7), 0);
+  }
+  EXPECT_EQ(bad_bytes(*as, kBase, k2M, 7), 0);
+  svm.reset();
+  EXPECT_EQ(peer->live_device_maps(), 0);
+  peer.reset();
+  EXPECT_EQ(peer_dev.dma_mappings(), 0u);
+}
+
 TEST_F(VramPagemapTest, CreateValidatesArguments) {
   EXPECT_EQ(VramPagemap::create(nullptr, dev.get(), region.get(), copy.get(), {}).error(), -EINVAL);
   EXPECT_EQ(VramPagemap::create(mem.get(), nullptr, region.get(), copy.get(), {}).error(), -EINVAL);
