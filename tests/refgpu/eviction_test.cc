@@ -213,7 +213,7 @@ TEST_F(EvictionTest, InjectedFailureAtEveryPointRollsBack) {
                           "svm.dma_map", "mm.alloc_folio_thp"};
   for (const char* point : points) {
     bool first_hit_failed = false;
-    for (uint64_t nth = 1; nth <= 4; nth++) {
+    for (uint64_t nth = 1; nth <= 3; nth++) {
       SCOPED_TRACE(std::string(point) + " nth " + std::to_string(nth));
       for (int i = 0; i < 4; i++) {  // VRAM full
         int mrc = -1;
