@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <cstdio>
 #include <thread>
 #include <vector>
 
@@ -76,6 +77,14 @@ TEST_F(EvictionTest, ThreeTimesOversubscribedKeepsEveryByteAndTheLruOrder) {
   EXPECT_EQ(vram->stats().evicted_bytes.get(), static_cast<uint64_t>(n - 4) * k2M);
   EXPECT_GE(vram->stats().allocation_retries.get(), static_cast<uint64_t>(n - 4));
   EXPECT_EQ(vram->stats().allocation_failures.get(), 0u);
+  {
+    const VramStats& st = vram->stats();
+    auto gbps = [](uint64_t bytes, uint64_t ns) { return ns ? static_cast<double>(bytes) / static_cast<double>(ns) : 0.0; };
+    std::printf("vram: %llu migrations to VRAM %.2f GB/s, %llu to RAM %.2f GB/s, %llu evictions\n",
+                static_cast<unsigned long long>(st.migrations_to_vram.get()), gbps(st.bytes_to_vram.get(), st.ns_to_vram.get()),
+                static_cast<unsigned long long>(st.migrations_to_ram.get()), gbps(st.bytes_to_ram.get(), st.ns_to_ram.get()),
+                static_cast<unsigned long long>(st.evictions.get()));
+  }
 
   // Use range 8 (the LRU head) again: get_pages' devmem_fn bumps it, so range 9 goes next.
   {
