@@ -64,7 +64,6 @@ struct VmStats {
   StatCounter tlb_invalidated_bytes;
   StatCounter invalidate_callbacks;
   StatCounter gc_removed;       // ranges the garbage collector removed
-  StatCounter exclusive_pages;  // pages made device-exclusive for device atomics
 };
 
 // Where device memory comes from: VRAM region instance i (1..) is vram[i - 1].
@@ -173,12 +172,15 @@ class Vm : public svm::GpusvmOps {
   // ---- fault service (fault_service.cc) ----
   // Services one GPU fault of this VM (the Xe loop: GC -> attributes -> range ->
   // migrate -> get_pages -> reserve -> notifier lock -> pages_valid -> commit). 0: replay;
-  // a negative errno fails the job: -EFAULT (no mirror / no VMA / PROT_NONE / write to a
-  // read-only mapping / atomic with the CPU policy), -EAGAIN (attempts exhausted), -ENODEV
-  // (VM being destroyed). *range_start/*range_end (optional) get the serviced range, which
-  // FaultService uses to complete duplicate faults. May sleep; takes the vm lock.
-  [[nodiscard]] int handle_fault(const GpuFault& fault, uint64_t* range_start = nullptr,
-                                 uint64_t* range_end = nullptr) GPUSVM_EXCLUDES(lock_);
+  // a negative errno fails the job: -EFAULT (no mirror, no VMA, PROT_NONE, a write to a
+  // read-only mapping, an atomic with the CPU policy or one needing VRAM where there is
+  // none), -EAGAIN (attempts exhausted), -ENODEV (VM being destroyed), -ENOMEM.
+  // on_range (optional) is told the range being serviced as soon as it is known (under the
+  // vm lock: it must only record it); FaultService chains duplicate faults on it.
+  // May sleep; takes the vm lock.
+  using OnRange = std::function<void(uint64_t start, uint64_t end)>;
+  [[nodiscard]] int handle_fault(const GpuFault& fault, const OnRange& on_range = {})
+      GPUSVM_EXCLUDES(lock_);
 
   // Checks every valid GPU leaf against the CPU page table (quiescent: no CPU or GPU activity
   // in flight): a leaf on system memory maps the CPU's page at that VA, a writable leaf a
@@ -206,15 +208,23 @@ class Vm : public svm::GpusvmOps {
   int remove_ranges_locked(uint64_t start, uint64_t end, bool evict) GPUSVM_REQUIRES(lock_);
   // The VRAM pagemap the attributes place a range in (nullptr: system memory).
   Result<svm::Pagemap*> placement_locked(const MemAttrs& a) GPUSVM_REQUIRES(lock_);
-  // One service of a mirror fault at addr (vm lock held).
-  int service_locked(uint64_t addr, Access access, uint64_t* rs, uint64_t* re)
-      GPUSVM_REQUIRES(lock_);
+  // Where a fault or prefetch puts a range: a VRAM pagemap (strict: devmem_only) or system
+  // memory (pagemap null, strict: bring device pages home first).
+  struct Placement {
+    svm::Pagemap* pagemap = nullptr;
+    bool strict = false;
+  };
+  // One service of a mirror fault (or prefetch) at addr (vm lock held). *range_end gets the
+  // end of the range it bound.
+  int service_locked(uint64_t addr, Access access, const Placement* force,
+                     const OnRange& on_range, uint64_t* range_end) GPUSVM_REQUIRES(lock_);
   // Builds and commits the PTEs of range (reserve outside the notifier lock, pages_valid
   // under it). -EAGAIN: invalidated since get_pages.
-  int commit_locked(svm::Range* range, bool write, bool atomic) GPUSVM_REQUIRES(lock_);
-  // Device atomics on system memory: makes every page of range device-exclusive (the CPU
-  // gets them back through a fault, which invalidates us). vm lock held, no other.
-  int make_exclusive_locked(svm::Range* range) GPUSVM_REQUIRES(lock_);
+  // atomic_ok: the attributes and placement allow device atomics (the leaves get the atomic
+  // bit where their target allows it).
+  int commit_locked(svm::Range* range, bool write, uint32_t atomic_policy) GPUSVM_REQUIRES(lock_);
+  // Whether a device atomic on a leaf of `target` is allowed by the policy and the device.
+  bool atomic_allowed(uint32_t policy, Target target) const;
   int prefetch_locked(uint64_t start, uint64_t end, uint32_t region) GPUSVM_REQUIRES(lock_);
   int validate_op_locked(const BindOp& op) GPUSVM_REQUIRES(lock_);
   int apply_op_locked(const BindOp& op) GPUSVM_REQUIRES(lock_);
@@ -229,8 +239,6 @@ class Vm : public svm::GpusvmOps {
   std::unique_ptr<svm::Gpusvm> gpusvm_;
   std::map<uint64_t, GpuVma> vmas_ GPUSVM_GUARDED_BY(lock_);  // by start; disjoint
   MemAttrTree attrs_ GPUSVM_GUARDED_BY(lock_);
-  // Ranges bound with atomic permission on device-exclusive system pages (by start).
-  std::map<uint64_t, uint64_t> exclusive_ GPUSVM_GUARDED_BY(lock_);
   std::atomic<bool> dying_{false};
   VmStats stats_;
 };

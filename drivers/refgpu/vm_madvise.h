@@ -16,6 +16,7 @@
 // Locking: the tree is guarded by the VM lock of its Vm (the caller's; not checked here).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <map>
 #include <vector>
