@@ -8,6 +8,9 @@
 //    taken before the mmap lock: driver VM lock -> range lock -> mmap lock]
 //   gpusvm driver lock (50: a driver's VM/range lock that Gpusvm asserts held; drivers
 //    without a class of their own, and the svm test driver, use it)
+//     -> refgpu buffer object (60, mutex: a BO's backing; eviction, CPU map and binding
+//        queries hold it, binding observers zap GPU PTEs under it; the VRAM evictor only
+//        try-locks it, so a fault that holds a VM lock never waits for it)
 //   mmap_lock (AddressSpace, rw, sleeping)
 //     -> hugetlb fault mutex (hashed by (mm, 2 MiB slot); held across one hugetlb fault)
 //     -> shmem object lock (ShmemObject, mutex)            page-cache lookups in faults
@@ -46,6 +49,9 @@
 //                      refgpu VRAM buddy (one per VRAM region): allocation under folio locks
 //                      in a migration, free from folio_free (devmem_release) under
 //                      page-table locks
+//                   -> refgpu VRAM LRU (876, spin: one per VRAM region; bumped under the
+//                      notifier lock by get_pages' devmem_fn, unlinked by devmem_release
+//                      under page-table locks; never nested with the buddy lock)
 //                   -> svm DMA record (Device: the DMA mappings of one device; get_pages
 //                      maps under the notifier lock, invalidate unmaps under it)
 //                   -> svm pagemap destroy queue (a last Pagemap put from folio_free
@@ -84,6 +90,10 @@ inline constexpr LockClass kRefgpuVmLockClass{"refgpu_vm", 45};
 namespace svm {
 inline constexpr LockClass kGpusvmDriverLockClass{"gpusvm_driver_lock", 50};
 }  // namespace svm
+
+namespace refgpu {
+inline constexpr LockClass kBoLockClass{"refgpu_bo", 60};
+}  // namespace refgpu
 
 namespace mm {
 inline constexpr LockClass kMmapLockClass{"mmap_lock", 100};
@@ -124,6 +134,7 @@ inline constexpr LockClass kDmirrorFreeLockClass{"dmirror_free_list", 870};
 }  // namespace dmirror
 namespace refgpu {
 inline constexpr LockClass kBuddyLockClass{"refgpu_buddy", 875};
+inline constexpr LockClass kVramLruLockClass{"refgpu_vram_lru", 876};
 }  // namespace refgpu
 namespace svm {
 inline constexpr LockClass kTestVramLockClass{"svm_test_vram", 873};
@@ -152,8 +163,8 @@ inline constexpr LockClass kMmuNotifierListLockClass{"mmu_notifier_list", 0};
 }  // namespace mm
 
 // Every ordered class, in table order (the order test walks it).
-inline constexpr std::array<const LockClass*, 37> kLockOrder{
-    &refgpu::kRefgpuVmLockClass,  &svm::kGpusvmDriverLockClass,
+inline constexpr std::array<const LockClass*, 39> kLockOrder{
+    &refgpu::kRefgpuVmLockClass,  &svm::kGpusvmDriverLockClass, &refgpu::kBoLockClass,
     &mm::kMmapLockClass,          &mm::kHugetlbFaultMutexClass,   &mm::kShmemLockClass,
     &mm::kFolioLockClass,         &mm::kRmapWalkLockClass,        &dmirror::kDmirrorDevmemLockClass,
     &dmirror::kDmirrorMutexClass, &svm::kGpusvmNotifierLockClass, &refgpu::kTlbAccessLockClass,
@@ -162,7 +173,8 @@ inline constexpr std::array<const LockClass*, 37> kLockOrder{
     &mm::kPmdLockClass,           &mm::kPteLockClass,             &mm::kRmapLockClass,
     &mm::kSwapLockClass,          &mm::kLruLockClass,
     &mm::kZoneLockClass,          &mm::kRegistryLockClass,        &dmirror::kDmirrorFreeLockClass,
-    &svm::kTestVramLockClass,     &refgpu::kBuddyLockClass,       &svm::kDmaRecordLockClass,
+    &svm::kTestVramLockClass,     &refgpu::kBuddyLockClass,       &refgpu::kVramLruLockClass,
+    &svm::kDmaRecordLockClass,
     &svm::kPagemapDestroyLockClass, &svm::kPagemapOwnerListLockClass, &refgpu::kCopyPoolLockClass,
     &refgpu::kEngineLockClass,    &refgpu::kExecQueueLockClass,   &refgpu::kRefgpuFaultChainLockClass,
     &refgpu::kFaultQueueLockClass,
