@@ -100,8 +100,8 @@ Result<svm::Pagemap*> Vm::placement_locked(const MemAttrs& a) {
   if (a.devmem_fd == REFGPU_PREFERRED_LOC_DEFAULT_SYSTEM) return static_cast<svm::Pagemap*>(nullptr);
   if (a.devmem_fd == REFGPU_PREFERRED_LOC_DEFAULT_DEVICE) {
     if (cfg_.vram.empty()) return static_cast<svm::Pagemap*>(nullptr);
-    const size_t i = a.region_instance == 0 ? 0 : a.region_instance - 1u;
-    return i < cfg_.vram.size() ? cfg_.vram[i] : cfg_.vram[0];
+    svm::Pagemap* p = region_pagemap(a.region_instance == 0 ? 1 : a.region_instance);
+    return p ? p : region_pagemap(1);
   }
   if (!cfg_.resolve_devmem) return Err{-EBADF};
   return cfg_.resolve_devmem(a.devmem_fd, a.region_instance);
@@ -126,7 +126,7 @@ int Vm::service_locked(uint64_t addr, Access access, const Placement* force,
     where.pagemap = pm ? *pm : nullptr;
     // Atomics that system memory cannot give force VRAM (never silently non-atomic).
     if (access == Access::kAtomic && !atomic_allowed(attrs.atomic, Target::kSystem)) {
-      if (!where.pagemap) where.pagemap = cfg_.vram.empty() ? nullptr : cfg_.vram[0];
+      if (!where.pagemap) where.pagemap = region_pagemap(1);
       if (!where.pagemap) return -EFAULT;
       where.strict = true;
     }
@@ -137,9 +137,12 @@ int Vm::service_locked(uint64_t addr, Access access, const Placement* force,
 
   svm::Ctx ctx;
   ctx.read_only = !write;
-  ctx.device_private_page_owner = where.pagemap ? where.pagemap->owner()
-                                  : cfg_.vram.empty() ? nullptr
-                                                      : cfg_.vram[0]->owner();
+  ctx.device_private_page_owner = where.pagemap ? where.pagemap->owner() : owner();
+  // The VRAM LRU learns which allocations the GPU uses (under the notifier lock: an LRU
+  // bump, no allocation).
+  ctx.devmem_fn = [](svm::Pagemap* pm, mm::Folio* page, uint64_t n) {
+    if (auto* v = dynamic_cast<VramPagemap*>(pm->ops())) v->touch_pages(page, n);
+  };
   ctx.devmem_possible = where.pagemap != nullptr;
   ctx.devmem_only = where.pagemap && where.strict;
   unsigned timeslice_ms = 0;

@@ -41,6 +41,7 @@
 #include "drivers/refgpu/gpu_page_table.h"
 #include "drivers/refgpu/tlb.h"
 #include "drivers/refgpu/vm_madvise.h"
+#include "drivers/refgpu/vram_pagemap.h"
 #include "uapi/refgpu.h"
 
 namespace gpusvm::mm {
@@ -73,7 +74,9 @@ struct VmConfig {
   mm::AddressSpace* as = nullptr; // the process this VM mirrors (required in fault mode)
   MemoryResolver* mem = nullptr;  // targets -> host bytes (required)
   svm::Device* device = nullptr;  // DMA mappings of system pages (required in fault mode)
-  std::vector<svm::Pagemap*> vram;  // this device's VRAM regions as svm pagemaps (may be empty)
+  // This device's VRAM regions (refmem's VramPagemap; may be empty). Their Device must be
+  // `device`, so that our own VRAM pages are device_map'ed locally.
+  std::vector<VramPagemap*> vram;
   // The device can do atomics on system memory (REFGPU_CONFIG_FLAG_HAS_SMEM_ATOMICS): where
   // false, a device atomic forces VRAM (-EFAULT for the job when there is none).
   bool smem_atomics = true;
@@ -228,6 +231,12 @@ class Vm : public svm::GpusvmOps {
   int prefetch_locked(uint64_t start, uint64_t end, uint32_t region) GPUSVM_REQUIRES(lock_);
   int validate_op_locked(const BindOp& op) GPUSVM_REQUIRES(lock_);
   int apply_op_locked(const BindOp& op) GPUSVM_REQUIRES(lock_);
+  // The device-private owner of our VRAM pages (nullptr without VRAM).
+  const void* owner() const { return cfg_.vram.empty() ? nullptr : cfg_.vram[0]->pagemap()->owner(); }
+  // The pagemap of VRAM region instance i (1..), or nullptr.
+  svm::Pagemap* region_pagemap(size_t instance) const {
+    return instance >= 1 && instance <= cfg_.vram.size() ? cfg_.vram[instance - 1]->pagemap() : nullptr;
+  }
   // Tells the MMU-facing parts that the VM is going away (faults fail with -ENODEV).
   bool dying() const { return dying_.load(std::memory_order_acquire); }
 

@@ -58,7 +58,7 @@ int Vm::prefetch_locked(uint64_t start, uint64_t end, uint32_t region) {
       if (!pm) return pm.error();
       where = {*pm, true};
     } else {
-      where = {region == 0 ? nullptr : cfg_.vram[region - 1], true};
+      where = {region_pagemap(region), true};
     }
     uint64_t range_end = 0;
     // A prefetch maps for write where the mirror allows it (what a later store needs).
