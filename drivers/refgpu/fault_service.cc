@@ -111,9 +111,20 @@ int Vm::service_locked(uint64_t addr, Access access, const Placement* force,
                        const OnRange& on_range, uint64_t* range_end) {
   collect_garbage_locked();
   const GpuVma* vma = vma_at_locked(addr);
-  if (!vma || vma->kind != GpuVma::Kind::kMirror) return -EFAULT;
+  if (!vma) return -EFAULT;
   const bool write = access != Access::kRead;
   if (write && (vma->flags & REFGPU_VM_BIND_FLAG_READONLY)) return -EFAULT;
+  if (vma->kind == GpuVma::Kind::kBo) {
+    // A BO binding zapped by a move of its backing: bind it again where it is now.
+    if (access == Access::kAtomic &&
+        !atomic_allowed(REFGPU_ATOMIC_DEVICE, vma->binding->bo()->backing() == BoBacking::kVram
+                                                  ? Target::kVram
+                                                  : Target::kSystem)) {
+      return -EFAULT;
+    }
+    if (range_end) *range_end = vma->end;
+    return vma->binding->bind();
+  }
   const MemAttrs attrs = attrs_.at(addr);
   if (access == Access::kAtomic && attrs.atomic == REFGPU_ATOMIC_CPU) return -EFAULT;
 
@@ -229,7 +240,7 @@ int Vm::service_locked(uint64_t addr, Access access, const Placement* force,
 
 int Vm::handle_fault(const GpuFault& fault, const OnRange& on_range) {
   if (dying()) return -ENODEV;
-  if (!fault_mode() || !gpusvm_) return -EFAULT;
+  if (!fault_mode()) return -EFAULT;
   const uint64_t t0 = now_ns();
   MutexLock g(&lock_);
   // A fault another service already satisfied (a duplicate that was not chained, or one

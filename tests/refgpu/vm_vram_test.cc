@@ -4,9 +4,11 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <cstring>
 #include <memory>
 #include <vector>
 
+#include "drivers/refgpu/bo.h"
 #include "drivers/refgpu/copy_engine.h"
 #include "drivers/refgpu/engine.h"
 #include "drivers/refgpu/fault_service.h"
@@ -181,6 +183,101 @@ TEST_F(VmVramTest, GlobalAtomicsForceVramAndCpuAtomicsBringItBack) {
     EXPECT_FALSE(vm->page_table().lookup(ctr));  // the CPU took the page home
   }
   EXPECT_EQ(load(ctr), 315u);
+}
+
+
+// A BO mapped at a GPU VA outside the mirror: bound at MAP time, zapped when its backing
+// moves, bound again (at the new place) by the next fault. Every byte checked.
+TEST_F(VmVramTest, BoMapIsBoundAndAMoveZapsIt) {
+  Result<BoRef> bo = Bo::create({.mem = mem.get(), .vram = vram.get(), .size = kSZ2M,
+                                 .placement = kBoPlacementSystem | kBoPlacementVram});
+  ASSERT_TRUE(bo.ok()) << bo.error();
+  ASSERT_EQ((*bo)->backing(), BoBacking::kVram);
+  std::vector<uint8_t> bytes(kSZ2M);
+  for (uint64_t i = 0; i < kSZ2M; i++) bytes[i] = static_cast<uint8_t>(i * 31 + (i >> 12));
+  ASSERT_EQ((*bo)->write(0, bytes.data(), kSZ2M), 0);
+  const uint64_t bva = kBase + (1ull << 36);
+  BindOp op{.op = REFGPU_VM_BIND_OP_MAP, .addr = bva, .range = kSZ2M, .bo = *bo};
+  ASSERT_EQ(vm->bind(std::span<const BindOp>(&op, 1)), 0);
+  std::optional<GpuLeaf> l = vm->page_table().lookup(bva);
+  ASSERT_TRUE(l);
+  EXPECT_EQ(l->target, Target::kVram);
+  EXPECT_EQ(l->size, kSZ2M);  // a contiguous 2 MiB backing is one leaf
+  for (int pass = 0; pass < 2; pass++) {
+    const uint64_t dst = kBase + (pass + 1) * 2 * kSZ2M;
+    Batch b;
+    b.add(refgpu_cmd_copy{REFGPU_CMD_HEADER(REFGPU_OP_COPY, 8), 0, dst, bva, kSZ2M});
+    b.store_qword(bva + 8 * pass, 0x5000 + pass);  // the GPU writes into the BO too
+    ASSERT_EQ(run(kBatch + pass * kSZ4K, b), 0) << pass;
+    std::vector<uint8_t> got(kSZ2M);
+    ASSERT_EQ(mm::cpu::copy_out(*as, dst, got.data(), kSZ2M), 0);
+    EXPECT_EQ(got, bytes) << pass;
+    const uint64_t w = 0x5000u + pass;
+    std::memcpy(&bytes[8 * pass], &w, 8);
+    std::vector<uint8_t> in_bo(kSZ2M);
+    ASSERT_EQ((*bo)->read(0, in_bo.data(), kSZ2M), 0);
+    EXPECT_EQ(in_bo, bytes) << pass;
+    if (pass == 0) {
+      ASSERT_EQ((*bo)->move_to_system(), 0);  // eviction: the binding is zapped
+      EXPECT_FALSE(vm->page_table().lookup(bva));
+    }
+  }
+  l = vm->page_table().lookup(bva);
+  ASSERT_TRUE(l);
+  EXPECT_EQ(l->target, Target::kSystem);  // rebound where it is now
+  op = BindOp{.op = REFGPU_VM_BIND_OP_UNMAP, .addr = bva, .range = kSZ4K};
+  EXPECT_EQ(vm->bind(std::span<const BindOp>(&op, 1)), -EINVAL);  // a BO binding goes whole
+  op.range = kSZ2M;
+  ASSERT_EQ(vm->bind(std::span<const BindOp>(&op, 1)), 0);
+  EXPECT_FALSE(vm->page_table().lookup(bva));
+  EXPECT_EQ((*bo)->move_to_vram(), 0);  // no observer left to tell
+}
+
+// A BO carved out of a mirror region takes that VA from the system allocator; UNMAP gives it
+// back: the GPU then reaches the process's memory there again.
+TEST_F(VmVramTest, BoCarvedOutOfTheMirrorReturnsItsVaOnUnmap) {
+  Result<BoRef> bo = Bo::create({.mem = mem.get(), .vram = vram.get(), .size = kSZ2M,
+                                 .placement = kBoPlacementSystem});
+  ASSERT_TRUE(bo.ok());
+  const uint64_t va = kBase + 4 * kSZ2M;
+  // Over mirrored memory the GPU has ranges in: -EBUSY.
+  Batch t;
+  t.store_qword(va, 1);
+  ASSERT_EQ(run(kBatch, t), 0);
+  BindOp op{.op = REFGPU_VM_BIND_OP_MAP, .addr = va, .range = kSZ2M, .bo = *bo};
+  EXPECT_EQ(vm->bind(std::span<const BindOp>(&op, 1)), -EBUSY);
+  ASSERT_EQ(as->madvise(va, kSZ2M, MADV_DONTNEED), 0);
+  BindOp evict{.op = REFGPU_VM_BIND_OP_UNMAP, .flags = REFGPU_VM_BIND_FLAG_EVICT, .addr = va, .range = kSZ2M};
+  ASSERT_EQ(vm->bind(std::span<const BindOp>(&evict, 1)), 0);  // ranges gone, VA unbound
+  ASSERT_EQ(vm->bind(std::span<const BindOp>(&op, 1)), 0);     // over nothing now
+  BindOp un{.op = REFGPU_VM_BIND_OP_UNMAP, .addr = va, .range = kSZ2M};
+  ASSERT_EQ(vm->bind(std::span<const BindOp>(&un, 1)), 0);
+  // Mirror it again, then carve the BO out of the middle of the mirror.
+  BindOp mir{.op = REFGPU_VM_BIND_OP_MAP, .flags = REFGPU_VM_BIND_FLAG_CPU_ADDR_MIRROR, .addr = va, .range = kSZ2M};
+  ASSERT_EQ(vm->bind(std::span<const BindOp>(&mir, 1)), 0);
+  ASSERT_EQ(vm->bind(std::span<const BindOp>(&op, 1)), 0);
+  std::vector<GpuVma> v = vm->vmas(0, ~0ull);
+  ASSERT_EQ(v.size(), 3u);  // [mirror][bo][mirror]
+  EXPECT_EQ(v[1].kind, GpuVma::Kind::kBo);
+  EXPECT_TRUE(v[1].carved);
+  Batch b;
+  b.store_qword(va + 16, 0xb0);
+  ASSERT_EQ(run(kBatch + kSZ4K, b), 0);
+  uint64_t in_bo = 0;
+  ASSERT_EQ((*bo)->read(16, &in_bo, 8), 0);
+  EXPECT_EQ(in_bo, 0xb0u);
+  EXPECT_EQ(load(va + 16), 0u);  // the process's page is not the BO
+  ASSERT_EQ(vm->bind(std::span<const BindOp>(&un, 1)), 0);
+  v = vm->vmas(0, ~0ull);
+  ASSERT_EQ(v.size(), 1u);  // the BO's VA is mirror again, merged with its neighbours
+  EXPECT_EQ(v[0].kind, GpuVma::Kind::kMirror);
+  EXPECT_EQ(v[0].end - v[0].start, kMirror);
+  Batch c;
+  c.store_qword(va + 16, 0xc0);
+  ASSERT_EQ(run(kBatch + 2 * kSZ4K, c), 0);
+  EXPECT_EQ(load(va + 16), 0xc0u);
+  ASSERT_EQ((*bo)->read(16, &in_bo, 8), 0);
+  EXPECT_EQ(in_bo, 0xb0u);
 }
 
 }  // namespace
