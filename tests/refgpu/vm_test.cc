@@ -485,7 +485,11 @@ TEST_F(VmTest, CpuMunmapMprotectForkRaceEngineFaults) {
   }
   stop = true;
   cpu.join();
-  EXPECT_GT(ok, 0);
+  // How many jobs got through depends on the interleaving (under TSan the CPU side can win
+  // every one: a job whose access is invalidated before each of its kMaxReplays replays
+  // fails with -EFAULT); the service must have run all along.
+  EXPECT_EQ(ok + failed, 40);
+  EXPECT_GT(service->stats().services.get(), 0u);
   // Quiescent: one more store goes through and reads back.
   Batch b;
   b.store_qword(data, 4242);
