@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <memory>
 #include <thread>
@@ -159,6 +160,17 @@ TEST_F(VmTest, MirrorFaultsOnSystemMemoryMoveEveryByte) {
   EXPECT_GT(s.faults_4k.get() + s.faults_64k.get() + s.faults_2m.get(), 0u);
   EXPECT_EQ(s.fault_errors.get(), 0u);
   EXPECT_GT(vm->gpusvm()->nr_ranges(), 2u);
+  {
+    const VmStats& st = vm->stats();
+    const uint64_t n = st.faults_4k.get() + st.faults_64k.get() + st.faults_2m.get();
+    std::printf("vm: %llu serviced faults (4K %llu, 64K %llu, 2M %llu), %.1f us/fault, "
+                "get_pages %.1f us, bind %.1f us, migrate %.1f us per fault, %llu migrations\n",
+                (unsigned long long)n, (unsigned long long)st.faults_4k.get(),
+                (unsigned long long)st.faults_64k.get(), (unsigned long long)st.faults_2m.get(),
+                n ? st.fault_ns.get() / 1e3 / n : 0.0, n ? st.get_pages_ns.get() / 1e3 / n : 0.0,
+                n ? st.bind_ns.get() / 1e3 / n : 0.0, n ? st.migrate_ns.get() / 1e3 / n : 0.0,
+                (unsigned long long)st.migrations_to_vram.get());
+  }
   // The CPU changes a page the GPU has mapped: the GPU reads the new value (invalidation).
   ASSERT_EQ(mm::cpu::store<uint64_t>(*as, src, 0xfeedface), 0);
   Batch c;

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -123,6 +124,17 @@ TEST_F(VmVramTest, FaultsMigrateToThePreferredVram) {
   EXPECT_EQ(target_of(src), Target::kVram);
   EXPECT_EQ(target_of(dst + kSZ2M), Target::kVram);
   EXPECT_GT(vm->stats().migrations_to_vram.get(), 0u);
+  {
+    const VmStats& st = vm->stats();
+    const uint64_t n = st.faults_4k.get() + st.faults_64k.get() + st.faults_2m.get();
+    std::printf("vm: %llu serviced faults (4K %llu, 64K %llu, 2M %llu), %.1f us/fault, "
+                "get_pages %.1f us, bind %.1f us, migrate %.1f us per fault, %llu migrations\n",
+                (unsigned long long)n, (unsigned long long)st.faults_4k.get(),
+                (unsigned long long)st.faults_64k.get(), (unsigned long long)st.faults_2m.get(),
+                n ? st.fault_ns.get() / 1e3 / n : 0.0, n ? st.get_pages_ns.get() / 1e3 / n : 0.0,
+                n ? st.bind_ns.get() / 1e3 / n : 0.0, n ? st.migrate_ns.get() / 1e3 / n : 0.0,
+                (unsigned long long)st.migrations_to_vram.get());
+  }
   EXPECT_GT(region->buddy().used_bytes(), 0u);
   EXPECT_EQ(vm->check_ptes(), 0);
   std::vector<uint8_t> got(kLen);
