@@ -83,6 +83,10 @@
 
 namespace gpusvm {
 
+namespace refgpu {
+// A refgpu VM's lock: the Gpusvm driver lock of its mirror (faults, binds, madvise, GC).
+inline constexpr LockClass kRefgpuVmLockClass{"refgpu_vm", 45};
+}  // namespace refgpu
 namespace svm {
 inline constexpr LockClass kGpusvmDriverLockClass{"gpusvm_driver_lock", 50};
 }  // namespace svm
@@ -142,6 +146,8 @@ namespace refgpu {
 inline constexpr LockClass kCopyPoolLockClass{"refgpu_copy_pool", 900};
 inline constexpr LockClass kEngineLockClass{"refgpu_engine", 905};
 inline constexpr LockClass kExecQueueLockClass{"refgpu_exec_queue", 910};
+// The fault service's table of services in flight (duplicate-fault chaining): a leaf.
+inline constexpr LockClass kRefgpuFaultChainLockClass{"refgpu_fault_chain", 915};
 inline constexpr LockClass kFaultQueueLockClass{"refgpu_fault_queue", 920};
 }  // namespace refgpu
 
@@ -157,8 +163,8 @@ inline constexpr LockClass kMmuNotifierListLockClass{"mmu_notifier_list", 0};
 }  // namespace mm
 
 // Every ordered class, in table order (the order test walks it).
-inline constexpr std::array<const LockClass*, 37> kLockOrder{
-    &svm::kGpusvmDriverLockClass, &refgpu::kBoLockClass,
+inline constexpr std::array<const LockClass*, 39> kLockOrder{
+    &refgpu::kRefgpuVmLockClass,  &svm::kGpusvmDriverLockClass, &refgpu::kBoLockClass,
     &mm::kMmapLockClass,          &mm::kHugetlbFaultMutexClass,   &mm::kShmemLockClass,
     &mm::kFolioLockClass,         &mm::kRmapWalkLockClass,        &dmirror::kDmirrorDevmemLockClass,
     &dmirror::kDmirrorMutexClass, &svm::kGpusvmNotifierLockClass, &refgpu::kTlbAccessLockClass,
@@ -170,7 +176,8 @@ inline constexpr std::array<const LockClass*, 37> kLockOrder{
     &svm::kTestVramLockClass,     &refgpu::kBuddyLockClass,       &refgpu::kVramLruLockClass,
     &svm::kDmaRecordLockClass,
     &svm::kPagemapDestroyLockClass, &svm::kPagemapOwnerListLockClass, &refgpu::kCopyPoolLockClass,
-    &refgpu::kEngineLockClass,    &refgpu::kExecQueueLockClass,   &refgpu::kFaultQueueLockClass,
+    &refgpu::kEngineLockClass,    &refgpu::kExecQueueLockClass,   &refgpu::kRefgpuFaultChainLockClass,
+    &refgpu::kFaultQueueLockClass,
     &devfs::kMachineLockClass,    &devfs::kDeviceRegistryLockClass, &devfs::kFdTableLockClass,
     &devfs::kProcessStatusLockClass,
 };
