@@ -53,9 +53,9 @@
 //                   -> svm pagemap owner list (owner groups; has_interconnect runs under
 //                      it and must not sleep or lock)
 //                     -> refgpu copy-engine pool, engine (its list of exec queues) -> exec
-//                        queue (its jobs), fault queue (leaves of the device: engines and
-//                        fault handlers hold nothing else when they take them, and call
-//                        nothing under them)
+//                        queue (its jobs), fence callback list, fault queue, open-file id
+//                        tables (leaves of the device: engines, fault handlers and ioctls
+//                        hold nothing else when they take them, and call nothing under them)
 //                     -> devfs machine (its list of processes), device registry, fd table,
 //                        process exit status (leaves: nothing is called under them)
 //
@@ -131,7 +131,9 @@ namespace refgpu {
 inline constexpr LockClass kCopyPoolLockClass{"refgpu_copy_pool", 900};
 inline constexpr LockClass kEngineLockClass{"refgpu_engine", 905};
 inline constexpr LockClass kExecQueueLockClass{"refgpu_exec_queue", 910};
+inline constexpr LockClass kFenceCbLockClass{"refgpu_fence_cb", 915};
 inline constexpr LockClass kFaultQueueLockClass{"refgpu_fault_queue", 920};
+inline constexpr LockClass kRefgpuFileLockClass{"refgpu_file", 925};
 }  // namespace refgpu
 
 namespace devfs {
@@ -146,7 +148,7 @@ inline constexpr LockClass kMmuNotifierListLockClass{"mmu_notifier_list", 0};
 }  // namespace mm
 
 // Every ordered class, in table order (the order test walks it).
-inline constexpr std::array<const LockClass*, 35> kLockOrder{
+inline constexpr std::array<const LockClass*, 37> kLockOrder{
     &svm::kGpusvmDriverLockClass,
     &mm::kMmapLockClass,          &mm::kHugetlbFaultMutexClass,   &mm::kShmemLockClass,
     &mm::kFolioLockClass,         &mm::kRmapWalkLockClass,        &dmirror::kDmirrorDevmemLockClass,
@@ -158,7 +160,8 @@ inline constexpr std::array<const LockClass*, 35> kLockOrder{
     &mm::kZoneLockClass,          &mm::kRegistryLockClass,        &dmirror::kDmirrorFreeLockClass,
     &svm::kTestVramLockClass,     &refgpu::kBuddyLockClass,       &svm::kDmaRecordLockClass,
     &svm::kPagemapDestroyLockClass, &svm::kPagemapOwnerListLockClass, &refgpu::kCopyPoolLockClass,
-    &refgpu::kEngineLockClass,    &refgpu::kExecQueueLockClass,   &refgpu::kFaultQueueLockClass,
+    &refgpu::kEngineLockClass,    &refgpu::kExecQueueLockClass,   &refgpu::kFenceCbLockClass,
+    &refgpu::kFaultQueueLockClass, &refgpu::kRefgpuFileLockClass,
     &devfs::kMachineLockClass,    &devfs::kDeviceRegistryLockClass, &devfs::kFdTableLockClass,
     &devfs::kProcessStatusLockClass,
 };

@@ -1,0 +1,34 @@
+// DRM_IOCTL_REFGPU_VM_CREATE / VM_DESTROY (xe_vm_create_ioctl, xe_vm_destroy_ioctl).
+#include <cerrno>
+
+#include "drivers/refgpu/ioctl.h"
+
+namespace gpusvm::refgpu {
+
+namespace {
+constexpr uint32_t kVmCreateFlags =
+    REFGPU_VM_CREATE_FLAG_LR_MODE | REFGPU_VM_CREATE_FLAG_FAULT_MODE | REFGPU_VM_CREATE_FLAG_NO_VM_OVERCOMMIT;
+}  // namespace
+
+int ioctl_vm_create(RefgpuFile& f, devfs::Process& caller, drm_refgpu_vm_create* a) {
+  (void)caller;
+  if (a->extensions || !all_zero(a->reserved)) return -EINVAL;
+  if (a->flags & ~kVmCreateFlags) return -EINVAL;
+  // Replayable faults need a long-running VM (no dma-fences that a fault could stall).
+  if ((a->flags & REFGPU_VM_CREATE_FLAG_FAULT_MODE) && !(a->flags & REFGPU_VM_CREATE_FLAG_LR_MODE))
+    return -EINVAL;
+  const uint32_t id = f.reserve_vm_id();
+  if (!id) return -ENOSPC;
+  auto vm = std::make_shared<FileVm>(id, f.dev().alloc_asid(), a->flags, f.dev().resolver());
+  f.insert_vm(std::move(vm));
+  a->vm_id = id;
+  return 0;
+}
+
+int ioctl_vm_destroy(RefgpuFile& f, devfs::Process& caller, drm_refgpu_vm_destroy* a) {
+  (void)caller;
+  if (a->pad || !all_zero(a->reserved)) return -EINVAL;
+  return f.remove_vm(a->vm_id);
+}
+
+}  // namespace gpusvm::refgpu
