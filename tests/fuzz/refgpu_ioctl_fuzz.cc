@@ -109,9 +109,15 @@ void redirect(unsigned idx, void* a, uint8_t mode, Ctx& c) {
       if (mode & 1) e->address = c.proc_addr(e->address) & ~7ull;
       if ((mode & 2) && !(e->syncs < refgpu::kUserMinAddr)) {
         // The user-fence addresses of the syncs (the caller's array) into the process.
-        auto* s = reinterpret_cast<drm_refgpu_sync*>(static_cast<uintptr_t>(e->syncs));
-        for (uint32_t i = 0; i < e->num_syncs && i < refgpu::kMaxSyncs; i++)
-          if (s[i].type == REFGPU_SYNC_TYPE_USER_FENCE) s[i].addr = c.proc_addr(s[i].addr) & ~7ull;
+        // (any alignment: the array is the fuzzer's bytes)
+        auto* base = reinterpret_cast<uint8_t*>(static_cast<uintptr_t>(e->syncs));
+        for (uint32_t i = 0; i < e->num_syncs && i < refgpu::kMaxSyncs; i++) {
+          drm_refgpu_sync s;
+          std::memcpy(&s, base + i * sizeof(s), sizeof(s));
+          if (s.type != REFGPU_SYNC_TYPE_USER_FENCE) continue;
+          s.addr = c.proc_addr(s.addr) & ~7ull;
+          std::memcpy(base + i * sizeof(s), &s, sizeof(s));
+        }
       }
       break;
     }
