@@ -99,6 +99,7 @@ class CopyEngine {
   [[nodiscard]] int clear_vram(const uint64_t* offsets, uint64_t npages);
 
   CopyBackend& backend() { return *backend_; }
+  VramArena* vram() const { return vram_; }
   const CopyStats& stats() const { return stats_; }
 
  private:

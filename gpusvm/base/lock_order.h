@@ -8,6 +8,9 @@
 //    taken before the mmap lock: driver VM lock -> range lock -> mmap lock]
 //   gpusvm driver lock (50: a driver's VM/range lock that Gpusvm asserts held; drivers
 //    without a class of their own, and the svm test driver, use it)
+//     -> refgpu buffer object (60, mutex: a BO's backing; eviction, CPU map and binding
+//        queries hold it, binding observers zap GPU PTEs under it; the VRAM evictor only
+//        try-locks it, so a fault that holds a VM lock never waits for it)
 //   mmap_lock (AddressSpace, rw, sleeping)
 //     -> hugetlb fault mutex (hashed by (mm, 2 MiB slot); held across one hugetlb fault)
 //     -> shmem object lock (ShmemObject, mutex)            page-cache lookups in faults
@@ -46,6 +49,9 @@
 //                      refgpu VRAM buddy (one per VRAM region): allocation under folio locks
 //                      in a migration, free from folio_free (devmem_release) under
 //                      page-table locks
+//                   -> refgpu VRAM LRU (876, spin: one per VRAM region; bumped under the
+//                      notifier lock by get_pages' devmem_fn, unlinked by devmem_release
+//                      under page-table locks; never nested with the buddy lock)
 //                   -> svm DMA record (Device: the DMA mappings of one device; get_pages
 //                      maps under the notifier lock, invalidate unmaps under it)
 //                   -> svm pagemap destroy queue (a last Pagemap put from folio_free
@@ -53,8 +59,8 @@
 //                   -> svm pagemap owner list (owner groups; has_interconnect runs under
 //                      it and must not sleep or lock)
 //                     -> refgpu copy-engine pool, engine (its list of exec queues) -> exec
-//                        queue (its jobs), fence callback list, fault queue, open-file id
-//                        tables (leaves of the device: engines, fault handlers and ioctls
+//                        queue (its jobs), fence callback list, fault-chain table, fault
+//                        queue, open-file id tables, device VM table (leaves of the device: engines, fault handlers and ioctls
 //                        hold nothing else when they take them, and call nothing under them)
 //                     -> devfs machine (its list of processes), device registry, fd table,
 //                        process exit status (leaves: nothing is called under them)
@@ -77,9 +83,17 @@
 
 namespace gpusvm {
 
+namespace refgpu {
+// A refgpu VM's lock: the Gpusvm driver lock of its mirror (faults, binds, madvise, GC).
+inline constexpr LockClass kRefgpuVmLockClass{"refgpu_vm", 45};
+}  // namespace refgpu
 namespace svm {
 inline constexpr LockClass kGpusvmDriverLockClass{"gpusvm_driver_lock", 50};
 }  // namespace svm
+
+namespace refgpu {
+inline constexpr LockClass kBoLockClass{"refgpu_bo", 60};
+}  // namespace refgpu
 
 namespace mm {
 inline constexpr LockClass kMmapLockClass{"mmap_lock", 100};
@@ -120,6 +134,7 @@ inline constexpr LockClass kDmirrorFreeLockClass{"dmirror_free_list", 870};
 }  // namespace dmirror
 namespace refgpu {
 inline constexpr LockClass kBuddyLockClass{"refgpu_buddy", 875};
+inline constexpr LockClass kVramLruLockClass{"refgpu_vram_lru", 876};
 }  // namespace refgpu
 namespace svm {
 inline constexpr LockClass kTestVramLockClass{"svm_test_vram", 873};
@@ -131,9 +146,15 @@ namespace refgpu {
 inline constexpr LockClass kCopyPoolLockClass{"refgpu_copy_pool", 900};
 inline constexpr LockClass kEngineLockClass{"refgpu_engine", 905};
 inline constexpr LockClass kExecQueueLockClass{"refgpu_exec_queue", 910};
-inline constexpr LockClass kFenceCbLockClass{"refgpu_fence_cb", 915};
+// A fence's callback list (signal takes it, callbacks run after it is dropped): a leaf.
+inline constexpr LockClass kFenceCbLockClass{"refgpu_fence_cb", 912};
+// The fault service's table of services in flight (duplicate-fault chaining): a leaf.
+inline constexpr LockClass kRefgpuFaultChainLockClass{"refgpu_fault_chain", 915};
 inline constexpr LockClass kFaultQueueLockClass{"refgpu_fault_queue", 920};
+// An open file's id tables (VMs, exec queues, syncobjs): a leaf.
 inline constexpr LockClass kRefgpuFileLockClass{"refgpu_file", 925};
+// The device's VM table (address-space id -> VM, for the fault service): a leaf.
+inline constexpr LockClass kRefgpuDeviceVmsLockClass{"refgpu_device_vms", 926};
 }  // namespace refgpu
 
 namespace devfs {
@@ -148,8 +169,8 @@ inline constexpr LockClass kMmuNotifierListLockClass{"mmu_notifier_list", 0};
 }  // namespace mm
 
 // Every ordered class, in table order (the order test walks it).
-inline constexpr std::array<const LockClass*, 37> kLockOrder{
-    &svm::kGpusvmDriverLockClass,
+inline constexpr std::array<const LockClass*, 42> kLockOrder{
+    &refgpu::kRefgpuVmLockClass,  &svm::kGpusvmDriverLockClass, &refgpu::kBoLockClass,
     &mm::kMmapLockClass,          &mm::kHugetlbFaultMutexClass,   &mm::kShmemLockClass,
     &mm::kFolioLockClass,         &mm::kRmapWalkLockClass,        &dmirror::kDmirrorDevmemLockClass,
     &dmirror::kDmirrorMutexClass, &svm::kGpusvmNotifierLockClass, &refgpu::kTlbAccessLockClass,
@@ -158,10 +179,12 @@ inline constexpr std::array<const LockClass*, 37> kLockOrder{
     &mm::kPmdLockClass,           &mm::kPteLockClass,             &mm::kRmapLockClass,
     &mm::kSwapLockClass,          &mm::kLruLockClass,
     &mm::kZoneLockClass,          &mm::kRegistryLockClass,        &dmirror::kDmirrorFreeLockClass,
-    &svm::kTestVramLockClass,     &refgpu::kBuddyLockClass,       &svm::kDmaRecordLockClass,
+    &svm::kTestVramLockClass,     &refgpu::kBuddyLockClass,       &refgpu::kVramLruLockClass,
+    &svm::kDmaRecordLockClass,
     &svm::kPagemapDestroyLockClass, &svm::kPagemapOwnerListLockClass, &refgpu::kCopyPoolLockClass,
     &refgpu::kEngineLockClass,    &refgpu::kExecQueueLockClass,   &refgpu::kFenceCbLockClass,
-    &refgpu::kFaultQueueLockClass, &refgpu::kRefgpuFileLockClass,
+    &refgpu::kRefgpuFaultChainLockClass, &refgpu::kFaultQueueLockClass, &refgpu::kRefgpuFileLockClass,
+    &refgpu::kRefgpuDeviceVmsLockClass,
     &devfs::kMachineLockClass,    &devfs::kDeviceRegistryLockClass, &devfs::kFdTableLockClass,
     &devfs::kProcessStatusLockClass,
 };
