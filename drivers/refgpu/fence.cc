@@ -11,6 +11,21 @@ bool Fence::signal(int status) {
                                        std::memory_order_relaxed))
     return false;
   wq_.wake_all();
+  std::vector<std::function<void(int)>> cbs;
+  {
+    SpinLockGuard g(&cb_lock_);
+    cb_done_ = true;
+    cbs.swap(cbs_);
+  }
+  const int st = this->status();
+  for (auto& fn : cbs) fn(st);
+  return true;
+}
+
+bool Fence::add_callback(std::function<void(int)> fn) {
+  SpinLockGuard g(&cb_lock_);
+  if (cb_done_) return false;
+  cbs_.push_back(std::move(fn));
   return true;
 }
 

@@ -59,9 +59,9 @@
 //                   -> svm pagemap owner list (owner groups; has_interconnect runs under
 //                      it and must not sleep or lock)
 //                     -> refgpu copy-engine pool, engine (its list of exec queues) -> exec
-//                        queue (its jobs), fault queue (leaves of the device: engines and
-//                        fault handlers hold nothing else when they take them, and call
-//                        nothing under them)
+//                        queue (its jobs), fence callback list, fault-chain table, fault
+//                        queue, open-file id tables, device VM table (leaves of the device: engines, fault handlers and ioctls
+//                        hold nothing else when they take them, and call nothing under them)
 //                     -> devfs machine (its list of processes), device registry, fd table,
 //                        process exit status (leaves: nothing is called under them)
 //
@@ -146,9 +146,15 @@ namespace refgpu {
 inline constexpr LockClass kCopyPoolLockClass{"refgpu_copy_pool", 900};
 inline constexpr LockClass kEngineLockClass{"refgpu_engine", 905};
 inline constexpr LockClass kExecQueueLockClass{"refgpu_exec_queue", 910};
+// A fence's callback list (signal takes it, callbacks run after it is dropped): a leaf.
+inline constexpr LockClass kFenceCbLockClass{"refgpu_fence_cb", 912};
 // The fault service's table of services in flight (duplicate-fault chaining): a leaf.
 inline constexpr LockClass kRefgpuFaultChainLockClass{"refgpu_fault_chain", 915};
 inline constexpr LockClass kFaultQueueLockClass{"refgpu_fault_queue", 920};
+// An open file's id tables (VMs, exec queues, syncobjs): a leaf.
+inline constexpr LockClass kRefgpuFileLockClass{"refgpu_file", 925};
+// The device's VM table (address-space id -> VM, for the fault service): a leaf.
+inline constexpr LockClass kRefgpuDeviceVmsLockClass{"refgpu_device_vms", 926};
 }  // namespace refgpu
 
 namespace devfs {
@@ -163,7 +169,7 @@ inline constexpr LockClass kMmuNotifierListLockClass{"mmu_notifier_list", 0};
 }  // namespace mm
 
 // Every ordered class, in table order (the order test walks it).
-inline constexpr std::array<const LockClass*, 39> kLockOrder{
+inline constexpr std::array<const LockClass*, 42> kLockOrder{
     &refgpu::kRefgpuVmLockClass,  &svm::kGpusvmDriverLockClass, &refgpu::kBoLockClass,
     &mm::kMmapLockClass,          &mm::kHugetlbFaultMutexClass,   &mm::kShmemLockClass,
     &mm::kFolioLockClass,         &mm::kRmapWalkLockClass,        &dmirror::kDmirrorDevmemLockClass,
@@ -176,8 +182,9 @@ inline constexpr std::array<const LockClass*, 39> kLockOrder{
     &svm::kTestVramLockClass,     &refgpu::kBuddyLockClass,       &refgpu::kVramLruLockClass,
     &svm::kDmaRecordLockClass,
     &svm::kPagemapDestroyLockClass, &svm::kPagemapOwnerListLockClass, &refgpu::kCopyPoolLockClass,
-    &refgpu::kEngineLockClass,    &refgpu::kExecQueueLockClass,   &refgpu::kRefgpuFaultChainLockClass,
-    &refgpu::kFaultQueueLockClass,
+    &refgpu::kEngineLockClass,    &refgpu::kExecQueueLockClass,   &refgpu::kFenceCbLockClass,
+    &refgpu::kRefgpuFaultChainLockClass, &refgpu::kFaultQueueLockClass, &refgpu::kRefgpuFileLockClass,
+    &refgpu::kRefgpuDeviceVmsLockClass,
     &devfs::kMachineLockClass,    &devfs::kDeviceRegistryLockClass, &devfs::kFdTableLockClass,
     &devfs::kProcessStatusLockClass,
 };

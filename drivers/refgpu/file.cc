@@ -1,0 +1,151 @@
+// RefgpuFile: id tables and release (see file.h).
+#include "drivers/refgpu/file.h"
+
+#include <cerrno>
+#include <limits>
+#include <vector>
+
+namespace gpusvm::refgpu {
+
+namespace {
+// The next id of a table: 1.. and never reused (0 once the 32-bit space is spent).
+uint32_t next_id(uint32_t* cursor) {
+  if (*cursor == std::numeric_limits<uint32_t>::max()) return 0;
+  return ++*cursor;
+}
+}  // namespace
+
+FileVm::~FileVm() {
+  // Out of the fault service's reach first: a fault that finds nothing fails with -EFAULT.
+  dev->unregister_vm(asid);
+  if (vm) dev->retire_vm_stats(vm->stats());
+}
+
+RefgpuFile::~RefgpuFile() {
+  // Queues before VMs: a queue's jobs translate through its VM's MMU.
+  std::map<uint32_t, std::shared_ptr<FileExecQueue>> queues;
+  std::map<uint32_t, std::shared_ptr<FileVm>> vms;
+  std::map<uint32_t, std::shared_ptr<Syncobj>> syncobjs;
+  {
+    MutexLock g(&lock_);
+    queues.swap(queues_);
+    vms.swap(vms_);
+    syncobjs.swap(syncobjs_);
+  }
+  for (auto& [id, q] : queues) {
+    // -ENOENT when the engine already dropped it (device removal): nothing runs then.
+    (void)q->engine->destroy_queue(q->q);
+    q->vm->queues.fetch_sub(1);
+  }
+}
+
+uint32_t RefgpuFile::reserve_vm_id() {
+  MutexLock g(&lock_);
+  return next_id(&vm_cursor_);
+}
+
+void RefgpuFile::insert_vm(std::shared_ptr<FileVm> vm) {
+  MutexLock g(&lock_);
+  const uint32_t id = vm->id;
+  vms_.emplace(id, std::move(vm));
+}
+
+std::shared_ptr<FileVm> RefgpuFile::find_vm(uint32_t id) {
+  MutexLock g(&lock_);
+  auto it = vms_.find(id);
+  return it == vms_.end() ? nullptr : it->second;
+}
+
+int RefgpuFile::remove_vm(uint32_t id) {
+  std::shared_ptr<FileVm> vm;  // dropped after the lock
+  MutexLock g(&lock_);
+  auto it = vms_.find(id);
+  if (it == vms_.end()) return -ENOENT;
+  // Queues are inserted and removed under lock_, with the count changed under it too, so
+  // no queue can appear on a VM between this check and the erase.
+  if (it->second->queues.load() > 0) return -EBUSY;
+  vm = std::move(it->second);
+  vms_.erase(it);
+  return 0;
+}
+
+uint32_t RefgpuFile::reserve_exec_queue_id() {
+  MutexLock g(&lock_);
+  return next_id(&queue_cursor_);
+}
+
+void RefgpuFile::insert_exec_queue(std::shared_ptr<FileExecQueue> q) {
+  MutexLock g(&lock_);
+  q->vm->queues.fetch_add(1);
+  const uint32_t id = q->id;
+  queues_.emplace(id, std::move(q));
+}
+
+std::shared_ptr<FileExecQueue> RefgpuFile::find_exec_queue(uint32_t id) {
+  MutexLock g(&lock_);
+  auto it = queues_.find(id);
+  return it == queues_.end() ? nullptr : it->second;
+}
+
+std::shared_ptr<FileExecQueue> RefgpuFile::remove_exec_queue(uint32_t id) {
+  MutexLock g(&lock_);
+  auto it = queues_.find(id);
+  if (it == queues_.end()) return nullptr;
+  std::shared_ptr<FileExecQueue> q = std::move(it->second);
+  queues_.erase(it);
+  // The VM's count drops once the queue's jobs are done (the caller's destroy_queue), so
+  // vm_destroy cannot free the MMU under a running job.
+  return q;
+}
+
+uint32_t RefgpuFile::add_syncobj(std::shared_ptr<Syncobj> s) {
+  MutexLock g(&lock_);
+  const uint32_t id = next_id(&syncobj_cursor_);
+  if (id) syncobjs_.emplace(id, std::move(s));
+  return id;
+}
+
+std::shared_ptr<Syncobj> RefgpuFile::find_syncobj(uint32_t id) {
+  MutexLock g(&lock_);
+  auto it = syncobjs_.find(id);
+  return it == syncobjs_.end() ? nullptr : it->second;
+}
+
+bool RefgpuFile::remove_syncobj(uint32_t id) {
+  std::shared_ptr<Syncobj> s;  // dropped after the lock
+  MutexLock g(&lock_);
+  auto it = syncobjs_.find(id);
+  if (it == syncobjs_.end()) return false;
+  s = std::move(it->second);
+  syncobjs_.erase(it);
+  return true;
+}
+
+std::shared_ptr<Fence> RefgpuFile::syncobj_fence(const Syncobj& s) {
+  MutexLock g(&lock_);
+  return s.fence;
+}
+
+void RefgpuFile::syncobj_replace_fence(Syncobj& s, std::shared_ptr<Fence> f) {
+  std::shared_ptr<Fence> old;  // dropped after the lock
+  MutexLock g(&lock_);
+  old = std::move(s.fence);
+  s.fence = std::move(f);
+}
+
+size_t RefgpuFile::num_vms() {
+  MutexLock g(&lock_);
+  return vms_.size();
+}
+
+size_t RefgpuFile::num_exec_queues() {
+  MutexLock g(&lock_);
+  return queues_.size();
+}
+
+size_t RefgpuFile::num_syncobjs() {
+  MutexLock g(&lock_);
+  return syncobjs_.size();
+}
+
+}  // namespace gpusvm::refgpu

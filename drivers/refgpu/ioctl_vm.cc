@@ -1,0 +1,50 @@
+// DRM_IOCTL_REFGPU_VM_CREATE / VM_DESTROY (xe_vm_create_ioctl, xe_vm_destroy_ioctl).
+#include <cerrno>
+
+#include "drivers/refgpu/ioctl.h"
+
+namespace gpusvm::refgpu {
+
+namespace {
+constexpr uint32_t kVmCreateFlags =
+    REFGPU_VM_CREATE_FLAG_LR_MODE | REFGPU_VM_CREATE_FLAG_FAULT_MODE | REFGPU_VM_CREATE_FLAG_NO_VM_OVERCOMMIT;
+}  // namespace
+
+int ioctl_vm_create(RefgpuFile& f, devfs::Process& caller, drm_refgpu_vm_create* a) {
+  (void)caller;
+  if (a->extensions || !all_zero(a->reserved)) return -EINVAL;
+  if (a->flags & ~kVmCreateFlags) return -EINVAL;
+  // Replayable faults need a long-running VM (no dma-fences that a fault could stall).
+  if ((a->flags & REFGPU_VM_CREATE_FLAG_FAULT_MODE) && !(a->flags & REFGPU_VM_CREATE_FLAG_LR_MODE))
+    return -EINVAL;
+  const uint32_t id = f.reserve_vm_id();
+  if (!id) return -ENOSPC;
+  RefgpuDevice& dev = f.dev();
+  auto fvm = std::make_shared<FileVm>(&dev, id, dev.alloc_asid(), f.mm_ref());
+  VmConfig cfg;
+  cfg.id = fvm->asid;
+  cfg.flags = a->flags;
+  cfg.as = fvm->mm.get();
+  cfg.mem = dev.resolver();
+  cfg.device = &dev.dma_device();
+  cfg.vram = dev.vram_pagemaps();
+  cfg.smem_atomics = dev.config().smem_atomics;
+  // Another device's fd as a preferred location needs the fd table of the caller and a
+  // link between the devices: not wired (every fd but the two constants is -EBADF).
+  Result<std::unique_ptr<Vm>> vm = Vm::create(std::move(cfg));
+  if (!vm) return vm.error();
+  fvm->vm = std::move(*vm);
+  // The table refers to the Vm through fvm (aliasing): whoever finds it keeps fvm alive.
+  dev.register_vm(fvm->asid, std::shared_ptr<Vm>(fvm, fvm->vm.get()));
+  f.insert_vm(std::move(fvm));
+  a->vm_id = id;
+  return 0;
+}
+
+int ioctl_vm_destroy(RefgpuFile& f, devfs::Process& caller, drm_refgpu_vm_destroy* a) {
+  (void)caller;
+  if (a->pad || !all_zero(a->reserved)) return -EINVAL;
+  return f.remove_vm(a->vm_id);
+}
+
+}  // namespace gpusvm::refgpu

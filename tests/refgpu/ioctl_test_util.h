@@ -1,0 +1,130 @@
+// A machine with one refgpu device and one process that has it open: the ioctl tests' rig.
+// Everything goes through devfs::ioctl on the fd, as a program would; the rig also reaches the
+// open file's tables (num_vms...) to check that a failed call changed nothing.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <sys/mman.h>
+
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "drivers/devfs/machine.h"
+#include "drivers/devfs/process.h"
+#include "drivers/refgpu/device.h"
+#include "drivers/refgpu/file.h"
+#include "gpusvm/mm/address_space.h"
+#include "gpusvm/mm/check.h"
+#include "gpusvm/mm/cpu_access.h"
+#include "gpusvm/mm/gup.h"
+#include "uapi/refgpu.h"
+
+namespace gpusvm::refgpu::testing {
+
+inline uint64_t uptr(const void* p) { return static_cast<uint64_t>(reinterpret_cast<uintptr_t>(p)); }
+
+class IoctlRig {
+ public:
+  explicit IoctlRig(DeviceConfig cfg = small_config()) {
+    auto m = devfs::Machine::create({.ram_bytes = 64ull << 20});
+    EXPECT_TRUE(m.ok());
+    machine = std::move(*m);
+    auto d = RefgpuDevice::create(&machine->mem(), cfg);
+    EXPECT_TRUE(d.ok()) << d.error();
+    dev = *d;
+    EXPECT_EQ(machine->add_device("refgpu0", dev), 0);
+    auto p = machine->create_process();
+    EXPECT_TRUE(p.ok());
+    proc = *p;
+    auto fd_or = devfs::open("refgpu0", *proc);
+    EXPECT_TRUE(fd_or.ok());
+    fd = *fd_or;
+    file = std::dynamic_pointer_cast<RefgpuFile>(proc->fd_get(fd));
+    EXPECT_NE(file, nullptr);
+  }
+  ~IoctlRig() {
+    for (mm::Folio* f : pinned) mm::unpin_user_page(f);
+    file.reset();
+    machine->shutdown();
+  }
+  static DeviceConfig small_config() {
+    DeviceConfig c;
+    c.vram_sizes = {8ull << 20};
+    c.num_engines = 2;
+    c.fault_threads = 1;
+    return c;
+  }
+
+  int io(unsigned long req, void* arg) { return devfs::ioctl(*proc, fd, req, arg); }
+
+  uint32_t vm_create(uint32_t flags = REFGPU_VM_CREATE_FLAG_LR_MODE | REFGPU_VM_CREATE_FLAG_FAULT_MODE) {
+    drm_refgpu_vm_create c{};
+    c.flags = flags;
+    EXPECT_EQ(io(DRM_IOCTL_REFGPU_VM_CREATE, &c), 0);
+    return c.vm_id;
+  }
+  uint32_t queue_create(uint32_t vm, uint16_t engine = 0) {
+    drm_refgpu_engine_class_instance inst{REFGPU_ENGINE_CLASS_COMPUTE, engine, 0, 0};
+    drm_refgpu_exec_queue_create c{};
+    c.width = 1;
+    c.num_placements = 1;
+    c.vm_id = vm;
+    c.instances = uptr(&inst);
+    EXPECT_EQ(io(DRM_IOCTL_REFGPU_EXEC_QUEUE_CREATE, &c), 0);
+    return c.exec_queue_id;
+  }
+  uint32_t syncobj_create(uint32_t flags = 0) {
+    drm_refgpu_syncobj_create c{};
+    c.flags = flags;
+    EXPECT_EQ(io(DRM_IOCTL_REFGPU_SYNCOBJ_CREATE, &c), 0);
+    return c.handle;
+  }
+  // Anonymous read-write memory of the process (malloc'd memory, as a program has it).
+  mm::Va anon(uint64_t len) {
+    auto va = proc->mm().mmap(0, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS);
+    EXPECT_TRUE(va.ok());
+    return *va;
+  }
+  // For VMs without fault mode (no mirror): pins the process's pages of [va, va + len) and
+  // maps each at the same GPU VA of `vm`, writable, onto its frame, as a userptr bind would.
+  // The device then reads and writes process memory.
+  void mirror_pin(uint32_t vm_id, mm::Va va, uint64_t len) {
+    std::shared_ptr<FileVm> vm = file->find_vm(vm_id);
+    ASSERT_NE(vm, nullptr);
+    for (uint64_t off = 0; off < len; off += 4096) {
+      mm::Folio* page = nullptr;
+      ASSERT_EQ(mm::pin_user_pages_fast(proc->mm(), va + off, 1, mm::FOLL_WRITE, &page), 1);
+      pinned.push_back(page);
+      auto res = vm->vm->page_table().reserve(va + off, va + off + 4096, 4096);
+      ASSERT_TRUE(res.ok());
+      ASSERT_TRUE(vm->vm->page_table().map(&*res, va + off, va + off + 4096, 4096, Target::kSystem, page->pfn() << 12,
+                             kPermWrite | kPermAtomic)
+                      .ok());
+      vm->vm->tlb().invalidate(va + off, va + off + 4096);
+    }
+  }
+  void put_bytes(mm::Va va, const std::vector<std::byte>& b) {
+    ASSERT_EQ(mm::cpu::copy_in(proc->mm(), va, b.data(), b.size()), 0);
+  }
+  uint64_t load64(mm::Va va) {
+    auto v = mm::cpu::load<uint64_t>(proc->mm(), va);
+    EXPECT_TRUE(v.ok());
+    return v.ok() ? *v : ~0ull;
+  }
+  uint64_t stat(int idx) {
+    __u64 v[REFGPU_STAT_COUNT];
+    dev->read_stats(v);
+    return v[idx];
+  }
+
+  std::unique_ptr<devfs::Machine> machine;
+  std::shared_ptr<RefgpuDevice> dev;
+  devfs::Process* proc = nullptr;
+  int fd = -1;
+  std::shared_ptr<RefgpuFile> file;
+  std::vector<mm::Folio*> pinned;
+};
+
+}  // namespace gpusvm::refgpu::testing
