@@ -16,7 +16,7 @@ Result<std::shared_ptr<RefgpuDevice>> RefgpuDevice::create(mm::PhysMem* mem, con
       cfg.va_bits < 32 || cfg.va_bits > 48)
     return Err{-EINVAL};
   std::shared_ptr<RefgpuDevice> dev(new RefgpuDevice(mem, cfg));
-  dev->dma_ = std::make_unique<svm::Device>(REFGPU_DEVICE_NAME);
+  dev->dma_ = std::make_unique<svm::Device>(REFGPU_DEVICE_NAME, mem);  // DMA window = all of RAM
   for (size_t i = 0; i < cfg.vram_sizes.size(); i++) {
     auto r = VramRegion::create(static_cast<uint16_t>(i + 1), cfg.vram_sizes[i]);
     if (!r) return Err{r.error()};

@@ -45,7 +45,7 @@ class VmTest : public ::testing::Test {
     as = mm::testing::make_as(mem.get());
     ASSERT_NE(as, nullptr);
     resolver = std::make_unique<HostMemoryResolver>(mem.get(), nullptr);
-    device = std::make_unique<svm::Device>("refgpu0");
+    device = std::make_unique<svm::Device>("refgpu0", mem.get());
   }
   void make_vm(bool smem_atomics = true) {
     VmConfig c{.id = 1, .flags = REFGPU_VM_CREATE_FLAG_LR_MODE | REFGPU_VM_CREATE_FLAG_FAULT_MODE,

@@ -42,7 +42,7 @@ class VmVramTest : public ::testing::Test {
     ASSERT_TRUE(r.ok());
     region = std::move(*r);
     copy = std::make_unique<CopyEngine>(mem.get(), &region->arena(), std::make_unique<HostCopyBackend>(1));
-    dev = std::make_unique<svm::Device>("refgpu0");
+    dev = std::make_unique<svm::Device>("refgpu0", mem.get());
     Result<std::unique_ptr<VramPagemap>> v =
         VramPagemap::create(mem.get(), dev.get(), region.get(), copy.get(), {});
     ASSERT_TRUE(v.ok()) << v.error();
