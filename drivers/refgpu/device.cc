@@ -1,6 +1,7 @@
 // RefgpuDevice: creation, the fault service, removal and statistics (see device.h).
 #include "drivers/refgpu/device.h"
 
+#include <algorithm>
 #include <cerrno>
 
 #include "drivers/devfs/process.h"
@@ -15,6 +16,7 @@ Result<std::shared_ptr<RefgpuDevice>> RefgpuDevice::create(mm::PhysMem* mem, con
       cfg.va_bits < 32 || cfg.va_bits > 48)
     return Err{-EINVAL};
   std::shared_ptr<RefgpuDevice> dev(new RefgpuDevice(mem, cfg));
+  dev->dma_ = std::make_unique<svm::Device>(REFGPU_DEVICE_NAME);
   for (size_t i = 0; i < cfg.vram_sizes.size(); i++) {
     auto r = VramRegion::create(static_cast<uint16_t>(i + 1), cfg.vram_sizes[i]);
     if (!r) return Err{r.error()};
@@ -23,6 +25,11 @@ Result<std::shared_ptr<RefgpuDevice>> RefgpuDevice::create(mm::PhysMem* mem, con
   VramArena* arena = dev->vram_.empty() ? nullptr : &dev->vram_[0]->arena();
   dev->resolver_ = std::make_unique<HostMemoryResolver>(mem, arena);
   dev->copy_ = std::make_unique<CopyEngine>(mem, arena, std::make_unique<HostCopyBackend>());
+  if (!dev->vram_.empty()) {
+    auto pm = VramPagemap::create(mem, dev->dma_.get(), dev->vram_[0].get(), dev->copy_.get(), {});
+    if (!pm) return Err{pm.error()};
+    dev->vram_pm_ = std::move(*pm);
+  }
   for (uint16_t i = 0; i < cfg.num_engines; i++) {
     dev->engines_.push_back(std::make_unique<Engine>(i, &dev->faults_));
     // Every FENCE_WRITE may satisfy a wait_user_fence: wake the waiters (they re-read).
@@ -30,14 +37,15 @@ Result<std::shared_ptr<RefgpuDevice>> RefgpuDevice::create(mm::PhysMem* mem, con
     dev->engines_.back()->set_fence_write_hook([d] { d->ufence_wq_.wake_all(); });
   }
   RefgpuDevice* d = dev.get();
-  dev->handlers_ = std::make_unique<FaultHandlers>(&dev->faults_, cfg.fault_threads ? cfg.fault_threads : 1,
-                                                   [d](const GpuFault& f) { return d->service_fault(f); });
+  dev->service_ = std::make_unique<FaultService>(&dev->faults_, cfg.fault_threads ? cfg.fault_threads : 1,
+                                                 [d](uint32_t asid) { return d->find_vm(asid); });
   return dev;
 }
 
 RefgpuDevice::~RefgpuDevice() {
   unplug();
-  handlers_.reset();  // joins the handler threads before the queue they pop from goes
+  service_.reset();  // joins the handler threads before the queue they pop from goes
+  engines_.clear();
 }
 
 Result<std::shared_ptr<devfs::File>> RefgpuDevice::open(devfs::Process& opener) {
@@ -72,27 +80,71 @@ void RefgpuDevice::unplug() {
                      hang_timeout().count());
 }
 
-// The fault unit's service. Nothing binds memory into a VM yet (the VM layer's fault service
-// replaces this): a fault has no mirror or BO to map, and fails its job as Xe fails a fault
-// outside every VMA.
-int RefgpuDevice::service_fault(const GpuFault& f) {
-  (void)f;
-  return -EFAULT;
+std::vector<svm::Pagemap*> RefgpuDevice::vram_pagemaps() const {
+  if (!vram_pm_) return {};
+  return {vram_pm_->pagemap()};
 }
 
-void RefgpuDevice::read_stats(__u64 v[REFGPU_STAT_COUNT]) const {
-  for (size_t i = 0; i < REFGPU_STAT_COUNT; i++) v[i] = 0;
-  // Fault sizes come with the VM layer's service (it knows the range size); every fault is
-  // counted as 4K until then: the fault unit maps nothing larger.
-  v[REFGPU_STAT_FAULTS_4K] = faults_.stats().raised.get();
-  v[REFGPU_STAT_VALID_FAULTS] = stats_.valid_faults.get();
-  v[REFGPU_STAT_FAULT_ERRORS] = faults_.stats().failed.get();
-  v[REFGPU_STAT_FAULT_US] = faults_.stats().service_ns.get() / 1000;
+void RefgpuDevice::register_vm(uint32_t asid, std::weak_ptr<Vm> vm) {
+  MutexLock g(&vms_lock_);
+  vms_[asid] = std::move(vm);
+}
+
+void RefgpuDevice::unregister_vm(uint32_t asid) {
+  MutexLock g(&vms_lock_);
+  vms_.erase(asid);
+}
+
+std::shared_ptr<Vm> RefgpuDevice::find_vm(uint32_t asid) {
+  MutexLock g(&vms_lock_);
+  auto it = vms_.find(asid);
+  return it == vms_.end() ? nullptr : it->second.lock();
+}
+
+namespace {
+// A VM's counters as REFGPU_STAT_* values (the ones a VM counts).
+void vm_values(const VmStats& s, uint64_t v[REFGPU_STAT_COUNT]) {
+  v[REFGPU_STAT_FAULTS_4K] = s.faults_4k.get();
+  v[REFGPU_STAT_FAULTS_64K] = s.faults_64k.get();
+  v[REFGPU_STAT_FAULTS_2M] = s.faults_2m.get();
+  v[REFGPU_STAT_VALID_FAULTS] = s.valid_faults.get();
+  v[REFGPU_STAT_FAULT_ERRORS] = s.fault_errors.get();
+  v[REFGPU_STAT_FAULT_US] = s.fault_ns.get() / 1000;
+  v[REFGPU_STAT_MIGRATIONS_TO_VRAM] = s.migrations_to_vram.get();
+  v[REFGPU_STAT_MIGRATIONS_TO_SMEM] = s.migrations_to_smem.get();
+  v[REFGPU_STAT_MIGRATE_US] = s.migrate_ns.get() / 1000;
+  v[REFGPU_STAT_GET_PAGES_US] = s.get_pages_ns.get() / 1000;
+  v[REFGPU_STAT_BIND_US] = s.bind_ns.get() / 1000;
+  v[REFGPU_STAT_TLB_INVALIDATIONS] = s.tlb_invalidations.get();
+  v[REFGPU_STAT_TLB_INVALIDATED_PAGES] = s.tlb_invalidated_bytes.get() / 4096;
+}
+}  // namespace
+
+void RefgpuDevice::retire_vm_stats(const VmStats& s) {
+  uint64_t v[REFGPU_STAT_COUNT] = {};
+  vm_values(s, v);
+  for (size_t i = 0; i < REFGPU_STAT_COUNT; i++) stats_.vm_counters[i].add(v[i]);
+}
+
+void RefgpuDevice::read_stats(__u64 v[REFGPU_STAT_COUNT]) {
+  for (size_t i = 0; i < REFGPU_STAT_COUNT; i++) v[i] = stats_.vm_counters[i].get();
+  std::vector<std::shared_ptr<Vm>> live;
+  {
+    MutexLock g(&vms_lock_);
+    for (auto& [asid, w] : vms_)
+      if (auto vm = w.lock()) live.push_back(std::move(vm));
+  }
+  for (const auto& vm : live) {
+    uint64_t x[REFGPU_STAT_COUNT] = {};
+    vm_values(vm->stats(), x);
+    for (size_t i = 0; i < REFGPU_STAT_COUNT; i++) v[i] += x[i];
+  }
+  // Faults the unit failed before any VM saw them (VM gone, device removed, timeouts).
+  v[REFGPU_STAT_FAULT_ERRORS] = std::max<uint64_t>(v[REFGPU_STAT_FAULT_ERRORS], faults_.stats().failed.get());
   v[REFGPU_STAT_COPY_BYTES_TO_VRAM] = copy_->stats().bytes_to_vram.get();
   v[REFGPU_STAT_COPY_BYTES_TO_SMEM] = copy_->stats().bytes_to_ram.get();
   v[REFGPU_STAT_COPY_US] = (copy_->stats().ns_to_vram.get() + copy_->stats().ns_to_ram.get()) / 1000;
-  v[REFGPU_STAT_TLB_INVALIDATIONS] = stats_.tlb_invalidations.get();
-  v[REFGPU_STAT_TLB_INVALIDATED_PAGES] = stats_.tlb_invalidated_pages.get();
+  if (vram_pm_) v[REFGPU_STAT_EVICTIONS] = vram_pm_->stats().evictions.get();
   for (const auto& e : engines_) {
     v[REFGPU_STAT_JOBS] += e->stats().jobs.get();
     v[REFGPU_STAT_JOB_ERRORS] += e->stats().job_errors.get();

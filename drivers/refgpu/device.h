@@ -12,17 +12,22 @@
 //    written, waiters wake); wakes user-fence waiters, which see the device gone; then waits
 //    for the ioctls in flight to leave (synchronize_srcu), bounded by hang_timeout().
 //    Open files stay valid: their release works on a removed device.
-//  - The fault service: a FaultHandlers pool over the FaultQueue with a service that finds
-//    the fault's VM. Until the VM layer (refvm) provides a real service, nothing can be
-//    mapped by a fault, so every fault fails its job with -EFAULT ("no mirror bound"),
-//    which is what a fault on an address with no bind does on Xe.
+//  - The fault unit: a FaultService pool (fault_service.h) over the FaultQueue; it finds a
+//    fault's VM by its device-wide id (asid) in the device's VM table, which holds weak
+//    references: a VM being destroyed is not found (the fault fails with -EFAULT).
+//  - Device memory: VRAM region 1 is registered as an svm device pagemap (VramPagemap) and
+//    is where VMs migrate to; the HostMemoryResolver engines translate through resolves
+//    that region. Further regions are reported by the query (sizes, use) and have their own
+//    buddy, but no VM places memory in them yet.
 //
-// Locking: no lock of its own. in_flight_/removed_ are seq_cst atomics (the enter/unplug
-// handshake is Dekker's: each side stores its flag, then loads the other's).
+// Locking: vms_lock_ (kRefgpuDeviceVmsLockClass, a leaf) guards the VM table; nothing is
+// called under it. in_flight_/removed_ are seq_cst atomics (the enter/unplug handshake is
+// Dekker's: each side stores its flag, then loads the other's).
 #pragma once
 
 #include <atomic>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -31,7 +36,13 @@
 #include "drivers/refgpu/copy_engine.h"
 #include "drivers/refgpu/engine.h"
 #include "drivers/refgpu/fault_queue.h"
+#include "drivers/refgpu/fault_service.h"
+#include "drivers/refgpu/vm.h"
+#include "drivers/refgpu/vram_pagemap.h"
 #include "drivers/refgpu/vram_region.h"
+#include "gpusvm/base/lock.h"
+#include "gpusvm/base/lock_order.h"
+#include "gpusvm/svm/device.h"
 #include "gpusvm/base/result.h"
 #include "gpusvm/base/stats.h"
 #include "gpusvm/base/waitqueue.h"
@@ -54,12 +65,10 @@ struct DeviceConfig {
   bool smem_atomics = true;
 };
 
-// Device-level counters the ioctl layer and the VMs add to (the GT stats of Xe that no part
-// below counts by itself).
+// Counters of VMs destroyed so far (REFGPU_STAT_* are the device's lifetime totals: live VMs
+// are summed at the query, destroyed ones were folded in here by retire_vm_stats).
 struct DeviceStats {
-  StatCounter tlb_invalidations;
-  StatCounter tlb_invalidated_pages;
-  StatCounter valid_faults;
+  StatCounter vm_counters[REFGPU_STAT_COUNT];
 };
 
 class RefgpuDevice final : public devfs::Device, public std::enable_shared_from_this<RefgpuDevice> {
@@ -91,16 +100,25 @@ class RefgpuDevice final : public devfs::Device, public std::enable_shared_from_
   size_t num_vram_regions() const { return vram_.size(); }
   VramRegion& vram_region(size_t i) { return *vram_[i]; }  // instance i + 1
   CopyEngine& copy_engine() { return *copy_; }
+  svm::Device& dma_device() { return *dma_; }
+  // The device pagemaps VMs migrate to (region 1's), for VmConfig::vram.
+  std::vector<svm::Pagemap*> vram_pagemaps() const;
   FaultQueue& fault_queue() { return faults_; }
-  DeviceStats& stats() { return stats_; }
+  // Folds a VM's counters into the device's totals (at its destruction).
+  void retire_vm_stats(const VmStats& s);
   // The resolver engines translate through (system memory by DMA address, the first VRAM
   // region by offset).
   MemoryResolver* resolver() { return resolver_.get(); }
   // Fills values[REFGPU_STAT_*] from every part of the device.
-  void read_stats(__u64 values[REFGPU_STAT_COUNT]) const;
+  void read_stats(__u64 values[REFGPU_STAT_COUNT]) GPUSVM_EXCLUDES(vms_lock_);
 
   // A device-wide VM id (address-space id) for a new VM: 1.., never reused.
   uint32_t alloc_asid() { return next_asid_.fetch_add(1) + 1; }
+  // The VM table the fault service looks faults up in. `vm` aliases an owner that keeps the
+  // Vm and what it points to (the address space) alive. Context: no lock held.
+  void register_vm(uint32_t asid, std::weak_ptr<Vm> vm) GPUSVM_EXCLUDES(vms_lock_);
+  void unregister_vm(uint32_t asid) GPUSVM_EXCLUDES(vms_lock_);
+  std::shared_ptr<Vm> find_vm(uint32_t asid) GPUSVM_EXCLUDES(vms_lock_);
 
   // User-fence waiters (wait_user_fence) sleep here; woken after every FENCE_WRITE of an
   // engine, every user fence the driver writes at a job's end, and at unplug.
@@ -108,16 +126,22 @@ class RefgpuDevice final : public devfs::Device, public std::enable_shared_from_
 
  private:
   RefgpuDevice(mm::PhysMem* mem, const DeviceConfig& cfg) : mem_(mem), cfg_(cfg) {}
-  int service_fault(const GpuFault& f);
 
   mm::PhysMem* const mem_;
   const DeviceConfig cfg_;
+  // Declaration order is teardown order reversed: the fault service and engines go first,
+  // then the pagemap (it evicts what is left in VRAM), the copy engine, the regions, and the
+  // DMA identity last (every mapping of it gone).
+  std::unique_ptr<svm::Device> dma_;
   std::vector<std::unique_ptr<VramRegion>> vram_;
   std::unique_ptr<HostMemoryResolver> resolver_;
   std::unique_ptr<CopyEngine> copy_;
+  std::unique_ptr<VramPagemap> vram_pm_;  // region 1's (null without VRAM)
   FaultQueue faults_;
   std::vector<std::unique_ptr<Engine>> engines_;
-  std::unique_ptr<FaultHandlers> handlers_;
+  std::unique_ptr<FaultService> service_;
+  Mutex vms_lock_{&kRefgpuDeviceVmsLockClass};
+  std::map<uint32_t, std::weak_ptr<Vm>> vms_ GPUSVM_GUARDED_BY(vms_lock_);
   DeviceStats stats_;
   WaitQueue ufence_wq_;
   std::atomic<uint32_t> next_asid_{0};

@@ -15,6 +15,12 @@ uint32_t next_id(uint32_t* cursor) {
 }
 }  // namespace
 
+FileVm::~FileVm() {
+  // Out of the fault service's reach first: a fault that finds nothing fails with -EFAULT.
+  dev->unregister_vm(asid);
+  if (vm) dev->retire_vm_stats(vm->stats());
+}
+
 RefgpuFile::~RefgpuFile() {
   // Queues before VMs: a queue's jobs translate through its VM's MMU.
   std::map<uint32_t, std::shared_ptr<FileExecQueue>> queues;

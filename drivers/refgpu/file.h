@@ -8,10 +8,9 @@
 //  - Objects are shared_ptrs: an ioctl takes a reference under the file lock and works with
 //    no lock held; destroy removes the id first, so a concurrent ioctl either saw the object
 //    before (and keeps it alive to its end) or gets -ENOENT.
-//  - A FileVm is the VM of this step: its GPU page table, TLB and MMU. Until the VM layer
-//    (refvm's Vm) is merged nothing binds memory into it: it is what a fault-mode VM with no
-//    bind is. An exec queue holds its VM's MMU, so a VM with queues cannot be destroyed
-//    (-EBUSY) and release destroys queues before VMs.
+//  - A FileVm holds the driver's Vm (vm.h). An exec queue translates through its VM's MMU,
+//    so a VM with queues cannot be destroyed (-EBUSY) and release destroys queues before
+//    VMs.
 //  - Release (the destructor): destroys every exec queue (queued jobs -ECANCELED, a running
 //    one stops), then drops VMs and syncobjs. Works on a removed device.
 //
@@ -30,26 +29,29 @@
 #include "drivers/refgpu/gpu_mmu.h"
 #include "drivers/refgpu/gpu_page_table.h"
 #include "drivers/refgpu/tlb.h"
+#include "drivers/refgpu/vm.h"
 #include "gpusvm/base/lock.h"
 #include "gpusvm/base/lock_order.h"
 #include "gpusvm/mm/address_space.h"
 
 namespace gpusvm::refgpu {
 
+// A VM of the file: the driver's Vm (vm.h) and what keeps it valid - the address space it
+// mirrors (the Vm points at it) - under the file's uapi id. The device's VM table refers to
+// the Vm through this object (an aliasing shared_ptr), so a fault service that found the Vm
+// keeps the address space too; the destructor takes the VM out of the table first.
 struct FileVm {
-  // id: the file's uapi id; asid: the device-wide id the MMU, fault unit and fault records
-  // know the VM by (two files both have a VM 1).
-  FileVm(uint32_t id, uint32_t asid, uint32_t flags, MemoryResolver* mem)
-      : id(id), asid(asid), flags(flags), mmu(asid, &pt, &tlb, mem) {}
-  bool lr_mode() const { return flags & REFGPU_VM_CREATE_FLAG_LR_MODE; }
-  bool fault_mode() const { return flags & REFGPU_VM_CREATE_FLAG_FAULT_MODE; }
+  FileVm(RefgpuDevice* dev, uint32_t id, uint32_t asid, std::shared_ptr<mm::AddressSpace> mm)
+      : dev(dev), id(id), asid(asid), mm(std::move(mm)) {}
+  ~FileVm();
+  bool lr_mode() const { return vm->flags() & REFGPU_VM_CREATE_FLAG_LR_MODE; }
+  bool fault_mode() const { return vm->fault_mode(); }
 
-  const uint32_t id;
-  const uint32_t asid;
-  const uint32_t flags;
-  GpuPageTable pt;
-  Tlb tlb;
-  GpuMmu mmu;
+  RefgpuDevice* const dev;
+  const uint32_t id;    // the file's uapi id
+  const uint32_t asid;  // the device-wide id the MMU, fault unit and fault records know
+  const std::shared_ptr<mm::AddressSpace> mm;  // declared before vm: outlives it
+  std::unique_ptr<Vm> vm;
   std::atomic<int> queues{0};  // exec queues on this VM (vm_destroy: -EBUSY while > 0)
 };
 

@@ -43,19 +43,19 @@ int call(RefgpuFile& f, devfs::Process& p, void* karg) {
 // Indexed by nr - DRM_COMMAND_BASE (xe_ioctls[] of xe_device.c).
 const std::array<IoctlDesc, 17> kIoctls = {
     REFGPU_IOCTL(DEVICE_QUERY, drm_refgpu_device_query, ioctl_device_query),
-    // GEM, VM_BIND, MADVISE and the range-attribute query need the BO and VM layers.
+    // GEM needs the buffer objects wired to the VM (a MAP of a BO): not yet.
     REFGPU_IOCTL_UNWIRED(GEM_CREATE),
     REFGPU_IOCTL_UNWIRED(GEM_MMAP_OFFSET),
     REFGPU_IOCTL_UNWIRED(GEM_CLOSE),
     REFGPU_IOCTL(VM_CREATE, drm_refgpu_vm_create, ioctl_vm_create),
     REFGPU_IOCTL(VM_DESTROY, drm_refgpu_vm_destroy, ioctl_vm_destroy),
-    REFGPU_IOCTL_UNWIRED(VM_BIND),
+    REFGPU_IOCTL(VM_BIND, drm_refgpu_vm_bind, ioctl_vm_bind),
     REFGPU_IOCTL(EXEC_QUEUE_CREATE, drm_refgpu_exec_queue_create, ioctl_exec_queue_create),
     REFGPU_IOCTL(EXEC_QUEUE_DESTROY, drm_refgpu_exec_queue_destroy, ioctl_exec_queue_destroy),
     REFGPU_IOCTL(EXEC, drm_refgpu_exec, ioctl_exec),
     REFGPU_IOCTL(WAIT_USER_FENCE, drm_refgpu_wait_user_fence, ioctl_wait_user_fence),
-    REFGPU_IOCTL_UNWIRED(MADVISE),
-    REFGPU_IOCTL_UNWIRED(VM_QUERY_MEM_RANGE_ATTRS),
+    REFGPU_IOCTL(MADVISE, drm_refgpu_madvise, ioctl_madvise),
+    REFGPU_IOCTL(VM_QUERY_MEM_RANGE_ATTRS, drm_refgpu_vm_query_mem_range_attr, ioctl_query_mem_range_attrs),
     REFGPU_IOCTL(SYNCOBJ_CREATE, drm_refgpu_syncobj_create, ioctl_syncobj_create),
     REFGPU_IOCTL(SYNCOBJ_DESTROY, drm_refgpu_syncobj_destroy, ioctl_syncobj_destroy),
     REFGPU_IOCTL(SYNCOBJ_WAIT, drm_refgpu_syncobj_wait, ioctl_syncobj_wait),

@@ -27,6 +27,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "drivers/devfs/process.h"
 #include "drivers/refgpu/file.h"
@@ -65,6 +66,9 @@ struct SyncEntry {
 // -ENOENT (unknown syncobj), -EOPNOTSUPP.
 [[nodiscard]] int parse_syncs(RefgpuFile& file, uint64_t uptr, uint32_t count, bool lr,
                               std::vector<SyncEntry>* out);
+// Waits for the in-syncobjs of syncs (see ioctl_exec.cc). 0, -EINVAL (a syncobj without a
+// fence), -ETIME (hang_timeout() passed), -ENODEV (device removed meanwhile).
+[[nodiscard]] int wait_in_syncs(RefgpuFile& file, const std::vector<SyncEntry>& syncs);
 // The out-syncs of a job: SYNCOBJ signal entries get the job's fence; USER_FENCE entries
 // write their value at the job's end (a fence callback, through the CPU-access API) and wake
 // user-fence waiters. The callback keeps the address space and the device alive.
@@ -83,6 +87,9 @@ int ioctl_wait_user_fence(RefgpuFile& f, devfs::Process& caller, drm_refgpu_wait
 int ioctl_syncobj_create(RefgpuFile& f, devfs::Process& caller, drm_refgpu_syncobj_create* a);
 int ioctl_syncobj_destroy(RefgpuFile& f, devfs::Process& caller, drm_refgpu_syncobj_destroy* a);
 int ioctl_syncobj_wait(RefgpuFile& f, devfs::Process& caller, drm_refgpu_syncobj_wait* a);
+int ioctl_vm_bind(RefgpuFile& f, devfs::Process& caller, drm_refgpu_vm_bind* a);
+int ioctl_madvise(RefgpuFile& f, devfs::Process& caller, drm_refgpu_madvise* a);
+int ioctl_query_mem_range_attrs(RefgpuFile& f, devfs::Process& caller, drm_refgpu_vm_query_mem_range_attr* a);
 int ioctl_fault_query(RefgpuFile& f, devfs::Process& caller, drm_refgpu_fault_query* a);
 
 }  // namespace gpusvm::refgpu

@@ -65,6 +65,29 @@ void attach_out_syncs(RefgpuFile& file, const std::vector<SyncEntry>& syncs, con
   }
 }
 
+// In-fences: syncobjs to wait on. A syncobj without a fence is -EINVAL (drm_syncobj's answer
+// without WAIT_FOR_SUBMIT); the operation starts once they all signaled, so the ioctl waits
+// for them (Xe makes them scheduler dependencies; the difference is only when the ioctl
+// returns). Bounded by hang_timeout(): -ETIME, nothing done.
+int wait_in_syncs(RefgpuFile& f, const std::vector<SyncEntry>& syncs) {
+  std::vector<std::shared_ptr<Fence>> in;
+  for (const SyncEntry& e : syncs) {
+    if (e.signal || e.type != REFGPU_SYNC_TYPE_SYNCOBJ) continue;
+    std::shared_ptr<Fence> fence = f.syncobj_fence(*e.syncobj);
+    if (!fence) return -EINVAL;
+    in.push_back(std::move(fence));
+  }
+  const auto deadline = std::chrono::steady_clock::now() + hang_timeout();
+  for (const auto& fence : in) {
+    while (!fence->signaled()) {
+      if (f.dev().removed()) return -ENODEV;
+      if (std::chrono::steady_clock::now() >= deadline) return -ETIME;
+      (void)fence->wait(std::chrono::milliseconds(10));
+    }
+  }
+  return 0;
+}
+
 int ioctl_exec_queue_create(RefgpuFile& f, devfs::Process& caller, drm_refgpu_exec_queue_create* a) {
   (void)caller;
   if (a->extensions || a->flags || !all_zero(a->reserved)) return -EINVAL;
@@ -82,7 +105,7 @@ int ioctl_exec_queue_create(RefgpuFile& f, devfs::Process& caller, drm_refgpu_ex
   q->id = id;
   q->vm = vm;
   q->engine = f.dev().engine(inst.engine_instance);
-  Result<std::shared_ptr<ExecQueue>> eq = q->engine->create_queue(id, &vm->mmu);
+  Result<std::shared_ptr<ExecQueue>> eq = q->engine->create_queue(id, vm->vm->mmu());
   if (!eq) return eq.error();
   q->q = std::move(*eq);
   f.insert_exec_queue(q);
@@ -112,25 +135,7 @@ int ioctl_exec(RefgpuFile& f, devfs::Process& caller, drm_refgpu_exec* a) {
   if (!q) return -ENOENT;
   std::vector<SyncEntry> syncs;
   if (int rc = parse_syncs(f, a->syncs, a->num_syncs, q->vm->lr_mode(), &syncs)) return rc;
-  // In-fences: syncobjs to wait on. A syncobj without a fence is -EINVAL (drm_syncobj's
-  // answer without WAIT_FOR_SUBMIT); the job is submitted once they all signaled, so the
-  // ioctl waits for them (Xe makes them scheduler dependencies; the difference is only when
-  // the ioctl returns). Bounded by hang_timeout(): -ETIME, nothing submitted.
-  std::vector<std::shared_ptr<Fence>> in;
-  for (const SyncEntry& e : syncs) {
-    if (e.signal || e.type != REFGPU_SYNC_TYPE_SYNCOBJ) continue;
-    std::shared_ptr<Fence> fence = f.syncobj_fence(*e.syncobj);
-    if (!fence) return -EINVAL;
-    in.push_back(std::move(fence));
-  }
-  const auto deadline = std::chrono::steady_clock::now() + hang_timeout();
-  for (const auto& fence : in) {
-    while (!fence->signaled()) {
-      if (f.dev().removed()) return -ENODEV;
-      if (std::chrono::steady_clock::now() >= deadline) return -ETIME;
-      (void)fence->wait(std::chrono::milliseconds(10));
-    }
-  }
+  if (int rc = wait_in_syncs(f, syncs)) return rc;
   Result<std::shared_ptr<Fence>> job = q->q->submit(a->address);
   if (!job) return job.error();
   // Ban bookkeeping for wait_user_fence's -EIO: the first failed job's errno.

@@ -19,8 +19,24 @@ int ioctl_vm_create(RefgpuFile& f, devfs::Process& caller, drm_refgpu_vm_create*
     return -EINVAL;
   const uint32_t id = f.reserve_vm_id();
   if (!id) return -ENOSPC;
-  auto vm = std::make_shared<FileVm>(id, f.dev().alloc_asid(), a->flags, f.dev().resolver());
-  f.insert_vm(std::move(vm));
+  RefgpuDevice& dev = f.dev();
+  auto fvm = std::make_shared<FileVm>(&dev, id, dev.alloc_asid(), f.mm_ref());
+  VmConfig cfg;
+  cfg.id = fvm->asid;
+  cfg.flags = a->flags;
+  cfg.as = fvm->mm.get();
+  cfg.mem = dev.resolver();
+  cfg.device = &dev.dma_device();
+  cfg.vram = dev.vram_pagemaps();
+  cfg.smem_atomics = dev.config().smem_atomics;
+  // Another device's fd as a preferred location needs the fd table of the caller and a
+  // link between the devices: not wired (every fd but the two constants is -EBADF).
+  Result<std::unique_ptr<Vm>> vm = Vm::create(std::move(cfg));
+  if (!vm) return vm.error();
+  fvm->vm = std::move(*vm);
+  // The table refers to the Vm through fvm (aliasing): whoever finds it keeps fvm alive.
+  dev.register_vm(fvm->asid, std::shared_ptr<Vm>(fvm, fvm->vm.get()));
+  f.insert_vm(std::move(fvm));
   a->vm_id = id;
   return 0;
 }

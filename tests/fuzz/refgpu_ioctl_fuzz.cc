@@ -39,9 +39,9 @@ using namespace gpusvm;
 namespace {
 
 constexpr size_t kMaxRecords = 48;
-constexpr size_t kUserRegion = 64 * 1024;
-// The largest array a wired request touches: 256 fault records of 48 bytes.
-constexpr size_t kPtrWindow = kUserRegion - 16 * 1024;
+constexpr size_t kUserRegion = 160 * 1024;
+// The largest array a request touches: 1024 bind ops of 80 bytes.
+constexpr size_t kPtrWindow = kUserRegion - 1024 * sizeof(drm_refgpu_vm_bind_op) - 4096;
 constexpr uint64_t kAnonLen = 16 * 4096;
 
 struct Reader {

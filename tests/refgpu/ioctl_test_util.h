@@ -87,9 +87,9 @@ class IoctlRig {
     EXPECT_TRUE(va.ok());
     return *va;
   }
-  // What a CPU_ADDR_MIRROR bind and a serviced fault leave behind (the VM layer's job, not
-  // wired in yet): pins the process's pages of [va, va + len) and maps each at the same GPU
-  // VA of `vm`, writable, onto its frame. The device then reads and writes process memory.
+  // For VMs without fault mode (no mirror): pins the process's pages of [va, va + len) and
+  // maps each at the same GPU VA of `vm`, writable, onto its frame, as a userptr bind would.
+  // The device then reads and writes process memory.
   void mirror_pin(uint32_t vm_id, mm::Va va, uint64_t len) {
     std::shared_ptr<FileVm> vm = file->find_vm(vm_id);
     ASSERT_NE(vm, nullptr);
@@ -97,12 +97,12 @@ class IoctlRig {
       mm::Folio* page = nullptr;
       ASSERT_EQ(mm::pin_user_pages_fast(proc->mm(), va + off, 1, mm::FOLL_WRITE, &page), 1);
       pinned.push_back(page);
-      auto res = vm->pt.reserve(va + off, va + off + 4096, 4096);
+      auto res = vm->vm->page_table().reserve(va + off, va + off + 4096, 4096);
       ASSERT_TRUE(res.ok());
-      ASSERT_TRUE(vm->pt.map(&*res, va + off, va + off + 4096, 4096, Target::kSystem, page->pfn() << 12,
+      ASSERT_TRUE(vm->vm->page_table().map(&*res, va + off, va + off + 4096, 4096, Target::kSystem, page->pfn() << 12,
                              kPermWrite | kPermAtomic)
                       .ok());
-      vm->tlb.invalidate(va + off, va + off + 4096);
+      vm->vm->tlb().invalidate(va + off, va + off + 4096);
     }
   }
   void put_bytes(mm::Va va, const std::vector<std::byte>& b) {
