@@ -225,6 +225,11 @@ int gpusvm_rt_mremap(gpusvm_rt_context* ctx, gpusvm_rt_va old_addr, size_t old_l
   return 0;
 }
 
+int gpusvm_rt_mprotect(gpusvm_rt_context* ctx, gpusvm_rt_va addr, size_t len, int prot) {
+  if (!ctx) return -EINVAL;
+  return ctx->mm().mprotect(addr, len, prot);
+}
+
 int gpusvm_rt_madvise_host(gpusvm_rt_context* ctx, gpusvm_rt_va addr, size_t len, int advice) {
   if (!ctx) return -EINVAL;
   return ctx->mm().madvise(addr, len, advice);

@@ -113,6 +113,8 @@ int gpusvm_rt_munmap(gpusvm_rt_context *ctx, gpusvm_rt_va addr, size_t len);
 /* mremap(2): MREMAP_MAYMOVE, MREMAP_FIXED (new_addr), MREMAP_DONTUNMAP. */
 int gpusvm_rt_mremap(gpusvm_rt_context *ctx, gpusvm_rt_va old_addr, size_t old_len, size_t new_len,
 		     int flags, gpusvm_rt_va new_addr, gpusvm_rt_va *out);
+/* mprotect(2). */
+int gpusvm_rt_mprotect(gpusvm_rt_context *ctx, gpusvm_rt_va addr, size_t len, int prot);
 /* madvise(2) of the host mm (MADV_HUGEPAGE, MADV_DONTNEED...), not the GPU advice below. */
 int gpusvm_rt_madvise_host(gpusvm_rt_context *ctx, gpusvm_rt_va addr, size_t len, int advice);
 

@@ -153,6 +153,8 @@ class Context : public detail::Handle<gpusvm_rt_context, gpusvm_rt_context_destr
     return out([&](Va* o) { return gpusvm_rt_mmap(get(), hint, len, prot, flags, o); });
   }
   int munmap(Va a, size_t len) const { return gpusvm_rt_munmap(get(), a, len); }
+  int mprotect(Va a, size_t len, int prot) const { return gpusvm_rt_mprotect(get(), a, len, prot); }
+  int madvise_host(Va a, size_t len, int advice) const { return gpusvm_rt_madvise_host(get(), a, len, advice); }
   Result<Va> mremap(Va old, size_t old_len, size_t new_len, int flags, Va new_addr = 0) const {
     return out([&](Va* o) { return gpusvm_rt_mremap(get(), old, old_len, new_len, flags, new_addr, o); });
   }
