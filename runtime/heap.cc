@@ -107,12 +107,15 @@ Result<mm::Va> Heap::alloc(uint64_t size, uint64_t align) {
 int Heap::free(mm::Va p) {
   MutexLock l(&lock_);
   if (auto lg = large_.find(p); lg != large_.end()) {
-    // munmap: the mirror's MADVISE_AUTORESET resets the advice of the range.
-    const int rc = mm_.munmap(lg->second.map_start, lg->second.map_len);
+    const Large b = lg->second;
+    const int rc = mm_.munmap(b.map_start, b.map_len);
     if (rc) return rc;
-    live_ -= lg->second.size;
+    live_ -= b.size;
     large_.erase(lg);
-    return 0;
+    // The mirror's MADVISE_AUTORESET resets advice only where the GPU had ranges, and only
+    // when the driver's garbage collector runs (as xe's): reset the whole block now, so the
+    // next mapping there starts with the defaults whatever the GPU did.
+    return pages_fn_(b.map_start, b.map_len);
   }
   auto it = used_.find(p);
   if (it == used_.end()) return -EINVAL;
