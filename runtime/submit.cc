@@ -158,7 +158,8 @@ int gpusvm_rt_cmd_atomic(gpusvm_rt_cmdbuf* cb, uint16_t aop, uint16_t flags, gpu
   const unsigned sz = q ? 8 : 4;
   const bool ret = flags & REFGPU_ATOMIC_FLAG_RETURN;
   if (!cb || aop > REFGPU_ATOMIC_OP_CMPXCHG || (flags & ~(REFGPU_CMD_FLAG_QWORD | REFGPU_ATOMIC_FLAG_RETURN)) ||
-      addr % sz || !rt::user_va(addr, sz) || (ret ? (return_addr % sz || !rt::user_va(return_addr, sz)) : return_addr))
+      addr % sz || !rt::user_va(addr, sz) ||
+      (ret ? (!return_addr || return_addr % sz || !rt::user_va(return_addr, sz)) : return_addr))
     return -EINVAL;
   refgpu_cmd_atomic c{REFGPU_CMD_HEADER(REFGPU_OP_ATOMIC, 10), aop, flags, addr, operand, compare, return_addr};
   return rt::emit(cb, c);
@@ -202,7 +203,7 @@ int gpusvm_rt_cmd_load_strided(gpusvm_rt_cmdbuf* cb, uint32_t flags, gpusvm_rt_v
   const uint32_t allowed = REFGPU_CMD_FLAG_QWORD | REFGPU_LOAD_STRIDED_FLAG_CHECK | REFGPU_LOAD_STRIDED_FLAG_SUM;
   if (int rc = strided_check(cb, flags, allowed, addr, stride, count)) return rc;
   const bool sum = flags & REFGPU_LOAD_STRIDED_FLAG_SUM;
-  if (sum ? (sum_addr % 8 || !rt::user_va(sum_addr, 8)) : sum_addr != 0) return -EINVAL;
+  if (sum ? (!sum_addr || sum_addr % 8 || !rt::user_va(sum_addr, 8)) : sum_addr != 0) return -EINVAL;
   refgpu_cmd_load_strided c{REFGPU_CMD_HEADER(REFGPU_OP_LOAD_STRIDED, 14), flags, addr, stride, count, value,
                             increment, sum_addr};
   return rt::emit(cb, c);
