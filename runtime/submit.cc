@@ -242,10 +242,11 @@ int gpusvm_rt_queue_destroy(gpusvm_rt_queue* q) {
   drm_refgpu_exec_queue_destroy d{};
   d.exec_queue_id = q->id;
   const int rc = q->ctx->io(DRM_IOCTL_REFGPU_EXEC_QUEUE_DESTROY, &d);
-  if (rc) return rc;
+  // -EINVAL/-ENOENT would be a runtime bug; anything else (-EBADF, -ENODEV: the file or the
+  // device is gone with its queues) still ends the handle.
   q->ctx->queues.fetch_sub(1);
   delete q;
-  return 0;
+  return rc;
 }
 
 int gpusvm_rt_submit(gpusvm_rt_queue* q, const gpusvm_rt_cmdbuf* cb, gpusvm_rt_fence** out) {
