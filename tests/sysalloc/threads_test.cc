@@ -206,5 +206,31 @@ TEST(SysallocThreads, FreeWithoutMunmapThenThreadedCpuInit) {
   r.check_mm();
 }
 
+// IGT "process-many-*": 3 processes, each opening the device itself (a file, a context and a
+// queue of its own), run jobs concurrently on their own malloc'd memory.
+TEST(SysallocThreads, ProcessesMany) {
+  Rig r;
+  std::atomic<int> failures{0};
+  std::vector<std::thread> ts;
+  for (uint32_t p = 0; p < 3; ++p) {
+    auto proc = r.machine->create_process();
+    ASSERT_TRUE(proc.ok());
+    ts.emplace_back([&failures, p, pr = *proc] {
+      {
+        auto d = rt::Device::open(*pr, 0);
+        if (!d) return (void)failures.fetch_add(1);
+        auto c = rt::Context::create(*d);
+        if (!c) return (void)failures.fetch_add(1);
+        thread_rounds(*c, p % 2, p * 1000000, &failures);
+      }  // context, then device
+      pr->exit(0);
+    });
+  }
+  for (auto& t : ts) t.join();
+  EXPECT_EQ(failures.load(), 0);
+  const mm::CheckReport rep = mm::check(r.machine->mem());
+  EXPECT_TRUE(rep.ok()) << rep.to_string();
+}
+
 }  // namespace
 }  // namespace gpusvm::sysalloc
