@@ -8,6 +8,9 @@
 //    its life: a CPU mapping is a MAP_SHARED mapping of it in an mm::AddressSpace (what an
 //    mmap of the DRM file at mmap_offset() gives), so the CPU and a system-placed BO see the
 //    same folios. Its pages are allocated on first touch (CPU fault, pwrite, or get_backing).
+//    Pages handed out (get_backing, moves) are DMA-pinned by the BO (folio_pin) until it is
+//    destroyed, so reclaim never takes a page a GPU PTE points at; while the BO is in VRAM
+//    they stay allocated as the copy it is evicted into.
 //  - VRAM backing is buddy blocks allocated through VramPagemap::alloc_vram (so a VRAM BO can
 //    evict svm allocations and other BOs, and be evicted). The model has no CPU-visible VRAM
 //    BAR: cpu_map() of a BO in VRAM first moves it to system memory (TTM moves a BO to a
@@ -132,9 +135,10 @@ class Bo final : public VramLruEntry {
   // mmap's error. Context: no lock held (takes the BO lock, then the mmap lock); may sleep.
   Result<mm::Va> cpu_map(mm::AddressSpace* as, mm::Va hint, int prot) GPUSVM_EXCLUDES(lock_);
 
-  // Moves a VRAM BO to system memory (TTM eviction): observers told, bytes copied, blocks
-  // freed. 0 also when already in system memory; -EINVAL for a VRAM-only BO; -ENOMEM; the
-  // copy's error (the BO then stays in VRAM, unchanged). Context: no lock held; may sleep.
+  // Moves a VRAM BO to system memory (TTM eviction; also a VRAM-only BO, which move_to_vram
+  // brings back): observers told, bytes copied, blocks freed. 0 also when already in system
+  // memory; -ENOMEM; the copy's error (the BO then stays in VRAM, unchanged). Context: no
+  // lock held; may sleep.
   int move_to_system() GPUSVM_EXCLUDES(lock_);
   // Moves a system BO into VRAM (validate with a VRAM placement): allocates with eviction,
   // copies, tells observers. 0 also when already there; -EINVAL when VRAM is not an allowed
@@ -162,6 +166,8 @@ class Bo final : public VramLruEntry {
   friend class BoRef;
   explicit Bo(const BoCreateInfo& info);
   ~Bo() override;
+  // VramLruEntry: the last reference went; unlinks, frees the backing, deletes.
+  void destroy() override;
   int move_to_system_locked() GPUSVM_REQUIRES(lock_);
   void notify_locked() GPUSVM_REQUIRES(lock_);
   // The shmem folios of pages [first, first + n), allocated if absent, each with a reference
@@ -184,6 +190,9 @@ class Bo final : public VramLruEntry {
   BoBacking backing_ GPUSVM_GUARDED_BY(lock_) = BoBacking::kSystem;
   std::vector<BuddyBlock> blocks_ GPUSVM_GUARDED_BY(lock_);  // VRAM backing, in page order
   std::vector<BoBindingObserver*> observers_ GPUSVM_GUARDED_BY(lock_);
+  // The system pages handed out (by get_backing or a move), one DMA pin each, so that they
+  // stay where a GPU PTE points while the BO lives (TTM's tt pages); indexed by page.
+  std::vector<mm::Folio*> pinned_ GPUSVM_GUARDED_BY(lock_);
 };
 
 // A counted handle on a Bo (the GEM handle's reference, or a binding's).

@@ -80,9 +80,9 @@ void RefgpuDevice::unplug() {
                      hang_timeout().count());
 }
 
-std::vector<svm::Pagemap*> RefgpuDevice::vram_pagemaps() const {
+std::vector<VramPagemap*> RefgpuDevice::vram_pagemaps() const {
   if (!vram_pm_) return {};
-  return {vram_pm_->pagemap()};
+  return {vram_pm_.get()};
 }
 
 void RefgpuDevice::register_vm(uint32_t asid, std::weak_ptr<Vm> vm) {

@@ -102,7 +102,7 @@ class RefgpuDevice final : public devfs::Device, public std::enable_shared_from_
   CopyEngine& copy_engine() { return *copy_; }
   svm::Device& dma_device() { return *dma_; }
   // The device pagemaps VMs migrate to (region 1's), for VmConfig::vram.
-  std::vector<svm::Pagemap*> vram_pagemaps() const;
+  std::vector<VramPagemap*> vram_pagemaps() const;
   FaultQueue& fault_queue() { return faults_; }
   // Folds a VM's counters into the device's totals (at its destruction).
   void retire_vm_stats(const VmStats& s);

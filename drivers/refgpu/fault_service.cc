@@ -100,8 +100,8 @@ Result<svm::Pagemap*> Vm::placement_locked(const MemAttrs& a) {
   if (a.devmem_fd == REFGPU_PREFERRED_LOC_DEFAULT_SYSTEM) return static_cast<svm::Pagemap*>(nullptr);
   if (a.devmem_fd == REFGPU_PREFERRED_LOC_DEFAULT_DEVICE) {
     if (cfg_.vram.empty()) return static_cast<svm::Pagemap*>(nullptr);
-    const size_t i = a.region_instance == 0 ? 0 : a.region_instance - 1u;
-    return i < cfg_.vram.size() ? cfg_.vram[i] : cfg_.vram[0];
+    svm::Pagemap* p = region_pagemap(a.region_instance == 0 ? 1 : a.region_instance);
+    return p ? p : region_pagemap(1);
   }
   if (!cfg_.resolve_devmem) return Err{-EBADF};
   return cfg_.resolve_devmem(a.devmem_fd, a.region_instance);
@@ -111,9 +111,20 @@ int Vm::service_locked(uint64_t addr, Access access, const Placement* force,
                        const OnRange& on_range, uint64_t* range_end) {
   collect_garbage_locked();
   const GpuVma* vma = vma_at_locked(addr);
-  if (!vma || vma->kind != GpuVma::Kind::kMirror) return -EFAULT;
+  if (!vma) return -EFAULT;
   const bool write = access != Access::kRead;
   if (write && (vma->flags & REFGPU_VM_BIND_FLAG_READONLY)) return -EFAULT;
+  if (vma->kind == GpuVma::Kind::kBo) {
+    // A BO binding zapped by a move of its backing: bind it again where it is now.
+    if (access == Access::kAtomic &&
+        !atomic_allowed(REFGPU_ATOMIC_DEVICE, vma->binding->bo()->backing() == BoBacking::kVram
+                                                  ? Target::kVram
+                                                  : Target::kSystem)) {
+      return -EFAULT;
+    }
+    if (range_end) *range_end = vma->end;
+    return vma->binding->bind();
+  }
   const MemAttrs attrs = attrs_.at(addr);
   if (access == Access::kAtomic && attrs.atomic == REFGPU_ATOMIC_CPU) return -EFAULT;
 
@@ -126,7 +137,7 @@ int Vm::service_locked(uint64_t addr, Access access, const Placement* force,
     where.pagemap = pm ? *pm : nullptr;
     // Atomics that system memory cannot give force VRAM (never silently non-atomic).
     if (access == Access::kAtomic && !atomic_allowed(attrs.atomic, Target::kSystem)) {
-      if (!where.pagemap) where.pagemap = cfg_.vram.empty() ? nullptr : cfg_.vram[0];
+      if (!where.pagemap) where.pagemap = region_pagemap(1);
       if (!where.pagemap) return -EFAULT;
       where.strict = true;
     }
@@ -137,9 +148,12 @@ int Vm::service_locked(uint64_t addr, Access access, const Placement* force,
 
   svm::Ctx ctx;
   ctx.read_only = !write;
-  ctx.device_private_page_owner = where.pagemap ? where.pagemap->owner()
-                                  : cfg_.vram.empty() ? nullptr
-                                                      : cfg_.vram[0]->owner();
+  ctx.device_private_page_owner = where.pagemap ? where.pagemap->owner() : owner();
+  // The VRAM LRU learns which allocations the GPU uses (under the notifier lock: an LRU
+  // bump, no allocation).
+  ctx.devmem_fn = [](svm::Pagemap* pm, mm::Folio* page, uint64_t n) {
+    if (auto* v = dynamic_cast<VramPagemap*>(pm->ops())) v->touch_pages(page, n);
+  };
   ctx.devmem_possible = where.pagemap != nullptr;
   ctx.devmem_only = where.pagemap && where.strict;
   unsigned timeslice_ms = 0;
@@ -226,7 +240,7 @@ int Vm::service_locked(uint64_t addr, Access access, const Placement* force,
 
 int Vm::handle_fault(const GpuFault& fault, const OnRange& on_range) {
   if (dying()) return -ENODEV;
-  if (!fault_mode() || !gpusvm_) return -EFAULT;
+  if (!fault_mode()) return -EFAULT;
   const uint64_t t0 = now_ns();
   MutexLock g(&lock_);
   // A fault another service already satisfied (a duplicate that was not chained, or one

@@ -166,6 +166,15 @@ PtNode* GpuPageTable::l1_for_locked(uint64_t va) const {
 }
 
 namespace {
+// The first 2 MiB slot after `slot` that may have an L1 table: past the 1 GiB (no L1) or
+// 512 GiB (no L2) hole that `slot` is in. Walks over the whole VA (a VM's teardown zaps
+// 2^48 bytes) then cost one step per table, not one per 2 MiB.
+uint64_t skip_hole(const PtNode* root, uint64_t slot) {
+  const PtNode* l2 = root->child[idx(slot, 3)];
+  if (!l2) return align_down(slot, 1ull << 39) + (1ull << 39);
+  return align_down(slot, 1ull << 30) + (1ull << 30);
+}
+
 // Clears kPs64 on the 64 KiB group of L0 entry k when [first, last] (entry indices of the
 // range in this table) does not cover the group: its entries become 4 KiB leaves.
 bool split_ps64_group(PtNode* l0, unsigned k, unsigned first, unsigned last) {
@@ -281,7 +290,10 @@ Result<bool> GpuPageTable::unmap(PtReservation* res, uint64_t start, uint64_t en
   bool unmapped = false;
   for (uint64_t slot = align_down(start, kSZ2M); slot < end; slot += kSZ2M) {
     PtNode* l1 = l1_for_locked(slot);
-    if (!l1) continue;
+    if (!l1) {
+      slot = skip_hole(root_.get(), slot) - kSZ2M;
+      continue;
+    }
     const unsigned i1 = idx(slot, 1);
     const bool full = slot >= start && slot + kSZ2M <= end;
     if (!l1->child[i1]) {
@@ -322,7 +334,10 @@ std::pair<uint64_t, uint64_t> GpuPageTable::zap(uint64_t start, uint64_t end) {
   WriteLock g(&lock_);
   for (uint64_t slot = align_down(start, kSZ2M); slot < end; slot += kSZ2M) {
     PtNode* l1 = l1_for_locked(slot);
-    if (!l1) continue;
+    if (!l1) {
+      slot = skip_hole(root_.get(), slot) - kSZ2M;
+      continue;
+    }
     const unsigned i1 = idx(slot, 1);
     if (l1->pte[i1] & kPresent) {
       l1->pte[i1] = 0;

@@ -36,11 +36,11 @@ int check_op(const drm_refgpu_vm_bind_op& o, uint64_t va_limit) {
       return -ENOENT;
     case REFGPU_VM_BIND_OP_UNMAP:
       if (o.obj || o.obj_offset) return -EINVAL;
-      if (o.flags & ~(REFGPU_VM_BIND_FLAG_EVICT | REFGPU_VM_BIND_FLAG_CPU_ADDR_MIRROR)) return -EINVAL;
+      if (o.flags & ~REFGPU_VM_BIND_FLAG_EVICT) return -EINVAL;
       return 0;
     default:  // PREFETCH
       if (o.obj || o.obj_offset) return -EINVAL;
-      if (o.flags & ~REFGPU_VM_BIND_FLAG_CPU_ADDR_MIRROR) return -EINVAL;
+      if (o.flags) return -EINVAL;
       return 0;
   }
 }

@@ -29,8 +29,8 @@ Result<std::unique_ptr<Vm>> Vm::create(VmConfig cfg) {
   const bool fault = cfg.flags & REFGPU_VM_CREATE_FLAG_FAULT_MODE;
   if (fault && !(cfg.flags & REFGPU_VM_CREATE_FLAG_LR_MODE)) return Err{-EINVAL};
   if (fault && (!cfg.as || !cfg.device)) return Err{-EINVAL};
-  for (svm::Pagemap* p : cfg.vram) {
-    if (!p) return Err{-EINVAL};
+  for (VramPagemap* p : cfg.vram) {
+    if (!p || p->device() != cfg.device) return Err{-EINVAL};
   }
   std::unique_ptr<Vm> vm(new Vm(std::move(cfg)));
   if (fault) {
@@ -41,7 +41,7 @@ Result<std::unique_ptr<Vm>> Vm::create(VmConfig cfg) {
                         .ops = vm.get(),
                         .devices = {vm->cfg_.device},
                         .driver_lock = &vm->lock_,
-                        .migrate_owner = vm->cfg_.vram.empty() ? nullptr : vm->cfg_.vram[0]->owner()};
+                        .migrate_owner = vm->owner()};
     Result<std::unique_ptr<svm::Gpusvm>> r = svm::Gpusvm::init(std::move(g));
     if (!r) return Err{r.error()};
     vm->gpusvm_ = std::move(*r);
@@ -51,6 +51,13 @@ Result<std::unique_ptr<Vm>> Vm::create(VmConfig cfg) {
 
 Vm::~Vm() {
   dying_.store(true, std::memory_order_release);
+  {
+    // BO bindings first: no move notification may reach this VM after it is gone.
+    MutexLock g(&lock_);
+    for (auto& [s, v] : vmas_) {
+      if (v.binding) v.binding->unbind();
+    }
+  }
   if (gpusvm_) {
     MutexLock g(&lock_);
     collect_garbage_locked();
@@ -164,9 +171,12 @@ int Vm::check_ptes() {
                    cfg_.id, va, what, word, rc);
     }
   };
-  const void* owner = cfg_.vram.empty() ? nullptr : cfg_.vram[0]->owner();
+  const void* owner = this->owner();
   for (const GpuLeaf& l : leaves) {
     for (uint64_t va = l.va; va < l.va + l.size; va += mm::kPageSize) {
+      if (const GpuVma* v = vma_at_locked(va); v && v->kind == GpuVma::Kind::kBo) {
+        continue;  // a BO's page: not the CPU's (bo_test checks those against the backing)
+      }
       if (!gpusvm_) {
         report(va, "a leaf in a VM without a mirror", 0, 0);
         continue;
@@ -191,6 +201,9 @@ int Vm::check_ptes() {
       } else if (l.target == Target::kSystem &&
                  (mm::hmm_pfn_to_pfn(word) << mm::kPageShift) != l.addr + off) {
         report(va, "another system page", word, rc);
+      } else if (l.target == Target::kVram && cfg_.vram.size() == 1 &&
+                 mm::hmm_pfn_to_pfn(word) != cfg_.vram[0]->offset_to_pfn(l.addr + off)) {
+        report(va, "another VRAM page", word, rc);
       } else if ((l.perms & kPermWrite) && !(word & mm::HMM_PFN_WRITE)) {
         report(va, "writable on the GPU, read-only on the CPU", word, rc);
       }

@@ -40,7 +40,9 @@
 #include "drivers/refgpu/gpu_mmu.h"
 #include "drivers/refgpu/gpu_page_table.h"
 #include "drivers/refgpu/tlb.h"
+#include "drivers/refgpu/vm_bo.h"
 #include "drivers/refgpu/vm_madvise.h"
+#include "drivers/refgpu/vram_pagemap.h"
 #include "uapi/refgpu.h"
 
 namespace gpusvm::mm {
@@ -73,7 +75,9 @@ struct VmConfig {
   mm::AddressSpace* as = nullptr; // the process this VM mirrors (required in fault mode)
   MemoryResolver* mem = nullptr;  // targets -> host bytes (required)
   svm::Device* device = nullptr;  // DMA mappings of system pages (required in fault mode)
-  std::vector<svm::Pagemap*> vram;  // this device's VRAM regions as svm pagemaps (may be empty)
+  // This device's VRAM regions (refmem's VramPagemap; may be empty). Their Device must be
+  // `device`, so that our own VRAM pages are device_map'ed locally.
+  std::vector<VramPagemap*> vram;
   // The device can do atomics on system memory (REFGPU_CONFIG_FLAG_HAS_SMEM_ATOMICS): where
   // false, a device atomic forces VRAM (-EFAULT for the job when there is none).
   bool smem_atomics = true;
@@ -92,15 +96,21 @@ struct BindOp {
   uint64_t addr = 0;
   uint64_t range = 0;
   uint32_t prefetch_region = 0;         // PREFETCH: instance or REFGPU_CONSULT_MEM_ADVISE_PREF_LOC
+  BoRef bo;                             // MAP of a buffer object (the ioctl layer's lookup)
+  uint64_t bo_offset = 0;               // page-aligned offset into it
 };
 
 // A GPU VMA: what one bind put at [start, end).
 struct GpuVma {
-  enum class Kind : uint8_t { kMirror };
+  enum class Kind : uint8_t { kMirror, kBo };
   uint64_t start = 0;
   uint64_t end = 0;
   Kind kind = Kind::kMirror;
   uint32_t flags = 0;  // the bind's REFGPU_VM_BIND_FLAG_* (READONLY, MADVISE_AUTORESET)
+  std::shared_ptr<BoBinding> binding;  // kBo
+  // kBo carved out of a mirror region: UNMAP gives the VA back to the mirror with these flags.
+  bool carved = false;
+  uint32_t mirror_flags = 0;
 };
 
 class Vm : public svm::GpusvmOps {
@@ -134,11 +144,16 @@ class Vm : public svm::GpusvmOps {
   // Validates every op first (nothing changes when one is invalid), then applies them in
   // order. Per op:
   //  MAP + CPU_ADDR_MIRROR: mirror [addr, addr + range); needs fault mode. -EINVAL when it
-  //    overlaps a binding, is misaligned, empty, or beyond kVaBits, or without the flag (a
-  //    MAP of a buffer object comes with refmem's BufferObject; not wired yet).
+  //    overlaps a binding, is misaligned, empty, or beyond kVaBits.
+  //  MAP of a BO (op.bo, op.bo_offset): binds [bo_offset, bo_offset + range) of it now
+  //    (READONLY: no write bit). The span overlaps nothing, or lies inside one mirror region
+  //    (carved out of it: -EBUSY while the mirror has ranges there). -EINVAL: no BO, offset
+  //    misaligned or beyond the BO, overlap with another binding.
   //  UNMAP: [addr, addr + range) exactly (a mirror region may be trimmed or split). A mirror
   //    part that still has ranges is -EBUSY unless REFGPU_VM_BIND_FLAG_EVICT (then its ranges
-  //    are evicted to system memory and removed). Unbound VA in the span is fine.
+  //    are evicted to system memory and removed). Unbound VA in the span is fine. A BO
+  //    binding must be covered whole (-EINVAL); when it was carved out of a mirror, its VA
+  //    returns to the mirror (as Xe does).
   //  PREFETCH: migrates [addr, addr + range) of a mirror to system memory (instance 0), a
   //    VRAM instance, or the madvised location, gets the pages and binds them now.
   //    -EINVAL not a mirror / unknown instance; fault errors of the pages otherwise.
@@ -194,7 +209,7 @@ class Vm : public svm::GpusvmOps {
 
  private:
   explicit Vm(VmConfig cfg);
-  friend class VmBinder;
+  friend class BoBinding;
 
   // The GPU VMA covering va, or nullptr.
   const GpuVma* vma_at_locked(uint64_t va) const GPUSVM_REQUIRES(lock_);
@@ -228,6 +243,15 @@ class Vm : public svm::GpusvmOps {
   int prefetch_locked(uint64_t start, uint64_t end, uint32_t region) GPUSVM_REQUIRES(lock_);
   int validate_op_locked(const BindOp& op) GPUSVM_REQUIRES(lock_);
   int apply_op_locked(const BindOp& op) GPUSVM_REQUIRES(lock_);
+  int map_bo_locked(const BindOp& op) GPUSVM_REQUIRES(lock_);
+  // Inserts a mirror VMA, merging it with touching mirror neighbours of the same flags.
+  void insert_mirror_locked(uint64_t start, uint64_t end, uint32_t flags) GPUSVM_REQUIRES(lock_);
+  // The device-private owner of our VRAM pages (nullptr without VRAM).
+  const void* owner() const { return cfg_.vram.empty() ? nullptr : cfg_.vram[0]->pagemap()->owner(); }
+  // The pagemap of VRAM region instance i (1..), or nullptr.
+  svm::Pagemap* region_pagemap(size_t instance) const {
+    return instance >= 1 && instance <= cfg_.vram.size() ? cfg_.vram[instance - 1]->pagemap() : nullptr;
+  }
   // Tells the MMU-facing parts that the VM is going away (faults fail with -ENODEV).
   bool dying() const { return dying_.load(std::memory_order_acquire); }
 

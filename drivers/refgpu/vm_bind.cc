@@ -25,20 +25,46 @@ int Vm::validate_op_locked(const BindOp& op) {
   const uint64_t end = op.addr + op.range;
   switch (op.op) {
     case REFGPU_VM_BIND_OP_MAP: {
-      // Only mirrors are bound by this layer (a BO MAP comes with the buffer objects).
-      if (!(op.flags & REFGPU_VM_BIND_FLAG_CPU_ADDR_MIRROR)) return -EINVAL;
       if (op.flags & REFGPU_VM_BIND_FLAG_EVICT) return -EINVAL;
-      if (!fault_mode()) return -EINVAL;
       auto it = vmas_.lower_bound(op.addr);
-      if (it != vmas_.end() && it->first < end) return -EINVAL;
-      if (it != vmas_.begin() && std::prev(it)->second.end > op.addr) return -EINVAL;
+      const GpuVma* before = it != vmas_.begin() && std::prev(it)->second.end > op.addr
+                                 ? &std::prev(it)->second
+                                 : nullptr;
+      const bool overlaps_after = it != vmas_.end() && it->first < end;
+      if (op.flags & REFGPU_VM_BIND_FLAG_CPU_ADDR_MIRROR) {
+        if (op.bo || op.bo_offset || !fault_mode()) return -EINVAL;
+        if (before || overlaps_after) return -EINVAL;
+        return 0;
+      }
+      // A buffer object: over nothing, or inside one mirror region.
+      if (!op.bo || (op.flags & REFGPU_VM_BIND_FLAG_MADVISE_AUTORESET)) return -EINVAL;
+      if ((op.bo_offset % kSZ4K) || op.bo_offset > op.bo->size() ||
+          op.range > op.bo->size() - op.bo_offset) {
+        return -EINVAL;
+      }
+      if (before) {
+        if (before->kind != GpuVma::Kind::kMirror || before->end < end) return -EINVAL;
+      } else if (overlaps_after) {
+        if (it->first != op.addr || it->second.kind != GpuVma::Kind::kMirror || it->second.end < end) {
+          return -EINVAL;
+        }
+      }
       return 0;
     }
     case REFGPU_VM_BIND_OP_UNMAP:
       if (op.flags & ~(REFGPU_VM_BIND_FLAG_EVICT | REFGPU_VM_BIND_FLAG_IMMEDIATE)) return -EINVAL;
+      if (op.bo || op.bo_offset) return -EINVAL;
+      // BO bindings are unmapped whole.
+      for (auto& [s, v] : vmas_) {
+        if (v.kind == GpuVma::Kind::kBo && v.end > op.addr && s < end &&
+            (s < op.addr || v.end > end)) {
+          return -EINVAL;
+        }
+      }
       return 0;
     case REFGPU_VM_BIND_OP_PREFETCH: {
       if (op.flags & ~REFGPU_VM_BIND_FLAG_IMMEDIATE) return -EINVAL;
+      if (op.bo || op.bo_offset) return -EINVAL;
       if (!fault_mode() || !attrs_.covers(op.addr, end)) return -EINVAL;
       const uint32_t r = op.prefetch_region;
       if (r != REFGPU_CONSULT_MEM_ADVISE_PREF_LOC && r > cfg_.vram.size()) return -EINVAL;
@@ -58,7 +84,7 @@ int Vm::prefetch_locked(uint64_t start, uint64_t end, uint32_t region) {
       if (!pm) return pm.error();
       where = {*pm, true};
     } else {
-      where = {region == 0 ? nullptr : cfg_.vram[region - 1], true};
+      where = {region_pagemap(region), true};
     }
     uint64_t range_end = 0;
     // A prefetch maps for write where the mirror allows it (what a later store needs).
@@ -80,6 +106,7 @@ int Vm::apply_op_locked(const BindOp& op) {
   const uint64_t end = op.addr + op.range;
   switch (op.op) {
     case REFGPU_VM_BIND_OP_MAP:
+      if (op.bo) return map_bo_locked(op);
       vmas_[op.addr] = GpuVma{.start = op.addr, .end = end, .kind = GpuVma::Kind::kMirror,
                               .flags = op.flags & (REFGPU_VM_BIND_FLAG_READONLY |
                                                    REFGPU_VM_BIND_FLAG_MADVISE_AUTORESET)};
@@ -91,21 +118,31 @@ int Vm::apply_op_locked(const BindOp& op) {
       if (int rc = remove_ranges_locked(op.addr, end, op.flags & REFGPU_VM_BIND_FLAG_EVICT)) {
         return rc;
       }
-      // Trim or split the GPU VMAs the span covers.
-      std::vector<GpuVma> keep;
+      // Trim or split the GPU VMAs the span covers; BO bindings go whole.
+      std::vector<GpuVma> keep, returned;
       for (auto it = vmas_.begin(); it != vmas_.end();) {
         GpuVma& v = it->second;
         if (v.end <= op.addr || v.start >= end) {
           ++it;
           continue;
         }
-        if (v.start < op.addr) keep.push_back({v.start, op.addr, v.kind, v.flags});
-        if (v.end > end) keep.push_back({end, v.end, v.kind, v.flags});
+        if (v.kind == GpuVma::Kind::kBo) {
+          v.binding->unbind();
+          if (v.carved) returned.push_back(v);
+        } else {
+          if (v.start < op.addr) keep.push_back({v.start, op.addr, v.kind, v.flags});
+          if (v.end > end) keep.push_back({end, v.end, v.kind, v.flags});
+        }
         it = vmas_.erase(it);
       }
       for (const GpuVma& v : keep) vmas_[v.start] = v;
       attrs_.remove(op.addr, end);
       zap(op.addr, end);
+      // A BO carved out of a mirror gives its VA back to the system allocator.
+      for (const GpuVma& v : returned) {
+        insert_mirror_locked(v.start, v.end, v.mirror_flags);
+        attrs_.insert(v.start, v.end, v.mirror_flags & REFGPU_VM_BIND_FLAG_MADVISE_AUTORESET);
+      }
       return 0;
     }
     case REFGPU_VM_BIND_OP_PREFETCH:
@@ -113,6 +150,55 @@ int Vm::apply_op_locked(const BindOp& op) {
     default:
       return -EINVAL;
   }
+}
+
+void Vm::insert_mirror_locked(uint64_t start, uint64_t end, uint32_t flags) {
+  auto next = vmas_.find(end);
+  if (next != vmas_.end() && next->second.kind == GpuVma::Kind::kMirror && next->second.flags == flags) {
+    end = next->second.end;
+    vmas_.erase(next);
+  }
+  auto prev = vmas_.lower_bound(start);
+  if (prev != vmas_.begin()) {
+    --prev;
+    if (prev->second.end == start && prev->second.kind == GpuVma::Kind::kMirror &&
+        prev->second.flags == flags) {
+      prev->second.end = end;
+      return;
+    }
+  }
+  vmas_[start] = GpuVma{.start = start, .end = end, .kind = GpuVma::Kind::kMirror, .flags = flags};
+}
+
+int Vm::map_bo_locked(const BindOp& op) {
+  const uint64_t end = op.addr + op.range;
+  GpuVma bo{.start = op.addr, .end = end, .kind = GpuVma::Kind::kBo,
+            .flags = op.flags & REFGPU_VM_BIND_FLAG_READONLY};
+  // Carved out of a mirror: the GPU must have no ranges there (Xe refuses the same way).
+  auto it = vmas_.upper_bound(op.addr);
+  GpuVma* mirror = nullptr;
+  if (it != vmas_.begin() && std::prev(it)->second.end > op.addr) mirror = &std::prev(it)->second;
+  if (mirror) {
+    collect_garbage_locked();
+    if (gpusvm_ && gpusvm_->has_mapping(op.addr, end)) return -EBUSY;
+  }
+  bo.binding = std::make_shared<BoBinding>(this, op.bo, op.addr, end, op.bo_offset,
+                                           op.flags & REFGPU_VM_BIND_FLAG_READONLY);
+  if (int rc = bo.binding->bind()) {
+    bo.binding->unbind();
+    return rc;
+  }
+  if (mirror) {
+    const GpuVma m = *mirror;
+    bo.carved = true;
+    bo.mirror_flags = m.flags;
+    vmas_.erase(m.start);
+    if (m.start < op.addr) vmas_[m.start] = GpuVma{m.start, op.addr, m.kind, m.flags};
+    if (m.end > end) vmas_[end] = GpuVma{end, m.end, m.kind, m.flags};
+    attrs_.remove(op.addr, end);
+  }
+  vmas_[op.addr] = bo;
+  return 0;
 }
 
 int Vm::bind(std::span<const BindOp> ops) {

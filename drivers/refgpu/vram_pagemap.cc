@@ -96,14 +96,18 @@ bool VramPagemap::is_peer(svm::Device* dev) const {
   return false;
 }
 
-Result<std::vector<BuddyBlock>> VramPagemap::alloc_vram(uint64_t size, uint64_t min_block) {
+Result<std::vector<BuddyBlock>> VramPagemap::alloc_vram(uint64_t size, uint64_t min_block, uint32_t buddy_flags) {
   if (size == 0 || size % kSZ4K || (min_block != kSZ4K && min_block != kSZ64K && min_block != kSZ2M) ||
       size % min_block) {
     return Err{-EINVAL};
   }
+  if (size > region_->total_size()) {  // can never fit: no point evicting anything
+    stats_.allocation_failures.add();
+    return Err{-ENOSPC};
+  }
   const auto deadline = std::chrono::steady_clock::now() + config_.evict_budget;
   for (unsigned attempt = 0;; attempt++) {
-    Result<std::vector<BuddyBlock>> r = region_->buddy().alloc(size, min_block);
+    Result<std::vector<BuddyBlock>> r = region_->buddy().alloc(size, min_block, 0, buddy_flags);
     if (r) return r;
     if (r.error() != -ENOSPC) {
       stats_.allocation_failures.add();

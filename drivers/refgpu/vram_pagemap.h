@@ -125,10 +125,12 @@ class VramPagemap final : public svm::PagemapOps, public svm::DevmemOps {
 
   // The allocator: `size` bytes (a non-zero multiple of 4 KiB) of blocks from the buddy,
   // evicting least-recently-used entries and retrying while it is full, within the config's
-  // bounds. Errors: -EINVAL, -ENOSPC (no room after the bounds; counted as a failure).
+  // bounds. Errors: -EINVAL, -ENOSPC (no room after the bounds, or larger than the region:
+  // counted as a failure).
   // Context: no gpusvm or mm lock held (eviction migrates pages); a driver's outer VM lock
   // may be held. May sleep.
-  Result<std::vector<BuddyBlock>> alloc_vram(uint64_t size, uint64_t min_block = kSZ4K);
+  // buddy_flags: Buddy::kContiguous for one run.
+  Result<std::vector<BuddyBlock>> alloc_vram(uint64_t size, uint64_t min_block = kSZ4K, uint32_t buddy_flags = 0);
   // Frees blocks from alloc_vram. Never sleeps.
   void free_vram(const std::vector<BuddyBlock>& blocks);
 

@@ -83,6 +83,35 @@ def faultq(vm, n, flags=0, faults=USER(4096)):
     return rec(FAULTQ, struct.pack('<QIIIIQ2Q', 0, vm, n, flags, 0, faults, 0, 0))
 
 
+def bind_op(op, flags, addr, rng, obj=0, prefetch=0):
+    return struct.pack('<QIIQQQIIII3Q', 0, obj, 0, 0, rng, addr, op, flags, prefetch, 0, 0, 0, 0)
+
+
+def vm_bind(vm, ops, nsyncs=0, syncs=USER(1024), vec=USER(8192)):
+    if len(ops) == 1:
+        union = ops[0]
+    else:
+        union = struct.pack('<Q', vec).ljust(80, b'\0')
+    return rec(VM_BIND, struct.pack('<QIIII', 0, vm, 0, len(ops), nsyncs) + union + struct.pack('<Q2Q', syncs, 0, 0))
+
+
+def ops_at(off, ops):
+    data = b''.join(ops)
+    return b''.join(userw(off + i, data[i:i + 64]) for i in range(0, len(data), 64))
+
+
+def madvise(vm, start, rng, typ, a, b=0, c=0):
+    if typ == 0:
+        union = struct.pack('<iHHQ', a, b, c, 0)
+    else:
+        union = struct.pack('<IIQ', a, 0, 0)
+    return rec(MADVISE, struct.pack('<QQQII', 0, start, rng, vm, typ) + union + struct.pack('<2Q', 0, 0))
+
+
+def attrs(vm, start, rng, n, vec=USER(4096)):
+    return rec(ATTRS, struct.pack('<QIIQQQQ2Q', 0, vm, n, start, rng, 0, vec, 0, 0))
+
+
 def raw(req, data=b''):
     return bytes([RAW]) + struct.pack('<I', req) + data.ljust(64, b'\0')[:64]
 
@@ -122,6 +151,26 @@ SEEDS = {
     'unwired': rec(GEM_CREATE, struct.pack('<QQIIII2Q', 0, 4096, 1, 0, 0, 0, 0, 0)) +
                rec(VM_BIND, bytes(128)) + rec(MADVISE, bytes(64)) + rec(ATTRS, bytes(64)) +
                rec(GEM_MMAP, bytes(40)) + rec(GEM_CLOSE, bytes(24)),
+    'bind_mirror': vm_create(LR | FAULT) + vm_bind(1, [bind_op(0, 4, 1 << 32, 1 << 21)]) +
+                   vm_bind(1, [bind_op(1, 0, 1 << 32, 1 << 21)]),
+    'bind_mirror_exec': vm_create(LR | FAULT) + vm_bind(1, [bind_op(0, 4 | 8, 1 << 16, (1 << 47) - (1 << 16))]) +
+                        instance(0) + qc(1) + syncs_at(1024, [sync(1, 1, 0x100, 9)]) +
+                        exec_(1, 0, 1, mode=3) + wait(0x100, 0, 9, 0xffffffffffffffff, 900000),
+    'bind_vector': vm_create(LR | FAULT) +
+                   ops_at(8192, [bind_op(0, 4, 1 << 32, 1 << 20), bind_op(0, 4, (1 << 32) + (2 << 20), 1 << 20)]) +
+                   vm_bind(1, [b'', b'']) + vm_bind(1, [bind_op(1, 16, 1 << 32, 4 << 20)]),
+    'bind_prefetch': vm_create(LR | FAULT) + vm_bind(1, [bind_op(0, 4, 1 << 32, 1 << 21)]) +
+                     vm_bind(1, [bind_op(2, 0, 1 << 32, 1 << 16, prefetch=1)]) +
+                     vm_bind(1, [bind_op(2, 0, 1 << 32, 1 << 16, prefetch=0xffffffff)]) +
+                     vm_bind(1, [bind_op(1, 16, 1 << 32, 1 << 21)]),
+    'bind_bad': vm_create(0) + vm_bind(1, [bind_op(0, 4, 1 << 32, 1 << 21)]) +
+                vm_bind(1, [bind_op(0, 0, 1 << 32, 1 << 21, obj=3)]) + vm_bind(1, [bind_op(3, 0, 0, 0)]) +
+                vm_bind(2, [bind_op(0, 4, 4096, 4096)]),
+    'madvise_attrs': vm_create(LR | FAULT) + vm_bind(1, [bind_op(0, 4, 1 << 32, 4 << 20)]) +
+                     madvise(1, (1 << 32) + (1 << 20), 1 << 20, 1, 2) +
+                     madvise(1, 1 << 32, 1 << 20, 0, -1) + madvise(1, 1 << 32, 1 << 20, 0, 0, 1, 1) +
+                     madvise(1, 1 << 32, 1 << 20, 0, 5) + attrs(1, 1 << 32, 4 << 20, 0) +
+                     attrs(1, 1 << 32, 4 << 20, 3) + attrs(1, 1 << 32, 4 << 20, 1),
     'raw_bad_requests': raw(0xc0206444) + raw(0x40206444) + raw(0xc0207844) + raw(0xc0206451) +
                         raw(0) + raw(0xffffffff),
     'two_vms_two_queues': vm_create(0) + vm_create(LR | FAULT) + instance(0) + qc(1) + instance(1) + qc(2) +

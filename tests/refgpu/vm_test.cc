@@ -16,6 +16,7 @@
 #include "drivers/refgpu/fault_service.h"
 #include "drivers/refgpu/vm.h"
 #include "gpusvm/base/errno.h"
+#include "gpusvm/base/fault_inject.h"
 #include "gpusvm/base/sched_point.h"
 #include "gpusvm/mm/check.h"
 #include "gpusvm/mm/cpu_access.h"
@@ -63,7 +64,8 @@ class VmTest : public ::testing::Test {
     }
   }
   void TearDown() override {
-    for (size_t i = 0; i < queues.size(); i++) EXPECT_EQ(engines[i]->destroy_queue(queues[i]), 0);
+    fault_inject::disarm_all();
+    for (size_t i = 0; i < queues.size(); i++) EXPECT_EQ(engines[i % 2]->destroy_queue(queues[i]), 0);
     service.reset();
     if (vm) EXPECT_EQ(vm->check_ptes(), 0);
     vm.reset();
@@ -489,6 +491,66 @@ TEST_F(VmTest, CpuMunmapMprotectForkRaceEngineFaults) {
   b.store_qword(data, 4242);
   ASSERT_EQ(run(kBatch, b), 0);
   EXPECT_EQ(load(data), 4242u);
+  EXPECT_EQ(vm->check_ptes(), 0);
+}
+
+
+// Allocation failures in the service (page-table nodes, range metadata) fail the job with
+// -ENOMEM, change nothing, and the next fault on the same address succeeds.
+TEST_F(VmTest, AllocationFailuresFailTheJobAndRollBack) {
+  make_vm();
+  mirror_all();
+  ASSERT_EQ(bind(REFGPU_VM_BIND_OP_PREFETCH, kBatch, 4 * kSZ4K), 0);
+  uint64_t batch = kBatch;
+  for (const char* point : {"refgpu.pt_alloc", "svm.range_alloc"}) {
+    const uint64_t data = kBase + 12 * kSZ2M + (batch - kBatch) * 512;
+    ASSERT_EQ(fault_inject::arm(point, {.nth = 1}), 0);
+    Batch b;
+    b.store_qword(data, 5);
+    EXPECT_EQ(run(batch, b), -ENOMEM) << point;
+    fault_inject::disarm(point);
+    EXPECT_FALSE(vm->page_table().lookup(data)) << point;
+    batch += kSZ4K;
+    Batch c;
+    c.store_qword(data, 6);
+    ASSERT_EQ(run(batch, c), 0) << point;
+    EXPECT_EQ(load(data), 6u);
+    batch += kSZ4K;
+  }
+  EXPECT_EQ(vm->check_ptes(), 0);
+}
+
+// Four exec queues on two engines store into one 2 MiB range at once: every store lands,
+// the range is serviced without errors.
+TEST_F(VmTest, SeveralQueuesFaultTheSameRange) {
+  make_vm();
+  for (uint16_t i = 0; i < 2; i++) {
+    auto q = engines[i]->create_queue(20 + i, vm->mmu());
+    ASSERT_TRUE(q.ok());
+    queues.push_back(*q);
+  }
+  // queues[2], queues[3] run on engines 0 and 1 too (TearDown destroys queue i on engine i % 2).
+  mirror_all();
+  ASSERT_EQ(bind(REFGPU_VM_BIND_OP_PREFETCH, kBatch, 4 * kSZ4K), 0);
+  const uint64_t data = kBase + 14 * kSZ2M;
+  for (int round = 0; round < 10; round++) {
+    std::vector<std::shared_ptr<Fence>> f;
+    for (size_t q = 0; q < 4; q++) {
+      Batch b;
+      b.add(refgpu_cmd_store_strided{REFGPU_CMD_HEADER(REFGPU_OP_STORE_STRIDED, 12), REFGPU_CMD_FLAG_QWORD,
+                                     data + q * 8, 32, kSZ2M / 32, uint64_t(round) << 32 | q, 4});
+      f.push_back(submit(kBatch + q * kSZ4K, b, q));
+    }
+    for (auto& x : f) ASSERT_EQ(x->wait(kWait), 0);
+    for (size_t q = 0; q < 4; q++) {
+      for (uint64_t i = 0; i < kSZ2M / 32; i += 97) {
+        ASSERT_EQ(load(data + q * 8 + i * 32), (uint64_t(round) << 32 | q) + 4 * i);
+      }
+    }
+    // The CPU drops the pages between rounds: the next round faults them all again.
+    ASSERT_EQ(as->madvise(data, kSZ2M, MADV_DONTNEED), 0);
+  }
+  EXPECT_EQ(vm->stats().fault_errors.get(), 0u);
   EXPECT_EQ(vm->check_ptes(), 0);
 }
 
