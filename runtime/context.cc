@@ -250,6 +250,30 @@ int gpusvm_rt_memset(gpusvm_rt_context* ctx, gpusvm_rt_va dst, int c, size_t len
   return mm::cpu::memset(ctx->mm(), dst, c, len);
 }
 
+namespace {
+int put_old(Result<uint64_t> r, uint64_t* old) {
+  if (!r) return r.error();
+  if (old) *old = *r;
+  return 0;
+}
+}  // namespace
+
+int gpusvm_rt_atomic_fetch_add(gpusvm_rt_context* ctx, gpusvm_rt_va addr, uint64_t delta, uint64_t* old) {
+  if (!ctx || addr % 8) return -EINVAL;
+  return put_old(mm::cpu::atomic_fetch_add(ctx->mm(), addr, delta), old);
+}
+
+int gpusvm_rt_atomic_exchange(gpusvm_rt_context* ctx, gpusvm_rt_va addr, uint64_t value, uint64_t* old) {
+  if (!ctx || addr % 8) return -EINVAL;
+  return put_old(mm::cpu::atomic_exchange(ctx->mm(), addr, value), old);
+}
+
+int gpusvm_rt_atomic_cmpxchg(gpusvm_rt_context* ctx, gpusvm_rt_va addr, uint64_t expected, uint64_t desired,
+                             uint64_t* old) {
+  if (!ctx || addr % 8) return -EINVAL;
+  return put_old(mm::cpu::atomic_cmpxchg(ctx->mm(), addr, expected, desired), old);
+}
+
 int gpusvm_rt_advise_preferred_location(gpusvm_rt_context* ctx, gpusvm_rt_va addr, size_t len, int32_t location,
                                         uint16_t migration_policy) {
   if (!ctx || location < GPUSVM_RT_LOCATION_SYSTEM || migration_policy > REFGPU_MIGRATE_ONLY_SYSTEM_PAGES)

@@ -96,11 +96,18 @@ gpusvm_rt_job_error job_error(gpusvm_rt_fence* f) {
 int settle(gpusvm_rt_fence* f) {
   const int st = f->status.load(std::memory_order_acquire);
   if (st != 1) return st;
-  uint64_t slots[2];
-  if (int rc = mm::cpu::copy_out(f->ctx->mm(), f->slots, slots, sizeof(slots))) return rc;
-  if (slots[0] != f->seqno) return 1;
+  // `done` first: the driver writes it (a CPU store, under the page's PTE lock, as this read
+  // is) after the job ended, so once it holds the seqno the device's FENCE_WRITE of `ok` is
+  // complete and visible. Reading `ok` before that would race with the device's store.
+  Result<uint64_t> done = mm::cpu::load<uint64_t>(f->ctx->mm(), f->slots);
+  if (!done) return done.error();
+  if (*done != f->seqno) return 1;
   gpusvm_rt_job_error e{};
-  if (f->is_job && slots[1] != f->seqno) e = job_error(f);
+  if (f->is_job) {
+    Result<uint64_t> ok = mm::cpu::load<uint64_t>(f->ctx->mm(), f->slots + 8);
+    if (!ok) return ok.error();
+    if (*ok != f->seqno) e = job_error(f);
+  }
   // Concurrent settlers compute the same answer; the first publishes it.
   static Mutex settle_lock(&kRtFenceLockClass);
   MutexLock l(&settle_lock);

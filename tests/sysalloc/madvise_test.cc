@@ -3,7 +3,6 @@
 // attribute ranges, and the attribute query.
 #include <vector>
 
-#include "gpusvm/mm/cpu_access.h"
 
 #include "tests/sysalloc/sysalloc_test_util.h"
 
@@ -74,7 +73,7 @@ TEST(SysallocMadvise, AtomicPolicies) {
       EXPECT_EQ(*r.ctx.load<uint64_t>(counter), 100u);
     } else {
       EXPECT_EQ(st, 0);
-      auto old = mm::cpu::atomic_fetch_add(r.proc->mm(), counter, 1);  // a CPU atomic after the device's
+      auto old = r.ctx.atomic_fetch_add(counter, 1);  // a CPU atomic after the device's
       ASSERT_TRUE(old.ok());
       EXPECT_EQ(*old, 110u);
       EXPECT_EQ(*r.ctx.load<uint64_t>(counter), 111u);

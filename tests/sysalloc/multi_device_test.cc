@@ -4,7 +4,6 @@
 #include <thread>
 #include <vector>
 
-#include "gpusvm/mm/cpu_access.h"
 #include "tests/sysalloc/sysalloc_test_util.h"
 
 namespace gpusvm::sysalloc {

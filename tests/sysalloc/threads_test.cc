@@ -7,7 +7,6 @@
 #include <thread>
 #include <vector>
 
-#include "gpusvm/mm/cpu_access.h"
 #include "tests/sysalloc/sysalloc_test_util.h"
 
 namespace gpusvm::sysalloc {
@@ -105,7 +104,7 @@ TEST(SysallocThreads, RaceGpuAndCpuAtomics) {
   for (int t = 0; t < 2; ++t) {
     ts.emplace_back([&] {
       for (int k = 0; k < kCpuInc; ++k)
-        if (!mm::cpu::atomic_fetch_add(r.proc->mm(), *a, 1).ok()) failures.fetch_add(1);
+        if (!r.ctx.atomic_fetch_add(*a, 1).ok()) failures.fetch_add(1);
     });
   }
   for (auto& t : ts) t.join();
@@ -139,7 +138,7 @@ TEST(SysallocThreads, FreeWhileMapped) {
   ASSERT_TRUE(f.ok());
   EXPECT_EQ(f->status(), 1);  // stalled on the flag
   ASSERT_EQ(r.ctx.free(*buf), 0);
-  ASSERT_EQ(r.ctx.store<uint64_t>(*flag, 1), 0);
+  ASSERT_TRUE(r.ctx.atomic_exchange(*flag, 1).ok());  // the job polls it: an atomic store
   EXPECT_EQ(f->wait(kWaitNs), -EFAULT);
   auto e = f->error();
   ASSERT_TRUE(e.ok());

@@ -123,6 +123,15 @@ int gpusvm_rt_write(gpusvm_rt_context *ctx, gpusvm_rt_va dst, const void *src, s
 int gpusvm_rt_read(gpusvm_rt_context *ctx, gpusvm_rt_va src, void *dst, size_t len);
 int gpusvm_rt_memset(gpusvm_rt_context *ctx, gpusvm_rt_va dst, int c, size_t len);
 
+/* CPU atomics on a naturally aligned qword of process memory (a locked instruction: they
+ * fault for write). Memory a running job reads or writes concurrently must be accessed with
+ * these, not with gpusvm_rt_read/_write (plain accesses race with the device's). *old may be
+ * NULL. */
+int gpusvm_rt_atomic_fetch_add(gpusvm_rt_context *ctx, gpusvm_rt_va addr, uint64_t delta, uint64_t *old);
+int gpusvm_rt_atomic_exchange(gpusvm_rt_context *ctx, gpusvm_rt_va addr, uint64_t value, uint64_t *old);
+int gpusvm_rt_atomic_cmpxchg(gpusvm_rt_context *ctx, gpusvm_rt_va addr, uint64_t expected, uint64_t desired,
+			     uint64_t *old);
+
 /* ---------------------------------------------------------------------------------------
  * Placement. Ranges are [addr, addr + len); advice and prefetch work on the pages the range
  * touches (addr rounded down, the end rounded up to 4 KiB).

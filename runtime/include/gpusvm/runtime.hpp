@@ -173,6 +173,21 @@ class Context : public detail::Handle<gpusvm_rt_context, gpusvm_rt_context_destr
   template <typename T>
   int store(Va a, T v) const { return gpusvm_rt_write(get(), a, &v, sizeof(T)); }
   int memset(Va a, int c, size_t len) const { return gpusvm_rt_memset(get(), a, c, len); }
+  Result<uint64_t> atomic_fetch_add(Va a, uint64_t delta) const {
+    uint64_t old = 0;
+    if (int rc = gpusvm_rt_atomic_fetch_add(get(), a, delta, &old)) return Err{rc};
+    return old;
+  }
+  Result<uint64_t> atomic_exchange(Va a, uint64_t v) const {
+    uint64_t old = 0;
+    if (int rc = gpusvm_rt_atomic_exchange(get(), a, v, &old)) return Err{rc};
+    return old;
+  }
+  Result<uint64_t> atomic_cmpxchg(Va a, uint64_t expected, uint64_t desired) const {
+    uint64_t old = 0;
+    if (int rc = gpusvm_rt_atomic_cmpxchg(get(), a, expected, desired, &old)) return Err{rc};
+    return old;
+  }
   // Waits inside the call when `async` is false (then the returned Fence is empty).
   Result<Fence> prefetch(Va a, size_t len, uint32_t region, bool async = true) const {
     gpusvm_rt_fence* f = nullptr;
