@@ -54,8 +54,12 @@ int ioctl_wait_user_fence(RefgpuFile& f, devfs::Process& caller, drm_refgpu_wait
   deadline = std::min(deadline, bound);
   int rc;
   for (;;) {
-    // The CPU's view of the fence: a load through the caller's page tables (faults it in).
-    Result<uint64_t> v = mm::cpu::load<uint64_t>(caller.mm(), a->addr);
+    // The CPU's view of the fence, through the caller's page tables (faults it in). An
+    // atomic read (a fetch-add of 0, as a locked instruction would do it) rather than a
+    // plain load: it must synchronize with the engine's FENCE_WRITE release store, so that
+    // once the wait returns, every write the job made before it is visible to the caller.
+    // The fence must therefore be writable memory, as Xe requires (the device writes it).
+    Result<uint64_t> v = mm::cpu::atomic_fetch_add(caller.mm(), a->addr, 0);
     if (!v) {
       rc = -EFAULT;
       break;

@@ -362,7 +362,8 @@ TEST(RefgpuIoctlExec, InSyncobjOrdersJobs) {
   ASSERT_EQ(r.io(DRM_IOCTL_REFGPU_EXEC, &e), 0);
   std::thread cpu([&] {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    EXPECT_EQ(mm::cpu::store<uint64_t>(r.proc->mm(), flag, 1), 0);
+    // An atomic CPU store: the engine polls the word concurrently.
+    EXPECT_TRUE(mm::cpu::atomic_exchange(r.proc->mm(), flag, 1).ok());
   });
   drm_refgpu_sync in = s;
   in.flags = 0;
