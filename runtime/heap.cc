@@ -11,7 +11,7 @@ namespace gpusvm::rt {
 
 namespace {
 
-GPUSVM_FAULT_POINT(fp_arena_mmap, "rt_heap_arena_mmap");
+GPUSVM_FAULT_POINT(fp_arena_mmap, "runtime.heap_arena");
 
 constexpr int kProt = PROT_READ | PROT_WRITE;
 constexpr int kFlags = MAP_PRIVATE | MAP_ANONYMOUS;

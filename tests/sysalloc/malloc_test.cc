@@ -3,6 +3,7 @@
 #include <cstring>
 #include <vector>
 
+#include "gpusvm/base/fault_inject.h"
 #include "tests/sysalloc/sysalloc_test_util.h"
 
 namespace gpusvm::sysalloc {
@@ -129,6 +130,29 @@ TEST(SysallocMalloc, FreeResetsAdvice) {
   ASSERT_EQ(r.run(cb), 0);
   EXPECT_EQ(*r.ctx.load<uint64_t>(inner), 6u);
   EXPECT_EQ(r.ctx.free(*b), 0);
+  r.check_mm();
+}
+
+// A new arena that cannot be mapped (fault point runtime.heap_arena): malloc and submit fail
+// with -ENOMEM and leave nothing behind; the next calls work.
+TEST(SysallocMalloc, ArenaFailureRollsBack) {
+  Rig r;
+  ASSERT_EQ(r.open(), 0);
+  {
+    fault_inject::ScopedArm arm("runtime.heap_arena", {.nth = 1, .times = 0});
+    EXPECT_EQ(r.ctx.malloc(100).error(), -ENOMEM);  // the user heap's first arena
+    rt::CmdBuf cb;
+    ASSERT_EQ(cb.store_dword(4096 * 100, 1), 0);
+    EXPECT_EQ(r.queues[0].submit(cb).error(), -ENOMEM);  // the internal heap's first arena
+  }
+  auto a = r.ctx.malloc(100);
+  ASSERT_TRUE(a.ok());
+  rt::CmdBuf cb;
+  ASSERT_EQ(cb.store_dword(*a, 42), 0);
+  ASSERT_EQ(r.run(cb), 0);
+  EXPECT_EQ(*r.ctx.load<uint32_t>(*a), 42u);
+  EXPECT_EQ(r.ctx.free(*a), 0);
+  r.close();  // no fence or queue left over: every destroy succeeds
   r.check_mm();
 }
 
