@@ -28,6 +28,7 @@ Heap::~Heap() {
 }
 
 Result<mm::Va> Heap::alloc_large(uint64_t size, uint64_t align) {
+  lock_.assert_held();
   const uint64_t len = mm::page_align_up(size);
   if (len < size) return Err{-EINVAL};
   // Over-map by the alignment beyond a page, then trim both ends.
