@@ -225,6 +225,42 @@ int gpusvm_rt_mremap(gpusvm_rt_context* ctx, gpusvm_rt_va old_addr, size_t old_l
   return 0;
 }
 
+int gpusvm_rt_file_create(gpusvm_rt_context* ctx, uint64_t size, gpusvm_rt_file** out) {
+  if (!ctx || !out) return -EINVAL;
+  Result<std::shared_ptr<mm::ShmemObject>> obj = mm::ShmemObject::create(ctx->mm().mem(), size, "gpusvm-rt-file");
+  if (!obj) return obj.error();
+  auto* f = new (std::nothrow) gpusvm_rt_file;
+  if (!f) return -ENOMEM;
+  f->obj = std::move(*obj);
+  *out = f;
+  return 0;
+}
+
+int gpusvm_rt_file_destroy(gpusvm_rt_file* file) {
+  if (!file) return -EINVAL;
+  delete file;
+  return 0;
+}
+
+int64_t gpusvm_rt_file_pwrite(gpusvm_rt_file* file, const void* buf, uint64_t len, uint64_t off) {
+  if (!file) return -EINVAL;
+  return file->obj->pwrite(buf, len, off);
+}
+
+int64_t gpusvm_rt_file_pread(gpusvm_rt_file* file, void* buf, uint64_t len, uint64_t off) {
+  if (!file) return -EINVAL;
+  return file->obj->pread(buf, len, off);
+}
+
+int gpusvm_rt_mmap_file(gpusvm_rt_context* ctx, gpusvm_rt_va hint, size_t len, int prot, int flags,
+                        gpusvm_rt_file* file, uint64_t offset, gpusvm_rt_va* out) {
+  if (!ctx || !file || !out || (flags & MAP_ANONYMOUS)) return -EINVAL;
+  Result<mm::Va> a = ctx->mm().mmap(hint, len, prot, flags, file->obj, offset);
+  if (!a) return a.error();
+  *out = *a;
+  return 0;
+}
+
 int gpusvm_rt_mprotect(gpusvm_rt_context* ctx, gpusvm_rt_va addr, size_t len, int prot) {
   if (!ctx) return -EINVAL;
   return ctx->mm().mprotect(addr, len, prot);

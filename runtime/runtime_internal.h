@@ -20,6 +20,7 @@
 #include "gpusvm/base/result.h"
 #include "gpusvm/base/thread_annotations.h"
 #include "gpusvm/mm/address_space.h"
+#include "gpusvm/mm/shmem.h"
 #include "gpusvm/runtime.h"
 #include "uapi/refgpu.h"
 
@@ -127,6 +128,10 @@ struct gpusvm_rt_fence {
   // 1 pending, else the final status; and the fault that failed the job.
   std::atomic<int> status{1};
   gpusvm_rt_job_error err{};
+};
+
+struct gpusvm_rt_file {
+  std::shared_ptr<gpusvm::mm::ShmemObject> obj;  // mappings hold their own reference
 };
 
 struct gpusvm_rt_cmdbuf {

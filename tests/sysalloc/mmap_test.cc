@@ -164,5 +164,39 @@ TEST(SysallocMmap, New) {
   r.check_mm();
 }
 
+// IGT "mmap-file": a file mapped twice, MAP_SHARED at two addresses and MAP_PRIVATE at a third.
+// The GPU writes through one shared mapping; the other shared mapping and pread see it (the
+// same page-cache pages); the private mapping, copied on write by the CPU before, does not.
+TEST(SysallocMmap, MmapFile) {
+  Rig r;
+  ASSERT_EQ(r.open(), 0);
+  constexpr uint64_t kLen = 64 << 10;
+  gpusvm_rt_file* file = nullptr;
+  ASSERT_EQ(gpusvm_rt_file_create(r.ctx.get(), kLen, &file), 0);
+  std::vector<uint32_t> v(kLen / 4);
+  for (size_t i = 0; i < v.size(); ++i) v[i] = pattern(i, 77);
+  ASSERT_EQ(gpusvm_rt_file_pwrite(file, v.data(), kLen, 0), static_cast<int64_t>(kLen));
+  rt::Va s1 = 0, s2 = 0, priv = 0;
+  ASSERT_EQ(gpusvm_rt_mmap_file(r.ctx.get(), 0, kLen, kRw, MAP_SHARED, file, 0, &s1), 0);
+  ASSERT_EQ(gpusvm_rt_mmap_file(r.ctx.get(), 0, kLen, kRw, MAP_SHARED, file, 0, &s2), 0);
+  ASSERT_EQ(gpusvm_rt_mmap_file(r.ctx.get(), 0, kLen, kRw, MAP_PRIVATE, file, 0, &priv), 0);
+  ASSERT_EQ(r.ctx.store<uint32_t>(priv, 5), 0);  // the private copy of page 0
+  rt::CmdBuf cb;  // the GPU checks the file's data through s1, then rewrites it
+  ASSERT_EQ(cb.load_compare(s1 + 8, REFGPU_UFENCE_WAIT_OP_EQ, pattern(2, 77), 0xffffffffull, 0), 0);
+  ASSERT_EQ(cb.store_strided(0, s1, 4, kLen / 4, 3, 1), 0);
+  ASSERT_EQ(r.run(cb), 0);
+  std::vector<uint32_t> through(kLen / 4), file_bytes(kLen / 4);
+  ASSERT_EQ(r.ctx.read<uint32_t>(s2, through), 0);
+  ASSERT_EQ(gpusvm_rt_file_pread(file, file_bytes.data(), kLen, 0), static_cast<int64_t>(kLen));
+  for (size_t i = 0; i < through.size(); ++i) {
+    ASSERT_EQ(through[i], 3 + i) << i;
+    ASSERT_EQ(file_bytes[i], 3 + i) << i;
+  }
+  EXPECT_EQ(*r.ctx.load<uint32_t>(priv), 5u);  // the copied page keeps the CPU's write
+  for (rt::Va m : {s1, s2, priv}) EXPECT_EQ(r.ctx.munmap(m, kLen), 0);
+  EXPECT_EQ(gpusvm_rt_file_destroy(file), 0);
+  r.check_mm();
+}
+
 }  // namespace
 }  // namespace gpusvm::sysalloc

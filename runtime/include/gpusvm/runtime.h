@@ -37,6 +37,7 @@ typedef struct gpusvm_rt_context gpusvm_rt_context;
 typedef struct gpusvm_rt_queue gpusvm_rt_queue;
 typedef struct gpusvm_rt_fence gpusvm_rt_fence;
 typedef struct gpusvm_rt_cmdbuf gpusvm_rt_cmdbuf;
+typedef struct gpusvm_rt_file gpusvm_rt_file;
 
 /* "EINVAL: invalid argument"-style text for a negative errno returned by the runtime. */
 const char *gpusvm_rt_strerror(int err);
@@ -113,6 +114,17 @@ int gpusvm_rt_munmap(gpusvm_rt_context *ctx, gpusvm_rt_va addr, size_t len);
 /* mremap(2): MREMAP_MAYMOVE, MREMAP_FIXED (new_addr), MREMAP_DONTUNMAP. */
 int gpusvm_rt_mremap(gpusvm_rt_context *ctx, gpusvm_rt_va old_addr, size_t old_len, size_t new_len,
 		     int flags, gpusvm_rt_va new_addr, gpusvm_rt_va *out);
+/* Files: a temporary file of `size` bytes (open(O_TMPFILE) + ftruncate; page-cache backed),
+ * read and written with pread/pwrite, mapped with gpusvm_rt_mmap_file (MAP_SHARED writes go
+ * to the file, MAP_PRIVATE copies on write). The file lives until destroyed and unmapped. */
+int gpusvm_rt_file_create(gpusvm_rt_context *ctx, uint64_t size, gpusvm_rt_file **out);
+int gpusvm_rt_file_destroy(gpusvm_rt_file *file);
+/* Return the bytes moved (>= 0) or a negative errno. */
+int64_t gpusvm_rt_file_pwrite(gpusvm_rt_file *file, const void *buf, uint64_t len, uint64_t off);
+int64_t gpusvm_rt_file_pread(gpusvm_rt_file *file, void *buf, uint64_t len, uint64_t off);
+/* mmap(2) of a file: flags MAP_PRIVATE or MAP_SHARED (+ MAP_FIXED...), offset page aligned. */
+int gpusvm_rt_mmap_file(gpusvm_rt_context *ctx, gpusvm_rt_va hint, size_t len, int prot, int flags,
+			gpusvm_rt_file *file, uint64_t offset, gpusvm_rt_va *out);
 /* mprotect(2). */
 int gpusvm_rt_mprotect(gpusvm_rt_context *ctx, gpusvm_rt_va addr, size_t len, int prot);
 /* madvise(2) of the host mm (MADV_HUGEPAGE, MADV_DONTNEED...), not the GPU advice below. */

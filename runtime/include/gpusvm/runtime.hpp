@@ -129,6 +129,14 @@ class CmdBuf : public detail::Handle<gpusvm_rt_cmdbuf, detail::cmdbuf_destroy> {
   int fence_write(Va a, uint64_t v) { return gpusvm_rt_cmd_fence_write(get(), a, v); }
 };
 
+// A temporary file (page-cache backed) to pread/pwrite and map with Context::mmap_file.
+class File : public detail::Handle<gpusvm_rt_file, gpusvm_rt_file_destroy> {
+ public:
+  using Handle::Handle;
+  int64_t pwrite(std::span<const std::byte> b, uint64_t off) const { return gpusvm_rt_file_pwrite(get(), b.data(), b.size(), off); }
+  int64_t pread(std::span<std::byte> b, uint64_t off) const { return gpusvm_rt_file_pread(get(), b.data(), b.size(), off); }
+};
+
 class Context : public detail::Handle<gpusvm_rt_context, gpusvm_rt_context_destroy> {
  public:
   using Handle::Handle;
@@ -151,6 +159,14 @@ class Context : public detail::Handle<gpusvm_rt_context, gpusvm_rt_context_destr
   int free(Va p) const { return gpusvm_rt_free(get(), p); }
   Result<Va> mmap(size_t len, int prot, int flags, Va hint = 0) const {
     return out([&](Va* o) { return gpusvm_rt_mmap(get(), hint, len, prot, flags, o); });
+  }
+  Result<File> file_create(uint64_t size) const {
+    gpusvm_rt_file* f = nullptr;
+    if (int rc = gpusvm_rt_file_create(get(), size, &f)) return Err{rc};
+    return File(f);
+  }
+  Result<Va> mmap_file(size_t len, int prot, int flags, const File& f, uint64_t offset = 0, Va hint = 0) const {
+    return out([&](Va* o) { return gpusvm_rt_mmap_file(get(), hint, len, prot, flags, f.get(), offset, o); });
   }
   int munmap(Va a, size_t len) const { return gpusvm_rt_munmap(get(), a, len); }
   int mprotect(Va a, size_t len, int prot) const { return gpusvm_rt_mprotect(get(), a, len, prot); }
