@@ -3,8 +3,9 @@
 #   0. configure the gpusvm tree library-only (GPUSVM_BUILD_TESTS/TOOLS=OFF) with GoogleTest,
 #      CLI11 and Google Benchmark hidden: a library consumer must not need them;
 #   1. cmake --install <build> --prefix <work>/prefix;
-#   2. find_package(gpusvm): configure, build and run the consumer project (two programs: one
-#      linked to gpusvm::dmirror, one to the umbrella gpusvm::gpusvm);
+#   2. find_package(gpusvm): configure, build and run the consumer project (three programs: one
+#      linked to gpusvm::dmirror, one to the umbrella gpusvm::gpusvm, and the runtime's example
+#      linked to gpusvm::runtime);
 #   3. pkg-config: compile the same main.cc with `pkg-config --cflags --libs gpusvm` and run it.
 # Nothing is downloaded. Inputs (-D): SOURCE_DIR, BUILD_DIR, WORK_DIR, CXX, GENERATOR,
 # MAKE_PROGRAM, BUILD_TYPE, PKG_CONFIG.
@@ -48,7 +49,7 @@ step("find_package(gpusvm): configure the consumer"
     ${generator_args} -DCMAKE_CXX_COMPILER=${CXX} -DCMAKE_BUILD_TYPE=${BUILD_TYPE}
     -DCMAKE_PREFIX_PATH=${prefix} -DCMAKE_FIND_USE_PACKAGE_REGISTRY=OFF)
 step("find_package(gpusvm): build the consumer" ${CMAKE_COMMAND} --build ${WORK_DIR}/cmake-consumer)
-foreach(program gpusvm-consumer gpusvm-consumer-umbrella)
+foreach(program gpusvm-consumer gpusvm-consumer-umbrella gpusvm-consumer-runtime)
   step("run ${program} (find_package)" ${WORK_DIR}/cmake-consumer/${program})
   message(STATUS "${step_output}")
 endforeach()
