@@ -20,7 +20,10 @@
 // Batch and fence pages are bound by a PREFETCH to system memory before the timed jobs: they
 // add no fault.
 //
-// Each run: map the data, CPU-write a tag at both ends of every page (untimed), madvise, run
+// Each run: map the data, CPU-write a tag at both ends of every page (untimed), one untimed
+// fault on a scratch page (collect_garbage_by_fault: the previous run's ranges are collected
+// there, not in the timed job and not after the madvise, which their MADVISE_AUTORESET would
+// undo: docs/benchmarks.md), madvise, run
 // the job (its faults timed by the driver; the job's wall time is printed too), check that
 // (VRAM) every unit is mapped to VRAM, then the CPU reads every tag and every GPU store back
 // (VRAM pages come home), munmap. Run 0 is a warm-up, not kept.
