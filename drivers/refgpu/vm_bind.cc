@@ -239,6 +239,9 @@ int Vm::madvise_preferred_loc(uint64_t start, uint64_t range, int32_t devmem_fd,
     if (!pm) return pm.error();  // -EBADF, -ENOLINK, -EINVAL
   }
   MutexLock g(&lock_);
+  // Ranges a munmap left behind are collected first: their MADVISE_AUTORESET must not run
+  // after this advice (at the next fault) and undo it on memory mapped there since.
+  collect_garbage_locked();
   const uint64_t end = start + range;
   if (!attrs_.covers(start, end)) return -EINVAL;
   attrs_.set(start, end, [&](MemAttrs* a) {
@@ -259,6 +262,7 @@ int Vm::madvise_preferred_loc(uint64_t start, uint64_t range, int32_t devmem_fd,
 int Vm::madvise_atomic(uint64_t start, uint64_t range, uint32_t val) {
   if (!span_ok(start, range) || val > REFGPU_ATOMIC_CPU) return -EINVAL;
   MutexLock g(&lock_);
+  collect_garbage_locked();  // as in madvise_preferred_loc
   const uint64_t end = start + range;
   if (!attrs_.covers(start, end)) return -EINVAL;
   attrs_.set(start, end, [&](MemAttrs* a) { a->atomic = val; });
@@ -276,6 +280,7 @@ int Vm::madvise_atomic(uint64_t start, uint64_t range, uint32_t val) {
 Result<uint32_t> Vm::query_mem_range_attrs_count(uint64_t start, uint64_t range) {
   if (!span_ok(start, range)) return Err{-EINVAL};
   MutexLock g(&lock_);
+  collect_garbage_locked();  // the query reports the advice after pending autoresets
   return static_cast<uint32_t>(attrs_.count(start, start + range));
 }
 
@@ -283,6 +288,7 @@ Result<uint32_t> Vm::query_mem_range_attrs(uint64_t start, uint64_t range,
                                            std::span<MemAttrRange> out) {
   if (!span_ok(start, range)) return Err{-EINVAL};
   MutexLock g(&lock_);
+  collect_garbage_locked();
   std::vector<MemAttrRange> v = attrs_.query(start, start + range);
   if (v.size() > out.size()) return Err{-ENOSPC};
   std::copy(v.begin(), v.end(), out.begin());

@@ -354,6 +354,32 @@ TEST_F(VmTest, AutoresetRestoresDefaultsOnMunmap) {
   EXPECT_EQ(out[0].attrs.atomic, static_cast<uint32_t>(REFGPU_ATOMIC_UNDEFINED));
 }
 
+// A munmap queues the GPU's ranges there to the garbage collector; their MADVISE_AUTORESET
+// runs when they are collected. If that waited for the next GPU fault, advice given to memory
+// mapped at the same address in between would be reset by that fault (found by the
+// refgpu-fault-service benchmark). madvise collects first:
+//   GPU fault at X (range) -> CPU munmap X (range queued) -> mmap X -> madvise X atomic CPU
+//   -> GPU fault at X: the advice must still be CPU (the device atomic fails).
+TEST_F(VmTest, AdviceAfterMunmapAndRemapSurvivesTheNextFault) {
+  make_vm();
+  mirror_all(REFGPU_VM_BIND_FLAG_MADVISE_AUTORESET);
+  Batch b;
+  b.store_qword(kBase + 64, 5);
+  ASSERT_EQ(run(kBatch, b), 0);
+  ASSERT_EQ(as->munmap(kBase, kSZ2M), 0);
+  map(kBase, kSZ2M);
+  ASSERT_EQ(vm->madvise_atomic(kBase, kSZ2M, REFGPU_ATOMIC_CPU), 0);
+  Batch one;
+  one.atomic(REFGPU_ATOMIC_OP_ADD, kBase + 64, 5, 0, REFGPU_CMD_FLAG_QWORD);
+  EXPECT_EQ(run(kBatch + 4096, one), -EFAULT);
+  EXPECT_EQ(load(kBase + 64), 0u);
+  std::vector<MemAttrRange> out(4);
+  Result<uint32_t> n = vm->query_mem_range_attrs(kBase, kSZ2M, out);
+  ASSERT_TRUE(n.ok());
+  ASSERT_EQ(*n, 1u);
+  EXPECT_EQ(out[0].attrs.atomic, static_cast<uint32_t>(REFGPU_ATOMIC_CPU));
+}
+
 TEST_F(VmTest, AtomicsFollowThePolicy) {
   make_vm();
   mirror_all();
