@@ -43,10 +43,9 @@ int call(RefgpuFile& f, devfs::Process& p, void* karg) {
 // Indexed by nr - DRM_COMMAND_BASE (xe_ioctls[] of xe_device.c).
 const std::array<IoctlDesc, 17> kIoctls = {
     REFGPU_IOCTL(DEVICE_QUERY, drm_refgpu_device_query, ioctl_device_query),
-    // GEM needs the buffer objects wired to the VM (a MAP of a BO): not yet.
-    REFGPU_IOCTL_UNWIRED(GEM_CREATE),
-    REFGPU_IOCTL_UNWIRED(GEM_MMAP_OFFSET),
-    REFGPU_IOCTL_UNWIRED(GEM_CLOSE),
+    REFGPU_IOCTL(GEM_CREATE, drm_refgpu_gem_create, ioctl_gem_create),
+    REFGPU_IOCTL(GEM_MMAP_OFFSET, drm_refgpu_gem_mmap_offset, ioctl_gem_mmap_offset),
+    REFGPU_IOCTL(GEM_CLOSE, drm_refgpu_gem_close, ioctl_gem_close),
     REFGPU_IOCTL(VM_CREATE, drm_refgpu_vm_create, ioctl_vm_create),
     REFGPU_IOCTL(VM_DESTROY, drm_refgpu_vm_destroy, ioctl_vm_destroy),
     REFGPU_IOCTL(VM_BIND, drm_refgpu_vm_bind, ioctl_vm_bind),
