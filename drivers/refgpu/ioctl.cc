@@ -27,7 +27,7 @@ using Handler = int (*)(RefgpuFile&, devfs::Process&, void* karg);
 
 struct IoctlDesc {
   unsigned long cmd = 0;  // the full encoding (DRM_IOCTL_REFGPU_*)
-  Handler fn = nullptr;   // null: the request is defined but not wired yet (-EOPNOTSUPP)
+  Handler fn = nullptr;
 };
 
 template <typename T, int (*F)(RefgpuFile&, devfs::Process&, T*)>
@@ -37,8 +37,6 @@ int call(RefgpuFile& f, devfs::Process& p, void* karg) {
 
 #define REFGPU_IOCTL(req, T, fn) \
   IoctlDesc { DRM_IOCTL_REFGPU_##req, &call<T, fn> }
-#define REFGPU_IOCTL_UNWIRED(req) \
-  IoctlDesc { DRM_IOCTL_REFGPU_##req, nullptr }
 
 // Indexed by nr - DRM_COMMAND_BASE (xe_ioctls[] of xe_device.c).
 const std::array<IoctlDesc, 17> kIoctls = {
@@ -62,7 +60,6 @@ const std::array<IoctlDesc, 17> kIoctls = {
 };
 
 #undef REFGPU_IOCTL
-#undef REFGPU_IOCTL_UNWIRED
 
 // The largest argument struct (the kernel's on-stack buffer of drm_ioctl).
 constexpr size_t kMaxArgSize = 256;
@@ -83,7 +80,7 @@ int RefgpuFile::ioctl(devfs::Process& caller, unsigned long request, void* arg) 
   const uint64_t uarg = static_cast<uint64_t>(reinterpret_cast<uintptr_t>(arg));
   int rc = 0;
   if (_IOC_DIR(request) & _IOC_WRITE) rc = copy_from_user(karg, uarg, size);
-  if (rc == 0) rc = d.fn ? d.fn(*this, caller, karg) : -EOPNOTSUPP;
+  if (rc == 0) rc = d.fn(*this, caller, karg);
   // On success the struct goes back; wait_user_fence also on -ETIME (its timeout was
   // updated: 0 once expired).
   const bool copy_back = rc == 0 || (rc == -ETIME && request == DRM_IOCTL_REFGPU_WAIT_USER_FENCE);

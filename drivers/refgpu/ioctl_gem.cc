@@ -2,6 +2,9 @@
 // xe_gem_mmap_offset_ioctl, drm_gem_close_ioctl) and the mmap of the device file that a
 // GEM_MMAP_OFFSET's fake offset names (drm_gem_mmap).
 //
+// Size: a non-zero multiple of 4 KiB, at most kBoMaxSize and at most what an allowed
+// placement holds (system RAM, or the VRAM region): -EINVAL otherwise.
+//
 // Placement: bit n of drm_refgpu_gem_create.placement is memory region instance n (the
 // device query's numbering). A BO can live in system memory (bit 0) and in the first VRAM
 // region (bit 1: the region the engines resolve and the svm pagemap owns); any other bit,
@@ -14,6 +17,7 @@
 // its first CPU fault): a VRAM-only BO has no offset (-EINVAL). The move happens at the ioctl,
 // not in the mmap hook, because the hook runs under the mmap lock, which ranks after the BO
 // lock.
+#include <algorithm>
 #include <cerrno>
 
 #include "drivers/refgpu/ioctl.h"
@@ -34,7 +38,13 @@ int ioctl_gem_create(RefgpuFile& f, devfs::Process& caller, drm_refgpu_gem_creat
   if (a->size == 0 || a->size % 4096 || a->size > kBoMaxSize) return -EINVAL;
   if (a->placement == 0 || (a->placement & ~kGemPlacements)) return -EINVAL;
   const bool vram = a->placement & (1u << 1);
-  if (vram && f.dev().vram_pagemaps().empty()) return -EINVAL;  // no VRAM region
+  if (vram && f.dev().num_vram_regions() == 0) return -EINVAL;  // no VRAM region
+  // A BO no allowed placement could ever hold is refused up front (its page arrays would be
+  // sized for it: a 64 GiB BO on a small machine is memory the caller can never use).
+  uint64_t limit = 0;
+  if (a->placement & 1u) limit = f.dev().mem().ram_pages() << mm::kPageShift;
+  if (vram) limit = std::max(limit, f.dev().vram_region(0).total_size());
+  if (a->size > limit) return -EINVAL;
   std::shared_ptr<FileVm> vm;
   if (a->vm_id) {
     vm = f.find_vm(a->vm_id);

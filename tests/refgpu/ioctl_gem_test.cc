@@ -90,7 +90,9 @@ TEST(RefgpuIoctlGem, MisuseChangesNothing) {
   create_fails(gem(4096, 0), -EINVAL);
   create_fails(gem(4096, 1u << 2), -EINVAL);
   create_fails(gem(4096, kSys | (1u << 31)), -EINVAL);
-  create_fails(gem(64ull << 20, kVram), -ENOSPC);  // VRAM-only, larger than the 8 MiB region
+  create_fails(gem(16ull << 20, kVram), -EINVAL);  // VRAM-only, larger than the 8 MiB region
+  create_fails(gem(128ull << 20, kSys), -EINVAL);  // larger than the machine's 64 MiB of RAM
+
   c = gem(4096, kSys);
   c.vm_id = 77;
   create_fails(c, -ENOENT);
