@@ -43,10 +43,10 @@ RefgpuFile::~RefgpuFile() {
   }
 }
 
-uint32_t RefgpuFile::add_bo(BoRef bo, std::shared_ptr<FileVm> vm) {
+uint32_t RefgpuFile::add_bo(BoRef bo, uint32_t vm_id) {
   auto fb = std::make_shared<FileBo>();
   fb->bo = std::move(bo);
-  fb->vm = std::move(vm);
+  fb->vm_id = vm_id;
   std::shared_ptr<FileBo> drop;  // a spent id table: the BO goes after the lock
   MutexLock g(&lock_);
   fb->handle = next_id(&bo_cursor_);

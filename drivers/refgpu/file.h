@@ -1,5 +1,6 @@
 // RefgpuFile: one open refgpu device file (a drm_file with its xe_file state): the id tables
-// of the objects the file created - VMs, exec queues, syncobjs - and the ioctl entry point.
+// of the objects the file created - VMs, exec queues, syncobjs, GEM handles - the ioctl entry
+// point and the mmap of BOs.
 //
 // Design notes:
 //  - Ids are allocated from 1 upwards per table and never reused while the file is open
@@ -72,12 +73,13 @@ struct FileExecQueue {
   std::atomic<int> error{0};
 };
 
-// A GEM handle's object. vm: the VM it is private to (GEM_CREATE's vm_id), or null: only that
-// VM may bind it.
+// A GEM handle's object. vm_id: the VM it is private to (GEM_CREATE's vm_id: only that VM may
+// bind it), or 0. An id, not a reference: the BO must not keep a destroyed VM alive, and ids
+// are never reused, so a BO private to a destroyed VM can never be bound again.
 struct FileBo {
   uint32_t handle = 0;
   BoRef bo;
-  std::shared_ptr<FileVm> vm;
+  uint32_t vm_id = 0;
 };
 
 struct Syncobj {
@@ -130,7 +132,7 @@ class RefgpuFile final : public devfs::File {
   // GEM handles. add_bo: publishes the BO under a fresh handle (0 when the ids are spent).
   // find_bo: null for an unknown handle. remove_bo: the handle's object, or null.
   // find_bo_by_offset: the BO whose [mmap_offset, + size) contains offset, or null.
-  uint32_t add_bo(BoRef bo, std::shared_ptr<FileVm> vm) GPUSVM_EXCLUDES(lock_);
+  uint32_t add_bo(BoRef bo, uint32_t vm_id) GPUSVM_EXCLUDES(lock_);
   std::shared_ptr<FileBo> find_bo(uint32_t handle) GPUSVM_EXCLUDES(lock_);
   std::shared_ptr<FileBo> remove_bo(uint32_t handle) GPUSVM_EXCLUDES(lock_);
   std::shared_ptr<FileBo> find_bo_by_offset(uint64_t offset) GPUSVM_EXCLUDES(lock_);

@@ -45,11 +45,7 @@ int ioctl_gem_create(RefgpuFile& f, devfs::Process& caller, drm_refgpu_gem_creat
   if (a->placement & 1u) limit = f.dev().mem().ram_pages() << mm::kPageShift;
   if (vram) limit = std::max(limit, f.dev().vram_region(0).total_size());
   if (a->size > limit) return -EINVAL;
-  std::shared_ptr<FileVm> vm;
-  if (a->vm_id) {
-    vm = f.find_vm(a->vm_id);
-    if (!vm) return -ENOENT;
-  }
+  if (a->vm_id && !f.find_vm(a->vm_id)) return -ENOENT;
   BoCreateInfo info{.mem = &f.dev().mem(),
                     .vram = vram ? f.dev().vram_pagemaps()[0] : nullptr,
                     .size = a->size,
@@ -59,7 +55,7 @@ int ioctl_gem_create(RefgpuFile& f, devfs::Process& caller, drm_refgpu_gem_creat
                     .name = "gem"};
   Result<BoRef> bo = Bo::create(info);
   if (!bo) return bo.error();
-  const uint32_t handle = f.add_bo(std::move(*bo), std::move(vm));
+  const uint32_t handle = f.add_bo(std::move(*bo), a->vm_id);
   if (handle == 0) return -ENOSPC;  // 2^32 - 1 handles spent (the BO is gone again)
   a->handle = handle;
   return 0;

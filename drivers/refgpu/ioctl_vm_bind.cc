@@ -75,7 +75,7 @@ int ioctl_vm_bind(RefgpuFile& f, devfs::Process& caller, drm_refgpu_vm_bind* a) 
     if (o.obj) {
       std::shared_ptr<FileBo> fb = f.find_bo(o.obj);
       if (!fb) return -ENOENT;
-      if (fb->vm && fb->vm != vm) return -EINVAL;
+      if (fb->vm_id && fb->vm_id != vm->id) return -EINVAL;
       const uint64_t size = fb->bo->size();
       if (o.obj_offset >= size || o.range > size - o.obj_offset) return -EINVAL;
       bo = fb->bo;

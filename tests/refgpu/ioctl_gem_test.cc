@@ -167,6 +167,18 @@ TEST(RefgpuIoctlGem, MisuseChangesNothing) {
   ok = bind_one(vm, REFGPU_VM_BIND_OP_MAP, 0, va, 4096, h2, 4096);
   EXPECT_EQ(r.io(DRM_IOCTL_REFGPU_VM_BIND, &ok), 0);
   EXPECT_EQ(vmas(r, vm), 1u);
+  // The private BO does not keep its VM: after VM_DESTROY the VM is gone and its id is never
+  // reused, so the BO cannot be bound anywhere.
+  drm_refgpu_vm_destroy vd{};
+  vd.vm_id = vm2;
+  ASSERT_EQ(r.io(DRM_IOCTL_REFGPU_VM_DESTROY, &vd), 0);
+  EXPECT_EQ(r.file->find_vm(vm2), nullptr);
+  EXPECT_EQ(r.file->num_vms(), 1u);
+  const uint32_t vm3 = r.vm_create(kLrFault);
+  EXPECT_NE(vm3, vm2);
+  drm_refgpu_vm_bind b3 = bind_one(vm3, REFGPU_VM_BIND_OP_MAP, 0, va, 4096, c.handle);
+  EXPECT_EQ(r.io(DRM_IOCTL_REFGPU_VM_BIND, &b3), -EINVAL);
+  EXPECT_EQ(vmas(r, vm3), 0u);
 }
 
 TEST(RefgpuIoctlGem, EndToEndCopyEvictUnmapReturnsToMirror) {
@@ -240,9 +252,18 @@ TEST(RefgpuIoctlGem, EndToEndCopyEvictUnmapReturnsToMirror) {
     Batch bb;
     bb.add(refgpu_cmd_copy{REFGPU_CMD_HEADER(REFGPU_OP_COPY, 8), 0, carve, sys_va, bo_size});
     bb.add(refgpu_cmd_copy{REFGPU_CMD_HEADER(REFGPU_OP_COPY, 8), 0, data, carve, bo_size});
+    // and a GPU write into the system BO, which the CPU mapping must see.
+    bb.store_qword(sys_va + bo_size - 8, 0x1122334455667788ull);
     run(bb);
   }
   check_mem(data, pattern);
+  {
+    // The CPU mapping outlives the handle and shares the BO's pages with the GPU.
+    std::vector<std::byte> want = pattern;
+    const uint64_t v = 0x1122334455667788ull;
+    std::memcpy(want.data() + bo_size - 8, &v, 8);
+    check_mem(*cpu, want);
+  }
   {
     std::vector<std::byte> back(bo_size);
     ASSERT_EQ(vbo->read(0, back.data(), bo_size), 0);
