@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "drivers/refgpu/bo.h"
+#include "gpusvm/base/fault_inject.h"
 #include "tests/refgpu/ioctl_test_util.h"
 #include "tests/refgpu/refgpu_test_util.h"
 
@@ -179,6 +180,51 @@ TEST(RefgpuIoctlGem, MisuseChangesNothing) {
   drm_refgpu_vm_bind b3 = bind_one(vm3, REFGPU_VM_BIND_OP_MAP, 0, va, 4096, c.handle);
   EXPECT_EQ(r.io(DRM_IOCTL_REFGPU_VM_BIND, &b3), -EINVAL);
   EXPECT_EQ(vmas(r, vm3), 0u);
+}
+
+// Failures injected into GEM_CREATE's VRAM allocation (the buddy) and into GEM_MMAP_OFFSET's
+// move to system memory (the copy engine): a VRAM-only BO fails with nothing left behind, a BO that may live in
+// system memory falls back there, and a failed move leaves the BO in VRAM with its bytes.
+TEST(RefgpuIoctlGem, InjectedFailuresRollBack) {
+  IoctlRig r;
+  for (const char* point : {"refgpu.buddy_alloc"}) {
+    SCOPED_TRACE(point);
+    ASSERT_EQ(fault_inject::arm(point, {.nth = 1, .times = 0}), 0);
+    drm_refgpu_gem_create c = gem(1 << 16, kVram);
+    const int rc = r.io(DRM_IOCTL_REFGPU_GEM_CREATE, &c);
+    EXPECT_GT(fault_inject::failures(point), 0u);
+    EXPECT_LT(rc, 0);
+    EXPECT_EQ(r.file->num_bos(), 0u);
+    EXPECT_EQ(r.dev->vram_region(0).used(), 0u);
+    c = gem(1 << 16, kVram | kSys);  // may live in system memory: falls back there
+    ASSERT_EQ(r.io(DRM_IOCTL_REFGPU_GEM_CREATE, &c), 0);
+    fault_inject::disarm_all();
+    EXPECT_EQ(r.file->find_bo(c.handle)->bo->backing(), BoBacking::kSystem);
+    EXPECT_EQ(r.dev->vram_region(0).used(), 0u);
+    ASSERT_EQ(gem_close(r, c.handle), 0);
+  }
+  const uint32_t h = gem_create(r, 1 << 16, kVram | kSys);
+  Bo* bo = r.file->find_bo(h)->bo.get();
+  ASSERT_EQ(bo->backing(), BoBacking::kVram);
+  std::vector<std::byte> pattern(1 << 16);
+  for (size_t i = 0; i < pattern.size(); i++) pattern[i] = std::byte(uint8_t(i * 13 + 1));
+  ASSERT_EQ(bo->write(0, pattern.data(), pattern.size()), 0);
+  ASSERT_EQ(fault_inject::arm("refgpu.copy", {.nth = 1, .times = 0}), 0);
+  drm_refgpu_gem_mmap_offset mo{};
+  mo.handle = h;
+  EXPECT_LT(r.io(DRM_IOCTL_REFGPU_GEM_MMAP_OFFSET, &mo), 0);
+  fault_inject::disarm_all();
+  EXPECT_EQ(mo.offset, 0u);
+  EXPECT_EQ(bo->backing(), BoBacking::kVram);
+  EXPECT_FALSE(bo->cpu_mapped());
+  ASSERT_EQ(r.io(DRM_IOCTL_REFGPU_GEM_MMAP_OFFSET, &mo), 0);
+  EXPECT_EQ(bo->backing(), BoBacking::kSystem);
+  auto cpu = devfs::mmap(*r.proc, 0, pattern.size(), PROT_READ, MAP_SHARED, r.fd, mo.offset);
+  ASSERT_TRUE(cpu.ok()) << cpu.error();
+  std::vector<std::byte> got(pattern.size());
+  ASSERT_EQ(mm::cpu::copy_out(r.proc->mm(), *cpu, got.data(), got.size()), 0);
+  EXPECT_EQ(got, pattern);
+  EXPECT_TRUE(mm::check(r.proc->mm()).ok());
 }
 
 TEST(RefgpuIoctlGem, EndToEndCopyEvictUnmapReturnsToMirror) {
