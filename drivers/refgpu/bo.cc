@@ -209,16 +209,19 @@ int Bo::move_to_vram() {
   return 0;
 }
 
+int Bo::prepare_cpu_map() {
+  if (!(placement_ & kBoPlacementSystem)) return -EINVAL;
+  MutexLock g(&lock_);
+  if (int rc = move_to_system_locked()) return rc;
+  // From here on the BO stays in system memory (move_to_vram: -EBUSY), so the mapping of
+  // the shmem pages never goes stale.
+  cpu_mapped_.store(true, std::memory_order_release);
+  return 0;
+}
+
 Result<mm::Va> Bo::cpu_map(mm::AddressSpace* as, mm::Va hint, int prot) {
   if (!as || (prot & ~(PROT_READ | PROT_WRITE)) || prot == 0) return Err{-EINVAL};
-  if (!(placement_ & kBoPlacementSystem)) return Err{-EINVAL};
-  {
-    MutexLock g(&lock_);
-    if (int rc = move_to_system_locked()) return Err{rc};
-    // From here on the BO stays in system memory (move_to_vram: -EBUSY), so the mapping of
-    // the shmem pages never goes stale.
-    cpu_mapped_.store(true, std::memory_order_release);
-  }
+  if (int rc = prepare_cpu_map()) return Err{rc};
   return as->mmap(hint, size_, prot, MAP_SHARED, shmem_, 0);
 }
 

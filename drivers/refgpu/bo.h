@@ -134,6 +134,13 @@ class Bo final : public VramLruEntry {
   // the model). prot: PROT_READ and/or PROT_WRITE. Returns the address, or the move's or
   // mmap's error. Context: no lock held (takes the BO lock, then the mmap lock); may sleep.
   Result<mm::Va> cpu_map(mm::AddressSpace* as, mm::Va hint, int prot) GPUSVM_EXCLUDES(lock_);
+  // cpu_map's first half, for a driver whose mmap hook runs under the mmap lock (where the
+  // BO lock cannot be taken): moves the BO to system memory and keeps it there from then on.
+  // 0; -EINVAL for a BO without a system placement; the move's error. Context: no lock held.
+  int prepare_cpu_map() GPUSVM_EXCLUDES(lock_);
+  // The shmem object a CPU mapping maps (set at creation, then const). Only a BO for which
+  // prepare_cpu_map() succeeded may be mapped through it.
+  const std::shared_ptr<mm::ShmemObject>& shmem() const { return shmem_; }
 
   // Moves a VRAM BO to system memory (TTM eviction; also a VRAM-only BO, which move_to_vram
   // brings back): observers told, bytes copied, blocks freed. 0 also when already in system

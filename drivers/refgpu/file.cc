@@ -26,17 +26,67 @@ RefgpuFile::~RefgpuFile() {
   std::map<uint32_t, std::shared_ptr<FileExecQueue>> queues;
   std::map<uint32_t, std::shared_ptr<FileVm>> vms;
   std::map<uint32_t, std::shared_ptr<Syncobj>> syncobjs;
+  std::map<uint32_t, std::shared_ptr<FileBo>> bos;
+  std::map<uint64_t, std::shared_ptr<FileBo>> bo_offsets;
   {
     MutexLock g(&lock_);
     queues.swap(queues_);
     vms.swap(vms_);
     syncobjs.swap(syncobjs_);
+    bos.swap(bos_);
+    bo_offsets.swap(bo_offsets_);
   }
   for (auto& [id, q] : queues) {
     // -ENOENT when the engine already dropped it (device removal): nothing runs then.
     (void)q->engine->destroy_queue(q->q);
     q->vm->queues.fetch_sub(1);
   }
+}
+
+uint32_t RefgpuFile::add_bo(BoRef bo, uint32_t vm_id) {
+  auto fb = std::make_shared<FileBo>();
+  fb->bo = std::move(bo);
+  fb->vm_id = vm_id;
+  std::shared_ptr<FileBo> drop;  // a spent id table: the BO goes after the lock
+  MutexLock g(&lock_);
+  fb->handle = next_id(&bo_cursor_);
+  if (fb->handle == 0) {
+    drop = std::move(fb);
+    return 0;
+  }
+  bo_offsets_.emplace(fb->bo->mmap_offset(), fb);
+  bos_.emplace(fb->handle, fb);
+  return fb->handle;
+}
+
+std::shared_ptr<FileBo> RefgpuFile::find_bo(uint32_t handle) {
+  MutexLock g(&lock_);
+  auto it = bos_.find(handle);
+  return it == bos_.end() ? nullptr : it->second;
+}
+
+std::shared_ptr<FileBo> RefgpuFile::remove_bo(uint32_t handle) {
+  MutexLock g(&lock_);
+  auto it = bos_.find(handle);
+  if (it == bos_.end()) return nullptr;
+  std::shared_ptr<FileBo> fb = std::move(it->second);
+  bos_.erase(it);
+  bo_offsets_.erase(fb->bo->mmap_offset());
+  return fb;  // the caller drops the reference, with no lock held
+}
+
+std::shared_ptr<FileBo> RefgpuFile::find_bo_by_offset(uint64_t offset) {
+  MutexLock g(&lock_);
+  auto it = bo_offsets_.upper_bound(offset);
+  if (it == bo_offsets_.begin()) return nullptr;
+  --it;
+  if (offset - it->first >= it->second->bo->size()) return nullptr;
+  return it->second;
+}
+
+size_t RefgpuFile::num_bos() {
+  MutexLock g(&lock_);
+  return bos_.size();
 }
 
 uint32_t RefgpuFile::reserve_vm_id() {

@@ -1,5 +1,6 @@
 // RefgpuFile: one open refgpu device file (a drm_file with its xe_file state): the id tables
-// of the objects the file created - VMs, exec queues, syncobjs - and the ioctl entry point.
+// of the objects the file created - VMs, exec queues, syncobjs, GEM handles - the ioctl entry
+// point and the mmap of BOs.
 //
 // Design notes:
 //  - Ids are allocated from 1 upwards per table and never reused while the file is open
@@ -11,8 +12,14 @@
 //  - A FileVm holds the driver's Vm (vm.h). An exec queue translates through its VM's MMU,
 //    so a VM with queues cannot be destroyed (-EBUSY) and release destroys queues before
 //    VMs.
+//  - GEM handles (drm_gem_handle_create / drm_gem_handle_delete): a FileBo per handle, from 1
+//    and never reused, holding a counted reference (BoRef). GEM_CLOSE drops the handle and its
+//    reference only: a VM binding keeps its own BoRef, and a CPU mapping keeps the BO's shmem
+//    object (the VMA's file), so both outlive the handle. A second table maps each BO's fake
+//    mmap offset to it (the drm_vma_offset_manager of the file: an mmap of the device fd
+//    resolves only BOs this file has a handle for, as drm_vma_node_is_allowed).
 //  - Release (the destructor): destroys every exec queue (queued jobs -ECANCELED, a running
-//    one stops), then drops VMs and syncobjs. Works on a removed device.
+//    one stops), then drops VMs, syncobjs and GEM handles. Works on a removed device.
 //
 // Locking: lock_ (kRefgpuFileLockClass, a leaf) guards the tables; nothing is called under it.
 #pragma once
@@ -23,6 +30,7 @@
 #include <memory>
 
 #include "drivers/devfs/device.h"
+#include "drivers/refgpu/bo.h"
 #include "drivers/refgpu/device.h"
 #include "drivers/refgpu/engine.h"
 #include "drivers/refgpu/fence.h"
@@ -65,6 +73,15 @@ struct FileExecQueue {
   std::atomic<int> error{0};
 };
 
+// A GEM handle's object. vm_id: the VM it is private to (GEM_CREATE's vm_id: only that VM may
+// bind it), or 0. An id, not a reference: the BO must not keep a destroyed VM alive, and ids
+// are never reused, so a BO private to a destroyed VM can never be bound again.
+struct FileBo {
+  uint32_t handle = 0;
+  BoRef bo;
+  uint32_t vm_id = 0;
+};
+
 struct Syncobj {
   // The fence it holds (drm_syncobj_replace_fence); null until something signals into it.
   // Guarded by the file lock.
@@ -81,6 +98,12 @@ class RefgpuFile final : public devfs::File {
 
   // devfs::File: drm_ioctl (ioctl.cc).
   int ioctl(devfs::Process& caller, unsigned long request, void* arg) override;
+  // devfs::File: drm_gem_mmap (ioctl_gem.cc): vma's offset must fall in a BO of this file
+  // whose GEM_MMAP_OFFSET was asked (which moved it to system memory for good), and the
+  // mapping must fit in it (-EINVAL otherwise); the VMA then maps the BO's shmem object as a
+  // MAP_SHARED file mapping, faulted in by the mm like any shmem mapping. Context: the mmap
+  // lock held for write (the file lock, a leaf, is taken under it).
+  int mmap(devfs::Process& caller, mm::Vma& vma) override;
 
   RefgpuDevice& dev() { return *dev_; }
   mm::AddressSpace& mm() { return *mm_; }
@@ -106,10 +129,19 @@ class RefgpuFile final : public devfs::File {
   std::shared_ptr<Fence> syncobj_fence(const Syncobj& s) GPUSVM_EXCLUDES(lock_);
   void syncobj_replace_fence(Syncobj& s, std::shared_ptr<Fence> f) GPUSVM_EXCLUDES(lock_);
 
+  // GEM handles. add_bo: publishes the BO under a fresh handle (0 when the ids are spent).
+  // find_bo: null for an unknown handle. remove_bo: the handle's object, or null.
+  // find_bo_by_offset: the BO whose [mmap_offset, + size) contains offset, or null.
+  uint32_t add_bo(BoRef bo, uint32_t vm_id) GPUSVM_EXCLUDES(lock_);
+  std::shared_ptr<FileBo> find_bo(uint32_t handle) GPUSVM_EXCLUDES(lock_);
+  std::shared_ptr<FileBo> remove_bo(uint32_t handle) GPUSVM_EXCLUDES(lock_);
+  std::shared_ptr<FileBo> find_bo_by_offset(uint64_t offset) GPUSVM_EXCLUDES(lock_);
+
   // For tests: the number of live objects in each table.
   size_t num_vms() GPUSVM_EXCLUDES(lock_);
   size_t num_exec_queues() GPUSVM_EXCLUDES(lock_);
   size_t num_syncobjs() GPUSVM_EXCLUDES(lock_);
+  size_t num_bos() GPUSVM_EXCLUDES(lock_);
 
  private:
   const std::shared_ptr<RefgpuDevice> dev_;
@@ -118,6 +150,9 @@ class RefgpuFile final : public devfs::File {
   std::map<uint32_t, std::shared_ptr<FileVm>> vms_ GPUSVM_GUARDED_BY(lock_);
   std::map<uint32_t, std::shared_ptr<FileExecQueue>> queues_ GPUSVM_GUARDED_BY(lock_);
   std::map<uint32_t, std::shared_ptr<Syncobj>> syncobjs_ GPUSVM_GUARDED_BY(lock_);
+  std::map<uint32_t, std::shared_ptr<FileBo>> bos_ GPUSVM_GUARDED_BY(lock_);
+  std::map<uint64_t, std::shared_ptr<FileBo>> bo_offsets_ GPUSVM_GUARDED_BY(lock_);  // by mmap_offset
+  uint32_t bo_cursor_ GPUSVM_GUARDED_BY(lock_) = 0;
   uint32_t vm_cursor_ GPUSVM_GUARDED_BY(lock_) = 0;
   uint32_t queue_cursor_ GPUSVM_GUARDED_BY(lock_) = 0;
   uint32_t syncobj_cursor_ GPUSVM_GUARDED_BY(lock_) = 0;

@@ -27,7 +27,7 @@ using Handler = int (*)(RefgpuFile&, devfs::Process&, void* karg);
 
 struct IoctlDesc {
   unsigned long cmd = 0;  // the full encoding (DRM_IOCTL_REFGPU_*)
-  Handler fn = nullptr;   // null: the request is defined but not wired yet (-EOPNOTSUPP)
+  Handler fn = nullptr;
 };
 
 template <typename T, int (*F)(RefgpuFile&, devfs::Process&, T*)>
@@ -37,16 +37,13 @@ int call(RefgpuFile& f, devfs::Process& p, void* karg) {
 
 #define REFGPU_IOCTL(req, T, fn) \
   IoctlDesc { DRM_IOCTL_REFGPU_##req, &call<T, fn> }
-#define REFGPU_IOCTL_UNWIRED(req) \
-  IoctlDesc { DRM_IOCTL_REFGPU_##req, nullptr }
 
 // Indexed by nr - DRM_COMMAND_BASE (xe_ioctls[] of xe_device.c).
 const std::array<IoctlDesc, 17> kIoctls = {
     REFGPU_IOCTL(DEVICE_QUERY, drm_refgpu_device_query, ioctl_device_query),
-    // GEM needs the buffer objects wired to the VM (a MAP of a BO): not yet.
-    REFGPU_IOCTL_UNWIRED(GEM_CREATE),
-    REFGPU_IOCTL_UNWIRED(GEM_MMAP_OFFSET),
-    REFGPU_IOCTL_UNWIRED(GEM_CLOSE),
+    REFGPU_IOCTL(GEM_CREATE, drm_refgpu_gem_create, ioctl_gem_create),
+    REFGPU_IOCTL(GEM_MMAP_OFFSET, drm_refgpu_gem_mmap_offset, ioctl_gem_mmap_offset),
+    REFGPU_IOCTL(GEM_CLOSE, drm_refgpu_gem_close, ioctl_gem_close),
     REFGPU_IOCTL(VM_CREATE, drm_refgpu_vm_create, ioctl_vm_create),
     REFGPU_IOCTL(VM_DESTROY, drm_refgpu_vm_destroy, ioctl_vm_destroy),
     REFGPU_IOCTL(VM_BIND, drm_refgpu_vm_bind, ioctl_vm_bind),
@@ -63,7 +60,6 @@ const std::array<IoctlDesc, 17> kIoctls = {
 };
 
 #undef REFGPU_IOCTL
-#undef REFGPU_IOCTL_UNWIRED
 
 // The largest argument struct (the kernel's on-stack buffer of drm_ioctl).
 constexpr size_t kMaxArgSize = 256;
@@ -84,7 +80,7 @@ int RefgpuFile::ioctl(devfs::Process& caller, unsigned long request, void* arg) 
   const uint64_t uarg = static_cast<uint64_t>(reinterpret_cast<uintptr_t>(arg));
   int rc = 0;
   if (_IOC_DIR(request) & _IOC_WRITE) rc = copy_from_user(karg, uarg, size);
-  if (rc == 0) rc = d.fn ? d.fn(*this, caller, karg) : -EOPNOTSUPP;
+  if (rc == 0) rc = d.fn(*this, caller, karg);
   // On success the struct goes back; wait_user_fence also on -ETIME (its timeout was
   // updated: 0 once expired).
   const bool copy_back = rc == 0 || (rc == -ETIME && request == DRM_IOCTL_REFGPU_WAIT_USER_FENCE);

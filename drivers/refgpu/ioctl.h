@@ -78,6 +78,9 @@ void attach_out_syncs(RefgpuFile& file, const std::vector<SyncEntry>& syncs,
 // The handlers: arg is the kernel copy of the argument struct. Each returns 0 or a negative
 // errno with nothing changed.
 int ioctl_device_query(RefgpuFile& f, devfs::Process& caller, drm_refgpu_device_query* a);
+int ioctl_gem_create(RefgpuFile& f, devfs::Process& caller, drm_refgpu_gem_create* a);
+int ioctl_gem_mmap_offset(RefgpuFile& f, devfs::Process& caller, drm_refgpu_gem_mmap_offset* a);
+int ioctl_gem_close(RefgpuFile& f, devfs::Process& caller, drm_refgpu_gem_close* a);
 int ioctl_vm_create(RefgpuFile& f, devfs::Process& caller, drm_refgpu_vm_create* a);
 int ioctl_vm_destroy(RefgpuFile& f, devfs::Process& caller, drm_refgpu_vm_destroy* a);
 int ioctl_exec_queue_create(RefgpuFile& f, devfs::Process& caller, drm_refgpu_exec_queue_create* a);

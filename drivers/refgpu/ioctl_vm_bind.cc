@@ -1,5 +1,9 @@
 // DRM_IOCTL_REFGPU_VM_BIND (xe_vm_bind_ioctl with vm_bind_ioctl_check_args): the op array in
-// the caller's memory, every field checked before Vm::bind runs, syncs around it.
+// the caller's memory, every field checked before Vm::bind runs, syncs around it. A MAP of a
+// BO (obj != 0) looks the handle up (-ENOENT) and checks [obj_offset, obj_offset + range)
+// lies in the BO and that a VM-private BO is bound in its own VM (-EINVAL, as
+// xe_vm_bind_ioctl_validate_bo); the op then holds its own reference, so a GEM_CLOSE right
+// after leaves the binding intact.
 #include <cerrno>
 #include <vector>
 
@@ -14,8 +18,7 @@ constexpr uint32_t kBindFlags = REFGPU_VM_BIND_FLAG_READONLY | REFGPU_VM_BIND_FL
                                 REFGPU_VM_BIND_FLAG_CPU_ADDR_MIRROR | REFGPU_VM_BIND_FLAG_MADVISE_AUTORESET |
                                 REFGPU_VM_BIND_FLAG_EVICT;
 
-// One op's fields (vm_bind_ioctl_check_args' per-op checks). -EINVAL for a malformed op,
-// -ENOENT for a BO handle (no GEM object exists yet: GEM_CREATE is not wired).
+// One op's fields (vm_bind_ioctl_check_args' per-op checks). -EINVAL for a malformed op.
 int check_op(const drm_refgpu_vm_bind_op& o, uint64_t va_limit) {
   if (o.extensions || o.pad || o.pad2 || !all_zero(o.reserved)) return -EINVAL;
   if (o.op > REFGPU_VM_BIND_OP_PREFETCH || (o.flags & ~kBindFlags)) return -EINVAL;
@@ -33,7 +36,7 @@ int check_op(const drm_refgpu_vm_bind_op& o, uint64_t va_limit) {
       }
       if (!o.obj) return -EINVAL;  // a MAP is of a BO or of the CPU address space
       if (o.obj_offset % 4096) return -EINVAL;
-      return -ENOENT;
+      return 0;
     case REFGPU_VM_BIND_OP_UNMAP:
       if (o.obj || o.obj_offset) return -EINVAL;
       if (o.flags & ~REFGPU_VM_BIND_FLAG_EVICT) return -EINVAL;
@@ -68,8 +71,18 @@ int ioctl_vm_bind(RefgpuFile& f, devfs::Process& caller, drm_refgpu_vm_bind* a) 
   ops.reserve(raw.size());
   for (const drm_refgpu_vm_bind_op& o : raw) {
     if (int rc = check_op(o, f.dev().va_limit())) return rc;
+    BoRef bo;
+    if (o.obj) {
+      std::shared_ptr<FileBo> fb = f.find_bo(o.obj);
+      if (!fb) return -ENOENT;
+      if (fb->vm_id && fb->vm_id != vm->id) return -EINVAL;
+      const uint64_t size = fb->bo->size();
+      if (o.obj_offset >= size || o.range > size - o.obj_offset) return -EINVAL;
+      bo = fb->bo;
+    }
     ops.push_back(BindOp{.op = o.op, .flags = o.flags, .addr = o.addr, .range = o.range,
-                         .prefetch_region = o.prefetch_mem_region_instance});
+                         .prefetch_region = o.prefetch_mem_region_instance, .bo = std::move(bo),
+                         .bo_offset = o.obj_offset});
   }
   std::vector<SyncEntry> syncs;
   if (int rc = parse_syncs(f, a->syncs, a->num_syncs, vm->lr_mode(), &syncs)) return rc;

@@ -9,7 +9,7 @@ import struct
 # Table indices (nr - DRM_COMMAND_BASE).
 QUERY, GEM_CREATE, GEM_MMAP, GEM_CLOSE, VM_CREATE, VM_DESTROY, VM_BIND, QC, QD, EXEC, WAIT, \
     MADVISE, ATTRS, SO_CREATE, SO_DESTROY, SO_WAIT, FAULTQ = range(17)
-RAW, USERW = 17, 18
+RAW, USERW, MMAP = 17, 18, 19
 LR, FAULT = 1, 2
 USER = lambda off: off * 2  # an even value: offset into the user region
 BAD = 2 * 8 + 1             # an odd value: a bad pointer
@@ -83,8 +83,24 @@ def faultq(vm, n, flags=0, faults=USER(4096)):
     return rec(FAULTQ, struct.pack('<QIIIIQ2Q', 0, vm, n, flags, 0, faults, 0, 0))
 
 
-def bind_op(op, flags, addr, rng, obj=0, prefetch=0):
-    return struct.pack('<QIIQQQIIII3Q', 0, obj, 0, 0, rng, addr, op, flags, prefetch, 0, 0, 0, 0)
+def bind_op(op, flags, addr, rng, obj=0, prefetch=0, obj_offset=0):
+    return struct.pack('<QIIQQQIIII3Q', 0, obj, 0, obj_offset, rng, addr, op, flags, prefetch, 0, 0, 0, 0)
+
+
+def gem_create(size, placement, flags=0, vm=0, handle=0, ext=0, reserved=0):
+    return rec(GEM_CREATE, struct.pack('<QQIIII2Q', ext, size, placement, flags, vm, handle, reserved, 0))
+
+
+def gem_mmap(handle, flags=0):
+    return rec(GEM_MMAP, struct.pack('<QIIQ2Q', 0, handle, flags, 0, 0, 0))
+
+
+def gem_close(handle, pad=0):
+    return rec(GEM_CLOSE, struct.pack('<II2Q', handle, pad, 0, 0))
+
+
+def mmap_fd(delta_pages, pages):
+    return bytes([MMAP, delta_pages, pages - 1])
 
 
 def vm_bind(vm, ops, nsyncs=0, syncs=USER(1024), vec=USER(8192)):
@@ -148,9 +164,27 @@ SEEDS = {
     'fault_query': vm_create(0) + instance(0) + qc(1) + exec_(1, 0x100000) + faultq(1, 0) + faultq(1, 4) +
                    faultq(1, 4, 1) + faultq(1, 0),
     'fault_query_bad': vm_create(0) + faultq(1, 4, 1, BAD) + faultq(2, 0) + faultq(1, 257),
-    'unwired': rec(GEM_CREATE, struct.pack('<QQIIII2Q', 0, 4096, 1, 0, 0, 0, 0, 0)) +
-               rec(VM_BIND, bytes(128)) + rec(MADVISE, bytes(64)) + rec(ATTRS, bytes(64)) +
-               rec(GEM_MMAP, bytes(40)) + rec(GEM_CLOSE, bytes(24)),
+    'zeroed_structs': rec(GEM_CREATE, bytes(48)) + rec(VM_BIND, bytes(128)) + rec(MADVISE, bytes(64)) +
+                      rec(ATTRS, bytes(64)) + rec(GEM_MMAP, bytes(40)) + rec(GEM_CLOSE, bytes(24)),
+    'gem_create_close': gem_create(4096, 1) + gem_create(1 << 16, 2) + gem_create(8192, 3) + gem_close(1) +
+                        gem_close(1) + gem_close(9) + gem_create(4096, 1),
+    'gem_bad_fields': gem_create(0, 1) + gem_create(4095, 1) + gem_create(4096, 0) + gem_create(4096, 4) +
+                      gem_create(4096, 1, flags=1) + gem_create(4096, 1, flags=2) + gem_create(4096, 1, vm=5) +
+                      gem_create(4096, 1, handle=1) + gem_create(4096, 1, ext=1) + gem_create(4096, 1, reserved=1) +
+                      gem_create(1 << 40, 1) + gem_create(1 << 30, 2) + gem_close(1, pad=1) + gem_mmap(1, flags=1),
+    'gem_mmap': gem_create(1 << 16, 1) + gem_mmap(1) + mmap_fd(0, 16) + mmap_fd(0, 17) + mmap_fd(15, 1) +
+                gem_create(8192, 2) + gem_mmap(2) + gem_create(8192, 3) + gem_mmap(3) + mmap_fd(1, 1) + gem_close(3) +
+                mmap_fd(0, 2),
+    'gem_bind': vm_create(LR | FAULT) + gem_create(1 << 16, 2) + gem_create(1 << 16, 1, vm=1) +
+                vm_bind(1, [bind_op(0, 0, 1 << 32, 1 << 16, obj=1)]) +
+                vm_bind(1, [bind_op(0, 0, 1 << 33, 1 << 12, obj=2, obj_offset=1 << 12)]) +
+                vm_bind(1, [bind_op(0, 0, 1 << 34, 1 << 17, obj=1)]) +
+                vm_bind(1, [bind_op(0, 0, 1 << 34, 1 << 12, obj=9)]) + gem_close(1) +
+                vm_bind(1, [bind_op(1, 0, 1 << 32, 1 << 16)]) + vm_destroy(1),
+    'gem_bind_mirror_exec': vm_create(LR | FAULT) + vm_bind(1, [bind_op(0, 4, 1 << 16, (1 << 47) - (1 << 16))]) +
+                            gem_create(1 << 16, 2) + vm_bind(1, [bind_op(0, 0, 1 << 32, 1 << 16, obj=1)]) +
+                            instance(0) + qc(1) + exec_(1, 0, mode=1) + vm_bind(1, [bind_op(1, 0, 1 << 32, 1 << 16)]) +
+                            gem_create(8 << 20, 2) + gem_close(2) + gem_close(1),
     'bind_mirror': vm_create(LR | FAULT) + vm_bind(1, [bind_op(0, 4, 1 << 32, 1 << 21)]) +
                    vm_bind(1, [bind_op(1, 0, 1 << 32, 1 << 21)]),
     'bind_mirror_exec': vm_create(LR | FAULT) + vm_bind(1, [bind_op(0, 4 | 8, 1 << 16, (1 << 47) - (1 << 16))]) +

@@ -2,7 +2,7 @@
 //
 // Each input runs on a fresh machine, device and process (no state leaks between inputs) and
 // is decoded into at most kMaxRecords records:
-//   sel (u8) % 19:
+//   sel (u8) % 20:
 //     0..16  an ioctl of the table (DRM_IOCTL_REFGPU_*, index = nr - DRM_COMMAND_BASE):
 //            mode (u8), then the argument struct's bytes (sizeof, zero-padded at the end of
 //            the input). The struct goes in a heap buffer of exactly its size (ASan sees any
@@ -17,6 +17,10 @@
 //     17     a raw request: u32 request word, then 64 bytes of argument (anything: the
 //            dispatch must reject what is not in the table before it reads the struct).
 //     18     user-region write: u16 offset, then 64 bytes stored there (array contents).
+//     19     mmap of the device fd: u8 d, u8 n: n % 32 + 1 pages at the offset the last
+//            successful GEM_MMAP_OFFSET returned plus (d % 32) pages, MAP_SHARED read-write;
+//            if it maps, a byte is written and read back through the CPU (it must come
+//            back), then the range is unmapped.
 // No input may crash, hang, leak or trip a sanitizer.
 #include <chrono>
 #include <cstddef>
@@ -32,6 +36,7 @@
 #include "drivers/refgpu/device.h"
 #include "drivers/refgpu/ioctl.h"
 #include "gpusvm/base/lock.h"
+#include "gpusvm/mm/cpu_access.h"
 #include "uapi/refgpu.h"
 
 using namespace gpusvm;
@@ -65,6 +70,7 @@ struct Reader {
 struct Ctx {
   std::vector<uint8_t> user = std::vector<uint8_t>(kUserRegion);
   mm::Va anon = 0;
+  uint64_t mmap_offset = 0;  // the last GEM_MMAP_OFFSET's answer
   uint64_t ptr(uint64_t raw) const {
     if (raw & 1) return (raw >> 1) % refgpu::kUserMinAddr;
     return static_cast<uint64_t>(reinterpret_cast<uintptr_t>(user.data())) + ((raw >> 1) % kPtrWindow);
@@ -181,7 +187,22 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
 
   Reader r{data, size};
   for (size_t rec = 0; rec < kMaxRecords && r.n; rec++) {
-    const unsigned sel = r.u8() % 19;
+    const unsigned sel = r.u8() % 20;
+    if (sel == 19) {
+      const uint8_t d = r.u8(), n = r.u8();
+      const uint64_t len = (uint64_t{n} % 32 + 1) * 4096;
+      auto va = devfs::mmap(**p, 0, len, PROT_READ | PROT_WRITE, MAP_SHARED, *fd,
+                            c.mmap_offset + (uint64_t{d} % 32) * 4096);
+      if (va.ok()) {
+        const uint8_t b = static_cast<uint8_t>(0xa5 ^ d);
+        uint8_t got = 0;
+        if (mm::cpu::copy_in((*p)->mm(), *va + len - 1, &b, 1) == 0) {
+          if (mm::cpu::copy_out((*p)->mm(), *va + len - 1, &got, 1) != 0 || got != b) __builtin_trap();
+        }
+        if ((*p)->mm().munmap(*va, len) != 0) __builtin_trap();
+      }
+      continue;
+    }
     if (sel == 18) {
       uint16_t off = 0;
       r.take(&off, 2);
@@ -205,6 +226,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     redirect(sel, arg.get(), mode, c);
     const int rc = devfs::ioctl(**p, *fd, req, arg.get());
     if (rc > 0) __builtin_trap();  // 0 or a negative errno
+    if (rc == 0 && req == DRM_IOCTL_REFGPU_GEM_MMAP_OFFSET)
+      c.mmap_offset = reinterpret_cast<drm_refgpu_gem_mmap_offset*>(arg.get())->offset;
   }
   // Teardown: close, remove the device with whatever is in flight, end the machine.
   if (devfs::close(**p, *fd) != 0) __builtin_trap();

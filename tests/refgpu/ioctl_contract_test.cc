@@ -34,14 +34,16 @@ TEST(RefgpuIoctlDispatch, BadArgumentPointerIsEfault) {
   EXPECT_EQ(r.file->num_vms(), 0u);
 }
 
-TEST(RefgpuIoctlDispatch, UnwiredRequestsAreEopnotsuppAfterTheEncodingCheck) {
+TEST(RefgpuIoctlDispatch, WrongDirectionOfAValidRequestIsEinval) {
   IoctlRig r;
   drm_refgpu_gem_create g{};
   g.size = 4096;
   g.placement = 1;
-  EXPECT_EQ(r.io(DRM_IOCTL_REFGPU_GEM_CREATE, &g), -EOPNOTSUPP);
-  EXPECT_EQ(g.handle, 0u);
   EXPECT_EQ(r.io(DRM_IOW(DRM_COMMAND_BASE + DRM_REFGPU_GEM_CREATE, drm_refgpu_gem_create), &g), -EINVAL);
+  EXPECT_EQ(g.handle, 0u);
+  EXPECT_EQ(r.file->num_bos(), 0u);
+  EXPECT_EQ(r.io(DRM_IOCTL_REFGPU_GEM_CREATE, &g), 0);  // the same struct, the table's encoding
+  EXPECT_EQ(g.handle, 1u);
 }
 
 // ---- device query ----
