@@ -317,7 +317,17 @@ void FaultService::serve(const std::shared_ptr<PendingFault>& pf) {
     chained.swap(mine->chained);
   }
   queue_->complete(pf, rc);
-  for (const std::shared_ptr<PendingFault>& c : chained) queue_->complete(c, rc);
+  // A success is shared: the range is bound for every access up to this one's. A failure is
+  // not: it may be this fault's own (an atomic under the CPU policy, a write to a read-only
+  // VMA) and say nothing about a lesser access chained to it, so those are serviced on their
+  // own (they may chain onto a service started since).
+  for (const std::shared_ptr<PendingFault>& c : chained) {
+    if (rc == 0) {
+      queue_->complete(c, rc);
+    } else {
+      serve(c);
+    }
+  }
 }
 
 }  // namespace gpusvm::refgpu

@@ -462,6 +462,36 @@ TEST_F(VmTest, DuplicateFaultsAreChainedOntoTheOneInFlight) {
   EXPECT_EQ(service->stats().services.get(), 1u);
 }
 
+// A chained fault shares a success but not a failure:
+//   handler 1: atomic fault at data (policy CPU: it will fail), paused at refgpu.fault.in_flight
+//   handler 2: write fault at data + 8, chained onto it (access write <= atomic)
+//   release:   the atomic fails with -EFAULT; the write is serviced on its own and succeeds.
+TEST_F(VmTest, AChainedFaultIsServicedAgainWhenTheOneInFlightFails) {
+  make_vm();
+  mirror_all();
+  ASSERT_EQ(bind(REFGPU_VM_BIND_OP_PREFETCH, kBatch, 2 * kSZ4K), 0);
+  const uint64_t data = kBase + 4 * kSZ2M;
+  ASSERT_EQ(vm->madvise_atomic(data, kSZ2M, REFGPU_ATOMIC_CPU), 0);
+  sched_point::Pause pause("refgpu.fault.in_flight");
+  ASSERT_EQ(pause.status(), 0);
+  Batch a, b;
+  a.atomic(REFGPU_ATOMIC_OP_ADD, data, 5, 0, REFGPU_CMD_FLAG_QWORD);
+  b.store_qword(data + 8, 2);
+  std::shared_ptr<Fence> fa = submit(kBatch, a, 0);
+  ASSERT_TRUE(pause.wait_reached());
+  std::shared_ptr<Fence> fb = submit(kBatch + kSZ4K, b, 1);
+  const auto deadline = std::chrono::steady_clock::now() + kWait;
+  while (service->stats().chained.get() == 0 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  ASSERT_EQ(service->stats().chained.get(), 1u);
+  pause.release();
+  EXPECT_EQ(fa->wait(kWait), -EFAULT);
+  EXPECT_EQ(fb->wait(kWait), 0);
+  EXPECT_EQ(load(data), 0u);
+  EXPECT_EQ(load(data + 8), 2u);
+}
+
 // A fault in service races an invalidation of its range between get_pages and the commit:
 // the commit sees !pages_valid and services again; the GPU ends up with the CPU's page.
 TEST_F(VmTest, InvalidationBetweenGetPagesAndCommitRetries) {
