@@ -15,12 +15,15 @@ cd "$ROOT"
 
 # Debian packages the build needs (checked with dpkg -s, installed only when missing).
 # libclang-rt-dev carries clang's sanitizer run-times (ASan, UBSan, TSan): Debian 12's clang
-# only recommends it, so it is named explicitly.
+# only recommends it, so it is named explicitly. nlohmann-json3-dev: gpusvm-bench --json;
+# libbenchmark-dev: gpusvm-microbench; python3-matplotlib (brings python3, which a minimal
+# Debian 12 lacks): tools/plot/gpusvm-plot and its ctest test.
 DEB_PACKAGES=(
   cmake ninja-build clang g++ ccache pkg-config
   libgtest-dev libgmock-dev googletest
-  libspdlog-dev libfmt-dev libdrm-dev libcli11-dev libbenchmark-dev
+  libspdlog-dev libfmt-dev libdrm-dev libcli11-dev libbenchmark-dev nlohmann-json3-dev
   libclang-rt-dev
+  python3-matplotlib
 )
 TEST_PRESETS_DEFAULT=(default asan tsan)
 ALL_PRESETS=(default asan tsan gcc release)
@@ -77,6 +80,14 @@ commands:
                       one summary line per preset and exits non-zero if any failed
   build [preset]      configure and build one preset (default: default; one of: ${ALL_PRESETS[*]})
   help                this text
+
+Programs a build leaves under build/<preset>/tools/ (see docs/benchmarks.md):
+  gpusvm-demo/gpusvm-demo           the demo ('demo' above)
+  gpusvm-bench/gpusvm-bench         benchmarks against a baseline of the same run (--json, --list)
+  gpusvm-microbench/gpusvm-microbench  Google Benchmark timings of single operations
+and tools/plot/gpusvm-plot turns 'gpusvm-bench --json' output into PNG/SVG plots:
+  build/release/tools/gpusvm-bench/gpusvm-bench --json > bench.jsonl
+  tools/plot/gpusvm-plot bench.jsonl -o plots/
 
 Every command first installs the Debian packages it needs when some are missing
 (apt-get, as root or through sudo): ${DEB_PACKAGES[*]}

@@ -10,8 +10,9 @@
 // A case returns one Report: exactly one measured figure for gpusvm ("ours") and one for the
 // baseline measured in the same run on the same data, and their ratio, always oriented so
 // that ratio > 1 means ours is better (DESIGN.md §10). A case that sweeps a parameter (the
-// thp-migration sizes) sets run_many instead and returns one such Report per point. A case that finds wrong data, a failed
-// call or an mm::check problem throws Failure: a benchmark of a broken walk is worthless.
+// thp-migration sizes) sets run_many instead and returns one such Report per point, each marked
+// with sweep_point() so tools/plot draws the points as curves. A case that finds wrong data, a
+// failed call or an mm::check problem throws Failure: a benchmark of a broken walk is worthless.
 #pragma once
 
 #include <fmt/format.h>
@@ -20,6 +21,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -44,6 +46,41 @@ struct Figure {
   std::string unit;
 };
 
+// Structured data a report may carry besides its figure, for tools/plot (docs/benchmarks.md,
+// "JSON output" gives the JSON shape of each).
+//
+// A point of a sweep across reports: every report of one run_many call that names the same
+// sweep is one point of one curve (ours and baseline against x), e.g. thp-migration's
+// "sys2dev thp" at 512 KiB ... 16 MiB.
+struct SweepPoint {
+  std::string name;     // the curve: "thp-migration sys2dev thp"
+  std::string x_label;  // what is swept: "buffer size", "request size"
+  double x = 0;         // its value at this report
+  std::string x_unit;   // "B": the plot's x axis is bytes (log scale)
+};
+
+// A curve inside one report: (x, y) points with their units. A histogram is a series whose
+// x are the buckets' lower bounds (y: count), or metrics named hist_<lo>_<hi>_<unit>.
+struct Series {
+  std::string x_unit;
+  std::string y_unit;
+  std::vector<std::pair<double, double>> points;
+};
+
+// Where the chunks of one buffer were over a run: one row per moment (a phase, a time), one
+// character per chunk_bytes of the buffer from `start`: 'S' system memory, 'V' VRAM, '.' not
+// present, 'M' mixed (the chunk's pages are not all in one place).
+struct ResidencyRow {
+  std::string label;  // "after prefetch"
+  double t_ms = 0;    // since the run started
+  std::string cells;  // "SSVV..": the same length in every row
+};
+struct Residency {
+  uint64_t start = 0;  // the buffer's address
+  uint64_t chunk_bytes = 0;
+  std::vector<ResidencyRow> rows;
+};
+
 struct Report {
   std::string case_name;
   Figure ours;
@@ -61,6 +98,20 @@ struct Report {
     details.push_back(fmt::format(f, std::forward<Args>(args)...));
   }
   void metric(std::string name, double v) { metrics.emplace_back(std::move(name), v); }
+
+  // For tools/plot (see SweepPoint, Series, Residency above); all optional.
+  std::optional<SweepPoint> sweep;
+  std::vector<std::pair<std::string, Series>> series;  // in the order first added
+  std::optional<Residency> residency;
+
+  // Marks this report as the point x of sweep `name` (x_unit "B": bytes).
+  void sweep_point(std::string name, std::string x_label, double x, std::string x_unit = "B") {
+    sweep = SweepPoint{std::move(name), std::move(x_label), x, std::move(x_unit)};
+  }
+  // The series `name`, created with these units on first use (later units are ignored).
+  Series& series_named(const std::string& name, std::string x_unit, std::string y_unit);
+  // Appends (x, y) to series `name` (created with empty units if new).
+  void point(const std::string& name, double x, double y) { series_named(name, "", "").points.emplace_back(x, y); }
 };
 
 // A verification failure: the case stops and the program exits non-zero.

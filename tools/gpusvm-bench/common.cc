@@ -16,6 +16,14 @@ std::vector<Case>& registry() {
   return cases;
 }
 
+Series& Report::series_named(const std::string& name, std::string x_unit, std::string y_unit) {
+  for (auto& [n, s] : series) {
+    if (n == name) return s;
+  }
+  series.emplace_back(name, Series{std::move(x_unit), std::move(y_unit), {}});
+  return series.back().second;
+}
+
 void require_ok(int rc, const std::string& what) {
   if (rc != 0) fail("{}: {}", what, errno_describe(rc));
 }

@@ -4,45 +4,21 @@
 //
 // Every case prints '#' detail lines and exactly one
 //   result <case> ours=<value><unit> baseline=<name>:<value><unit> ratio=<x>
-// line (ratio > 1: ours is better), or with --json one JSON object per case per line.
+// line (ratio > 1: ours is better), or with --json JSON Lines: a run record, then one object
+// per report (report_json.h; the shape is in docs/benchmarks.md).
 // Exit status: 0 when every case ran and verified its data, 1 when one failed, 2 on bad
 // arguments.
-#include <sys/utsname.h>
-#include <unistd.h>
-
 #include <CLI/CLI.hpp>
-#include <cmath>
 #include <cstdio>
 #include <exception>
 #include <string>
 #include <vector>
 
 #include "tools/gpusvm-bench/bench.h"
+#include "tools/gpusvm-bench/report_json.h"
 
 namespace gpusvm::bench {
 namespace {
-
-std::string json_escape(const std::string& s) {
-  std::string out;
-  out.reserve(s.size() + 2);
-  for (char c : s) {
-    switch (c) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\n': out += "\\n"; break;
-      case '\t': out += "\\t"; break;
-      default:
-        if (static_cast<unsigned char>(c) < 0x20) {
-          out += fmt::format("\\u{:04x}", static_cast<unsigned>(c));
-        } else {
-          out += c;
-        }
-    }
-  }
-  return out;
-}
-
-std::string json_number(double v) { return std::isfinite(v) ? fmt::format("{:.6g}", v) : "null"; }
 
 // Values shown with enough digits to compare: 3 significant digits at least.
 std::string show(double v) {
@@ -60,34 +36,14 @@ void print_human(const Case& c, const Report& r) {
   std::fflush(stdout);
 }
 
-void print_json(const Case& c, const Report& r) {
-  std::string s = fmt::format(
-      R"({{"case":"{}","family":"{}","ok":true,"size":{},"repeat":{},)"
-      R"("ours":{{"value":{},"unit":"{}"}},"baseline":{{"name":"{}","value":{},"unit":"{}"}},)"
-      R"("ratio":{},"metrics":{{)",
-      json_escape(r.case_name), json_escape(c.family), r.size, r.repeat, json_number(r.ours.value),
-      json_escape(r.ours.unit), json_escape(r.baseline_name), json_number(r.baseline.value),
-      json_escape(r.baseline.unit), json_number(r.ratio));
-  for (size_t i = 0; i < r.metrics.size(); i++) {
-    s += fmt::format(R"({}"{}":{})", i ? "," : "", json_escape(r.metrics[i].first),
-                     json_number(r.metrics[i].second));
-  }
-  s += R"(},"details":[)";
-  for (size_t i = 0; i < r.details.size(); i++) {
-    s += fmt::format(R"({}"{}")", i ? "," : "", json_escape(r.details[i]));
-  }
-  s += "]}";
-  std::printf("%s\n", s.c_str());
+void print_json(const Json& j) {
+  std::fputs(json_line(j).c_str(), stdout);
   std::fflush(stdout);
 }
 
 void print_failure(const Case& c, const std::string& what, bool json) {
   if (json) {
-    std::printf(R"({"case":"%s","family":"%s","ok":false,"error":"%s"})"
-                "\n",
-                json_escape(c.name).c_str(), json_escape(c.family).c_str(),
-                json_escape(what).c_str());
-    std::fflush(stdout);
+    print_json(failure_json(c, what));
   } else {
     std::printf("# --- %s: FAILED\n", c.name.c_str());
     std::fflush(stdout);
@@ -105,7 +61,9 @@ int run(int argc, char** argv) {
   bool json = false, list = false;
   app.add_option("--case", selected,
                  "cases or case families to run (repeatable; default: all). See --list");
-  app.add_flag("--json", json, "print one JSON object per case instead of text");
+  app.add_flag("--json", json,
+               "print JSON Lines instead of text: a {\"run\": ...} record, then one object per report "
+               "(for tools/plot/gpusvm-plot)");
   app.add_option("--size", opt.size,
                  "bytes of memory per case (suffixes k/m/g = KiB/MiB/GiB; rounded up to 2 MiB; "
                  "default: per case)")
@@ -161,11 +119,18 @@ int run(int argc, char** argv) {
     }
   }
 
-  if (!json) {
-    utsname u{};
-    ::uname(&u);
-    std::printf("# gpusvm-bench: %zu case(s), median of %d run(s); host: %ld CPUs, %s %s\n",
-                to_run.size(), opt.repeat, ::sysconf(_SC_NPROCESSORS_ONLN), u.sysname, u.release);
+  const Json header = run_json(opt, to_run.size());
+  if (json) {
+    print_json(header);
+  } else {
+    const Json& h = header["run"];
+    std::printf("# gpusvm-bench: %zu case(s), median of %d run(s); host: %ld CPUs, %s %s; build %s%s%s\n",
+                to_run.size(), opt.repeat, h["cpus"].get<long>(),
+                h["uname"]["sysname"].get<std::string>().c_str(),
+                h["uname"]["release"].get<std::string>().c_str(),
+                h["build_type"].get<std::string>().c_str(),
+                h["sanitizer"].get<std::string>().empty() ? "" : ", sanitizer ",
+                h["sanitizer"].get<std::string>().c_str());
     std::fflush(stdout);
   }
   int failed = 0;
@@ -183,7 +148,7 @@ int run(int argc, char** argv) {
         r.repeat = opt.repeat;
         if (r.case_name.empty()) r.case_name = c->name;
         if (json) {
-          print_json(*c, r);
+          print_json(report_json(*c, r));
         } else {
           print_human(*c, r);
         }

@@ -679,6 +679,8 @@ std::vector<Report> run_thp_migration(const Options& opt, uint64_t size_limit) {
         rep.case_name = fmt::format("thp-migration-{}-{}-{}", size_name(size), di == 0 ? "sys2dev" : "dev2sys",
                                     backing_name(static_cast<Backing>(bi)));
         rep.size = size;
+        rep.sweep_point(fmt::format("{} {}", di == 0 ? "sys2dev" : "dev2sys", backing_name(static_cast<Backing>(bi))),
+                        "buffer size", static_cast<double>(size));
         rep.ours = {gbs[bi][di], "GB/s"};
         rep.baseline_name = "memcpy";
         rep.baseline = {copy_gbs, "GB/s"};

@@ -154,6 +154,8 @@ std::vector<Report> run_copy(const Options& opt, uint64_t size) {
         rep.case_name = fmt::format("refgpu-copy-{}-{}-t{}", d ? "to-ram" : "to-vram",
                                     kRequestSizes[k] == 4096 ? "4k" : kRequestSizes[k] == (64 << 10) ? "64k" : "2m",
                                     threads);
+        rep.sweep_point(fmt::format("{} t{}", d ? "to-ram" : "to-vram", threads), "request size",
+                        static_cast<double>(kRequestSizes[k]));
         rep.ours = {gbs(pt.ns[t]), "GB/s"};
         rep.baseline_name = "memcpy";
         rep.baseline = {gbs(pt.memcpy_ns), "GB/s"};
