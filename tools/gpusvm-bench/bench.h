@@ -53,7 +53,7 @@ struct Figure {
 // sweep is one point of one curve (ours and baseline against x), e.g. thp-migration's
 // "sys2dev thp" at 512 KiB ... 16 MiB.
 struct SweepPoint {
-  std::string name;     // the curve: "thp-migration sys2dev thp"
+  std::string name;     // the curve within the family: "sys2dev thp"
   std::string x_label;  // what is swept: "buffer size", "request size"
   double x = 0;         // its value at this report
   std::string x_unit;   // "B": the plot's x axis is bytes (log scale)
