@@ -35,23 +35,27 @@ int page_span(uint64_t addr, uint64_t len, uint64_t* start, uint64_t* range) {
   return 0;
 }
 
-int madvise_pref(gpusvm_rt_context* ctx, uint64_t start, uint64_t range, int32_t loc, uint16_t policy) {
+namespace {
+// The MADVISE arguments for one attribute `type` of [start, start + range) of ctx's VM.
+drm_refgpu_madvise madvise_args(gpusvm_rt_context* ctx, uint64_t start, uint64_t range, uint32_t type) {
   drm_refgpu_madvise m{};
   m.start = start;
   m.range = range;
   m.vm_id = ctx->vm_id;
-  m.type = REFGPU_MEM_RANGE_ATTR_PREFERRED_LOC;
+  m.type = type;
+  return m;
+}
+}  // namespace
+
+int madvise_pref(gpusvm_rt_context* ctx, uint64_t start, uint64_t range, int32_t loc, uint16_t policy) {
+  drm_refgpu_madvise m = madvise_args(ctx, start, range, REFGPU_MEM_RANGE_ATTR_PREFERRED_LOC);
   m.preferred_mem_loc.devmem_fd = loc;
   m.preferred_mem_loc.migration_policy = policy;
   return ctx->io(DRM_IOCTL_REFGPU_MADVISE, &m);
 }
 
 int madvise_atomic(gpusvm_rt_context* ctx, uint64_t start, uint64_t range, uint32_t val) {
-  drm_refgpu_madvise m{};
-  m.start = start;
-  m.range = range;
-  m.vm_id = ctx->vm_id;
-  m.type = REFGPU_MEM_RANGE_ATTR_ATOMIC;
+  drm_refgpu_madvise m = madvise_args(ctx, start, range, REFGPU_MEM_RANGE_ATTR_ATOMIC);
   m.atomic.val = val;
   return ctx->io(DRM_IOCTL_REFGPU_MADVISE, &m);
 }

@@ -5,7 +5,9 @@
 // the mmap of a new arena and across the madvise ioctl that resets the advice of freed pages
 // (so that no malloc can hand those pages out, and advise them, before the reset lands). It
 // is taken with no other gpusvm lock held and nothing the runtime calls under it takes it
-// again. Devices, contexts and fences are otherwise immutable after creation or use atomics.
+// again, so it ranks before every driver lock (rank 5 in gpusvm/base/lock_order.h, which
+// defines both classes). The fence settle lock (kRtFenceLockClass, submit.cc) is a leaf.
+// Devices, contexts and fences are otherwise immutable after creation or use atomics.
 #pragma once
 
 #include <atomic>
@@ -17,6 +19,7 @@
 
 #include "drivers/devfs/process.h"
 #include "gpusvm/base/lock.h"
+#include "gpusvm/base/lock_order.h"
 #include "gpusvm/base/result.h"
 #include "gpusvm/base/thread_annotations.h"
 #include "gpusvm/mm/address_space.h"
@@ -25,13 +28,6 @@
 #include "uapi/refgpu.h"
 
 namespace gpusvm::rt {
-
-// The heap lock's class. Rank 0 (held-tracking only): gpusvm/base/lock_order.h is the one
-// table of ranked classes; the runtime's lock sits above every driver lock (it is taken before
-// any and never under one), so its rank would be the lowest of the table.
-inline constexpr LockClass kRtHeapLockClass{"gpusvm_rt_heap", 0};
-// The lock that publishes a fence's settled status (a leaf: held for two stores).
-inline constexpr LockClass kRtFenceLockClass{"gpusvm_rt_fence", 0};
 
 // drmIoctl: ioctl(2) on the device file, restarted while it fails with -EINTR or -EAGAIN
 // (bounded by hang_timeout(): then the last error is returned).

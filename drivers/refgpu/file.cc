@@ -2,18 +2,8 @@
 #include "drivers/refgpu/file.h"
 
 #include <cerrno>
-#include <limits>
-#include <vector>
 
 namespace gpusvm::refgpu {
-
-namespace {
-// The next id of a table: 1.. and never reused (0 once the 32-bit space is spent).
-uint32_t next_id(uint32_t* cursor) {
-  if (*cursor == std::numeric_limits<uint32_t>::max()) return 0;
-  return ++*cursor;
-}
-}  // namespace
 
 FileVm::~FileVm() {
   // Out of the fault service's reach first: a fault that finds nothing fails with -EFAULT.
@@ -23,17 +13,17 @@ FileVm::~FileVm() {
 
 RefgpuFile::~RefgpuFile() {
   // Queues before VMs: a queue's jobs translate through its VM's MMU.
-  std::map<uint32_t, std::shared_ptr<FileExecQueue>> queues;
-  std::map<uint32_t, std::shared_ptr<FileVm>> vms;
-  std::map<uint32_t, std::shared_ptr<Syncobj>> syncobjs;
-  std::map<uint32_t, std::shared_ptr<FileBo>> bos;
+  IdTable<FileExecQueue>::Map queues;
+  IdTable<FileVm>::Map vms;
+  IdTable<Syncobj>::Map syncobjs;
+  IdTable<FileBo>::Map bos;
   std::map<uint64_t, std::shared_ptr<FileBo>> bo_offsets;
   {
     MutexLock g(&lock_);
-    queues.swap(queues_);
-    vms.swap(vms_);
-    syncobjs.swap(syncobjs_);
-    bos.swap(bos_);
+    queues = queues_.take_all();
+    vms = vms_.take_all();
+    syncobjs = syncobjs_.take_all();
+    bos = bos_.take_all();
     bo_offsets.swap(bo_offsets_);
   }
   for (auto& [id, q] : queues) {
@@ -47,31 +37,22 @@ uint32_t RefgpuFile::add_bo(BoRef bo, uint32_t vm_id) {
   auto fb = std::make_shared<FileBo>();
   fb->bo = std::move(bo);
   fb->vm_id = vm_id;
-  std::shared_ptr<FileBo> drop;  // a spent id table: the BO goes after the lock
   MutexLock g(&lock_);
-  fb->handle = next_id(&bo_cursor_);
-  if (fb->handle == 0) {
-    drop = std::move(fb);
-    return 0;
-  }
-  bo_offsets_.emplace(fb->bo->mmap_offset(), fb);
-  bos_.emplace(fb->handle, fb);
+  // Spent ids: fb, declared before the lock, drops the BO after it.
+  fb->handle = bos_.add(fb);
+  if (fb->handle) bo_offsets_.emplace(fb->bo->mmap_offset(), fb);
   return fb->handle;
 }
 
 std::shared_ptr<FileBo> RefgpuFile::find_bo(uint32_t handle) {
   MutexLock g(&lock_);
-  auto it = bos_.find(handle);
-  return it == bos_.end() ? nullptr : it->second;
+  return bos_.find(handle);
 }
 
 std::shared_ptr<FileBo> RefgpuFile::remove_bo(uint32_t handle) {
   MutexLock g(&lock_);
-  auto it = bos_.find(handle);
-  if (it == bos_.end()) return nullptr;
-  std::shared_ptr<FileBo> fb = std::move(it->second);
-  bos_.erase(it);
-  bo_offsets_.erase(fb->bo->mmap_offset());
+  std::shared_ptr<FileBo> fb = bos_.remove(handle);
+  if (fb) bo_offsets_.erase(fb->bo->mmap_offset());
   return fb;  // the caller drops the reference, with no lock held
 }
 
@@ -91,84 +72,71 @@ size_t RefgpuFile::num_bos() {
 
 uint32_t RefgpuFile::reserve_vm_id() {
   MutexLock g(&lock_);
-  return next_id(&vm_cursor_);
+  return vms_.reserve();
 }
 
 void RefgpuFile::insert_vm(std::shared_ptr<FileVm> vm) {
   MutexLock g(&lock_);
   const uint32_t id = vm->id;
-  vms_.emplace(id, std::move(vm));
+  vms_.insert(id, std::move(vm));
 }
 
 std::shared_ptr<FileVm> RefgpuFile::find_vm(uint32_t id) {
   MutexLock g(&lock_);
-  auto it = vms_.find(id);
-  return it == vms_.end() ? nullptr : it->second;
+  return vms_.find(id);
 }
 
 int RefgpuFile::remove_vm(uint32_t id) {
   std::shared_ptr<FileVm> vm;  // dropped after the lock
   MutexLock g(&lock_);
-  auto it = vms_.find(id);
-  if (it == vms_.end()) return -ENOENT;
+  vm = vms_.find(id);
+  if (!vm) return -ENOENT;
   // Queues are inserted and removed under lock_, with the count changed under it too, so
-  // no queue can appear on a VM between this check and the erase.
-  if (it->second->queues.load() > 0) return -EBUSY;
-  vm = std::move(it->second);
-  vms_.erase(it);
+  // no queue can appear on a VM between this check and the removal.
+  if (vm->queues.load() > 0) return -EBUSY;
+  (void)vms_.remove(id);  // vm still holds a reference: the last one goes after the lock
   return 0;
 }
 
 uint32_t RefgpuFile::reserve_exec_queue_id() {
   MutexLock g(&lock_);
-  return next_id(&queue_cursor_);
+  return queues_.reserve();
 }
 
 void RefgpuFile::insert_exec_queue(std::shared_ptr<FileExecQueue> q) {
   MutexLock g(&lock_);
   q->vm->queues.fetch_add(1);
   const uint32_t id = q->id;
-  queues_.emplace(id, std::move(q));
+  queues_.insert(id, std::move(q));
 }
 
 std::shared_ptr<FileExecQueue> RefgpuFile::find_exec_queue(uint32_t id) {
   MutexLock g(&lock_);
-  auto it = queues_.find(id);
-  return it == queues_.end() ? nullptr : it->second;
+  return queues_.find(id);
 }
 
 std::shared_ptr<FileExecQueue> RefgpuFile::remove_exec_queue(uint32_t id) {
   MutexLock g(&lock_);
-  auto it = queues_.find(id);
-  if (it == queues_.end()) return nullptr;
-  std::shared_ptr<FileExecQueue> q = std::move(it->second);
-  queues_.erase(it);
   // The VM's count drops once the queue's jobs are done (the caller's destroy_queue), so
   // vm_destroy cannot free the MMU under a running job.
-  return q;
+  return queues_.remove(id);
 }
 
 uint32_t RefgpuFile::add_syncobj(std::shared_ptr<Syncobj> s) {
   MutexLock g(&lock_);
-  const uint32_t id = next_id(&syncobj_cursor_);
-  if (id) syncobjs_.emplace(id, std::move(s));
-  return id;
+  return syncobjs_.add(s);  // spent ids: the caller's s goes after the lock
 }
 
 std::shared_ptr<Syncobj> RefgpuFile::find_syncobj(uint32_t id) {
   MutexLock g(&lock_);
-  auto it = syncobjs_.find(id);
-  return it == syncobjs_.end() ? nullptr : it->second;
+  return syncobjs_.find(id);
 }
 
 bool RefgpuFile::remove_syncobj(uint32_t id) {
   std::shared_ptr<Syncobj> s;  // dropped after the lock
   MutexLock g(&lock_);
-  auto it = syncobjs_.find(id);
-  if (it == syncobjs_.end()) return false;
-  s = std::move(it->second);
-  syncobjs_.erase(it);
-  return true;
+  s = syncobjs_.remove(id);
+  return s != nullptr;
 }
 
 std::shared_ptr<Fence> RefgpuFile::syncobj_fence(const Syncobj& s) {

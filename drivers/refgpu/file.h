@@ -4,8 +4,9 @@
 //
 // Design notes:
 //  - Ids are allocated from 1 upwards per table and never reused while the file is open
-//    (an xarray with XA_FLAGS_ALLOC1 and a cyclic cursor that never wraps in practice: 2^32
-//    creations), so a stale id is -ENOENT and never names a newer object.
+//    (IdTable, id_table.h: an xarray with XA_FLAGS_ALLOC1 and a cyclic cursor that never
+//    wraps in practice: 2^32 creations), so a stale id is -ENOENT and never names a newer
+//    object.
 //  - Objects are shared_ptrs: an ioctl takes a reference under the file lock and works with
 //    no lock held; destroy removes the id first, so a concurrent ioctl either saw the object
 //    before (and keeps it alive to its end) or gets -ENOENT.
@@ -36,6 +37,7 @@
 #include "drivers/refgpu/fence.h"
 #include "drivers/refgpu/gpu_mmu.h"
 #include "drivers/refgpu/gpu_page_table.h"
+#include "drivers/refgpu/id_table.h"
 #include "drivers/refgpu/tlb.h"
 #include "drivers/refgpu/vm.h"
 #include "gpusvm/base/lock.h"
@@ -147,15 +149,12 @@ class RefgpuFile final : public devfs::File {
   const std::shared_ptr<RefgpuDevice> dev_;
   const std::shared_ptr<mm::AddressSpace> mm_;
   Mutex lock_{&kRefgpuFileLockClass};
-  std::map<uint32_t, std::shared_ptr<FileVm>> vms_ GPUSVM_GUARDED_BY(lock_);
-  std::map<uint32_t, std::shared_ptr<FileExecQueue>> queues_ GPUSVM_GUARDED_BY(lock_);
-  std::map<uint32_t, std::shared_ptr<Syncobj>> syncobjs_ GPUSVM_GUARDED_BY(lock_);
-  std::map<uint32_t, std::shared_ptr<FileBo>> bos_ GPUSVM_GUARDED_BY(lock_);
+  // The id tables (id_table.h: ids from 1, never reused).
+  IdTable<FileVm> vms_ GPUSVM_GUARDED_BY(lock_);
+  IdTable<FileExecQueue> queues_ GPUSVM_GUARDED_BY(lock_);
+  IdTable<Syncobj> syncobjs_ GPUSVM_GUARDED_BY(lock_);
+  IdTable<FileBo> bos_ GPUSVM_GUARDED_BY(lock_);
   std::map<uint64_t, std::shared_ptr<FileBo>> bo_offsets_ GPUSVM_GUARDED_BY(lock_);  // by mmap_offset
-  uint32_t bo_cursor_ GPUSVM_GUARDED_BY(lock_) = 0;
-  uint32_t vm_cursor_ GPUSVM_GUARDED_BY(lock_) = 0;
-  uint32_t queue_cursor_ GPUSVM_GUARDED_BY(lock_) = 0;
-  uint32_t syncobj_cursor_ GPUSVM_GUARDED_BY(lock_) = 0;
 };
 
 }  // namespace gpusvm::refgpu

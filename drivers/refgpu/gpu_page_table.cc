@@ -72,25 +72,24 @@ uint64_t GpuPageTable::count_needed_locked(uint64_t start, uint64_t end, uint64_
   uint64_t need = 0;
   uint64_t last_l2 = ~0ull;
   uint64_t last_l1 = ~0ull;
-  for (uint64_t slot = align_down(start, kSZ2M); slot < end;) {
+  uint64_t slot = align_down(start, kSZ2M);
+  // A missing table covering 1 << shift bytes at slot (L2: 39, L1: 30): an unmap has nothing
+  // there and moves slot past it (true: go on from there); a map needs one node per missing
+  // table it crosses (*last: the last table counted).
+  auto missing = [&](unsigned shift, uint64_t* last) {
+    if (unmap) {
+      slot = align_down(slot, 1ull << shift) + (1ull << shift);
+      return true;
+    }
+    if (*last != slot >> shift) need++;
+    *last = slot >> shift;
+    return false;
+  };
+  while (slot < end) {
     const PtNode* l2 = root_->child[idx(slot, 3)];
-    if (!l2) {
-      if (unmap) {
-        slot = align_down(slot, 1ull << 39) + (1ull << 39);
-        continue;
-      }
-      if (last_l2 != slot >> 39) need++;
-      last_l2 = slot >> 39;
-    }
+    if (!l2 && missing(39, &last_l2)) continue;
     const PtNode* l1 = l2 ? l2->child[idx(slot, 2)] : nullptr;
-    if (!l1) {
-      if (unmap) {
-        slot = align_down(slot, 1ull << 30) + (1ull << 30);
-        continue;
-      }
-      if (last_l1 != slot >> 30) need++;
-      last_l1 = slot >> 30;
-    }
+    if (!l1 && missing(30, &last_l1)) continue;
     const unsigned i1 = idx(slot, 1);
     const bool has_l0 = l1 && l1->child[i1];
     const bool is_leaf = l1 && (l1->pte[i1] & kPresent);

@@ -4,6 +4,9 @@
 // new rank cannot silently reorder another layer's locks; tests/base/lock_order_test.cc checks
 // that the table is strictly ordered and that lockdep enforces each step of it.
 //
+//   runtime heap (5, mutex: one per malloc heap of the userspace runtime; held across the
+//    mmap/munmap of an arena or large block and across the MADVISE ioctl that resets the
+//    advice of freed pages, so it ranks before every driver and mm lock those take)
 //   [reserved 10-90: driver VM and range locks of the middle layer and its drivers, which are
 //    taken before the mmap lock: driver VM lock -> range lock -> mmap lock]
 //   gpusvm driver lock (50: a driver's VM/range lock that Gpusvm asserts held; drivers
@@ -64,6 +67,8 @@
 //                        hold nothing else when they take them, and call nothing under them)
 //                     -> devfs machine (its list of processes), device registry, fd table,
 //                        process exit status (leaves: nothing is called under them)
+//                     -> runtime fence settle lock (970: publishes a fence's settled status
+//                        and fault, two stores; a leaf: nothing is called or locked under it)
 //
 // Unordered (rank 0, held-tracking only): the plain-notifier list lock, whose release()
 // callbacks may take driver locks of any rank and which no invalidation ever takes.
@@ -82,6 +87,12 @@
 #include "gpusvm/base/lock.h"
 
 namespace gpusvm {
+
+namespace rt {
+// A runtime malloc heap's lock (runtime/heap.cc): taken by the program's threads with no
+// gpusvm lock held, and held across mmap, munmap and the MADVISE ioctl: outermost.
+inline constexpr LockClass kRtHeapLockClass{"gpusvm_rt_heap", 5};
+}  // namespace rt
 
 namespace refgpu {
 // A refgpu VM's lock: the Gpusvm driver lock of its mirror (faults, binds, madvise, GC).
@@ -164,12 +175,18 @@ inline constexpr LockClass kFdTableLockClass{"devfs_fd_table", 960};
 inline constexpr LockClass kProcessStatusLockClass{"devfs_process_status", 965};
 }  // namespace devfs
 
+namespace rt {
+// The runtime's fence settle lock (runtime/submit.cc): a leaf.
+inline constexpr LockClass kRtFenceLockClass{"gpusvm_rt_fence", 970};
+}  // namespace rt
+
 namespace mm {
 inline constexpr LockClass kMmuNotifierListLockClass{"mmu_notifier_list", 0};
 }  // namespace mm
 
 // Every ordered class, in table order (the order test walks it).
-inline constexpr std::array<const LockClass*, 42> kLockOrder{
+inline constexpr std::array<const LockClass*, 44> kLockOrder{
+    &rt::kRtHeapLockClass,
     &refgpu::kRefgpuVmLockClass,  &svm::kGpusvmDriverLockClass, &refgpu::kBoLockClass,
     &mm::kMmapLockClass,          &mm::kHugetlbFaultMutexClass,   &mm::kShmemLockClass,
     &mm::kFolioLockClass,         &mm::kRmapWalkLockClass,        &dmirror::kDmirrorDevmemLockClass,
@@ -186,7 +203,7 @@ inline constexpr std::array<const LockClass*, 42> kLockOrder{
     &refgpu::kRefgpuFaultChainLockClass, &refgpu::kFaultQueueLockClass, &refgpu::kRefgpuFileLockClass,
     &refgpu::kRefgpuDeviceVmsLockClass,
     &devfs::kMachineLockClass,    &devfs::kDeviceRegistryLockClass, &devfs::kFdTableLockClass,
-    &devfs::kProcessStatusLockClass,
+    &devfs::kProcessStatusLockClass, &rt::kRtFenceLockClass,
 };
 
 }  // namespace gpusvm

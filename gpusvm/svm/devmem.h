@@ -99,6 +99,15 @@ struct MigrateDetails {
   bool source_peer_migrates = true;
 };
 
+// The clock of the residency timeslice: steady_clock, unless a test installed its own so that
+// the test, not the machine's speed, decides when a timeslice expires (a loaded TSan run
+// must not turn "before expiry" into "after"). An atomic function pointer: read locklessly
+// by every migration and CPU fault; tests install it before the migration under test.
+using TimesliceClock = std::chrono::steady_clock::time_point (*)();
+std::chrono::steady_clock::time_point timeslice_now();
+// Installs `clock` (nullptr: steady_clock again) and returns the one it replaced.
+TimesliceClock set_timeslice_clock(TimesliceClock clock);
+
 class Devmem {
  public:
   // drm_pagemap_devmem_init: an allocation of `size` bytes (a multiple of 4 KiB) of
@@ -119,7 +128,8 @@ class Devmem {
   Fence* pre_migrate_fence() const { return pre_migrate_fence_.get(); }
   // Completed when the last page of the allocation went (before devmem_release).
   Fence& detached() { return detached_; }
-  // A CPU fault before this time leaves the pages where they are (migrate_to_ram).
+  // A CPU fault before this time (timeslice_now()) leaves the pages where they are
+  // (migrate_to_ram).
   std::chrono::steady_clock::time_point timeslice_expiration() const {
     return std::chrono::steady_clock::time_point(
         std::chrono::steady_clock::duration(timeslice_expiration_.load(std::memory_order_acquire)));
@@ -129,7 +139,7 @@ class Devmem {
   // fence was waited for or pipelined behind and is dropped).
   void migration_done(std::chrono::milliseconds ms) {
     pre_migrate_fence_.reset();
-    timeslice_expiration_.store((std::chrono::steady_clock::now() + ms).time_since_epoch().count(),
+    timeslice_expiration_.store((timeslice_now() + ms).time_since_epoch().count(),
                                 std::memory_order_release);
   }
 

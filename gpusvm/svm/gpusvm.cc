@@ -192,8 +192,7 @@ void Gpusvm::assert_tree_lock_held(const char* where) const {
   panic(std::string("gpusvm ") + cfg_.name + ": " + where + " without the driver lock or the notifier lock");
 }
 
-void Gpusvm::for_each_range(mm::Va start, mm::Va end,
-                            const std::function<void(Range*)>& fn) const {
+void Gpusvm::for_each_range(mm::Va start, mm::Va end, FunctionRef<void(Range*)> fn) const {
   assert_tree_lock_held("for_each_range");
   auto nit = notifiers_.upper_bound(start);
   if (nit != notifiers_.begin()) --nit;
@@ -207,7 +206,7 @@ void Gpusvm::for_each_range(mm::Va start, mm::Va end,
 }
 
 void Gpusvm::for_each_range(const Notifier* n, mm::Va start, mm::Va end,
-                            const std::function<void(Range*)>& fn) const {
+                            FunctionRef<void(Range*)> fn) const {
   assert_tree_lock_held("for_each_range");
   auto rit = n->ranges_.upper_bound(start);
   if (rit != n->ranges_.begin() && std::prev(rit)->second->end_ > start) --rit;

@@ -52,6 +52,7 @@
 #include <string>
 #include <vector>
 
+#include "gpusvm/base/function_ref.h"
 #include "gpusvm/base/lock.h"
 #include "gpusvm/base/lock_order.h"
 #include "gpusvm/base/result.h"
@@ -353,12 +354,14 @@ class Gpusvm {
   // insert or remove ranges; collect them to do so). Either lock keeps both trees stable
   // (they change only with the driver lock and the notifier lock held for write): the
   // driver lock, or the notifier lock in either mode - the invalidate callback walks the
-  // ranges of its event this way. Panics with neither held.
-  void for_each_range(mm::Va start, mm::Va end, const std::function<void(Range*)>& fn) const;
+  // ranges of its event this way. Panics with neither held. `fn` is a FunctionRef, not a
+  // std::function: a walk under the notifier lock must not allocate, and a std::function
+  // copies a capture larger than its small buffer onto the heap.
+  void for_each_range(mm::Va start, mm::Va end, FunctionRef<void(Range*)> fn) const;
   // drm_gpusvm_for_each_range: the ranges of one notifier intersecting [start, end), with
   // the same locking rule.
   void for_each_range(const Notifier* notifier, mm::Va start, mm::Va end,
-                      const std::function<void(Range*)>& fn) const;
+                      FunctionRef<void(Range*)> fn) const;
   // drm_gpusvm_find_vma_start: start of the first VMA intersecting [start, end), or
   // ~0 when none. Takes the mmap lock.
   mm::Va find_vma_start(mm::Va start, mm::Va end) const;

@@ -1,6 +1,7 @@
 // Device memory back to system memory: evict_to_ram (drm_pagemap_evict_to_ram, by device
 // pfn) and the CPU-fault migrate_to_ram (__drm_pagemap_migrate_to_ram, by address, honouring
 // the residency timeslice).
+#include <atomic>
 #include <cerrno>
 #include <thread>
 #include <vector>
@@ -25,6 +26,27 @@ GPUSVM_SCHED_POINT(g_sp_evict_collected, "svm.evict_to_ram.collected");
 // migrate_to_ram (CPU fault): migrate_vma_setup collected the window. Held: the mmap lock
 // (read), the fault page's lock (the fault handler's) and the collected folios' locks.
 GPUSVM_SCHED_POINT(g_sp_fault_collected, "svm.migrate_to_ram.collected");
+// migrate_to_ram (CPU fault) left the pages alone: the timeslice had not expired (counted in
+// timeslice_deferred). Held: the mmap lock (read) and the fault page's lock.
+GPUSVM_SCHED_POINT(g_sp_timeslice_deferred, "svm.migrate_to_ram.timeslice_deferred");
+
+// The installed timeslice clock (nullptr: steady_clock). relaxed: a test installs it before
+// it starts the migration under test (a happens-before edge through the lock or the thread
+// start that follows), and only the pointer is read.
+std::atomic<TimesliceClock> g_timeslice_clock{nullptr};
+
+}  // namespace
+
+std::chrono::steady_clock::time_point timeslice_now() {
+  TimesliceClock clock = g_timeslice_clock.load(std::memory_order_relaxed);
+  return clock ? clock() : std::chrono::steady_clock::now();
+}
+
+TimesliceClock set_timeslice_clock(TimesliceClock clock) {
+  return g_timeslice_clock.exchange(clock, std::memory_order_relaxed);
+}
+
+namespace {
 
 // pages[i] = the device page of each collected source page (nullptr elsewhere).
 void source_pages(mm::PhysMem* mem, const uint64_t* src, const uint64_t* dst, std::vector<mm::Folio*>& pages) {
@@ -90,8 +112,9 @@ mm::VmFault pagemap_migrate_to_ram(const mm::VmFaultInfo& vmf) {
   // The residency timeslice (upstream returns 0 without migrating: the access is retried and
   // faults again until the time is up). The yield stands for the time a CPU takes to return
   // to the faulting instruction.
-  if (std::chrono::steady_clock::now() < devmem->timeslice_expiration()) {
+  if (timeslice_now() < devmem->timeslice_expiration()) {
     pagemap_stats().timeslice_deferred.fetch_add(1, std::memory_order_relaxed);
+    g_sp_timeslice_deferred.reach();
     std::this_thread::yield();
     return mm::VmFault::kOk;
   }

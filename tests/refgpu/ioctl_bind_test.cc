@@ -150,26 +150,7 @@ TEST(RefgpuIoctlBind, MirrorBindExecFaultsInAndWritesProcessMemory) {
                                   100, 1});
   bb.fence(fences, 1).end();
   r.put_bytes(batch, bb.bytes);
-  drm_refgpu_sync s{};
-  s.type = REFGPU_SYNC_TYPE_USER_FENCE;
-  s.flags = REFGPU_SYNC_FLAG_SIGNAL;
-  s.addr = fences + 8;
-  s.timeline_value = 2;
-  drm_refgpu_exec e{};
-  e.exec_queue_id = q;
-  e.num_syncs = 1;
-  e.syncs = uptr(&s);
-  e.address = batch;
-  e.num_batch_buffer = 1;
-  ASSERT_EQ(r.io(DRM_IOCTL_REFGPU_EXEC, &e), 0);
-  drm_refgpu_wait_user_fence w{};
-  w.addr = fences + 8;
-  w.op = REFGPU_UFENCE_WAIT_OP_EQ;
-  w.value = 2;
-  w.mask = ~0ull;
-  w.timeout = 20'000'000'000;
-  w.exec_queue_id = q;
-  ASSERT_EQ(r.io(DRM_IOCTL_REFGPU_WAIT_USER_FENCE, &w), 0);
+  ASSERT_EQ(r.exec_and_wait(q, batch, fences + 8, 2), 0);
   EXPECT_EQ(r.load64(fences), 1u);
   for (uint32_t i = 0; i < 32; i++)
     for (uint64_t off = 0; off < 4096; off += 8)

@@ -245,21 +245,7 @@ TEST(RefgpuIoctlExec, UnmappedBatchFailsTheJobCleanly) {
   const uint32_t q = r.queue_create(vm);
   const uint32_t so = r.syncobj_create();
   const mm::Va fence = r.anon(4096);
-  drm_refgpu_sync s[2] = {};
-  s[0].type = REFGPU_SYNC_TYPE_SYNCOBJ;
-  s[0].flags = REFGPU_SYNC_FLAG_SIGNAL;
-  s[0].handle = so;
-  s[1].type = REFGPU_SYNC_TYPE_USER_FENCE;
-  s[1].flags = REFGPU_SYNC_FLAG_SIGNAL;
-  s[1].addr = fence;
-  s[1].timeline_value = 3;
-  drm_refgpu_exec e{};
-  e.exec_queue_id = q;
-  e.num_syncs = 2;
-  e.syncs = uptr(s);
-  e.address = 0x200000;
-  e.num_batch_buffer = 1;
-  ASSERT_EQ(r.io(DRM_IOCTL_REFGPU_EXEC, &e), 0);
+  ASSERT_EQ(r.exec(q, 0x200000, {r.syncobj_signal(so), r.ufence_signal(fence, 3)}), 0);
   drm_refgpu_syncobj_wait w{};
   w.handles = uptr(&so);
   w.count_handles = 1;
@@ -269,16 +255,8 @@ TEST(RefgpuIoctlExec, UnmappedBatchFailsTheJobCleanly) {
   ASSERT_EQ(r.io(DRM_IOCTL_REFGPU_SYNCOBJ_WAIT, &w), 0);
   EXPECT_EQ(w.error, -EFAULT);
   // The user fence is written at the job's end whatever its status.
-  drm_refgpu_wait_user_fence u{};
-  u.addr = fence;
-  u.op = REFGPU_UFENCE_WAIT_OP_EQ;
-  u.value = 3;
-  u.mask = ~0ull;
-  u.timeout = 10'000'000'000;
-  ASSERT_EQ(r.io(DRM_IOCTL_REFGPU_WAIT_USER_FENCE, &u), 0);
-  u.value = 4;  // never comes; the queue is banned
-  u.exec_queue_id = q;
-  EXPECT_EQ(r.io(DRM_IOCTL_REFGPU_WAIT_USER_FENCE, &u), -EIO);
+  ASSERT_EQ(r.wait_ufence(fence, 3), 0);
+  EXPECT_EQ(r.wait_ufence(fence, 4, q), -EIO);  // 4 never comes; the queue is banned
   EXPECT_EQ(r.stat(REFGPU_STAT_JOB_ERRORS), 1u);
   EXPECT_EQ(r.stat(REFGPU_STAT_FAULT_ERRORS), 1u);
 
@@ -326,8 +304,7 @@ TEST(RefgpuIoctlExec, UnmappedBatchFailsTheJobCleanly) {
   ASSERT_EQ(r.io(DRM_IOCTL_REFGPU_FAULT_QUERY, &fq), 0);
   EXPECT_EQ(fq.num_faults, 0u) << "CLEAR kept the record";
   // The queue and the VM stay usable: a second exec runs (and fails the same way).
-  e.num_syncs = 0;
-  EXPECT_EQ(r.io(DRM_IOCTL_REFGPU_EXEC, &e), 0);
+  EXPECT_EQ(r.exec(q, 0x200000), 0);
 }
 
 // An exec whose in-syncobj holds a pending job's fence runs only after that job ended.
@@ -349,38 +326,15 @@ TEST(RefgpuIoctlExec, InSyncobjOrdersJobs) {
   b.add(refgpu_cmd_copy{REFGPU_CMD_HEADER(REFGPU_OP_COPY, 8), 0, flag + 16, flag + 8, 8}).end();
   r.put_bytes(mem, a.bytes);
   r.put_bytes(mem + 4096, b.bytes);
-  drm_refgpu_sync s{};
-  s.type = REFGPU_SYNC_TYPE_SYNCOBJ;
-  s.flags = REFGPU_SYNC_FLAG_SIGNAL;
-  s.handle = so;
-  drm_refgpu_exec e{};
-  e.exec_queue_id = q0;
-  e.num_syncs = 1;
-  e.syncs = uptr(&s);
-  e.address = mem;
-  e.num_batch_buffer = 1;
-  ASSERT_EQ(r.io(DRM_IOCTL_REFGPU_EXEC, &e), 0);
+  ASSERT_EQ(r.exec(q0, mem, {r.syncobj_signal(so)}), 0);
   std::thread cpu([&] {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
     // An atomic CPU store: the engine polls the word concurrently.
     EXPECT_TRUE(mm::cpu::atomic_exchange(r.proc->mm(), flag, 1).ok());
   });
-  drm_refgpu_sync in = s;
-  in.flags = 0;
-  drm_refgpu_exec e2 = e;
-  e2.exec_queue_id = q1;
-  e2.syncs = uptr(&in);
-  e2.address = mem + 4096;
-  ASSERT_EQ(r.io(DRM_IOCTL_REFGPU_EXEC, &e2), 0);
+  ASSERT_EQ(r.exec(q1, mem + 4096, {r.syncobj_in(so)}), 0);
   cpu.join();
-  drm_refgpu_wait_user_fence u{};
-  u.addr = flag + 16;
-  u.op = REFGPU_UFENCE_WAIT_OP_EQ;
-  u.value = 1;
-  u.mask = ~0ull;
-  u.timeout = 10'000'000'000;
-  u.exec_queue_id = q1;
-  ASSERT_EQ(r.io(DRM_IOCTL_REFGPU_WAIT_USER_FENCE, &u), 0);
+  ASSERT_EQ(r.wait_ufence(flag + 16, 1, q1), 0);
   EXPECT_EQ(r.load64(flag + 8), 1u);
 }
 

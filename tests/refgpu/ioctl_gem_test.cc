@@ -273,19 +273,8 @@ TEST(RefgpuIoctlGem, EndToEndCopyEvictUnmapReturnsToMirror) {
   auto run = [&](Batch& bb) {
     bb.fence(mem + 63 * 4096, ++fence_value).end();
     r.put_bytes(mem, bb.bytes);
-    drm_refgpu_exec e{};
-    e.exec_queue_id = q;
-    e.address = mem;
-    e.num_batch_buffer = 1;
-    ASSERT_EQ(r.io(DRM_IOCTL_REFGPU_EXEC, &e), 0);
-    drm_refgpu_wait_user_fence w{};
-    w.addr = mem + 63 * 4096;
-    w.op = REFGPU_UFENCE_WAIT_OP_EQ;
-    w.value = fence_value;
-    w.mask = ~0ull;
-    w.timeout = 20'000'000'000;
-    w.exec_queue_id = q;
-    ASSERT_EQ(r.io(DRM_IOCTL_REFGPU_WAIT_USER_FENCE, &w), 0);
+    ASSERT_EQ(r.exec(q, mem), 0);
+    ASSERT_EQ(r.wait_ufence(mem + 63 * 4096, fence_value, q), 0);
   };
   auto check_mem = [&](mm::Va va, const std::vector<std::byte>& want) {
     std::vector<std::byte> got(want.size());

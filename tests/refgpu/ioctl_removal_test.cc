@@ -31,34 +31,14 @@ TEST(RefgpuIoctlRemoval, JobsInFlightCompleteWithEnodev) {
   std::vector<uint32_t> so;
   for (int i = 0; i < kJobs; i++) {
     so.push_back(r.syncobj_create());
-    drm_refgpu_sync s[2] = {};
-    s[0].type = REFGPU_SYNC_TYPE_SYNCOBJ;
-    s[0].flags = REFGPU_SYNC_FLAG_SIGNAL;
-    s[0].handle = so.back();
-    s[1].type = REFGPU_SYNC_TYPE_USER_FENCE;
-    s[1].flags = REFGPU_SYNC_FLAG_SIGNAL;
-    s[1].addr = flag + 8 + 8 * i;
-    s[1].timeline_value = 100 + i;
-    drm_refgpu_exec e{};
-    e.exec_queue_id = i % 2 ? q1 : q0;
-    e.num_syncs = 2;
-    e.syncs = uptr(s);
     // Even jobs spin; odd ones fetch an unmapped batch (a fault in service or failed).
-    e.address = i % 2 ? 0x40000000 : mem;
-    e.num_batch_buffer = 1;
-    ASSERT_EQ(r.io(DRM_IOCTL_REFGPU_EXEC, &e), 0);
+    ASSERT_EQ(r.exec(i % 2 ? q1 : q0, i % 2 ? 0x40000000 : mem,
+                     {r.syncobj_signal(so.back()), r.ufence_signal(flag + 8 + 8 * i, 100 + i)}),
+              0);
   }
   // A CPU thread sleeps in wait_user_fence on a value that never comes.
   std::atomic<int> wait_rc{1};
-  std::thread waiter([&] {
-    drm_refgpu_wait_user_fence w{};
-    w.addr = flag;
-    w.op = REFGPU_UFENCE_WAIT_OP_EQ;
-    w.value = 77;
-    w.mask = ~0ull;
-    w.timeout = 20'000'000'000;
-    wait_rc = r.io(DRM_IOCTL_REFGPU_WAIT_USER_FENCE, &w);
-  });
+  std::thread waiter([&] { wait_rc = r.wait_ufence(flag, 77); });
   std::this_thread::sleep_for(std::chrono::milliseconds(20));
   const auto t0 = std::chrono::steady_clock::now();
   r.dev->unplug();
@@ -111,11 +91,7 @@ TEST(RefgpuIoctlRemoval, RacesIoctlsFromThreads) {
         return r.io(DRM_IOCTL_REFGPU_EXEC_QUEUE_CREATE, &c) == 0 ? c.exec_queue_id : 0u;
       }();
       while (!stop.load()) {
-        drm_refgpu_exec e{};
-        e.exec_queue_id = q;
-        e.address = 0x800000;
-        e.num_batch_buffer = 1;
-        int rc = r.io(DRM_IOCTL_REFGPU_EXEC, &e);
+        int rc = r.exec(q, 0x800000);
         if (rc != 0 && rc != -ENODEV && !(q == 0 && rc == -ENOENT)) bad++;
         drm_refgpu_syncobj_create s{};
         rc = r.io(DRM_IOCTL_REFGPU_SYNCOBJ_CREATE, &s);

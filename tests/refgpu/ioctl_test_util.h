@@ -81,6 +81,58 @@ class IoctlRig {
     EXPECT_EQ(io(DRM_IOCTL_REFGPU_SYNCOBJ_CREATE, &c), 0);
     return c.handle;
   }
+  // Exec and its waits, for tests that are not about these structs (ioctl_exec_test.cc's
+  // contract tests fill and check every field by hand). The sync entries: the job signals
+  // syncobj `handle`, or writes `value` to the qword at `addr`, when it ends (whatever its
+  // status); syncobj_in: the job runs after the fence syncobj `handle` holds.
+  static drm_refgpu_sync syncobj_signal(uint32_t handle) {
+    drm_refgpu_sync s = syncobj_in(handle);
+    s.flags = REFGPU_SYNC_FLAG_SIGNAL;
+    return s;
+  }
+  static drm_refgpu_sync syncobj_in(uint32_t handle) {
+    drm_refgpu_sync s{};
+    s.type = REFGPU_SYNC_TYPE_SYNCOBJ;
+    s.handle = handle;
+    return s;
+  }
+  static drm_refgpu_sync ufence_signal(mm::Va addr, uint64_t value) {
+    drm_refgpu_sync s{};
+    s.type = REFGPU_SYNC_TYPE_USER_FENCE;
+    s.flags = REFGPU_SYNC_FLAG_SIGNAL;
+    s.addr = addr;
+    s.timeline_value = value;
+    return s;
+  }
+  // DRM_IOCTL_REFGPU_EXEC of the one batch at GPU VA `batch` on `queue`, with `syncs`: its rc.
+  int exec(uint32_t queue, uint64_t batch, std::vector<drm_refgpu_sync> syncs = {}) {
+    drm_refgpu_exec e{};
+    e.exec_queue_id = queue;
+    e.num_syncs = static_cast<uint32_t>(syncs.size());
+    e.syncs = syncs.empty() ? 0 : uptr(syncs.data());
+    e.address = batch;
+    e.num_batch_buffer = 1;
+    return io(DRM_IOCTL_REFGPU_EXEC, &e);
+  }
+  // DRM_IOCTL_REFGPU_WAIT_USER_FENCE until the qword at `addr` equals `value`: its rc (0;
+  // -ETIME after timeout_ns; -EIO once `queue`, when not 0, was banned by a failed job).
+  int wait_ufence(mm::Va addr, uint64_t value, uint32_t queue = 0, int64_t timeout_ns = 20'000'000'000) {
+    drm_refgpu_wait_user_fence w{};
+    w.addr = addr;
+    w.op = REFGPU_UFENCE_WAIT_OP_EQ;
+    w.value = value;
+    w.mask = ~0ull;
+    w.timeout = timeout_ns;
+    w.exec_queue_id = queue;
+    return io(DRM_IOCTL_REFGPU_WAIT_USER_FENCE, &w);
+  }
+  // exec with a user-fence signal of `value` at `fence`, then the wait for it (ending early
+  // if the queue is banned): 0, or the first failing ioctl's rc.
+  int exec_and_wait(uint32_t queue, uint64_t batch, mm::Va fence, uint64_t value) {
+    if (int rc = exec(queue, batch, {ufence_signal(fence, value)})) return rc;
+    return wait_ufence(fence, value, queue);
+  }
+
   // Anonymous read-write memory of the process (malloc'd memory, as a program has it).
   mm::Va anon(uint64_t len) {
     auto va = proc->mm().mmap(0, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS);

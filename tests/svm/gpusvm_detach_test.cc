@@ -3,10 +3,12 @@
 // pages_valid commit check against an invalidation between get_pages and commit.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <thread>
 
 #include "gpusvm/base/errno.h"
 #include "gpusvm/base/sched_point.h"
+#include "tests/svm/alloc_count.h"
 #include "tests/svm/svm_test_util.h"
 
 namespace gpusvm::svm::testing {
@@ -53,6 +55,46 @@ TEST_F(SvmDetachTest, ForEachRangeWithEitherLock) {
   EXPECT_DEATH((void)count(kBase, kBase + k2M), "without the driver lock or the notifier lock");
   gpu.reset();
   EXPECT_MM_CHECK_OK(*mem);
+}
+
+// Nothing allocates under the notifier lock (docs/svm.md "Locking"), and the invalidate
+// callback walks there: for_each_range must not allocate to hold its callback. Each callback
+// captures four locals (32 bytes), more than a std::function keeps inline, so a std::function
+// parameter would allocate on each call.
+TEST_F(SvmDetachTest, ForEachRangeUnderTheNotifierLockNeverAllocates) {
+  if (!alloc_counting()) GTEST_SKIP() << "operator new is the sanitizer's in this build";
+  make_gpu();
+  map_at(kBase, 2 * k2M);
+  fill_pages(*as, kBase, 2 * k2M, 4);
+  for (int i = 0; i < 2; i++) ASSERT_EQ(gpu->fault(kBase + i * k2M, true), 0);
+  Gpusvm* g = gpu->gpusvm();
+  int ranges = 0, in_notifier = 0;
+  mm::Va lowest = ~mm::Va{0}, highest = 0;
+  Notifier* n = nullptr;
+  bool all_in_n = true;
+  uint64_t allocs = 0;
+  {
+    WriteLock l(&g->notifier_lock());  // as the invalidate callback holds it
+    alloc_count_begin();
+    g->for_each_range(kBase, kBase + 2 * k2M, [&](Range* r) {
+      ranges++;
+      lowest = std::min(lowest, r->start());
+      highest = std::max(highest, r->end());
+      n = r->notifier();
+    });
+    g->for_each_range(n, kBase, kBase + 2 * k2M, [&](Range* r) {
+      in_notifier++;
+      all_in_n = all_in_n && r->notifier() == n;
+      highest = std::max(highest, r->end());
+    });
+    allocs = alloc_count_end();
+  }
+  EXPECT_EQ(allocs, 0u) << "for_each_range allocated under the notifier lock";
+  EXPECT_EQ(ranges, 2);
+  EXPECT_EQ(in_notifier, 2);
+  EXPECT_TRUE(all_in_n);
+  EXPECT_EQ(lowest, kBase);
+  EXPECT_EQ(highest, kBase + 2 * k2M);
 }
 
 // A range the driver still holds after range_remove, and after fini, points at nothing and

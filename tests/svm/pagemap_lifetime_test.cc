@@ -1,9 +1,11 @@
 // Pagemap lifetime (destroy deferred from folio_free), the residency timeslice, and a fork
 // child touching device pages.
+#include <atomic>
 #include <chrono>
 #include <thread>
 
 #include "gpusvm/base/lock.h"
+#include "gpusvm/base/sched_point.h"
 #include "tests/svm/pagemap_test_util.h"
 
 namespace gpusvm::svm::testing {
@@ -77,33 +79,75 @@ TEST_F(PagemapTest, ExitedAddressSpaceIsEfault) {
   EXPECT_EQ(vram->free_pages(), kVramPages);
 }
 
+// The timeslice clock of these tests: it moves only when a test advances it, so a test
+// decides when a timeslice expires (set_timeslice_clock, devmem.h).
+std::atomic<Clock::rep> g_fake_now{0};
+Clock::time_point fake_now() { return Clock::time_point(Clock::duration(g_fake_now.load())); }
+
+class FakeTimesliceClock {
+ public:
+  FakeTimesliceClock() : prev_(set_timeslice_clock(&fake_now)) { g_fake_now = Clock::now().time_since_epoch().count(); }
+  ~FakeTimesliceClock() { (void)set_timeslice_clock(prev_); }
+  void advance(Clock::duration d) { g_fake_now += d.count(); }
+
+ private:
+  TimesliceClock prev_;
+};
+
 // A CPU fault before the timeslice expires leaves the pages in device memory (upstream
-// returns without migrating and the access faults again) until the time is up.
+// returns without migrating and the access faults again) until the time is up. The clock is
+// the test's, and the CPU thread is stopped at each deferral, so no sleep decides anything:
+//  1. the clock stands at T; migrate with a 150 ms timeslice (expiry T + 150 ms)
+//  2. a CPU thread reads the first page: its fault is deferred, it stops there -> the pages
+//     are still device pages
+//  3. the clock moves to T + 149 ms; the thread retries and is deferred again
+//  4. the clock moves to T + 150 ms: the next retry migrates, the read returns the data
 TEST_F(PagemapTest, TimesliceKeepsPagesUntilItExpires) {
+  FakeTimesliceClock clock;
   const uint64_t len = 4 * kPageSize;
   const Va va = map_anon(*as, len);
   fill_bytes(*as, va, len, 2);
-  constexpr auto kSlice = std::chrono::milliseconds(150);
   ASSERT_EQ(migrate(va, len, MigrateDetails{.timeslice_ms = 150}), 0);
-  const auto t0 = Clock::now();
   const uint64_t deferred = pagemap_stats().timeslice_deferred.load();
-  // Another thread looks while the CPU access is being held off: still in device memory.
   std::atomic<bool> done{false};
-  std::thread cpu([&] {
-    EXPECT_EQ(cpu_bad_words(*as, va, kPageSize, 2), 0u);
-    done = true;
-  });
-  std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  if (!done) {
+  std::thread cpu;
+  // On a failed ASSERT: expire the timeslice so the thread's access ends, and join it.
+  struct Finish {
+    FakeTimesliceClock& clock;
+    std::thread& t;
+    ~Finish() {
+      if (!t.joinable()) return;
+      clock.advance(std::chrono::hours(1));
+      t.join();
+    }
+  } finish{clock, cpu};
+  {
+    sched_point::Pause at_t("svm.migrate_to_ram.timeslice_deferred");
+    ASSERT_EQ(at_t.status(), 0);
+    cpu = std::thread([&] {
+      EXPECT_EQ(cpu_bad_words(*as, va, kPageSize, 2), 0u);
+      done = true;
+    });
+    ASSERT_TRUE(at_t.wait_reached()) << "the CPU fault at T was not deferred";
     EXPECT_EQ(mm::query_page(*as, va).kind, mm::PageKind::kSoftLeaf);
     EXPECT_FALSE(last->released());
-  }
+    EXPECT_GT(pagemap_stats().timeslice_deferred.load(), deferred);
+    clock.advance(std::chrono::milliseconds(149));
+  }  // released: the thread retries at T + 149 ms
+  {
+    sched_point::Pause at_149("svm.migrate_to_ram.timeslice_deferred");
+    ASSERT_TRUE(at_149.wait_reached()) << "the CPU fault 1 ms before expiry was not deferred";
+    EXPECT_FALSE(done.load());
+    EXPECT_EQ(mm::query_page(*as, va).kind, mm::PageKind::kSoftLeaf);
+    EXPECT_FALSE(last->released());
+    clock.advance(std::chrono::milliseconds(1));
+  }  // released at T + 150 ms: the retry migrates
   cpu.join();
-  EXPECT_GE(Clock::now() - t0, kSlice - std::chrono::milliseconds(5));
-  EXPECT_GT(pagemap_stats().timeslice_deferred.load(), deferred);
+  EXPECT_TRUE(done.load());
   EXPECT_TRUE(last->released());
+  EXPECT_EQ(system_pages(*as, va, len), 4u);
   EXPECT_EQ(cpu_bad_words(*as, va, len, 2), 0u);
-  // Without a timeslice the first fault migrates.
+  // Without a timeslice the first fault migrates (the clock has not moved since).
   ASSERT_EQ(migrate(va, len), 0);
   const uint64_t deferred2 = pagemap_stats().timeslice_deferred.load();
   EXPECT_EQ(cpu_bad_words(*as, va, len, 2), 0u);
