@@ -115,7 +115,7 @@ int gpusvm_rt_context_create(gpusvm_rt_device* dev, uint32_t flags, gpusvm_rt_co
 
 int gpusvm_rt_context_destroy(gpusvm_rt_context* ctx) {
   if (!ctx) return -EINVAL;
-  if (ctx->queues.load() || ctx->fences.load()) return -EBUSY;
+  if (ctx->queues.load() || ctx->fences.load() || ctx->bos.load()) return -EBUSY;
   ctx->heap.reset();
   ctx->internal.reset();
   drm_refgpu_vm_destroy d{};

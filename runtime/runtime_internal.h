@@ -102,6 +102,7 @@ struct gpusvm_rt_context {
   std::atomic<uint64_t> seqno{0};
   std::atomic<int> queues{0};
   std::atomic<int> fences{0};
+  std::atomic<int> bos{0};
   gpusvm::mm::AddressSpace& mm() { return dev->proc->mm(); }
   int io(unsigned long req, void* arg) { return gpusvm::rt::drm_ioctl(*dev->proc, dev->fd, req, arg); }
 };
@@ -124,6 +125,23 @@ struct gpusvm_rt_fence {
   // 1 pending, else the final status; and the fault that failed the job.
   std::atomic<int> status{1};
   gpusvm_rt_job_error err{};
+};
+
+// A GEM buffer object of the context's VM (created private to it), its GPU bindings (each
+// a whole VM_BIND MAP, unbound whole) and its one CPU mapping (an mmap of the device file at
+// the BO's fake offset).
+struct gpusvm_rt_bo {
+  struct Binding {
+    gpusvm::mm::Va addr;
+    uint64_t len;
+  };
+  gpusvm_rt_context* ctx = nullptr;
+  uint32_t handle = 0;
+  uint64_t size = 0;
+  uint32_t placement = 0;
+  gpusvm::Mutex lock{&gpusvm::rt::kRtBoLockClass};
+  std::vector<Binding> bindings GPUSVM_GUARDED_BY(lock);
+  gpusvm::mm::Va cpu_va GPUSVM_GUARDED_BY(lock) = 0;  // 0: not CPU-mapped
 };
 
 struct gpusvm_rt_file {

@@ -7,6 +7,8 @@
 //   runtime heap (5, mutex: one per malloc heap of the userspace runtime; held across the
 //    mmap/munmap of an arena or large block and across the MADVISE ioctl that resets the
 //    advice of freed pages, so it ranks before every driver and mm lock those take)
+//   runtime buffer object (6, mutex: one per runtime BO; held across the VM_BIND and
+//    GEM_MMAP_OFFSET ioctls and the mmap/munmap of its CPU view; never nested with a heap lock)
 //   [reserved 10-90: driver VM and range locks of the middle layer and its drivers, which are
 //    taken before the mmap lock: driver VM lock -> range lock -> mmap lock]
 //   gpusvm driver lock (50: a driver's VM/range lock that Gpusvm asserts held; drivers
@@ -92,6 +94,10 @@ namespace rt {
 // A runtime malloc heap's lock (runtime/heap.cc): taken by the program's threads with no
 // gpusvm lock held, and held across mmap, munmap and the MADVISE ioctl: outermost.
 inline constexpr LockClass kRtHeapLockClass{"gpusvm_rt_heap", 5};
+// A runtime buffer object's lock (runtime/bo.cc): guards its bindings and CPU view; taken with
+// no gpusvm lock held (never with a heap lock) and held across the VM_BIND / GEM_MMAP_OFFSET
+// ioctls and the mmap/munmap that change them.
+inline constexpr LockClass kRtBoLockClass{"gpusvm_rt_bo", 6};
 }  // namespace rt
 
 namespace refgpu {
@@ -185,8 +191,8 @@ inline constexpr LockClass kMmuNotifierListLockClass{"mmu_notifier_list", 0};
 }  // namespace mm
 
 // Every ordered class, in table order (the order test walks it).
-inline constexpr std::array<const LockClass*, 44> kLockOrder{
-    &rt::kRtHeapLockClass,
+inline constexpr std::array<const LockClass*, 45> kLockOrder{
+    &rt::kRtHeapLockClass,       &rt::kRtBoLockClass,
     &refgpu::kRefgpuVmLockClass,  &svm::kGpusvmDriverLockClass, &refgpu::kBoLockClass,
     &mm::kMmapLockClass,          &mm::kHugetlbFaultMutexClass,   &mm::kShmemLockClass,
     &mm::kFolioLockClass,         &mm::kRmapWalkLockClass,        &dmirror::kDmirrorDevmemLockClass,

@@ -127,6 +127,59 @@ TEST(SysallocMmap, MmapReadOnly) {
   r.check_mm();
 }
 
+// IGT "mmap-remap-ro" and "mmap-remap-ro-dontunmap": a read-only mapping the GPU has read is
+// moved by mremap; the GPU reads it at the new address, a GPU write there fails its job with a
+// write fault and changes nothing; with DONTUNMAP the old range stays, empty and read-only.
+TEST(SysallocMmap, MmapRemapReadOnly) {
+  for (int flags : {MREMAP_MAYMOVE, MREMAP_MAYMOVE | MREMAP_DONTUNMAP}) {
+    SCOPED_TRACE(flags);
+    Rig r;
+    ASSERT_EQ(r.open(), 0);
+    constexpr uint64_t kLen = 256 << 10;
+    auto a = r.ctx.mmap(kLen, kRw, MAP_PRIVATE | MAP_ANONYMOUS);
+    ASSERT_TRUE(a.ok());
+    std::vector<uint32_t> v(kLen / 4);
+    for (size_t i = 0; i < v.size(); ++i) v[i] = static_cast<uint32_t>(700 + 3 * i);
+    ASSERT_EQ(r.ctx.write<uint32_t>(*a, v), 0);
+    ASSERT_EQ(r.ctx.mprotect(*a, kLen, PROT_READ), 0);
+    rt::CmdBuf rd;
+    ASSERT_EQ(rd.load_strided(REFGPU_LOAD_STRIDED_FLAG_CHECK, *a, 4, v.size(), 700, 3), 0);
+    ASSERT_EQ(r.run(rd), 0);
+    auto dst = r.ctx.mmap(kLen, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS);
+    ASSERT_TRUE(dst.ok());
+    auto moved = r.ctx.mremap(*a, kLen, kLen, flags | MREMAP_FIXED, *dst);
+    ASSERT_TRUE(moved.ok()) << moved.error();
+    rt::CmdBuf rd2;
+    ASSERT_EQ(rd2.load_strided(REFGPU_LOAD_STRIDED_FLAG_CHECK, *moved, 4, v.size(), 700, 3), 0);
+    ASSERT_EQ(r.run(rd2), 0);
+    rt::CmdBuf wr;
+    ASSERT_EQ(wr.store_dword(*moved + 64, 1), 0);
+    auto f = r.queues[0].submit(wr);
+    ASSERT_TRUE(f.ok());
+    EXPECT_EQ(f->wait(kWaitNs), -EFAULT);
+    auto e = f->error();
+    ASSERT_TRUE(e.ok());
+    EXPECT_EQ(e->has_fault, 1u);
+    EXPECT_EQ(e->address, *moved + 64);
+    EXPECT_EQ(e->access, static_cast<uint32_t>(REFGPU_ACCESS_WRITE));
+    std::vector<uint32_t> back(v.size());
+    ASSERT_EQ(r.ctx.read<uint32_t>(*moved, back), 0);
+    EXPECT_EQ(back, v);
+    if (flags & MREMAP_DONTUNMAP) {
+      rt::CmdBuf z;
+      ASSERT_EQ(z.load_strided(REFGPU_LOAD_STRIDED_FLAG_CHECK, *a, 4, v.size(), 0, 0), 0);
+      EXPECT_EQ(r.run(z), 0);
+      ASSERT_EQ(r.ctx.read<uint32_t>(*a, back), 0);
+      for (uint32_t x : back) ASSERT_EQ(x, 0u);
+      EXPECT_EQ(r.ctx.munmap(*a, kLen), 0);
+    } else {
+      EXPECT_EQ(r.ctx.load<uint32_t>(*a).error(), -EFAULT);
+    }
+    EXPECT_EQ(r.ctx.munmap(*moved, kLen), 0);
+    r.check_mm();
+  }
+}
+
 // IGT "new": C++ objects allocated in the process (rt::Buffer, rt::Allocator), used by jobs.
 TEST(SysallocMmap, New) {
   Rig r;

@@ -7,8 +7,12 @@
 
 #include <sys/mman.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <thread>
 #include <vector>
 
 #include "drivers/devfs/machine.h"
@@ -100,6 +104,38 @@ class Rig {
   rt::Device dev;
   rt::Context ctx;
   std::vector<rt::Queue> queues;
+};
+
+// A call run on a thread of its own (a teardown that must block while a fault is held),
+// with a bounded wait for its return. The destructor joins: what the call waits on inside
+// the driver is itself bounded (hang_timeout()), so a join cannot hang CI.
+class Async {
+ public:
+  explicit Async(std::function<void()> fn)
+      : t_([this, fn = std::move(fn)] {
+          fn();
+          done_.store(true, std::memory_order_release);
+        }) {}
+  ~Async() {
+    if (t_.joinable()) t_.join();
+  }
+  Async(const Async&) = delete;
+  Async& operator=(const Async&) = delete;
+  bool done() const { return done_.load(std::memory_order_acquire); }
+  // True once the call returned (joined), false if it did not within `timeout`.
+  [[nodiscard]] bool wait(std::chrono::milliseconds timeout) {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (!done() && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    if (!done()) return false;
+    t_.join();
+    return true;
+  }
+
+ private:
+  std::atomic<bool> done_{false};
+  std::thread t_;
 };
 
 // Values 0..n-1 scrambled by `seed`: what the CPU or the GPU writes, so every byte is checked.

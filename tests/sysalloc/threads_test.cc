@@ -160,6 +160,49 @@ TEST(SysallocThreads, FreeWhileMapped) {
   r.check_mm();
 }
 
+// IGT "free-race": two threads on one VM, each mallocs a new block for every job and frees
+// it after checking; the blocks share arenas (and GPU ranges), so one thread's free (which
+// resets the advice of the coalesced free space) races the other's jobs faulting the
+// neighbouring block. Every job checks the CPU's bytes and rewrites them; the CPU checks.
+TEST(SysallocThreads, FreeRace) {
+  Rig r;
+  ASSERT_EQ(r.open(), 0);
+  std::atomic<int> failures{0};
+  auto body = [&](size_t qi, uint32_t seed) {
+    constexpr uint64_t kN = 12 << 10;  // 48 KiB: an arena block
+    std::vector<uint32_t> v(kN);
+    for (uint32_t it = 0; it < 24 && !failures.load(); ++it) {
+      auto a = r.ctx.malloc(kN * 4);
+      if (!a) {
+        failures.fetch_add(1);
+        return;
+      }
+      const uint32_t base = seed + it * 100000;
+      for (uint64_t i = 0; i < kN; ++i) v[i] = static_cast<uint32_t>(base + i);
+      rt::CmdBuf cb;
+      int rc = r.ctx.write<uint32_t>(*a, v);
+      if (!rc) rc = cb.load_strided(REFGPU_LOAD_STRIDED_FLAG_CHECK, *a, 4, kN, base, 1);
+      if (!rc) rc = cb.store_strided(0, *a, 4, kN, base + 7, 2);
+      if (!rc) rc = r.run(cb, qi);
+      if (!rc) rc = r.ctx.read<uint32_t>(*a, v);
+      for (uint64_t i = 0; !rc && i < kN; ++i) {
+        if (v[i] != static_cast<uint32_t>(base + 7 + 2 * i)) rc = -EBADMSG;
+      }
+      if (rc) {
+        ADD_FAILURE() << "thread " << qi << " iteration " << it << ": " << rc;
+        failures.fetch_add(1);
+      }
+      if (r.ctx.free(*a)) failures.fetch_add(1);
+    }
+  };
+  std::thread t0(body, 0, 1u << 28);
+  std::thread t1(body, 1, 2u << 28);
+  t0.join();
+  t1.join();
+  EXPECT_EQ(failures.load(), 0);
+  r.check_mm();
+}
+
 // free() without munmap, then 4 CPU threads initialise a new allocation over the same pages
 // (which the GPU had migrated to VRAM): the faults bring them back and the whole
 // initialisation ends in bounded time with every byte right.

@@ -38,6 +38,7 @@ typedef struct gpusvm_rt_queue gpusvm_rt_queue;
 typedef struct gpusvm_rt_fence gpusvm_rt_fence;
 typedef struct gpusvm_rt_cmdbuf gpusvm_rt_cmdbuf;
 typedef struct gpusvm_rt_file gpusvm_rt_file;
+typedef struct gpusvm_rt_bo gpusvm_rt_bo;
 
 /* "EINVAL: invalid argument"-style text for a negative errno returned by the runtime. */
 const char *gpusvm_rt_strerror(int err);
@@ -82,8 +83,8 @@ int gpusvm_rt_device_stats(gpusvm_rt_device *dev, uint64_t *values, uint32_t cap
  * mirror (no REFGPU_CONFIG_FLAG_HAS_CPU_ADDR_MIRROR).
  */
 int gpusvm_rt_context_create(gpusvm_rt_device *dev, uint32_t flags, gpusvm_rt_context **out);
-/* Destroys the context: its queues and fences go (jobs in flight are cancelled by the queue
- * destroy), its heaps are unmapped, the VM is destroyed. */
+/* Destroys the context: its heaps are unmapped, the VM is destroyed. Its queues, fences
+ * and buffer objects must be destroyed first (-EBUSY). */
 int gpusvm_rt_context_destroy(gpusvm_rt_context *ctx);
 uint32_t gpusvm_rt_context_vm_id(const gpusvm_rt_context *ctx);
 
@@ -194,6 +195,47 @@ struct gpusvm_rt_residency {
 };
 int gpusvm_rt_query_residency(gpusvm_rt_context *ctx, gpusvm_rt_va addr, size_t len,
 			      struct gpusvm_rt_residency *out);
+
+/* ---------------------------------------------------------------------------------------
+ * Buffer objects (GEM): device memory objects of the context's VM, bound at GPU addresses
+ * inside the mirror. A binding takes its window out of the mirror: jobs there see the BO's
+ * bytes, the CPU keeps seeing the process's own memory (the CPU page table is untouched).
+ * Unbinding gives the window back to the mirror: the GPU faults the process's memory there
+ * again. Bind over memory the process owns (an overlay of malloc'd memory) or over an address
+ * range it reserved (mmap PROT_NONE), so that no later mmap lands under the binding.
+ */
+#define GPUSVM_RT_BO_PLACEMENT_SYSTEM	(1u << 0)	/* system memory */
+#define GPUSVM_RT_BO_PLACEMENT_VRAM	(1u << 1)	/* the device's VRAM (instance 1) */
+#define GPUSVM_RT_BO_BIND_READONLY	(1u << 0)	/* GPU writes fault (the job fails) */
+
+/* A BO of `size` bytes (a non-zero multiple of 4096) placed in `placement` (a non-empty set of
+ * GPUSVM_RT_BO_PLACEMENT_*; VRAM needs a device with VRAM). It starts in VRAM when VRAM is
+ * allowed (evicting other memory; with SYSTEM too it falls back to system memory when VRAM
+ * stays full, else -ENOSPC), and may be evicted to system memory under pressure. Its bytes
+ * start zero. */
+int gpusvm_rt_bo_create(gpusvm_rt_context *ctx, uint64_t size, uint32_t placement, gpusvm_rt_bo **out);
+/* Unbinds every binding (their windows go back to the mirror), unmaps the CPU view, closes
+ * the GEM handle and frees the handle. The first error is returned (after the process or the
+ * device went away: -EBADF, -ENODEV), the handle is freed in any case. */
+int gpusvm_rt_bo_destroy(gpusvm_rt_bo *bo);
+uint64_t gpusvm_rt_bo_size(const gpusvm_rt_bo *bo);
+/* Binds BO bytes [bo_offset, bo_offset + len) at GPU address addr (all page aligned, len > 0,
+ * inside the BO and below the CPU's TASK_SIZE; flags GPUSVM_RT_BO_BIND_*): -EINVAL otherwise,
+ * or when the window overlaps another binding. -EBUSY: the GPU has mirrored pages in the
+ * window now (it faulted or prefetched there; xe refuses the same way): bind before the GPU
+ * touches the window. The binding is in place when the call returns. */
+int gpusvm_rt_bo_bind(gpusvm_rt_bo *bo, gpusvm_rt_va addr, uint64_t bo_offset, uint64_t len, uint32_t flags);
+/* Removes the binding that starts at addr (-EINVAL: no binding of this BO starts there); the
+ * window goes back to the mirror (with the mirror's advice defaults). */
+int gpusvm_rt_bo_unbind(gpusvm_rt_bo *bo, gpusvm_rt_va addr);
+/* The CPU view: maps the whole BO MAP_SHARED into the process (GEM_MMAP_OFFSET, then mmap
+ * of the device file), prot PROT_READ and/or PROT_WRITE. The model has no CPU-visible VRAM:
+ * the BO moves to system memory and stays there from then on, so a BO without
+ * GPUSVM_RT_BO_PLACEMENT_SYSTEM is -EINVAL. One mapping per BO (-EBUSY for a second). Read
+ * and write it with gpusvm_rt_read/_write. */
+int gpusvm_rt_bo_mmap(gpusvm_rt_bo *bo, int prot, gpusvm_rt_va *out);
+/* Unmaps the CPU view (-EINVAL when not mapped). */
+int gpusvm_rt_bo_munmap(gpusvm_rt_bo *bo);
 
 /* ---------------------------------------------------------------------------------------
  * Command buffers: a host-side builder of the uapi ISA (uapi/refgpu.h). Each call checks its

@@ -13,6 +13,8 @@
 // (the C calls return -EBUSY otherwise; the destructors then leak rather than abort).
 #pragma once
 
+#include <sys/mman.h>
+
 #include <cstdint>
 #include <span>
 #include <utility>
@@ -241,6 +243,32 @@ class Context : public detail::Handle<gpusvm_rt_context, gpusvm_rt_context_destr
     if (int rc = f(&v)) return Err{rc};
     return v;
   }
+};
+
+// A buffer object of a context's VM (runtime.h, "Buffer objects"). The destructor (reset())
+// unbinds every binding, unmaps the CPU view and closes the GEM handle.
+class Bo : public detail::Handle<gpusvm_rt_bo, gpusvm_rt_bo_destroy> {
+ public:
+  using Handle::Handle;
+  static Result<Bo> create(const Context& ctx, uint64_t size,
+                           uint32_t placement = GPUSVM_RT_BO_PLACEMENT_SYSTEM | GPUSVM_RT_BO_PLACEMENT_VRAM) {
+    gpusvm_rt_bo* b = nullptr;
+    if (int rc = gpusvm_rt_bo_create(ctx.get(), size, placement, &b)) return Err{rc};
+    return Bo(b);
+  }
+  uint64_t size() const { return gpusvm_rt_bo_size(get()); }
+  // len 0: the BO from bo_offset to its end.
+  int bind(Va addr, uint64_t len = 0, uint64_t bo_offset = 0, uint32_t flags = 0) const {
+    if (len == 0 && bo_offset <= size()) len = size() - bo_offset;
+    return gpusvm_rt_bo_bind(get(), addr, bo_offset, len, flags);
+  }
+  int unbind(Va addr) const { return gpusvm_rt_bo_unbind(get(), addr); }
+  Result<Va> mmap(int prot = PROT_READ | PROT_WRITE) const {
+    Va v = 0;
+    if (int rc = gpusvm_rt_bo_mmap(get(), prot, &v)) return Err{rc};
+    return v;
+  }
+  int munmap() const { return gpusvm_rt_bo_munmap(get()); }
 };
 
 class Queue : public detail::Handle<gpusvm_rt_queue, gpusvm_rt_queue_destroy> {
