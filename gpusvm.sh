@@ -15,12 +15,15 @@ cd "$ROOT"
 
 # Debian packages the build needs (checked with dpkg -s, installed only when missing).
 # libclang-rt-dev carries clang's sanitizer run-times (ASan, UBSan, TSan): Debian 12's clang
-# only recommends it, so it is named explicitly.
+# only recommends it, so it is named explicitly. libvulkan-dev + mesa-vulkan-drivers: the refgpu
+# Vulkan backend and lavapipe, the CPU Vulkan driver its tests run on (glslang-tools: GLSL
+# compute shaders for the engines, DESIGN.md §5b).
 DEB_PACKAGES=(
   cmake ninja-build clang g++ ccache pkg-config
   libgtest-dev libgmock-dev googletest
   libspdlog-dev libfmt-dev libdrm-dev libcli11-dev libbenchmark-dev
   libclang-rt-dev
+  libvulkan-dev mesa-vulkan-drivers glslang-tools
 )
 TEST_PRESETS_DEFAULT=(default asan tsan)
 ALL_PRESETS=(default asan tsan gcc release)
