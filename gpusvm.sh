@@ -17,13 +17,16 @@ cd "$ROOT"
 # libclang-rt-dev carries clang's sanitizer run-times (ASan, UBSan, TSan): Debian 12's clang
 # only recommends it, so it is named explicitly. nlohmann-json3-dev: gpusvm-bench --json;
 # libbenchmark-dev: gpusvm-microbench; python3-matplotlib (brings python3, which a minimal
-# Debian 12 lacks): tools/plot/gpusvm-plot and its ctest test.
+# Debian 12 lacks): tools/plot/gpusvm-plot and its ctest test. libvulkan-dev +
+# mesa-vulkan-drivers: the refgpu Vulkan backend and lavapipe, the CPU Vulkan driver its tests
+# run on (glslang-tools: GLSL compute shaders for the engines, DESIGN.md §5b; not used yet).
 DEB_PACKAGES=(
   cmake ninja-build clang g++ ccache pkg-config
   libgtest-dev libgmock-dev googletest
   libspdlog-dev libfmt-dev libdrm-dev libcli11-dev libbenchmark-dev nlohmann-json3-dev
   libclang-rt-dev
   python3-matplotlib
+  libvulkan-dev mesa-vulkan-drivers glslang-tools
 )
 TEST_PRESETS_DEFAULT=(default asan tsan)
 ALL_PRESETS=(default asan tsan gcc release)

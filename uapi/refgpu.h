@@ -122,8 +122,14 @@ struct drm_refgpu_query_config {
 	__u64 min_alignment;	/* bind alignment in bytes (4096) */
 	__u32 num_engines;
 	__u32 num_mem_regions;
-	__u64 reserved[4];
+	__u32 backend;		/* REFGPU_BACKEND_*: where VRAM lives and what copies */
+	__u32 pad;
+	__u64 reserved[3];
 };
+
+/* drm_refgpu_query_config::backend */
+#define REFGPU_BACKEND_HOST	0	/* VRAM is host memory, copies are memcpy */
+#define REFGPU_BACKEND_VULKAN	1	/* VRAM is Vulkan device memory, copies are vkCmdCopyBuffer */
 
 #define REFGPU_MEM_REGION_CLASS_SYSMEM	0
 #define REFGPU_MEM_REGION_CLASS_VRAM	1

@@ -16,15 +16,20 @@ Result<std::shared_ptr<RefgpuDevice>> RefgpuDevice::create(mm::PhysMem* mem, con
       cfg.va_bits < 32 || cfg.va_bits > 48)
     return Err{-EINVAL};
   std::shared_ptr<RefgpuDevice> dev(new RefgpuDevice(mem, cfg));
+  auto backend = open_backend(cfg.backend);
+  if (!backend) return Err{backend.error()};
+  dev->backend_ = std::move(*backend);
   dev->dma_ = std::make_unique<svm::Device>(REFGPU_DEVICE_NAME, mem);  // DMA window = all of RAM
   for (size_t i = 0; i < cfg.vram_sizes.size(); i++) {
-    auto r = VramRegion::create(static_cast<uint16_t>(i + 1), cfg.vram_sizes[i]);
+    auto r = VramRegion::create(*dev->backend_, static_cast<uint16_t>(i + 1), cfg.vram_sizes[i]);
     if (!r) return Err{r.error()};
     dev->vram_.push_back(std::move(*r));
   }
   VramArena* arena = dev->vram_.empty() ? nullptr : &dev->vram_[0]->arena();
   dev->resolver_ = std::make_unique<HostMemoryResolver>(mem, arena);
-  dev->copy_ = std::make_unique<CopyEngine>(mem, arena, std::make_unique<HostCopyBackend>());
+  auto copy = dev->backend_->make_copy(mem, 0);
+  if (!copy) return Err{copy.error()};
+  dev->copy_ = std::make_unique<CopyEngine>(mem, arena, std::move(*copy));
   if (!dev->vram_.empty()) {
     auto pm = VramPagemap::create(mem, dev->dma_.get(), dev->vram_[0].get(), dev->copy_.get(), {});
     if (!pm) return Err{pm.error()};

@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "drivers/devfs/device.h"
+#include "drivers/refgpu/backend.h"
 #include "drivers/refgpu/copy_engine.h"
 #include "drivers/refgpu/engine.h"
 #include "drivers/refgpu/fault_queue.h"
@@ -63,6 +64,9 @@ struct DeviceConfig {
   // Whether device atomics on system memory work (device-exclusive entries); reported as
   // REFGPU_CONFIG_FLAG_HAS_SMEM_ATOMICS.
   bool smem_atomics = true;
+  // Where VRAM lives and what copies (backend.h): kAuto takes GPUSVM_REFGPU_BACKEND, else
+  // host; reported by the query as drm_refgpu_query_config::backend.
+  BackendConfig backend;
 };
 
 // Counters of VMs destroyed so far (REFGPU_STAT_* are the device's lifetime totals: live VMs
@@ -75,7 +79,8 @@ class RefgpuDevice final : public devfs::Device, public std::enable_shared_from_
  public:
   // A device on `mem` (the machine's PhysMem: system memory the device reaches by DMA
   // address). Errors: -EINVAL (null mem, no engine, more than 15 VRAM regions or 16 engines,
-  // a bad region size, va_bits outside 32..48), -ENOMEM.
+  // a bad region size, va_bits outside 32..48, a bad GPUSVM_REFGPU_BACKEND), -ENOMEM, and the
+  // backend's errors (open_backend: -ENODEV no Vulkan driver or device, -EOPNOTSUPP).
   static Result<std::shared_ptr<RefgpuDevice>> create(mm::PhysMem* mem, const DeviceConfig& cfg);
   ~RefgpuDevice() override;  // unplug()
   RefgpuDevice(const RefgpuDevice&) = delete;
@@ -93,6 +98,7 @@ class RefgpuDevice final : public devfs::Device, public std::enable_shared_from_
   void unplug();
 
   const DeviceConfig& config() const { return cfg_; }
+  Backend& backend() { return *backend_; }
   mm::PhysMem& mem() { return *mem_; }
   uint64_t va_limit() const { return 1ull << cfg_.va_bits; }
   size_t num_engines() const { return engines_.size(); }
@@ -132,6 +138,7 @@ class RefgpuDevice final : public devfs::Device, public std::enable_shared_from_
   // Declaration order is teardown order reversed: the fault service and engines go first,
   // then the pagemap (it evicts what is left in VRAM), the copy engine, the regions, and the
   // DMA identity last (every mapping of it gone).
+  std::shared_ptr<Backend> backend_;  // outlives the regions and the copy engine on it
   std::unique_ptr<svm::Device> dma_;
   std::vector<std::unique_ptr<VramRegion>> vram_;
   std::unique_ptr<HostMemoryResolver> resolver_;

@@ -20,6 +20,7 @@ void fill_config(RefgpuDevice& dev, drm_refgpu_query_config* c) {
   c->min_alignment = 4096;
   c->num_engines = static_cast<uint32_t>(dev.num_engines());
   c->num_mem_regions = static_cast<uint32_t>(1 + dev.num_vram_regions());
+  c->backend = dev.backend().kind() == BackendKind::kVulkan ? REFGPU_BACKEND_VULKAN : REFGPU_BACKEND_HOST;
 }
 
 void fill_mem_regions(RefgpuDevice& dev, drm_refgpu_query_mem_regions* m) {

@@ -1,8 +1,10 @@
-// VramArena: the reference GPU's device memory on the host backend, a block of host bytes.
+// VramArena: one VRAM region's device memory as the driver sees it: the CPU mapping of a
+// backend's VramMemory (backend.h: a 2 MiB aligned host block on the host backend, mapped
+// DEVICE_LOCAL VkDeviceMemory on the Vulkan backend).
 //
 // Offsets are what the buddy allocator hands out and what GPU page-table entries with a VRAM
-// target hold. The arena is 2 MiB aligned, so a 2 MiB block of it can back a 2 MiB GPU leaf
-// and the copy engine's word copies are naturally aligned.
+// target hold. The mapping is at least 4 KiB aligned (2 MiB on the host backend), so the copy
+// engine's page copies and the engines' word accesses are naturally aligned.
 //
 // Thread safety: the arena is const after create(); the bytes are accessed by engines (through
 // the GPU MMU, with atomic word accesses where the ISA asks) and by the copy engine; who may
@@ -15,6 +17,7 @@
 #include <memory>
 
 #include "gpusvm/base/result.h"
+#include "drivers/refgpu/backend.h"
 
 namespace gpusvm::refgpu {
 
@@ -25,7 +28,10 @@ inline constexpr uint64_t kSZ2M = 2 * 1024 * 1024;
 class VramArena {
  public:
   // `size`: a non-zero multiple of 2 MiB. -EINVAL otherwise, -ENOMEM when the host refuses.
+  // On the host backend.
   static Result<std::unique_ptr<VramArena>> create(uint64_t size);
+  // On `backend`: its errors (Backend::alloc_vram).
+  static Result<std::unique_ptr<VramArena>> create(Backend& backend, uint64_t size);
   ~VramArena();
   VramArena(const VramArena&) = delete;
   VramArena& operator=(const VramArena&) = delete;
@@ -38,7 +44,9 @@ class VramArena {
   }
 
  private:
-  VramArena(std::byte* base, uint64_t size) : base_(base), size_(size) {}
+  explicit VramArena(std::unique_ptr<VramMemory> mem)
+      : mem_(std::move(mem)), base_(mem_->data()), size_(mem_->size()) {}
+  const std::unique_ptr<VramMemory> mem_;
   std::byte* const base_;
   const uint64_t size_;
 };

@@ -17,7 +17,10 @@ namespace gpusvm::refgpu {
 class VramRegion {
  public:
   // instance >= 1; size a non-zero multiple of 2 MiB. -EINVAL, or -ENOMEM from the arena.
+  // On the host backend.
   static Result<std::unique_ptr<VramRegion>> create(uint16_t instance, uint64_t size);
+  // On `backend` (its allocation errors: Backend::alloc_vram).
+  static Result<std::unique_ptr<VramRegion>> create(Backend& backend, uint16_t instance, uint64_t size);
 
   uint16_t instance() const { return instance_; }
   uint64_t total_size() const { return arena_->size(); }

@@ -2,7 +2,9 @@
 // its documented errno and changes nothing (the file's tables, the caller's struct).
 #include <gtest/gtest.h>
 
+#include <cstdlib>
 #include <cstring>
+#include <string_view>
 
 #include "tests/refgpu/ioctl_test_util.h"
 
@@ -93,6 +95,11 @@ TEST(RefgpuIoctlQuery, ConfigRegionsEnginesReportTheDevice) {
   EXPECT_EQ(c.min_alignment, 4096u);
   EXPECT_EQ(c.num_engines, 3u);
   EXPECT_EQ(c.num_mem_regions, 3u);
+  // The backend the suite runs on (ctest registers the suite for both: GPUSVM_REFGPU_BACKEND).
+  const char* env = std::getenv("GPUSVM_REFGPU_BACKEND");
+  const bool vulkan = env && std::string_view(env) == "vulkan";
+  EXPECT_EQ(c.backend, vulkan ? __u32{REFGPU_BACKEND_VULKAN} : __u32{REFGPU_BACKEND_HOST});
+  EXPECT_EQ(c.pad, 0u);
   for (__u64 v : c.reserved) EXPECT_EQ(v, 0u);
 
   drm_refgpu_query_mem_regions m;
