@@ -19,7 +19,7 @@ cd "$ROOT"
 DEB_PACKAGES=(
   cmake ninja-build clang g++ ccache pkg-config
   libgtest-dev libgmock-dev googletest
-  libspdlog-dev libfmt-dev libdrm-dev libcli11-dev libbenchmark-dev
+  libspdlog-dev libfmt-dev libdrm-dev libcli11-dev libbenchmark-dev nlohmann-json3-dev
   libclang-rt-dev
 )
 TEST_PRESETS_DEFAULT=(default asan tsan)
@@ -71,7 +71,8 @@ usage: ./gpusvm.sh <command> [args]
 
 commands:
   demo [args...]      configure the 'default' preset, build its gpusvm-demo target, then run
-                      build/default/tools/gpusvm-demo/gpusvm-demo with the given args
+                      build/default/tools/gpusvm-demo/gpusvm-demo with the given args (none:
+                      the end-to-end workload; 'host-mm', 'dmirror': the tours; '--help')
   test [preset...]    for each preset (default: ${TEST_PRESETS_DEFAULT[*]}): configure, build,
                       and run 'ctest --preset <preset> -j$JOBS'. Goes on after a failure, prints
                       one summary line per preset and exits non-zero if any failed
