@@ -2,10 +2,9 @@
 # report lines, and the JSON file's shape (the one docs/demo.md documents for plot tools).
 # Then the backend check: an unknown backend is refused with exit status 2 and a clear message.
 #   cmake -DDEMO=<gpusvm-demo> -DJSON=<scratch file> -P check_demo.cmake
+# require("<if() condition>" "<what failed>"): the condition is evaluated as if() code.
 function(require cond msg)
-  if(NOT ${cond})
-    message(FATAL_ERROR "gpusvm-demo check failed: ${msg}")
-  endif()
+  cmake_language(EVAL CODE "if(NOT (${cond}))\n message(FATAL_ERROR \"gpusvm-demo check failed: \${msg}\")\nendif()")
 endfunction()
 
 file(REMOVE "${JSON}")
