@@ -59,11 +59,22 @@ class Workload {
 
   int run() {
     const auto t0 = std::chrono::steady_clock::now();
-    const bool ok = open() && phase("cpu-init", "the CPU writes every buffer (THP buffer: 2 MiB folios)", [&] { return cpu_init(); }) &&
-                    phase("gpu-fault", "a job per buffer checks the CPU's data and rewrites it; the GPU faults", [&] { return gpu_fault(); }) &&
-                    phase("prefetch", "THP and medium buffers prefetched to VRAM, then a job finds them there", [&] { return prefetch(); }) &&
-                    phase("oversubscribe", "a 150 % of VRAM working set written and checked by the GPU", [&] { return oversubscribe(); }) &&
-                    phase("madvise", "preferred location system / device, device and global atomics", [&] { return madvise(); });
+    struct Step {
+      const char* name;
+      const char* what;
+      bool (Workload::*body)();
+    };
+    static constexpr Step kSteps[] = {
+        {"cpu-init", "the CPU writes every buffer (THP buffer: 2 MiB folios)", &Workload::cpu_init},
+        {"gpu-fault", "a job per buffer checks the CPU's data and rewrites it; the GPU faults", &Workload::gpu_fault},
+        {"prefetch", "THP and medium buffers prefetched to VRAM, then a job finds them there", &Workload::prefetch},
+        {"oversubscribe", "a 150 % of VRAM working set written and checked by the GPU", &Workload::oversubscribe},
+        {"madvise", "preferred location system / device, device and global atomics", &Workload::madvise},
+    };
+    bool ok = open();
+    for (const Step& st : kSteps) {
+      ok = ok && phase(st.name, st.what, [&] { return (this->*st.body)(); });
+    }
     release();
     rep_->total_ms = ms_since(t0);
     return ok ? 0 : 1;
