@@ -77,7 +77,8 @@ usage: ./gpusvm.sh <command> [args]
 
 commands:
   demo [args...]      configure the 'default' preset, build its gpusvm-demo target, then run
-                      build/default/tools/gpusvm-demo/gpusvm-demo with the given args
+                      build/default/tools/gpusvm-demo/gpusvm-demo with the given args (none:
+                      the end-to-end workload; 'host-mm', 'dmirror': the tours; '--help')
   test [preset...]    for each preset (default: ${TEST_PRESETS_DEFAULT[*]}): configure, build,
                       and run 'ctest --preset <preset> -j$JOBS'. Goes on after a failure, prints
                       one summary line per preset and exits non-zero if any failed

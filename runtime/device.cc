@@ -151,4 +151,19 @@ int gpusvm_rt_device_stats(gpusvm_rt_device* dev, uint64_t* values, uint32_t cap
   return 0;
 }
 
+const char* gpusvm_rt_device_stat_name(uint32_t index) {
+  // Indexed by enum drm_refgpu_stat; the static_assert keeps the table and the enum together.
+  static constexpr const char* kNames[] = {
+      "faults_4k",          "faults_64k",           "faults_2m",
+      "valid_faults",       "fault_errors",         "fault_us",
+      "migrations_to_vram", "migrations_to_smem",   "migrate_us",
+      "get_pages_us",       "bind_us",              "copy_bytes_to_vram",
+      "copy_bytes_to_smem", "copy_us",              "tlb_invalidations",
+      "tlb_invalidated_pages", "evictions",         "jobs",
+      "job_errors",         "migrate_copies_to_vram", "migrate_copies_to_smem",
+  };
+  static_assert(sizeof(kNames) / sizeof(kNames[0]) == REFGPU_STAT_COUNT, "a name per enum drm_refgpu_stat");
+  return index < REFGPU_STAT_COUNT ? kNames[index] : nullptr;
+}
+
 }  // extern "C"

@@ -187,6 +187,10 @@ enum drm_refgpu_stat {
 	REFGPU_STAT_EVICTIONS,
 	REFGPU_STAT_JOBS,
 	REFGPU_STAT_JOB_ERRORS,
+	/* Migration copies of VRAM region 1 each way, whatever started them (GPU faults,
+	 * prefetches, CPU faults on device pages, LRU eviction): one per copy run. */
+	REFGPU_STAT_MIGRATE_COPIES_TO_VRAM,
+	REFGPU_STAT_MIGRATE_COPIES_TO_SMEM,
 	REFGPU_STAT_COUNT
 };
 

@@ -149,7 +149,11 @@ void RefgpuDevice::read_stats(__u64 v[REFGPU_STAT_COUNT]) {
   v[REFGPU_STAT_COPY_BYTES_TO_VRAM] = copy_->stats().bytes_to_vram.get();
   v[REFGPU_STAT_COPY_BYTES_TO_SMEM] = copy_->stats().bytes_to_ram.get();
   v[REFGPU_STAT_COPY_US] = (copy_->stats().ns_to_vram.get() + copy_->stats().ns_to_ram.get()) / 1000;
-  if (vram_pm_) v[REFGPU_STAT_EVICTIONS] = vram_pm_->stats().evictions.get();
+  if (vram_pm_) {
+    v[REFGPU_STAT_EVICTIONS] = vram_pm_->stats().evictions.get();
+    v[REFGPU_STAT_MIGRATE_COPIES_TO_VRAM] = vram_pm_->stats().migrations_to_vram.get();
+    v[REFGPU_STAT_MIGRATE_COPIES_TO_SMEM] = vram_pm_->stats().migrations_to_ram.get();
+  }
   for (const auto& e : engines_) {
     v[REFGPU_STAT_JOBS] += e->stats().jobs.get();
     v[REFGPU_STAT_JOB_ERRORS] += e->stats().job_errors.get();

@@ -75,6 +75,10 @@ int gpusvm_rt_device_get_info(gpusvm_rt_device *dev, struct gpusvm_rt_device_inf
  * `capacity` values and writes the driver's count to *num_stats. */
 int gpusvm_rt_device_stats(gpusvm_rt_device *dev, uint64_t *values, uint32_t capacity,
 			   uint32_t *num_stats);
+/* The name of statistic `index` ("faults_4k", "copy_bytes_to_vram"...: the enum's name in
+ * lower case without REFGPU_STAT_; a "_us" suffix is microseconds, "_bytes" bytes), or NULL
+ * for an index this runtime does not know (a newer driver's). */
+const char *gpusvm_rt_device_stat_name(uint32_t index);
 
 /* ---------------------------------------------------------------------------------------
  * Contexts: one fault-mode VM mirroring [0, CPU TASK_SIZE) with CPU_ADDR_MIRROR |

@@ -89,6 +89,8 @@ class Device : public detail::Handle<gpusvm_rt_device, gpusvm_rt_device_close> {
     v.resize(n);
     return v;
   }
+  // gpusvm_rt_device_stat_name: nullptr for an index the runtime does not know.
+  static const char* stat_name(uint32_t index) { return gpusvm_rt_device_stat_name(index); }
 };
 
 class Fence : public detail::Handle<gpusvm_rt_fence, gpusvm_rt_fence_destroy> {
