@@ -36,6 +36,8 @@ Result<std::shared_ptr<RefgpuDevice>> RefgpuDevice::create(mm::PhysMem* mem, con
     RefgpuDevice* d = dev.get();
     dev->engines_.back()->set_fence_write_hook([d] { d->ufence_wq_.wake_all(); });
   }
+  // Instance numbers after the compute engines'; no fault sink (it runs no batches).
+  dev->bind_engine_ = std::make_unique<Engine>(cfg.num_engines, nullptr);
   RefgpuDevice* d = dev.get();
   dev->service_ = std::make_unique<FaultService>(&dev->faults_, cfg.fault_threads ? cfg.fault_threads : 1,
                                                  [d](uint32_t asid) { return d->find_vm(asid); });
@@ -46,6 +48,7 @@ RefgpuDevice::~RefgpuDevice() {
   unplug();
   service_.reset();  // joins the handler threads before the queue they pop from goes
   engines_.clear();
+  bind_engine_.reset();
 }
 
 Result<std::shared_ptr<devfs::File>> RefgpuDevice::open(devfs::Process& opener) {
@@ -74,6 +77,8 @@ void RefgpuDevice::unplug() {
   // ends, so stop() below does not wait for a fault nobody will service.
   faults_.shutdown(-ENODEV);
   for (auto& e : engines_) e->stop(-ENODEV);
+  // Deferred binds after the engines: their in-fences (jobs' fences) have all signaled now.
+  if (bind_engine_) bind_engine_->stop(-ENODEV);
   ufence_wq_.wake_all();
   if (!drain_wq_.wait_for([this] { return in_flight_.load() == 0; }, hang_timeout()))
     log::get().error("refgpu: unplug: {} ioctls still in flight after {} ms", in_flight_.load(),

@@ -7,6 +7,7 @@
 
 #include <sys/mman.h>
 
+#include <chrono>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -80,6 +81,89 @@ class IoctlRig {
     c.flags = flags;
     EXPECT_EQ(io(DRM_IOCTL_REFGPU_SYNCOBJ_CREATE, &c), 0);
     return c.handle;
+  }
+  // GEM_CREATE (0 on failure, with a test failure).
+  uint32_t gem_create(uint64_t size, uint32_t placement, uint32_t flags = 0) {
+    drm_refgpu_gem_create c{};
+    c.size = size;
+    c.placement = placement;
+    c.flags = flags;
+    EXPECT_EQ(io(DRM_IOCTL_REFGPU_GEM_CREATE, &c), 0);
+    return c.handle;
+  }
+  Bo* bo(uint32_t handle) {
+    std::shared_ptr<FileBo> fb = file->find_bo(handle);
+    EXPECT_NE(fb, nullptr);
+    return fb ? fb->bo.get() : nullptr;
+  }
+  // VM_BIND of one op with syncs.
+  int bind(uint32_t vm, uint32_t op, uint64_t addr, uint64_t range, uint32_t obj = 0, uint32_t flags = 0,
+           std::vector<drm_refgpu_sync> syncs = {}) {
+    drm_refgpu_vm_bind b{};
+    b.vm_id = vm;
+    b.num_binds = 1;
+    b.bind.op = op;
+    b.bind.flags = flags;
+    b.bind.addr = addr;
+    b.bind.range = range;
+    b.bind.obj = obj;
+    b.num_syncs = static_cast<uint32_t>(syncs.size());
+    b.syncs = uptr(syncs.data());
+    return io(DRM_IOCTL_REFGPU_VM_BIND, &b);
+  }
+  // EXEC of the batch at `batch` on queue q with syncs.
+  int exec(uint32_t q, mm::Va batch, std::vector<drm_refgpu_sync> syncs = {}) {
+    drm_refgpu_exec e{};
+    e.exec_queue_id = q;
+    e.address = batch;
+    e.num_batch_buffer = 1;
+    e.num_syncs = static_cast<uint32_t>(syncs.size());
+    e.syncs = uptr(syncs.data());
+    return io(DRM_IOCTL_REFGPU_EXEC, &e);
+  }
+  static drm_refgpu_sync syncobj_in(uint32_t handle) {
+    drm_refgpu_sync s{};
+    s.type = REFGPU_SYNC_TYPE_SYNCOBJ;
+    s.handle = handle;
+    return s;
+  }
+  static drm_refgpu_sync syncobj_out(uint32_t handle) {
+    drm_refgpu_sync s = syncobj_in(handle);
+    s.flags = REFGPU_SYNC_FLAG_SIGNAL;
+    return s;
+  }
+  static drm_refgpu_sync ufence_out(mm::Va addr, uint64_t value) {
+    drm_refgpu_sync s{};
+    s.type = REFGPU_SYNC_TYPE_USER_FENCE;
+    s.flags = REFGPU_SYNC_FLAG_SIGNAL;
+    s.addr = addr;
+    s.timeline_value = value;
+    return s;
+  }
+  // The syncobj's current fence (null: none yet).
+  std::shared_ptr<Fence> fence_of(uint32_t so) { return file->syncobj_fence(*file->find_syncobj(so)); }
+  // SYNCOBJ_WAIT on one syncobj for at most 10 s: the ioctl's result; *error gets the fence's
+  // status (drm_refgpu_syncobj_wait.error).
+  int syncobj_wait(uint32_t so, int32_t* error = nullptr) {
+    drm_refgpu_syncobj_wait w{};
+    w.handles = uptr(&so);
+    w.count_handles = 1;
+    w.timeout_nsec = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                         (std::chrono::steady_clock::now() + std::chrono::seconds(10)).time_since_epoch())
+                         .count();
+    const int rc = io(DRM_IOCTL_REFGPU_SYNCOBJ_WAIT, &w);
+    if (error) *error = w.error;
+    return rc;
+  }
+  // WAIT_USER_FENCE for *addr == value (no queue: a failed job does not end it), 10 s.
+  int wait_ufence(mm::Va addr, uint64_t value) {
+    drm_refgpu_wait_user_fence w{};
+    w.addr = addr;
+    w.op = REFGPU_UFENCE_WAIT_OP_EQ;
+    w.value = value;
+    w.mask = ~0ull;
+    w.timeout = 10'000'000'000;
+    return io(DRM_IOCTL_REFGPU_WAIT_USER_FENCE, &w);
   }
   // Anonymous read-write memory of the process (malloc'd memory, as a program has it).
   mm::Va anon(uint64_t len) {
