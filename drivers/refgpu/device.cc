@@ -76,8 +76,11 @@ void RefgpuDevice::unplug() {
   // Faults first: an engine stalled in FaultQueue::raise resumes with -ENODEV and its job
   // ends, so stop() below does not wait for a fault nobody will service.
   faults_.shutdown(-ENODEV);
+  // No job starts anywhere from here on, then every engine kills its queues: a fence one
+  // engine fails must not let a dependent job (or one behind it) start on another.
+  for (auto& e : engines_) e->begin_stop(-ENODEV);
+  if (bind_engine_) bind_engine_->begin_stop(-ENODEV);
   for (auto& e : engines_) e->stop(-ENODEV);
-  // Deferred binds after the engines: their in-fences (jobs' fences) have all signaled now.
   if (bind_engine_) bind_engine_->stop(-ENODEV);
   ufence_wq_.wake_all();
   if (!drain_wq_.wait_for([this] { return in_flight_.load() == 0; }, hang_timeout()))

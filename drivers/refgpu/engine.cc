@@ -114,6 +114,11 @@ void Engine::set_fence_write_hook(std::function<void()> fn) {
   fence_hook_ = std::move(fn);
 }
 
+void Engine::begin_stop(int err) {
+  MutexLock g(&lock_);
+  if (!stopped_) stopped_ = err < 0 ? err : -ENODEV;
+}
+
 void Engine::stop(int err) {
   std::vector<std::shared_ptr<ExecQueue>> queues;
   {

@@ -135,6 +135,10 @@ class Engine {
   void set_fence_write_hook(std::function<void()> fn) GPUSVM_EXCLUDES(lock_);
   // Device removal: every queue dies with `err`, every fence completes; joins the thread.
   void stop(int err = -ENODEV) GPUSVM_EXCLUDES(lock_);
+  // stop()'s first half: no job starts from now on (the running one goes on until stop()).
+  // Removal calls it on every engine before it stops any, so that a fence failed by one
+  // engine's stop cannot release a dependency-blocked job, or one behind it, on another.
+  void begin_stop(int err = -ENODEV) GPUSVM_EXCLUDES(lock_);
   const EngineStats& stats() const { return stats_; }
 
  private:
