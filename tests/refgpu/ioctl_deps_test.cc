@@ -182,5 +182,61 @@ TEST(RefgpuIoctlDeps, RemovalCompletesDependencyBlockedJobs) {
   EXPECT_EQ(devfs::close(*r.proc, r.fd), 0);
 }
 
+// VM_BIND with a pending in-fence returns at once; the MAP is applied (and its out-syncobj
+// signals) only after the fence, and a bind with no in-fence behind it waits its turn (binds
+// of a VM stay in order). An in-fence with an error applies nothing: the out-fence carries
+// the error. VM_DESTROY cancels a bind still waiting (-ECANCELED).
+TEST(RefgpuIoctlDeps, VmBindWithPendingInFenceIsDeferred) {
+  IoctlRig r;
+  const uint32_t vm = r.vm_create(0);
+  const uint32_t h = r.gem_create(4096, 1u << 0);
+  Vm* v = r.file->find_vm(vm)->vm.get();
+  const uint32_t gate = r.syncobj_create(), so1 = r.syncobj_create(), so2 = r.syncobj_create();
+  auto gate_fence = std::make_shared<Fence>();
+  r.file->syncobj_replace_fence(*r.file->find_syncobj(gate), gate_fence);
+  const uint64_t va1 = 1ull << 40, va2 = va1 + (1ull << 30);
+  ASSERT_EQ(r.bind(vm, REFGPU_VM_BIND_OP_MAP, va1, 4096, h, 0,
+                   {IoctlRig::syncobj_in(gate), IoctlRig::syncobj_out(so1)}),
+            0);
+  ASSERT_EQ(r.bind(vm, REFGPU_VM_BIND_OP_MAP, va2, 4096, h, 0, {IoctlRig::syncobj_out(so2)}), 0);
+  EXPECT_EQ(v->vmas(0, ~0ull).size(), 0u) << "nothing applied before the in-fence";
+  EXPECT_FALSE(r.fence_of(so1)->signaled());
+  EXPECT_FALSE(r.fence_of(so2)->signaled()) << "the second bind waits behind the first";
+  gate_fence->signal(0);
+  int32_t err = 1;
+  ASSERT_EQ(r.syncobj_wait(so2, &err), 0);
+  EXPECT_EQ(err, 0);
+  EXPECT_EQ(r.fence_of(so1)->status(), 0);
+  ASSERT_EQ(v->vmas(0, ~0ull).size(), 2u);
+  EXPECT_TRUE(v->page_table().lookup(va1));
+  EXPECT_TRUE(v->page_table().lookup(va2));
+
+  // A failed in-fence: nothing applied, the error on the out-fence.
+  const uint32_t bad = r.syncobj_create(), so3 = r.syncobj_create();
+  auto bad_fence = std::make_shared<Fence>();
+  r.file->syncobj_replace_fence(*r.file->find_syncobj(bad), bad_fence);
+  const uint64_t va3 = va2 + (1ull << 30);
+  ASSERT_EQ(r.bind(vm, REFGPU_VM_BIND_OP_MAP, va3, 4096, h, 0, {IoctlRig::syncobj_in(bad), IoctlRig::syncobj_out(so3)}),
+            0);
+  bad_fence->signal(-EIO);
+  ASSERT_EQ(r.syncobj_wait(so3, &err), 0);
+  EXPECT_EQ(err, -EIO);
+  EXPECT_EQ(v->vmas(0, ~0ull).size(), 2u);
+  EXPECT_FALSE(v->page_table().lookup(va3));
+
+  // VM_DESTROY with a bind still waiting: cancelled.
+  const uint32_t vm2 = r.vm_create(0), gate2 = r.syncobj_create(), so4 = r.syncobj_create();
+  auto gate2_fence = std::make_shared<Fence>();
+  r.file->syncobj_replace_fence(*r.file->find_syncobj(gate2), gate2_fence);
+  ASSERT_EQ(r.bind(vm2, REFGPU_VM_BIND_OP_MAP, va1, 4096, h, 0, {IoctlRig::syncobj_in(gate2), IoctlRig::syncobj_out(so4)}),
+            0);
+  drm_refgpu_vm_destroy d{};
+  d.vm_id = vm2;
+  ASSERT_EQ(r.io(DRM_IOCTL_REFGPU_VM_DESTROY, &d), 0);
+  ASSERT_TRUE(r.fence_of(so4)->signaled());
+  EXPECT_EQ(r.fence_of(so4)->status(), -ECANCELED);
+  gate2_fence->signal(0);
+}
+
 }  // namespace
 }  // namespace gpusvm::refgpu::testing
