@@ -41,6 +41,8 @@ Result<std::shared_ptr<RefgpuDevice>> RefgpuDevice::create(mm::PhysMem* mem, con
     RefgpuDevice* d = dev.get();
     dev->engines_.back()->set_fence_write_hook([d] { d->ufence_wq_.wake_all(); });
   }
+  // Instance numbers after the compute engines'; no fault sink (it runs no batches).
+  dev->bind_engine_ = std::make_unique<Engine>(cfg.num_engines, nullptr);
   RefgpuDevice* d = dev.get();
   dev->service_ = std::make_unique<FaultService>(&dev->faults_, cfg.fault_threads ? cfg.fault_threads : 1,
                                                  [d](uint32_t asid) { return d->find_vm(asid); });
@@ -51,6 +53,7 @@ RefgpuDevice::~RefgpuDevice() {
   unplug();
   service_.reset();  // joins the handler threads before the queue they pop from goes
   engines_.clear();
+  bind_engine_.reset();
 }
 
 Result<std::shared_ptr<devfs::File>> RefgpuDevice::open(devfs::Process& opener) {
@@ -78,7 +81,12 @@ void RefgpuDevice::unplug() {
   // Faults first: an engine stalled in FaultQueue::raise resumes with -ENODEV and its job
   // ends, so stop() below does not wait for a fault nobody will service.
   faults_.shutdown(-ENODEV);
+  // No job starts anywhere from here on, then every engine kills its queues: a fence one
+  // engine fails must not let a dependent job (or one behind it) start on another.
+  for (auto& e : engines_) e->begin_stop(-ENODEV);
+  if (bind_engine_) bind_engine_->begin_stop(-ENODEV);
   for (auto& e : engines_) e->stop(-ENODEV);
+  if (bind_engine_) bind_engine_->stop(-ENODEV);
   ufence_wq_.wake_all();
   if (!drain_wq_.wait_for([this] { return in_flight_.load() == 0; }, hang_timeout()))
     log::get().error("refgpu: unplug: {} ioctls still in flight after {} ms", in_flight_.load(),

@@ -103,6 +103,9 @@ class RefgpuDevice final : public devfs::Device, public std::enable_shared_from_
   uint64_t va_limit() const { return 1ull << cfg_.va_bits; }
   size_t num_engines() const { return engines_.size(); }
   Engine* engine(size_t i) { return engines_[i].get(); }
+  // The engine that runs deferred vm_binds (a bind whose in-fences had not all signaled):
+  // one queue per VM (FileVm::bind_queue), host work only, not visible in the query.
+  Engine* bind_engine() { return bind_engine_.get(); }
   size_t num_vram_regions() const { return vram_.size(); }
   VramRegion& vram_region(size_t i) { return *vram_[i]; }  // instance i + 1
   CopyEngine& copy_engine() { return *copy_; }
@@ -146,6 +149,7 @@ class RefgpuDevice final : public devfs::Device, public std::enable_shared_from_
   std::unique_ptr<VramPagemap> vram_pm_;  // region 1's (null without VRAM)
   FaultQueue faults_;
   std::vector<std::unique_ptr<Engine>> engines_;
+  std::unique_ptr<Engine> bind_engine_;
   std::unique_ptr<FaultService> service_;
   Mutex vms_lock_{&kRefgpuDeviceVmsLockClass};
   std::map<uint32_t, std::weak_ptr<Vm>> vms_ GPUSVM_GUARDED_BY(vms_lock_);

@@ -5,15 +5,55 @@
 
 namespace gpusvm::refgpu {
 
-Result<std::shared_ptr<Fence>> ExecQueue::submit(uint64_t batch_va) {
+bool ExecQueue::Job::ready() const {
+  return std::all_of(deps.begin(), deps.end(), [](const std::shared_ptr<Fence>& d) { return d->signaled(); });
+}
+
+int ExecQueue::Job::dep_error() const {
+  for (const auto& d : deps) {
+    if (d->status() < 0) return d->status();
+  }
+  return 0;
+}
+
+void ExecQueue::Job::finish(int status) {
+  hold.reset();
+  work = nullptr;
+  fence->signal(status);
+}
+
+Result<std::shared_ptr<Fence>> ExecQueue::submit(uint64_t batch_va, std::vector<std::shared_ptr<Fence>> deps,
+                                                 std::shared_ptr<void> hold) {
   if (batch_va % 8) return Err{-EINVAL};
+  return push({.batch_va = batch_va, .deps = std::move(deps), .hold = std::move(hold)});
+}
+
+Result<std::shared_ptr<Fence>> ExecQueue::submit_work(std::function<int()> fn, std::vector<std::shared_ptr<Fence>> deps) {
+  if (!fn) return Err{-EINVAL};
+  return push({.deps = std::move(deps), .work = std::move(fn)});
+}
+
+bool ExecQueue::idle() const {
+  MutexLock g(&lock_);
+  return jobs_.empty() && !running_;
+}
+
+Result<std::shared_ptr<Fence>> ExecQueue::push(Job job) {
+  for (const auto& d : job.deps) {
+    if (!d) return Err{-EINVAL};
+  }
   auto fence = std::make_shared<Fence>();
+  job.fence = fence;
+  // The callbacks go on before the job is visible: a dependency signaling at any point after
+  // the push either finds its callback (which kicks the engine) or is seen signaled by the
+  // engine's scan after the kick below.
+  std::shared_ptr<EngineKick> k = engine_->kick_;
+  for (const auto& d : job.deps) (void)d->add_callback([k](int) { k->kick(); });
   {
     MutexLock g(&lock_);
     if (dead_) return Err{dead_};
-    jobs_.push_back({batch_va, fence});
+    jobs_.push_back(std::move(job));
   }
-  engine_->work_.fetch_add(1, std::memory_order_release);  // pairs with the acquire in run()
   engine_->kick();
   return fence;
 }
@@ -46,7 +86,7 @@ void Engine::kill_queue(ExecQueue* q, int err) {
     cancelled.swap(q->jobs_);
     q->abort_.store(err, std::memory_order_relaxed);  // relaxed: a stop request, polled
   }
-  for (auto& j : cancelled) j.fence->signal(err);
+  for (auto& j : cancelled) j.finish(err);
 }
 
 int Engine::destroy_queue(const std::shared_ptr<ExecQueue>& q) {
@@ -74,6 +114,11 @@ void Engine::set_fence_write_hook(std::function<void()> fn) {
   fence_hook_ = std::move(fn);
 }
 
+void Engine::begin_stop(int err) {
+  MutexLock g(&lock_);
+  if (!stopped_) stopped_ = err < 0 ? err : -ENODEV;
+}
+
 void Engine::stop(int err) {
   std::vector<std::shared_ptr<ExecQueue>> queues;
   {
@@ -82,7 +127,6 @@ void Engine::stop(int err) {
     queues = queues_;
   }
   for (auto& q : queues) kill_queue(q.get(), err < 0 ? err : -ENODEV);
-  work_.fetch_add(1, std::memory_order_release);
   kick();
   if (thread_.joinable()) thread_.join();
 }
@@ -94,7 +138,9 @@ bool Engine::next_job(std::shared_ptr<ExecQueue>* out, ExecQueue::Job* job) {
     const size_t i = (rr_ + n) % queues_.size();
     ExecQueue* q = queues_[i].get();
     MutexLock qg(&q->lock_);
-    if (q->jobs_.empty() || q->dead_) continue;
+    // Only the front job: a queue is in order, so a job blocked on a dependency holds back
+    // the ones behind it (and no other queue).
+    if (q->jobs_.empty() || q->dead_ || !q->jobs_.front().ready()) continue;
     *job = std::move(q->jobs_.front());
     q->jobs_.pop_front();
     q->running_ = true;
@@ -110,14 +156,14 @@ void Engine::run() {
   for (;;) {
     // acquire: pairs with the release in submit()/stop(), so a job queued before the bump is
     // seen by next_job() after it.
-    const uint64_t seen = work_.load(std::memory_order_acquire);
+    const uint64_t seen = kick_->work.load(std::memory_order_acquire);
     std::shared_ptr<ExecQueue> q;
     ExecQueue::Job job{};
     if (!next_job(&q, &job)) return;
     if (!q) {
       // Idle: sleep until new work; the bounded wait just loops (an idle engine is no hang).
-      (void)wq_.wait_for([&] { return work_.load(std::memory_order_acquire) != seen; },
-                         std::chrono::milliseconds(100));
+      (void)kick_->wq.wait_for([&] { return kick_->work.load(std::memory_order_acquire) != seen; },
+                               std::chrono::milliseconds(100));
       continue;
     }
     JobContext ctx;
@@ -131,10 +177,13 @@ void Engine::run() {
       MutexLock g(&lock_);
       ctx.on_fence_write = fence_hook_;
     }
-    const int r = execute_batch(ctx, job.batch_va);
+    // A failed dependency fails the job without running it.
+    const int dep_err = job.dep_error();
+    const int r = dep_err ? dep_err : job.work ? job.work() : execute_batch(ctx, job.batch_va);
     stats_.jobs.add();
     if (r) stats_.job_errors.add();
-    job.fence->signal(r);
+    if (dep_err) stats_.dep_errors.add();
+    job.finish(r);
     {
       MutexLock g(&q->lock_);
       q->running_ = false;

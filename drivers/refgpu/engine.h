@@ -7,6 +7,19 @@
 //    engine until the fault is serviced), and other engines go on.
 //  - A job ends by signalling its fence: 0, or the interpreter's error (an error fence). The
 //    queue and its VM stay usable after a failed job.
+//  - Dependencies (the exec ioctl's in-fences, drm_sched_job_add_dependency): a job runs
+//    only once every fence it depends on has signaled; the queue's later jobs wait behind it
+//    (a queue stays in order). Each dependency gets a callback that wakes the engine, so
+//    submit() never waits. A dependency that signaled an error fails the job with that
+//    error without running it (its out-fences see the error), as drm_sched's entity kill
+//    path propagates a dependency's error and Xe's run_job skips a job whose fence already
+//    carries one. Cancellation and device removal fail blocked jobs like queued ones.
+//  - A job is a batch, or host work (submit_work: a vm_bind whose in-fences were pending,
+//    run on the device's bind engine in the engine thread, with the same ordering,
+//    dependencies, cancellation and fence as a batch).
+//  - A job may carry `hold`: what must stay pinned while it may run (the BOs it may touch:
+//    the model's dma-resv fence). It is released before the job's fence signals, so
+//    whoever sees the fence signaled sees the hold gone.
 //  - destroy_queue(): jobs not started are cancelled (-ECANCELED); the running one is told to
 //    stop at its next instruction (-ECANCELED) and waited for. stop() (device removal) does
 //    the same for every queue with -ENODEV and joins the thread: every fence completes.
@@ -44,16 +57,36 @@ class ExecQueue {
   // destroyed, -ENODEV when its engine stopped, -EINVAL for a misaligned batch.
   // The engine object must outlive every submit() call (the device holds a reference across
   // an ioctl); a stopped engine is fine, a destroyed one is not.
-  Result<std::shared_ptr<Fence>> submit(uint64_t batch_va) GPUSVM_EXCLUDES(lock_);
+  // deps: fences the job waits for (see above; null entries are not allowed: -EINVAL).
+  // hold: released (reset) right before the job's fence signals, whatever the outcome.
+  Result<std::shared_ptr<Fence>> submit(uint64_t batch_va, std::vector<std::shared_ptr<Fence>> deps = {},
+                                        std::shared_ptr<void> hold = {}) GPUSVM_EXCLUDES(lock_);
+  // Queues host work: fn() runs in the engine thread with no lock held once deps signaled;
+  // its result is the fence's status. Released (destroyed) before the fence signals. Errors
+  // as submit().
+  Result<std::shared_ptr<Fence>> submit_work(std::function<int()> fn, std::vector<std::shared_ptr<Fence>> deps = {})
+      GPUSVM_EXCLUDES(lock_);
   size_t queued() const GPUSVM_EXCLUDES(lock_);
+  // No job queued and none running.
+  bool idle() const GPUSVM_EXCLUDES(lock_);
 
  private:
   friend class Engine;
   struct Job {
-    uint64_t batch_va;
+    uint64_t batch_va = 0;
     std::shared_ptr<Fence> fence;
+    std::vector<std::shared_ptr<Fence>> deps;
+    std::shared_ptr<void> hold;
+    std::function<int()> work;  // host work instead of a batch
+    // Every dependency signaled (acquire loads).
+    bool ready() const;
+    // The first dependency error, or 0.
+    int dep_error() const;
+    // Releases the hold and the work, then signals the fence.
+    void finish(int status);
   };
   ExecQueue(Engine* engine, uint32_t id, GpuMmu* mmu) : engine_(engine), id_(id), mmu_(mmu) {}
+  Result<std::shared_ptr<Fence>> push(Job job) GPUSVM_EXCLUDES(lock_);
 
   Engine* const engine_;
   const uint32_t id_;
@@ -70,6 +103,19 @@ struct EngineStats {
   IsaStats isa;
   StatCounter jobs;
   StatCounter job_errors;
+  StatCounter dep_errors;  // jobs failed without running: a dependency signaled an error
+};
+
+// What wakes an engine's thread: a work counter and its wait queue. Shared (not a member of
+// the Engine) because dependency callbacks may run after the engine is gone (a fence from
+// elsewhere signaled late): they keep this alive and touch nothing else.
+struct EngineKick {
+  std::atomic<uint64_t> work{0};  // bumped on every submit/stop/dependency signal
+  WaitQueue wq;
+  void kick() {
+    work.fetch_add(1, std::memory_order_release);  // pairs with the acquire in Engine::run()
+    wq.wake_all();
+  }
 };
 
 class Engine {
@@ -89,6 +135,10 @@ class Engine {
   void set_fence_write_hook(std::function<void()> fn) GPUSVM_EXCLUDES(lock_);
   // Device removal: every queue dies with `err`, every fence completes; joins the thread.
   void stop(int err = -ENODEV) GPUSVM_EXCLUDES(lock_);
+  // stop()'s first half: no job starts from now on (the running one goes on until stop()).
+  // Removal calls it on every engine before it stops any, so that a fence failed by one
+  // engine's stop cannot release a dependency-blocked job, or one behind it, on another.
+  void begin_stop(int err = -ENODEV) GPUSVM_EXCLUDES(lock_);
   const EngineStats& stats() const { return stats_; }
 
  private:
@@ -96,7 +146,7 @@ class Engine {
   void run();
   // The next job round-robin, marking its queue running; false when stopping.
   bool next_job(std::shared_ptr<ExecQueue>* q, ExecQueue::Job* job) GPUSVM_EXCLUDES(lock_);
-  void kick() { wq_.wake_all(); }
+  void kick() { kick_->kick(); }
   static void kill_queue(ExecQueue* q, int err);
 
   const uint16_t instance_;
@@ -106,8 +156,7 @@ class Engine {
   size_t rr_ GPUSVM_GUARDED_BY(lock_) = 0;
   int stopped_ GPUSVM_GUARDED_BY(lock_) = 0;
   std::function<void()> fence_hook_ GPUSVM_GUARDED_BY(lock_);
-  std::atomic<uint64_t> work_{0};  // bumped on every submit/stop; the thread's wake condition
-  WaitQueue wq_;        // the engine thread sleeps here
+  const std::shared_ptr<EngineKick> kick_ = std::make_shared<EngineKick>();  // the thread sleeps here
   WaitQueue idle_wq_;   // destroy_queue() waits here for a running job to end
   EngineStats stats_;
   std::thread thread_;

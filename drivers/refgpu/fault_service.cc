@@ -240,7 +240,7 @@ int Vm::service_locked(uint64_t addr, Access access, const Placement* force,
 
 int Vm::handle_fault(const GpuFault& fault, const OnRange& on_range) {
   if (dying()) return -ENODEV;
-  if (!fault_mode()) return -EFAULT;
+  if (!fault_mode()) return handle_fault_no_mirror(fault);
   const uint64_t t0 = now_ns();
   MutexLock g(&lock_);
   // A fault another service already satisfied (a duplicate that was not chained, or one

@@ -31,6 +31,10 @@ RefgpuFile::~RefgpuFile() {
     (void)q->engine->destroy_queue(q->q);
     q->vm->queues.fetch_sub(1);
   }
+  // Deferred binds: cancelled, which drops their references to the VMs.
+  for (auto& [id, vm] : vms) {
+    if (vm->bind_queue) (void)dev_->bind_engine()->destroy_queue(vm->bind_queue);
+  }
 }
 
 uint32_t RefgpuFile::add_bo(BoRef bo, uint32_t vm_id) {

@@ -63,6 +63,10 @@ struct FileVm {
   const std::shared_ptr<mm::AddressSpace> mm;  // declared before vm: outlives it
   std::unique_ptr<Vm> vm;
   std::atomic<int> queues{0};  // exec queues on this VM (vm_destroy: -EBUSY while > 0)
+  // Deferred vm_binds of this VM, in order, on the device's bind engine. Its jobs hold a
+  // reference to this FileVm: vm_destroy and file release destroy the queue (pending binds
+  // end -ECANCELED), which breaks that cycle.
+  std::shared_ptr<ExecQueue> bind_queue;
 };
 
 struct FileExecQueue {

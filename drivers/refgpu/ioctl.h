@@ -66,9 +66,10 @@ struct SyncEntry {
 // -ENOENT (unknown syncobj), -EOPNOTSUPP.
 [[nodiscard]] int parse_syncs(RefgpuFile& file, uint64_t uptr, uint32_t count, bool lr,
                               std::vector<SyncEntry>* out);
-// Waits for the in-syncobjs of syncs (see ioctl_exec.cc). 0, -EINVAL (a syncobj without a
-// fence), -ETIME (hang_timeout() passed), -ENODEV (device removed meanwhile).
-[[nodiscard]] int wait_in_syncs(RefgpuFile& file, const std::vector<SyncEntry>& syncs);
+// The fences of the in-syncobjs of syncs, the operation's dependencies (see ioctl_exec.cc).
+// 0, -EINVAL (a syncobj without a fence).
+[[nodiscard]] int collect_in_fences(RefgpuFile& file, const std::vector<SyncEntry>& syncs,
+                                    std::vector<std::shared_ptr<Fence>>* out);
 // The out-syncs of a job: SYNCOBJ signal entries get the job's fence; USER_FENCE entries
 // write their value at the job's end (a fence callback, through the CPU-access API) and wake
 // user-fence waiters. The callback keeps the address space and the device alive.

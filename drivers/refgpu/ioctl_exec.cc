@@ -65,25 +65,16 @@ void attach_out_syncs(RefgpuFile& file, const std::vector<SyncEntry>& syncs, con
   }
 }
 
-// In-fences: syncobjs to wait on. A syncobj without a fence is -EINVAL (drm_syncobj's answer
-// without WAIT_FOR_SUBMIT); the operation starts once they all signaled, so the ioctl waits
-// for them (Xe makes them scheduler dependencies; the difference is only when the ioctl
-// returns). Bounded by hang_timeout(): -ETIME, nothing done.
-int wait_in_syncs(RefgpuFile& f, const std::vector<SyncEntry>& syncs) {
-  std::vector<std::shared_ptr<Fence>> in;
+// In-fences: the fences of the in-syncobjs. A syncobj without a fence is -EINVAL
+// (drm_syncobj's answer without WAIT_FOR_SUBMIT). Nobody waits here: they become the
+// operation's scheduler dependencies (drm_sched_job_add_syncobj_dependency).
+int collect_in_fences(RefgpuFile& f, const std::vector<SyncEntry>& syncs, std::vector<std::shared_ptr<Fence>>* out) {
+  out->clear();
   for (const SyncEntry& e : syncs) {
     if (e.signal || e.type != REFGPU_SYNC_TYPE_SYNCOBJ) continue;
     std::shared_ptr<Fence> fence = f.syncobj_fence(*e.syncobj);
     if (!fence) return -EINVAL;
-    in.push_back(std::move(fence));
-  }
-  const auto deadline = std::chrono::steady_clock::now() + hang_timeout();
-  for (const auto& fence : in) {
-    while (!fence->signaled()) {
-      if (f.dev().removed()) return -ENODEV;
-      if (std::chrono::steady_clock::now() >= deadline) return -ETIME;
-      (void)fence->wait(std::chrono::milliseconds(10));
-    }
+    out->push_back(std::move(fence));
   }
   return 0;
 }
@@ -135,8 +126,14 @@ int ioctl_exec(RefgpuFile& f, devfs::Process& caller, drm_refgpu_exec* a) {
   if (!q) return -ENOENT;
   std::vector<SyncEntry> syncs;
   if (int rc = parse_syncs(f, a->syncs, a->num_syncs, q->vm->lr_mode(), &syncs)) return rc;
-  if (int rc = wait_in_syncs(f, syncs)) return rc;
-  Result<std::shared_ptr<Fence>> job = q->q->submit(a->address);
+  std::vector<std::shared_ptr<Fence>> deps;
+  if (int rc = collect_in_fences(f, syncs, &deps)) return rc;
+  // A VM without fault mode binds its evicted BOs again before the job is queued (xe_exec's
+  // validate + rebind); the hold keeps them from the LRU until the job ends.
+  auto hold = std::make_shared<BoBusyHold>();
+  if (int rc = q->vm->vm->prepare_exec(hold.get())) return rc;
+  // The job runs once its in-fences signaled (engine.h); the ioctl does not wait.
+  Result<std::shared_ptr<Fence>> job = q->q->submit(a->address, std::move(deps), std::move(hold));
   if (!job) return job.error();
   // Ban bookkeeping for wait_user_fence's -EIO: the first failed job's errno.
   std::weak_ptr<FileExecQueue> wq = q;

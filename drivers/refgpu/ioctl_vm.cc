@@ -34,6 +34,9 @@ int ioctl_vm_create(RefgpuFile& f, devfs::Process& caller, drm_refgpu_vm_create*
   Result<std::unique_ptr<Vm>> vm = Vm::create(std::move(cfg));
   if (!vm) return vm.error();
   fvm->vm = std::move(*vm);
+  Result<std::shared_ptr<ExecQueue>> bq = dev.bind_engine()->create_queue(id, fvm->vm->mmu());
+  if (!bq) return bq.error();
+  fvm->bind_queue = std::move(*bq);
   // The table refers to the Vm through fvm (aliasing): whoever finds it keeps fvm alive.
   dev.register_vm(fvm->asid, std::shared_ptr<Vm>(fvm, fvm->vm.get()));
   f.insert_vm(std::move(fvm));
@@ -44,7 +47,11 @@ int ioctl_vm_create(RefgpuFile& f, devfs::Process& caller, drm_refgpu_vm_create*
 int ioctl_vm_destroy(RefgpuFile& f, devfs::Process& caller, drm_refgpu_vm_destroy* a) {
   (void)caller;
   if (a->pad || !all_zero(a->reserved)) return -EINVAL;
-  return f.remove_vm(a->vm_id);
+  std::shared_ptr<FileVm> vm = f.find_vm(a->vm_id);
+  if (int rc = f.remove_vm(a->vm_id)) return rc;
+  // Binds still waiting on in-fences are cancelled (-ECANCELED on their out-fences).
+  if (vm && vm->bind_queue) (void)f.dev().bind_engine()->destroy_queue(vm->bind_queue);
+  return 0;
 }
 
 }  // namespace gpusvm::refgpu

@@ -4,6 +4,7 @@
 // lies in the BO and that a VM-private BO is bound in its own VM (-EINVAL, as
 // xe_vm_bind_ioctl_validate_bo); the op then holds its own reference, so a GEM_CLOSE right
 // after leaves the binding intact.
+#include <algorithm>
 #include <cerrno>
 #include <vector>
 
@@ -86,12 +87,34 @@ int ioctl_vm_bind(RefgpuFile& f, devfs::Process& caller, drm_refgpu_vm_bind* a) 
   }
   std::vector<SyncEntry> syncs;
   if (int rc = parse_syncs(f, a->syncs, a->num_syncs, vm->lr_mode(), &syncs)) return rc;
-  if (int rc = wait_in_syncs(f, syncs)) return rc;
-  // Vm::bind validates the ops against the VMA tree before it applies any (-EINVAL: overlap,
-  // a mirror in a VM without fault mode). Binds run synchronously: the out-syncs signal now.
+  std::vector<std::shared_ptr<Fence>> deps;
+  if (int rc = collect_in_fences(f, syncs, &deps)) return rc;
+  const bool ready = std::all_of(deps.begin(), deps.end(), [](const auto& d) { return d->signaled(); });
+  if (!ready || !vm->bind_queue->idle()) {
+    // Deferred (an in-fence pending, or an earlier deferred bind of this VM not done: binds
+    // of a VM stay in order): the ops run on the bind engine once the in-fences signaled;
+    // the ioctl returns now. Their result - Vm::bind's errno, or an in-fence's error, in
+    // which case nothing is applied - is the out-fences' status.
+    Result<std::shared_ptr<Fence>> job =
+        vm->bind_queue->submit_work([vm, ops = std::move(ops)] { return vm->vm->bind(ops); }, std::move(deps));
+    if (!job) return job.error();
+    attach_out_syncs(f, syncs, *job);
+    return 0;
+  }
+  // Every in-fence signaled: the bind runs now. An in-fence error skips it (nothing applied)
+  // and goes to the out-fences, as for the deferred one; the ioctl itself succeeded.
+  auto done = std::make_shared<Fence>();
+  for (const auto& d : deps) {
+    if (d->status() < 0) {
+      done->signal(d->status());
+      attach_out_syncs(f, syncs, done);
+      return 0;
+    }
+  }
+  // Vm::bind validates the ops against the VMA tree before it applies any (-EINVAL:
+  // overlap, a mirror in a VM without fault mode).
   const int rc = vm->vm->bind(ops);
   if (rc) return rc;
-  auto done = std::make_shared<Fence>();
   done->signal(0);
   attach_out_syncs(f, syncs, done);
   return 0;

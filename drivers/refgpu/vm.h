@@ -66,6 +66,8 @@ struct VmStats {
   StatCounter tlb_invalidated_bytes;
   StatCounter invalidate_callbacks;
   StatCounter gc_removed;       // ranges the garbage collector removed
+  StatCounter bo_rebinds;       // BO bindings bound again after a move (no fault mode)
+  StatCounter bo_rebind_errors; // revalidations/rebinds that failed (rolled back)
 };
 
 // Where device memory comes from: VRAM region instance i (1..) is vram[i - 1].
@@ -184,12 +186,33 @@ class Vm : public svm::GpusvmOps {
   Result<uint32_t> query_mem_range_attrs(uint64_t start, uint64_t range,
                                          std::span<MemAttrRange> out) GPUSVM_EXCLUDES(lock_);
 
+  // ---- BO revalidation and rebind without fault mode (vm_rebind.cc) ----
+  // Before a job is queued on a VM without fault mode (xe_exec.c's xe_vm_validate_rebind):
+  // every BO binding a move zapped (BoBinding::needs_rebind) is revalidated - its BO moved
+  // back into VRAM when VRAM is an allowed placement and the BO is not CPU-mapped, or left
+  // in system memory when VRAM stays full and the BO may live there - and bound again at
+  // its new backing. While this runs every BO bound in the VM is marked busy, so moving one
+  // back never evicts another of the same VM (Xe validates them under one ww-locked set).
+  // On success, for a VM that is not LR, *hold keeps them busy: the caller keeps it until
+  // the job ends (the job's dma-resv fence), so the LRU does not evict them under it. An LR
+  // VM (preempt-fence mode) gets no hold: its BOs stay evictable, and a job that touches a
+  // zapped binding is suspended on the fault and resumed after handle_fault rebinds it (the
+  // rebind worker of xe_vm.c's preempt_rebind_work_func). A fault-mode VM: nothing to do.
+  // Errors (nothing queued; every binding this call rebound is zapped again, so the VM is as
+  // before): the BO move's (-EIO from the copy; -ENOSPC/-ENOMEM for a BO that may only live
+  // in VRAM), -ENOMEM (page-table nodes), -EAGAIN (the backings kept moving), -ENODEV (the
+  // VM is being destroyed). Context: no lock held; may sleep (moves, evictions).
+  [[nodiscard]] int prepare_exec(BoBusyHold* hold) GPUSVM_EXCLUDES(lock_);
+
   // ---- fault service (fault_service.cc) ----
   // Services one GPU fault of this VM (the Xe loop: GC -> attributes -> range ->
   // migrate -> get_pages -> reserve -> notifier lock -> pages_valid -> commit). 0: replay;
   // a negative errno fails the job: -EFAULT (no mirror, no VMA, PROT_NONE, a write to a
   // read-only mapping, an atomic with the CPU policy or one needing VRAM where there is
   // none), -EAGAIN (attempts exhausted), -ENODEV (VM being destroyed), -ENOMEM.
+  // Without fault mode every fault is -EFAULT, except in an LR VM a fault on a BO binding a
+  // move zapped: the binding is revalidated and bound again (prepare_exec's per-binding
+  // step) and the job replays, as a preempted LR queue resumes after Xe's rebind worker.
   // on_range (optional) is told the range being serviced as soon as it is known (under the
   // vm lock: it must only record it); FaultService chains duplicate faults on it.
   // May sleep; takes the vm lock.
@@ -244,6 +267,10 @@ class Vm : public svm::GpusvmOps {
   int validate_op_locked(const BindOp& op) GPUSVM_REQUIRES(lock_);
   int apply_op_locked(const BindOp& op) GPUSVM_REQUIRES(lock_);
   int map_bo_locked(const BindOp& op) GPUSVM_REQUIRES(lock_);
+  // Revalidates the BO of a zapped binding and binds it again (vm_rebind.cc).
+  int rebind_locked(BoBinding* b) GPUSVM_REQUIRES(lock_);
+  // handle_fault without fault mode (vm_rebind.cc).
+  int handle_fault_no_mirror(const GpuFault& fault) GPUSVM_EXCLUDES(lock_);
   // Inserts a mirror VMA, merging it with touching mirror neighbours of the same flags.
   void insert_mirror_locked(uint64_t start, uint64_t end, uint32_t flags) GPUSVM_REQUIRES(lock_);
   // The device-private owner of our VRAM pages (nullptr without VRAM).

@@ -31,6 +31,11 @@ void BoBinding::unbind() {
   vm_->zap(start_, end_);
 }
 
+void BoBinding::invalidate() {
+  bound_seq_.store(kNeverBound);
+  vm_->zap(start_, end_);
+}
+
 void BoBinding::bo_move_notify(Bo*) {
   moves_.fetch_add(1);  // seq_cst: pairs with bind()'s in_progress_ / moves_ check
   const auto deadline = std::chrono::steady_clock::now() + hang_timeout();
@@ -84,6 +89,7 @@ int BoBinding::bind() {
       i = j;
     }
     if (replaced) vm_->tlb().invalidate(start_, end_);  // no old translation survives
+    if (rc == 0) bound_seq_.store(seq);  // a move since bumped moves_: needs_rebind() again
     in_progress_.fetch_sub(1);
     if (rc == -EAGAIN) continue;
     return rc;

@@ -7,6 +7,7 @@
 
 #include <sys/mman.h>
 
+#include <chrono>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -81,6 +82,35 @@ class IoctlRig {
     EXPECT_EQ(io(DRM_IOCTL_REFGPU_SYNCOBJ_CREATE, &c), 0);
     return c.handle;
   }
+  // GEM_CREATE (0 on failure, with a test failure).
+  uint32_t gem_create(uint64_t size, uint32_t placement, uint32_t flags = 0) {
+    drm_refgpu_gem_create c{};
+    c.size = size;
+    c.placement = placement;
+    c.flags = flags;
+    EXPECT_EQ(io(DRM_IOCTL_REFGPU_GEM_CREATE, &c), 0);
+    return c.handle;
+  }
+  Bo* bo(uint32_t handle) {
+    std::shared_ptr<FileBo> fb = file->find_bo(handle);
+    EXPECT_NE(fb, nullptr);
+    return fb ? fb->bo.get() : nullptr;
+  }
+  // VM_BIND of one op with syncs.
+  int bind(uint32_t vm, uint32_t op, uint64_t addr, uint64_t range, uint32_t obj = 0, uint32_t flags = 0,
+           std::vector<drm_refgpu_sync> syncs = {}) {
+    drm_refgpu_vm_bind b{};
+    b.vm_id = vm;
+    b.num_binds = 1;
+    b.bind.op = op;
+    b.bind.flags = flags;
+    b.bind.addr = addr;
+    b.bind.range = range;
+    b.bind.obj = obj;
+    b.num_syncs = static_cast<uint32_t>(syncs.size());
+    b.syncs = uptr(syncs.data());
+    return io(DRM_IOCTL_REFGPU_VM_BIND, &b);
+  }
   // Exec and its waits, for tests that are not about these structs (ioctl_exec_test.cc's
   // contract tests fill and check every field by hand). The sync entries: the job signals
   // syncobj `handle`, or writes `value` to the qword at `addr`, when it ends (whatever its
@@ -103,6 +133,21 @@ class IoctlRig {
     s.addr = addr;
     s.timeline_value = value;
     return s;
+  }
+  // The syncobj's current fence (null: none yet).
+  std::shared_ptr<Fence> fence_of(uint32_t so) { return file->syncobj_fence(*file->find_syncobj(so)); }
+  // SYNCOBJ_WAIT on one syncobj for at most 10 s: the ioctl's result; *error gets the fence's
+  // status (drm_refgpu_syncobj_wait.error).
+  int syncobj_wait(uint32_t so, int32_t* error = nullptr) {
+    drm_refgpu_syncobj_wait w{};
+    w.handles = uptr(&so);
+    w.count_handles = 1;
+    w.timeout_nsec = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                         (std::chrono::steady_clock::now() + std::chrono::seconds(10)).time_since_epoch())
+                         .count();
+    const int rc = io(DRM_IOCTL_REFGPU_SYNCOBJ_WAIT, &w);
+    if (error) *error = w.error;
+    return rc;
   }
   // DRM_IOCTL_REFGPU_EXEC of the one batch at GPU VA `batch` on `queue`, with `syncs`: its rc.
   int exec(uint32_t queue, uint64_t batch, std::vector<drm_refgpu_sync> syncs = {}) {
