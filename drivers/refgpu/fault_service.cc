@@ -53,7 +53,7 @@ bool Vm::atomic_allowed(uint32_t policy, Target target) const {
   }
 }
 
-int Vm::commit_locked(svm::Range* range, bool write, uint32_t atomic_policy) {
+int Vm::commit_locked(svm::Range* range, bool write, uint32_t atomic_policy, bool exclusive) {
   ScopedStatTimer t(&stats_.bind_ns);
   // Page-table nodes for the worst case (4 KiB leaves) before the notifier lock: nothing
   // allocates under it.
@@ -73,7 +73,11 @@ int Vm::commit_locked(svm::Range* range, bool write, uint32_t atomic_policy) {
       uint8_t perms = 0;
       if (write && a.dir == svm::DmaDirection::kBidirectional) {
         perms |= kPermWrite;
-        if (atomic_allowed(atomic_policy, target)) perms |= kPermAtomic;
+        // DEVICE on system memory: atomic only over pages the device holds exclusively.
+        const bool atomic = target == Target::kSystem && atomic_policy == REFGPU_ATOMIC_DEVICE
+                                ? exclusive
+                                : atomic_allowed(atomic_policy, target);
+        if (atomic) perms |= kPermAtomic;
       }
       for (uint64_t off = 0; off < bytes;) {
         const uint64_t leaf = leaf_for(va + off, a.addr + off, bytes - off);
@@ -225,7 +229,16 @@ int Vm::service_locked(uint64_t addr, Access access, const Placement* force,
     }
     if (rc == -EPERM) return -EFAULT;
     if (rc != 0) return rc;
-    rc = commit_locked(range, write, attrs.atomic);
+    // A DEVICE atomic on pages that stayed in system memory: make them device-exclusive
+    // first (vm_exclusive.cc); a CPU access then gives them back and zaps the mapping.
+    const bool exclusive = access == Access::kAtomic && attrs.atomic == REFGPU_ATOMIC_DEVICE &&
+                           cfg_.smem_atomics && !range->pages(0).has_devmem_pages();
+    if (exclusive) {
+      rc = make_exclusive_locked(range);
+      if (rc == -EAGAIN) continue;
+      if (rc != 0) return rc;
+    }
+    rc = commit_locked(range, write, attrs.atomic, exclusive);
     if (rc == -EAGAIN) continue;
     if (rc != 0) return rc;
     switch (range->size()) {

@@ -13,10 +13,20 @@ int check_span(uint64_t start, uint64_t range, uint64_t va_limit) {
   if (start + range < start || start + range > va_limit) return -EINVAL;
   return 0;
 }
+// Resolves a madvise devmem_fd (> 0) of the caller (xe_vm_madvise's drm_pagemap_from_fd).
+// true: a refgpu file of this same device (its own VRAM). Errors: -EBADF (no open file at fd,
+// or not a refgpu device file), -ENOLINK (another refgpu device: no device has a link to
+// another yet, so its VRAM is never reachable; docs/refgpu.md, Missing).
+Result<bool> devmem_fd_is_this_device(RefgpuFile& f, devfs::Process& caller, int32_t fd) {
+  std::shared_ptr<devfs::File> file = caller.fd_get(fd);
+  auto* other = dynamic_cast<RefgpuFile*>(file.get());
+  if (!other) return Err{-EBADF};
+  if (&other->dev() != &f.dev()) return Err{-ENOLINK};
+  return true;
+}
 }  // namespace
 
 int ioctl_madvise(RefgpuFile& f, devfs::Process& caller, drm_refgpu_madvise* a) {
-  (void)caller;
   if (a->extensions || !all_zero(a->reserved)) return -EINVAL;
   if (int rc = check_span(a->start, a->range, f.dev().va_limit())) return rc;
   std::shared_ptr<FileVm> vm = f.find_vm(a->vm_id);
@@ -27,7 +37,14 @@ int ioctl_madvise(RefgpuFile& f, devfs::Process& caller, drm_refgpu_madvise* a) 
       if (p.devmem_fd < REFGPU_PREFERRED_LOC_DEFAULT_SYSTEM) return -EINVAL;
       if (p.devmem_fd == REFGPU_PREFERRED_LOC_DEFAULT_SYSTEM && p.region_instance) return -EINVAL;
       if (!vm) return -ENOENT;
-      return vm->vm->madvise_preferred_loc(a->start, a->range, p.devmem_fd, p.migration_policy, p.region_instance);
+      int32_t fd = p.devmem_fd;
+      if (fd > 0) {
+        // A device named by an fd of the caller: its VRAM needs a link from this device.
+        Result<bool> same = devmem_fd_is_this_device(f, caller, fd);
+        if (!same) return same.error();
+        fd = REFGPU_PREFERRED_LOC_DEFAULT_DEVICE;  // this device's own fd: its own VRAM
+      }
+      return vm->vm->madvise_preferred_loc(a->start, a->range, fd, p.migration_policy, p.region_instance);
     }
     case REFGPU_MEM_RANGE_ATTR_ATOMIC:
       if (a->atomic.pad || a->atomic.reserved || a->atomic.val > REFGPU_ATOMIC_CPU) return -EINVAL;

@@ -29,8 +29,8 @@ int ioctl_vm_create(RefgpuFile& f, devfs::Process& caller, drm_refgpu_vm_create*
   cfg.device = &dev.dma_device();
   cfg.vram = dev.vram_pagemaps();
   cfg.smem_atomics = dev.config().smem_atomics;
-  // Another device's fd as a preferred location needs the fd table of the caller and a
-  // link between the devices: not wired (every fd but the two constants is -EBADF).
+  // A devmem_fd naming a device is resolved by the madvise ioctl in the caller's fd table
+  // (ioctl_madvise.cc): no resolver here, as no device has a link to another yet.
   Result<std::unique_ptr<Vm>> vm = Vm::create(std::move(cfg));
   if (!vm) return vm.error();
   fvm->vm = std::move(*vm);

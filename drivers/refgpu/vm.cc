@@ -10,6 +10,7 @@
 #include "gpusvm/base/errno.h"
 #include "gpusvm/mm/address_space.h"
 #include "gpusvm/mm/hmm.h"
+#include "gpusvm/mm/page_state.h"
 
 namespace gpusvm::refgpu {
 
@@ -101,6 +102,12 @@ void Vm::zap(uint64_t start, uint64_t end) {
 void Vm::invalidate(svm::Gpusvm* g, svm::Notifier* notifier, const mm::MmuNotifierRange& range) {
   g->notifier_lock().assert_write_held();
   stats_.invalidate_callbacks.add();
+  if (own_exclusive_invalidation(range)) {
+    // Our own conversion of a page to device-exclusive, which the commit after it maps
+    // atomic: the pages must stay valid (vm_exclusive.cc). Their frames do not change.
+    stats_.exclusive_skipped_invalidations.add();
+    return;
+  }
   svm::Ctx ctx;
   ctx.in_notifier = true;
   // Ranges are never split: any overlap zaps the whole range (it faults back in).
@@ -196,7 +203,19 @@ int Vm::check_ptes() {
         rc = mm::hmm_range_fault(&hr);
       }
       const uint64_t off = va - l.va;
-      if (rc != 0 || !(word & mm::HMM_PFN_VALID)) {
+      if (rc == 0 && !(word & mm::HMM_PFN_VALID) && l.target == Target::kSystem) {
+        // A page the device holds exclusively (DEVICE atomics, vm_exclusive.cc): the CPU
+        // entry is device-exclusive for the leaf's frame.
+        const mm::PageState s = mm::query_page(*cfg_.as, va);
+        if (s.kind == mm::PageKind::kSoftLeaf && s.leaf == mm::SoftLeafType::kDeviceExclusive &&
+            (s.pfn << mm::kPageShift) == l.addr + off) {
+          continue;
+        }
+      }
+      if ((l.perms & kPermAtomic) && l.target == Target::kSystem &&
+          attrs_.at(va).atomic == REFGPU_ATOMIC_DEVICE) {
+        report(va, "atomic on system memory under DEVICE without a device-exclusive entry", word, rc);
+      } else if (rc != 0 || !(word & mm::HMM_PFN_VALID)) {
         report(va, "the CPU has no page", word, rc);
       } else if (l.target == Target::kSystem &&
                  (mm::hmm_pfn_to_pfn(word) << mm::kPageShift) != l.addr + off) {

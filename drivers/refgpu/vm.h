@@ -68,6 +68,10 @@ struct VmStats {
   StatCounter gc_removed;       // ranges the garbage collector removed
   StatCounter bo_rebinds;       // BO bindings bound again after a move (no fault mode)
   StatCounter bo_rebind_errors; // revalidations/rebinds that failed (rolled back)
+  // DEVICE atomics on system memory (vm_exclusive.cc): pages made device-exclusive, and our
+  // own EXCLUSIVE invalidations the invalidate callback skipped.
+  StatCounter exclusive_pages;
+  StatCounter exclusive_skipped_invalidations;
 };
 
 // Where device memory comes from: VRAM region instance i (1..) is vram[i - 1].
@@ -209,7 +213,8 @@ class Vm : public svm::GpusvmOps {
   // migrate -> get_pages -> reserve -> notifier lock -> pages_valid -> commit). 0: replay;
   // a negative errno fails the job: -EFAULT (no mirror, no VMA, PROT_NONE, a write to a
   // read-only mapping, an atomic with the CPU policy or one needing VRAM where there is
-  // none), -EAGAIN (attempts exhausted), -ENODEV (VM being destroyed), -ENOMEM.
+  // none, a DEVICE atomic on memory that cannot be made device-exclusive), -EAGAIN (attempts
+  // exhausted), -ENODEV (VM being destroyed), -ENOMEM.
   // Without fault mode every fault is -EFAULT, except in an LR VM a fault on a BO binding a
   // move zapped: the binding is revalidated and bound again (prepare_exec's per-binding
   // step) and the job replays, as a preempted LR queue resumes after Xe's rebind worker.
@@ -260,9 +265,26 @@ class Vm : public svm::GpusvmOps {
   // under it). -EAGAIN: invalidated since get_pages.
   // atomic_ok: the attributes and placement allow device atomics (the leaves get the atomic
   // bit where their target allows it).
-  int commit_locked(svm::Range* range, bool write, uint32_t atomic_policy) GPUSVM_REQUIRES(lock_);
+  // exclusive: the range's system pages were made device-exclusive for this commit
+  // (make_exclusive_locked): under the DEVICE policy only then do system leaves get the
+  // atomic bit.
+  int commit_locked(svm::Range* range, bool write, uint32_t atomic_policy, bool exclusive)
+      GPUSVM_REQUIRES(lock_);
   // Whether a device atomic on a leaf of `target` is allowed by the policy and the device.
   bool atomic_allowed(uint32_t policy, Target target) const;
+  // ---- DEVICE atomics on system memory (vm_exclusive.cc) ----
+  // Makes every page of range (got, all in system memory) device-exclusive to
+  // exclusive_owner(). 0; -EAGAIN when a foreign invalidation unmapped the pages meanwhile
+  // (the service runs again); -EFAULT when a page cannot be (shared or file memory, hugetlb,
+  // no VM_WRITE); -ENOMEM. Takes the mmap lock (read) and, briefly, the notifier lock; may
+  // sleep.
+  int make_exclusive_locked(svm::Range* range) GPUSVM_REQUIRES(lock_);
+  // Whether an invalidation is the EXCLUSIVE one of our own make_exclusive_locked in this
+  // thread (invalidate skips it: the pages stay mapped, the commit after it must succeed).
+  bool own_exclusive_invalidation(const mm::MmuNotifierRange& range) const;
+  // The owner our device-exclusive entries carry: the device's pagemap owner, or this VM on
+  // a device without VRAM.
+  const void* exclusive_owner() const { return owner() ? owner() : this; }
   int prefetch_locked(uint64_t start, uint64_t end, uint32_t region) GPUSVM_REQUIRES(lock_);
   int validate_op_locked(const BindOp& op) GPUSVM_REQUIRES(lock_);
   int apply_op_locked(const BindOp& op) GPUSVM_REQUIRES(lock_);

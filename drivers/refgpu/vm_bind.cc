@@ -267,9 +267,15 @@ int Vm::madvise_atomic(uint64_t start, uint64_t range, uint32_t val) {
   if (!attrs_.covers(start, end)) return -EINVAL;
   attrs_.set(start, end, [&](MemAttrs* a) { a->atomic = val; });
   // Leaves whose atomic bit no longer matches the policy are zapped; they fault back in.
+  // DEVICE on system memory wants the bit only over device-exclusive pages, which a leaf
+  // mapped under another policy is not: every atomic system leaf goes.
   std::vector<std::pair<uint64_t, uint64_t>> stale;
   pt_.walk(start, end, [&](const GpuLeaf& l) {
-    if (((l.perms & kPermAtomic) != 0) != atomic_allowed(val, l.target) && (l.perms & kPermWrite)) {
+    const bool has = l.perms & kPermAtomic;
+    const bool mismatch = val == REFGPU_ATOMIC_DEVICE && l.target == Target::kSystem
+                              ? has
+                              : has != atomic_allowed(val, l.target);
+    if (mismatch && (l.perms & kPermWrite)) {
       stale.emplace_back(l.va, l.va + l.size);
     }
   });

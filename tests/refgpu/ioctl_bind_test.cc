@@ -184,6 +184,70 @@ TEST(RefgpuIoctlBind, MirrorBindExecFaultsInAndWritesProcessMemory) {
   EXPECT_EQ(vmas(r, vm), 0u);
 }
 
+// A file that is not a refgpu device's (what madvise must refuse with -EBADF).
+class OtherFile : public devfs::File {
+ public:
+  int ioctl(devfs::Process&, unsigned long, void*) override { return -ENOTTY; }
+};
+class OtherDevice : public devfs::Device {
+ public:
+  Result<std::shared_ptr<devfs::File>> open(devfs::Process&) override {
+    return std::shared_ptr<devfs::File>(std::make_shared<OtherFile>());
+  }
+};
+
+// PREFERRED_LOC naming a device by an fd of the caller: this device's own fd is its VRAM;
+// another refgpu device has no link to this one (-ENOLINK); a closed fd or another driver's
+// file is -EBADF. A refused call changes no attribute.
+TEST(RefgpuIoctlMadvise, PreferredLocByDeviceFd) {
+  IoctlRig r;
+  auto d2 = RefgpuDevice::create(&r.machine->mem(), IoctlRig::small_config());
+  ASSERT_TRUE(d2.ok()) << d2.error();
+  ASSERT_EQ(r.machine->add_device("refgpu1", *d2), 0);
+  ASSERT_EQ(r.machine->add_device("other0", std::make_shared<OtherDevice>()), 0);
+  Result<int> fd2 = devfs::open("refgpu1", *r.proc);
+  ASSERT_TRUE(fd2.ok()) << fd2.error();
+  Result<int> fd_other = devfs::open("other0", *r.proc);
+  ASSERT_TRUE(fd_other.ok()) << fd_other.error();
+  const uint32_t vm = r.vm_create(kLrFault);
+  const uint64_t va = 1ull << 32;
+  drm_refgpu_vm_bind b = bind_one(vm, mirror_op(va, 4 << 20));
+  ASSERT_EQ(r.io(DRM_IOCTL_REFGPU_VM_BIND, &b), 0);
+  drm_refgpu_madvise m{};
+  m.vm_id = vm;
+  m.start = va + (1 << 20);
+  m.range = 1 << 20;
+  m.type = REFGPU_MEM_RANGE_ATTR_PREFERRED_LOC;
+  auto advise = [&](int32_t fd) {
+    drm_refgpu_madvise x = m;
+    x.preferred_mem_loc.devmem_fd = fd;
+    return r.io(DRM_IOCTL_REFGPU_MADVISE, &x);
+  };
+  auto pieces = [&] {
+    drm_refgpu_vm_query_mem_range_attr q{};
+    q.vm_id = vm;
+    q.start = va;
+    q.range = 4 << 20;
+    EXPECT_EQ(r.io(DRM_IOCTL_REFGPU_VM_QUERY_MEM_RANGE_ATTRS, &q), 0);
+    return q.num_mem_ranges;
+  };
+  EXPECT_EQ(advise(*fd2), -ENOLINK);
+  EXPECT_EQ(advise(*fd_other), -EBADF);
+  EXPECT_EQ(advise(*fd_other + 100), -EBADF);  // no file there
+  EXPECT_EQ(pieces(), 1u) << "a refused madvise changed the attributes";
+  // The VM's own device named by its fd: its VRAM, stored as DEFAULT_DEVICE (so a first
+  // advice to system memory, then this one, merges back into one piece).
+  drm_refgpu_madvise sys = m;
+  sys.preferred_mem_loc.devmem_fd = REFGPU_PREFERRED_LOC_DEFAULT_SYSTEM;
+  ASSERT_EQ(r.io(DRM_IOCTL_REFGPU_MADVISE, &sys), 0);
+  EXPECT_EQ(pieces(), 3u);
+  ASSERT_EQ(advise(r.fd), 0);
+  EXPECT_EQ(pieces(), 1u);
+  EXPECT_EQ(devfs::close(*r.proc, *fd2), 0);
+  EXPECT_EQ(advise(*fd2), -EBADF);  // closed now
+  (*d2)->unplug();
+}
+
 TEST(RefgpuIoctlMadvise, FieldsAndTwoCallQuery) {
   IoctlRig r;
   const uint32_t vm = r.vm_create(kLrFault);
