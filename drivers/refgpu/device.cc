@@ -13,7 +13,7 @@ namespace gpusvm::refgpu {
 
 Result<std::shared_ptr<RefgpuDevice>> RefgpuDevice::create(mm::PhysMem* mem, const DeviceConfig& cfg) {
   if (!mem || cfg.num_engines == 0 || cfg.num_engines > 16 || cfg.vram_sizes.size() > 15 ||
-      cfg.va_bits < 32 || cfg.va_bits > 48)
+      cfg.va_bits < 32 || cfg.va_bits > 48 || cfg.copy_threads > kMaxCopyThreads)
     return Err{-EINVAL};
   std::shared_ptr<RefgpuDevice> dev(new RefgpuDevice(mem, cfg));
   dev->dma_ = std::make_unique<svm::Device>(REFGPU_DEVICE_NAME, mem);  // DMA window = all of RAM
@@ -24,7 +24,7 @@ Result<std::shared_ptr<RefgpuDevice>> RefgpuDevice::create(mm::PhysMem* mem, con
   }
   VramArena* arena = dev->vram_.empty() ? nullptr : &dev->vram_[0]->arena();
   dev->resolver_ = std::make_unique<HostMemoryResolver>(mem, arena);
-  dev->copy_ = std::make_unique<CopyEngine>(mem, arena, std::make_unique<HostCopyBackend>());
+  dev->copy_ = std::make_unique<CopyEngine>(mem, arena, std::make_unique<HostCopyBackend>(cfg.copy_threads, cfg.copy_threshold_bytes));
   if (!dev->vram_.empty()) {
     auto pm = VramPagemap::create(mem, dev->dma_.get(), dev->vram_[0].get(), dev->copy_.get(), {});
     if (!pm) return Err{pm.error()};
@@ -34,7 +34,7 @@ Result<std::shared_ptr<RefgpuDevice>> RefgpuDevice::create(mm::PhysMem* mem, con
     dev->engines_.push_back(std::make_unique<Engine>(i, &dev->faults_));
     // Every FENCE_WRITE may satisfy a wait_user_fence: wake the waiters (they re-read).
     RefgpuDevice* d = dev.get();
-    dev->engines_.back()->set_fence_write_hook([d] { d->ufence_wq_.wake_all(); });
+    dev->engines_.back()->set_fence_write_hook([d] { d->wake_ufence_waiters(); });
   }
   RefgpuDevice* d = dev.get();
   dev->service_ = std::make_unique<FaultService>(&dev->faults_, cfg.fault_threads ? cfg.fault_threads : 1,
@@ -74,7 +74,7 @@ void RefgpuDevice::unplug() {
   // ends, so stop() below does not wait for a fault nobody will service.
   faults_.shutdown(-ENODEV);
   for (auto& e : engines_) e->stop(-ENODEV);
-  ufence_wq_.wake_all();
+  wake_ufence_waiters();
   if (!drain_wq_.wait_for([this] { return in_flight_.load() == 0; }, hang_timeout()))
     log::get().error("refgpu: unplug: {} ioctls still in flight after {} ms", in_flight_.load(),
                      hang_timeout().count());
