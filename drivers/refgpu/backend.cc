@@ -41,9 +41,10 @@ class HostBackend final : public Backend {
     std::memset(p, 0, size);
     return std::unique_ptr<VramMemory>(new HostVramMemory(static_cast<std::byte*>(p), size));
   }
-  Result<std::unique_ptr<CopyBackend>> make_copy(mm::PhysMem* mem, unsigned threads) override {
+  Result<std::unique_ptr<CopyBackend>> make_copy(mm::PhysMem* mem, unsigned threads,
+                                                 uint64_t threshold_bytes) override {
     (void)mem;  // memcpy reaches every host address
-    return std::unique_ptr<CopyBackend>(new HostCopyBackend(threads));
+    return std::unique_ptr<CopyBackend>(new HostCopyBackend(threads, threshold_bytes));
   }
 };
 

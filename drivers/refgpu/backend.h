@@ -70,8 +70,10 @@ class Backend {
   virtual Result<std::unique_ptr<VramMemory>> alloc_vram(uint64_t size) = 0;
   // A copy backend for the copy engine of a device on `mem`: its regions point into `mem`'s
   // frames and into VRAM of this backend. -ENOMEM, -EOPNOTSUPP (system memory cannot be
-  // imported), -EIO. `threads`: worker threads of the host backend (ignored by Vulkan).
-  virtual Result<std::unique_ptr<CopyBackend>> make_copy(mm::PhysMem* mem, unsigned threads) = 0;
+  // imported), -EIO. `threads`, `threshold_bytes`: the host backend's worker threads and the
+  // request size from which they help (HostCopyBackend; ignored by Vulkan, whose queue copies).
+  virtual Result<std::unique_ptr<CopyBackend>> make_copy(mm::PhysMem* mem, unsigned threads,
+                                                         uint64_t threshold_bytes) = 0;
 };
 
 // Opens the backend `cfg` names (kAuto resolved as above). -EINVAL (bad GPUSVM_REFGPU_BACKEND

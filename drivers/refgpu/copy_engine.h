@@ -61,6 +61,8 @@ class HostCopyBackend : public CopyBackend {
   ~HostCopyBackend() override;
   const char* name() const override { return "host"; }
   int copy(std::span<const CopyRegion> regions) override;
+  unsigned threads() const { return static_cast<unsigned>(threads_.size()); }
+  uint64_t threshold_bytes() const { return threshold_; }
 
  private:
   struct Work;

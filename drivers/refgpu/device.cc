@@ -13,7 +13,7 @@ namespace gpusvm::refgpu {
 
 Result<std::shared_ptr<RefgpuDevice>> RefgpuDevice::create(mm::PhysMem* mem, const DeviceConfig& cfg) {
   if (!mem || cfg.num_engines == 0 || cfg.num_engines > 16 || cfg.vram_sizes.size() > 15 ||
-      cfg.va_bits < 32 || cfg.va_bits > 48)
+      cfg.va_bits < 32 || cfg.va_bits > 48 || cfg.copy_threads > kMaxCopyThreads)
     return Err{-EINVAL};
   std::shared_ptr<RefgpuDevice> dev(new RefgpuDevice(mem, cfg));
   auto backend = open_backend(cfg.backend);
@@ -27,7 +27,7 @@ Result<std::shared_ptr<RefgpuDevice>> RefgpuDevice::create(mm::PhysMem* mem, con
   }
   VramArena* arena = dev->vram_.empty() ? nullptr : &dev->vram_[0]->arena();
   dev->resolver_ = std::make_unique<HostMemoryResolver>(mem, arena);
-  auto copy = dev->backend_->make_copy(mem, 0);
+  auto copy = dev->backend_->make_copy(mem, cfg.copy_threads, cfg.copy_threshold_bytes);
   if (!copy) return Err{copy.error()};
   dev->copy_ = std::make_unique<CopyEngine>(mem, arena, std::move(*copy));
   if (!dev->vram_.empty()) {
@@ -39,7 +39,7 @@ Result<std::shared_ptr<RefgpuDevice>> RefgpuDevice::create(mm::PhysMem* mem, con
     dev->engines_.push_back(std::make_unique<Engine>(i, &dev->faults_));
     // Every FENCE_WRITE may satisfy a wait_user_fence: wake the waiters (they re-read).
     RefgpuDevice* d = dev.get();
-    dev->engines_.back()->set_fence_write_hook([d] { d->ufence_wq_.wake_all(); });
+    dev->engines_.back()->set_fence_write_hook([d] { d->wake_ufence_waiters(); });
   }
   // Instance numbers after the compute engines'; no fault sink (it runs no batches).
   dev->bind_engine_ = std::make_unique<Engine>(cfg.num_engines, nullptr);
@@ -87,7 +87,7 @@ void RefgpuDevice::unplug() {
   if (bind_engine_) bind_engine_->begin_stop(-ENODEV);
   for (auto& e : engines_) e->stop(-ENODEV);
   if (bind_engine_) bind_engine_->stop(-ENODEV);
-  ufence_wq_.wake_all();
+  wake_ufence_waiters();
   if (!drain_wq_.wait_for([this] { return in_flight_.load() == 0; }, hang_timeout()))
     log::get().error("refgpu: unplug: {} ioctls still in flight after {} ms", in_flight_.load(),
                      hang_timeout().count());

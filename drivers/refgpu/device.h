@@ -26,6 +26,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -55,6 +56,9 @@ class PhysMem;
 
 namespace gpusvm::refgpu {
 
+// The most copy worker threads a device may ask for (DeviceConfig::copy_threads).
+inline constexpr unsigned kMaxCopyThreads = 64;
+
 struct DeviceConfig {
   uint32_t va_bits = 48;
   // VRAM region sizes in bytes (non-zero multiples of 2 MiB), instances 1.. in order.
@@ -67,6 +71,11 @@ struct DeviceConfig {
   // Where VRAM lives and what copies (backend.h): kAuto takes GPUSVM_REFGPU_BACKEND, else
   // host; reported by the query as drm_refgpu_query_config::backend.
   BackendConfig backend;
+  // The copy engine's host backend (HostCopyBackend): extra worker threads besides the
+  // caller (0: the caller copies alone), and the request size from which the workers help
+  // (smaller requests are copied by the caller: the hand-off costs more than it gains).
+  unsigned copy_threads = 0;
+  uint64_t copy_threshold_bytes = 1 << 20;
 };
 
 // Counters of VMs destroyed so far (REFGPU_STAT_* are the device's lifetime totals: live VMs
@@ -79,8 +88,9 @@ class RefgpuDevice final : public devfs::Device, public std::enable_shared_from_
  public:
   // A device on `mem` (the machine's PhysMem: system memory the device reaches by DMA
   // address). Errors: -EINVAL (null mem, no engine, more than 15 VRAM regions or 16 engines,
-  // a bad region size, va_bits outside 32..48, a bad GPUSVM_REFGPU_BACKEND), -ENOMEM, and the
-  // backend's errors (open_backend: -ENODEV no Vulkan driver or device, -EOPNOTSUPP).
+  // a bad region size, va_bits outside 32..48, copy_threads above kMaxCopyThreads, a bad
+  // GPUSVM_REFGPU_BACKEND), -ENOMEM, and the backend's errors (open_backend: -ENODEV no Vulkan
+  // driver or device, -EOPNOTSUPP).
   static Result<std::shared_ptr<RefgpuDevice>> create(mm::PhysMem* mem, const DeviceConfig& cfg);
   ~RefgpuDevice() override;  // unplug()
   RefgpuDevice(const RefgpuDevice&) = delete;
@@ -113,6 +123,8 @@ class RefgpuDevice final : public devfs::Device, public std::enable_shared_from_
   // The device pagemaps VMs migrate to (region 1's), for VmConfig::vram.
   std::vector<VramPagemap*> vram_pagemaps() const;
   FaultQueue& fault_queue() { return faults_; }
+  // The fault unit's counters (services, faults chained onto a service in flight).
+  const FaultServiceStats& fault_service_stats() const { return service_->stats(); }
   // Folds a VM's counters into the device's totals (at its destruction).
   void retire_vm_stats(const VmStats& s);
   // The resolver engines translate through (system memory by DMA address, the first VRAM
@@ -129,9 +141,21 @@ class RefgpuDevice final : public devfs::Device, public std::enable_shared_from_
   void unregister_vm(uint32_t asid) GPUSVM_EXCLUDES(vms_lock_);
   std::shared_ptr<Vm> find_vm(uint32_t asid) GPUSVM_EXCLUDES(vms_lock_);
 
-  // User-fence waiters (wait_user_fence) sleep here; woken after every FENCE_WRITE of an
-  // engine, every user fence the driver writes at a job's end, and at unplug.
-  WaitQueue& ufence_wq() { return ufence_wq_; }
+  // User-fence waiters (wait_user_fence) sleep on ufence_wq_; woken after every FENCE_WRITE
+  // of an engine, every user fence the driver writes at a job's end, and at unplug. A waiter
+  // reads ufence_seq() before it checks its fence and then sleeps until the sequence moves
+  // (wait_ufence_change), so a wake-up between its check and its sleep is not lost: it would
+  // otherwise sleep a whole poll slice (1 ms) after its fence signalled.
+  // Context: wake_ufence_waiters may be called from any thread, locks held or not (a leaf).
+  void wake_ufence_waiters() {
+    ufence_seq_.fetch_add(1);  // seq_cst: after the fence write, before the wake-up
+    ufence_wq_.wake_all();
+  }
+  uint64_t ufence_seq() const { return ufence_seq_.load(); }
+  // Sleeps until ufence_seq() != seen or the timeout passes. May sleep; no lock held.
+  void wait_ufence_change(uint64_t seen, std::chrono::nanoseconds timeout) {
+    (void)ufence_wq_.wait_for([&] { return ufence_seq_.load() != seen; }, timeout);
+  }
 
  private:
   RefgpuDevice(mm::PhysMem* mem, const DeviceConfig& cfg) : mem_(mem), cfg_(cfg) {}
@@ -155,6 +179,7 @@ class RefgpuDevice final : public devfs::Device, public std::enable_shared_from_
   std::map<uint32_t, std::weak_ptr<Vm>> vms_ GPUSVM_GUARDED_BY(vms_lock_);
   DeviceStats stats_;
   WaitQueue ufence_wq_;
+  std::atomic<uint64_t> ufence_seq_{0};  // bumped by every wake_ufence_waiters
   std::atomic<uint32_t> next_asid_{0};
   std::atomic<bool> removed_{false};
   std::atomic<int64_t> in_flight_{0};

@@ -59,7 +59,7 @@ void attach_out_syncs(RefgpuFile& file, const std::vector<SyncEntry>& syncs, con
       // A process that exited or unmapped the fence: the write is lost, as a put_user to a
       // dead mm is (-EFAULT is not anyone's error to report).
       (void)mm::cpu::store<uint64_t>(*mm, addr, value);
-      dev->ufence_wq().wake_all();
+      dev->wake_ufence_waiters();
     };
     if (!fence->add_callback(write)) write(fence->status());
   }

@@ -54,6 +54,9 @@ int ioctl_wait_user_fence(RefgpuFile& f, devfs::Process& caller, drm_refgpu_wait
   deadline = std::min(deadline, bound);
   int rc;
   for (;;) {
+    // Read before the fence: a wake-up after this (the fence written since) makes the sleep
+    // below return at once instead of after a whole slice (a lost wake-up otherwise).
+    const uint64_t seen = f.dev().ufence_seq();
     // The CPU's view of the fence, through the caller's page tables (faults it in). An
     // atomic read (a fetch-add of 0, as a locked instruction would do it) rather than a
     // plain load: it must synchronize with the engine's FENCE_WRITE release store, so that
@@ -83,7 +86,7 @@ int ioctl_wait_user_fence(RefgpuFile& f, devfs::Process& caller, drm_refgpu_wait
     }
     const auto slice = std::min<int64_t>(deadline - now, std::chrono::nanoseconds(kPollSlice).count());
     // Woken by FENCE_WRITEs and driver user-fence writes; the predicate is re-checked above.
-    (void)f.dev().ufence_wq().wait_for([] { return false; }, std::chrono::nanoseconds(slice));
+    f.dev().wait_ufence_change(seen, std::chrono::nanoseconds(slice));
   }
   // Relative timeouts are updated with the time left, so a restarted call waits only the
   // rest (xe_wait_user_fence_ioctl); 0 once expired.

@@ -130,7 +130,7 @@ TEST(RefgpuVulkanBackend, CopyOfUnreachableMemoryIsExdev) {
   ASSERT_TRUE(be.ok()) << be.error();
   auto vram = VramArena::create(**be, 2ull << 20);
   ASSERT_TRUE(vram.ok());
-  auto copy = (*be)->make_copy(mem->get(), 0);
+  auto copy = (*be)->make_copy(mem->get(), 0, 1 << 20);
   ASSERT_TRUE(copy.ok()) << copy.error();
   std::vector<std::byte> outside(4096, std::byte{0x77});
   const CopyRegion r{(*vram)->data(0), outside.data(), outside.size()};
@@ -151,7 +151,7 @@ TEST(RefgpuVulkanBackend, LostDeviceFailsEveryLaterCopyAndAllocation) {
   ASSERT_TRUE(be.ok()) << be.error();
   auto vram = VramArena::create(**be, 2ull << 20);
   ASSERT_TRUE(vram.ok());
-  auto copy = (*be)->make_copy(mem->get(), 0);
+  auto copy = (*be)->make_copy(mem->get(), 0, 1 << 20);
   ASSERT_TRUE(copy.ok());
   const CopyRegion r{(*vram)->data(0), (*mem)->ram_data(1), 4096};
   {
@@ -166,7 +166,7 @@ TEST(RefgpuVulkanBackend, LostDeviceFailsEveryLaterCopyAndAllocation) {
   EXPECT_NE(fresh->get(), be->get());
   auto v2 = VramArena::create(**fresh, 2ull << 20);
   ASSERT_TRUE(v2.ok());
-  auto c2 = (*fresh)->make_copy(mem->get(), 0);
+  auto c2 = (*fresh)->make_copy(mem->get(), 0, 1 << 20);
   ASSERT_TRUE(c2.ok());
   std::memset((*mem)->ram_data(2), 0x3c, 4096);
   const CopyRegion r2{(*v2)->data(4096), (*mem)->ram_data(2), 4096};

@@ -48,7 +48,7 @@ struct CopyRig {
     if (p.kind == BackendKind::kHost) {
       engine = std::make_unique<CopyEngine>(mem.get(), vram.get(), std::make_unique<HostCopyBackend>(p.threads, 64 * 1024));
     } else {
-      auto c = backend->make_copy(mem.get(), p.threads);
+      auto c = backend->make_copy(mem.get(), p.threads, 1 << 20);
       EXPECT_TRUE(c.ok()) << c.error();
       engine = std::make_unique<CopyEngine>(mem.get(), vram.get(), std::move(*c));
     }

@@ -102,8 +102,10 @@ class VulkanBackend final : public Backend {
     return std::unique_ptr<VramMemory>(new VulkanVramMemory(ctx_, buf, mem, static_cast<std::byte*>(p), size));
   }
 
-  Result<std::unique_ptr<CopyBackend>> make_copy(mm::PhysMem* mem, unsigned threads) override {
+  Result<std::unique_ptr<CopyBackend>> make_copy(mm::PhysMem* mem, unsigned threads,
+                                                 uint64_t threshold_bytes) override {
     (void)threads;  // the device's queue does the work
+    (void)threshold_bytes;
     if (!mem) return Err{-EINVAL};
     return vk::make_copy_backend(ctx_, mem->ram_data(0), mem->ram_pages() * mm::kPageSize);
   }
