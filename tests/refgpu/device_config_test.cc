@@ -18,6 +18,7 @@ TEST(RefgpuDeviceConfig, CopyThreadsConfigureTheHostBackend) {
     cfg.vram_sizes = {4ull << 20};
     cfg.copy_threads = threads;
     cfg.copy_threshold_bytes = 256 << 10;
+    cfg.backend.kind = BackendKind::kHost;  // the tuning is the host backend's (also under the vulkan run)
     auto d = RefgpuDevice::create(mem.get(), cfg);
     ASSERT_TRUE(d.ok()) << d.error();
     auto* host = dynamic_cast<HostCopyBackend*>(&(*d)->copy_engine().backend());
