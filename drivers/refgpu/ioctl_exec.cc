@@ -57,8 +57,10 @@ void attach_out_syncs(RefgpuFile& file, const std::vector<SyncEntry>& syncs, con
     std::shared_ptr<mm::AddressSpace> mm = file.mm_ref();
     auto write = [dev, mm, addr = e.addr, value = e.value](int) {
       // A process that exited or unmapped the fence: the write is lost, as a put_user to a
-      // dead mm is (-EFAULT is not anyone's error to report).
-      (void)mm::cpu::store<uint64_t>(*mm, addr, value);
+      // dead mm is (-EFAULT is not anyone's error to report). An atomic exchange, not a plain
+      // store: the waiter's atomic read (ioctl_sync.cc) must synchronize with it, so every
+      // write the job (and the jobs it depended on) made is visible once the wait returns.
+      (void)mm::cpu::atomic_exchange(*mm, addr, value);
       dev->wake_ufence_waiters();
     };
     if (!fence->add_callback(write)) write(fence->status());

@@ -65,11 +65,12 @@ class MemPort {
   }
 
   // Aligned single-copy-atomic word load / store (the caller checked the alignment).
+  // relaxed: a device access orders nothing by itself (FENCE_WRITE does); LOAD_COMPARE's
+  // loads are acquire (a satisfied semaphore wait orders what the batch does after it).
   template <typename T>
-  int load(uint64_t va, T* v) {
+  int load(uint64_t va, T* v, std::memory_order order = std::memory_order_relaxed) {
     return access(va, sizeof(T), Access::kRead, [&](std::byte* p, uint64_t, uint64_t) {
-      // relaxed: a device access orders nothing by itself (FENCE_WRITE does).
-      *v = std::atomic_ref<T>(*reinterpret_cast<T*>(p)).load(std::memory_order_relaxed);
+      *v = std::atomic_ref<T>(*reinterpret_cast<T*>(p)).load(order);
     });
   }
   template <typename T>
@@ -119,11 +120,12 @@ int aborted(const JobContext& ctx) {
 }
 
 // Loads a dword or qword (flags & REFGPU_CMD_FLAG_QWORD) at an aligned va.
-int load_word(MemPort& m, uint64_t va, bool qword, uint64_t* v) {
+int load_word(MemPort& m, uint64_t va, bool qword, uint64_t* v,
+              std::memory_order order = std::memory_order_relaxed) {
   if (va % (qword ? 8 : 4)) return -EINVAL;
-  if (qword) return m.load<uint64_t>(va, v);
+  if (qword) return m.load<uint64_t>(va, v, order);
   uint32_t d = 0;
-  const int r = m.load<uint32_t>(va, &d);
+  const int r = m.load<uint32_t>(va, &d, order);
   *v = d;
   return r;
 }
@@ -210,7 +212,9 @@ class Interpreter {
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(REFGPU_LOAD_COMPARE_WAIT_MS);
     for (;;) {
       uint64_t v = 0;
-      if (int r = load_word(m_, c.addr, qword, &v)) return r;
+      // acquire: like a GPU semaphore wait, a satisfied compare orders the batch's later
+      // accesses after the write it saw (a CPU or another job releasing the flag).
+      if (int r = load_word(m_, c.addr, qword, &v, std::memory_order_acquire)) return r;
       bool ok_op = false;
       const bool holds = compare(c.op, v & c.mask, c.value & c.mask, &ok_op);
       if (!ok_op) return -EINVAL;
