@@ -270,10 +270,15 @@ TEST(RefgpuIoctlGem, EndToEndCopyEvictUnmapReturnsToMirror) {
   EXPECT_EQ(r.file->num_bos(), 0u);
 
   uint64_t fence_value = 0;
+  // Each job's batch on a page of its own (pages 40..): the FENCE_WRITE lands before the job
+  // has fetched its BATCH_END, so overwriting the previous batch in place once the fence is
+  // seen would race with the engine still reading it (and fail that job now and then).
   auto run = [&](Batch& bb) {
     bb.fence(mem + 63 * 4096, ++fence_value).end();
-    r.put_bytes(mem, bb.bytes);
-    ASSERT_EQ(r.exec(q, mem), 0);
+    const mm::Va batch = mem + (40 + fence_value) * 4096;
+    ASSERT_LT(fence_value, 23u);
+    r.put_bytes(batch, bb.bytes);
+    ASSERT_EQ(r.exec(q, batch), 0);
     ASSERT_EQ(r.wait_ufence(mem + 63 * 4096, fence_value, q), 0);
   };
   auto check_mem = [&](mm::Va va, const std::vector<std::byte>& want) {
