@@ -29,12 +29,6 @@ drm_refgpu_gem_create gem(uint64_t size, uint32_t placement) {
   return c;
 }
 
-uint32_t gem_create(IoctlRig& r, uint64_t size, uint32_t placement) {
-  drm_refgpu_gem_create c = gem(size, placement);
-  EXPECT_EQ(r.io(DRM_IOCTL_REFGPU_GEM_CREATE, &c), 0);
-  return c.handle;
-}
-
 int gem_close(IoctlRig& r, uint32_t h) {
   drm_refgpu_gem_close c{};
   c.handle = h;
@@ -99,13 +93,13 @@ TEST(RefgpuIoctlGem, MisuseChangesNothing) {
   create_fails(c, -ENOENT);
 
   // Handles from 1, never reused.
-  const uint32_t h1 = gem_create(r, 8192, kSys);
-  const uint32_t h2 = gem_create(r, 8192, kVram);
+  const uint32_t h1 = r.gem_create(8192, kSys);
+  const uint32_t h2 = r.gem_create(8192, kVram);
   EXPECT_EQ(h1, 1u);
   EXPECT_EQ(h2, 2u);
   EXPECT_EQ(gem_close(r, h1), 0);
   EXPECT_EQ(gem_close(r, h1), -ENOENT);  // double close
-  EXPECT_EQ(gem_create(r, 4096, kSys), 3u);
+  EXPECT_EQ(r.gem_create(4096, kSys), 3u);
   EXPECT_EQ(r.file->num_bos(), 2u);
   drm_refgpu_gem_close cl{};
   cl.handle = h2;
@@ -203,7 +197,7 @@ TEST(RefgpuIoctlGem, InjectedFailuresRollBack) {
     EXPECT_EQ(r.dev->vram_region(0).used(), 0u);
     ASSERT_EQ(gem_close(r, c.handle), 0);
   }
-  const uint32_t h = gem_create(r, 1 << 16, kVram | kSys);
+  const uint32_t h = r.gem_create(1 << 16, kVram | kSys);
   Bo* bo = r.file->find_bo(h)->bo.get();
   ASSERT_EQ(bo->backing(), BoBacking::kVram);
   std::vector<std::byte> pattern(1 << 16);
@@ -230,8 +224,8 @@ TEST(RefgpuIoctlGem, InjectedFailuresRollBack) {
 TEST(RefgpuIoctlGem, EndToEndCopyEvictUnmapReturnsToMirror) {
   IoctlRig r;
   const uint64_t bo_size = 16 * 4096;
-  const uint32_t hv = gem_create(r, bo_size, kVram);
-  const uint32_t hs = gem_create(r, bo_size, kSys);
+  const uint32_t hv = r.gem_create(bo_size, kVram);
+  const uint32_t hs = r.gem_create(bo_size, kSys);
   Bo* vbo = r.file->find_bo(hv)->bo.get();
   ASSERT_EQ(vbo->backing(), BoBacking::kVram);
   // The system BO, CPU-mapped through the device fd and written.
@@ -315,7 +309,7 @@ TEST(RefgpuIoctlGem, EndToEndCopyEvictUnmapReturnsToMirror) {
 
   // VRAM pressure: a VRAM-only BO the size of the whole region evicts the bound one.
   const uint64_t before = vbo->stats().evictions.get();
-  const uint32_t hbig = gem_create(r, 8ull << 20, kVram);
+  const uint32_t hbig = r.gem_create(8ull << 20, kVram);
   ASSERT_NE(hbig, 0u);
   EXPECT_EQ(vbo->backing(), BoBacking::kSystem);
   EXPECT_GT(vbo->stats().evictions.get(), before);
