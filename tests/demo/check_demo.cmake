@@ -1,17 +1,23 @@
 # Runs gpusvm-demo's end-to-end workload and checks what it reports: exit status 0, the key
 # report lines, and the JSON file's shape (the one docs/demo.md documents for plot tools).
-# Then the backend check: an unknown backend is refused with exit status 2 and a clear message.
-#   cmake -DDEMO=<gpusvm-demo> -DJSON=<scratch file> -P check_demo.cmake
+# Then the option check: an unknown backend is refused with exit status 2 and a clear message.
+#   cmake -DDEMO=<gpusvm-demo> -DJSON=<scratch file> [-DBACKEND=host|vulkan] -P check_demo.cmake
+# BACKEND (default host) is passed as --backend; the report must name it.
 # require("<if() condition>" "<what failed>"): the condition is evaluated as if() code.
 function(require cond msg)
   cmake_language(EVAL CODE "if(NOT (${cond}))\n message(FATAL_ERROR \"gpusvm-demo check failed: \${msg}\")\nendif()")
 endfunction()
 
+if(NOT BACKEND)
+  set(BACKEND host)
+endif()
 file(REMOVE "${JSON}")
-execute_process(COMMAND "${DEMO}" --json "${JSON}" RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+execute_process(COMMAND "${DEMO}" --backend "${BACKEND}" --json "${JSON}"
+                RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
 message("${out}${err}")
 require("rc EQUAL 0" "exit status ${rc}")
 foreach(line
+    "through the runtime \\(backend '${BACKEND}[':]"
     "context: VM [0-9]+ in fault mode mirroring the whole address space"
     "\\[1\\] cpu-init" "\\[2\\] gpu-fault" "\\[3\\] prefetch" "\\[4\\] oversubscribe" "\\[5\\] madvise"
     "ok    the CPU read back every byte"
@@ -28,6 +34,9 @@ endforeach()
 file(READ "${JSON}" j)
 string(JSON schema GET "${j}" schema)
 require("schema STREQUAL \"gpusvm-demo/1\"" "schema '${schema}'")
+string(JSON backend GET "${j}" backend)
+string(FIND "${backend}" "${BACKEND}" at)
+require("at EQUAL 0" "JSON backend '${backend}' is not ${BACKEND}")
 string(JSON ok GET "${j}" ok)
 require("ok" "JSON ok is ${ok}")
 string(JSON nphases LENGTH "${j}" phases)
@@ -51,7 +60,7 @@ require("f2m GREATER 0" "no 2 MiB GPU fault")
 string(JSON to_smem GET "${j}" totals copy_bytes_to_smem)
 require("to_smem GREATER 0" "no bytes copied to system memory")
 
-execute_process(COMMAND "${DEMO}" --backend vulkan RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
-require("rc EQUAL 2" "--backend vulkan: exit status ${rc}")
-string(FIND "${err}" "unknown backend 'vulkan'" at)
-require("at GREATER -1" "--backend vulkan: no 'unknown backend' message (${err})")
+execute_process(COMMAND "${DEMO}" --backend cuda RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+require("rc EQUAL 2" "--backend cuda: exit status ${rc}")
+string(FIND "${err}" "unknown backend 'cuda'" at)
+require("at GREATER -1" "--backend cuda: no 'unknown backend' message (${err})")

@@ -38,6 +38,10 @@ namespace gpusvm::bench {
 struct Options {
   uint64_t size = 0;  // bytes; 0 = the case's default_size
   int repeat = 3;     // timed runs; the reported figure is their median
+  // The refgpu cases' device backend (drivers/refgpu/backend.h): "host" or "vulkan", and on
+  // Vulkan the device selector (index or name substring; empty: the backend's default).
+  std::string backend = "host";
+  std::string vulkan_device;
 };
 
 // A figure with its unit ("ns/page", "GiB/s").

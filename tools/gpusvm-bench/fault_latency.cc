@@ -76,7 +76,7 @@ void cpu_run(RtRig& rig, const Granule& g, uint64_t size, uint64_t salt, Samples
 
 std::vector<Report> run_fault_latency(const Options& opt, uint64_t size) {
   size = std::max(mm::pmd_align_up(size), mm::kPmdSize);
-  RtRig rig({.ram = 4 * size + (64ull << 20), .vram = size + (8ull << 20)});
+  RtRig rig({.ram = 4 * size + (64ull << 20), .vram = size + (8ull << 20), .backend = backend_config(opt)});
   Samples s[kGranules.size()];
   for (int r = 0; r <= opt.repeat; r++) {
     for (size_t k = 0; k < kGranules.size(); k++) {

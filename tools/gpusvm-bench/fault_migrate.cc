@@ -26,7 +26,8 @@ struct Series {
 
 std::vector<Report> run_fault_migrate(const Options& opt, uint64_t size) {
   size = std::max(mm::pmd_align_up(size), mm::kPmdSize);
-  RtRig rig({.ram = 2 * size + (64ull << 20), .vram = size + (8ull << 20), .engines = kEngines, .fault_threads = 2});
+  RtRig rig({.ram = 2 * size + (64ull << 20), .vram = size + (8ull << 20), .engines = kEngines, .fault_threads = 2,
+             .backend = backend_config(opt)});
   Series ser[kGranules.size()];
   for (int r = 0; r <= opt.repeat; r++) {
     const bool keep = r > 0;

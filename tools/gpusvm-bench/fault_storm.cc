@@ -108,7 +108,7 @@ RunOut storm_run(RtRig& rig, Mode mode, uint64_t salt, Va gate, uint64_t gen) {
 
 Report run_fault_storm(const Options& opt, uint64_t) {
   RtRig rig({.ram = 128ull << 20, .vram = 16ull << 20, .engines = kEngines, .queues_per_engine = kQueuesPerEngine,
-             .fault_threads = 2});
+             .fault_threads = 2, .backend = backend_config(opt)});
   auto gate = rig.ctx().malloc(8);
   if (!gate) require_ok(gate.error(), "gpusvm_rt_malloc gate");
   require_ok(rig.ctx().advise_preferred(*gate, 8, GPUSVM_RT_LOCATION_SYSTEM), "advise gate to system");

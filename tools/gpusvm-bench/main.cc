@@ -70,6 +70,15 @@ int run(int argc, char** argv) {
       ->transform(CLI::AsSizeValue(false));
   app.add_option("--repeat", opt.repeat, "timed runs per case; the median is reported")
       ->check(CLI::Range(1, 1000));
+  app.add_option("--backend", opt.backend,
+                 "the refgpu cases' device backend: 'host' (VRAM in host memory, memcpy copies; baselines:\n"
+                 "memcpy) or 'vulkan' (DEVICE_LOCAL memory, a transfer queue; baselines: the same bytes in\n"
+                 "one vkCmdCopyBuffer region). Cases without a refgpu device ignore it")
+      ->check(CLI::IsMember({"host", "vulkan"}))
+      ->capture_default_str();
+  app.add_option("--vulkan-device", opt.vulkan_device,
+                 "with --backend vulkan: the device by index or name substring (default: a discrete GPU, "
+                 "else the first)");
   app.add_flag("--list", list, "list the cases and exit");
   try {
     app.parse(argc, argv);
@@ -124,8 +133,8 @@ int run(int argc, char** argv) {
     print_json(header);
   } else {
     const Json& h = header["run"];
-    std::printf("# gpusvm-bench: %zu case(s), median of %d run(s); host: %ld CPUs, %s %s; build %s%s%s\n",
-                to_run.size(), opt.repeat, h["cpus"].get<long>(),
+    std::printf("# gpusvm-bench: %zu case(s), median of %d run(s), refgpu backend %s; host: %ld CPUs, %s %s; build %s%s%s\n",
+                to_run.size(), opt.repeat, opt.backend.c_str(), h["cpus"].get<long>(),
                 h["uname"]["sysname"].get<std::string>().c_str(),
                 h["uname"]["release"].get<std::string>().c_str(),
                 h["build_type"].get<std::string>().c_str(),

@@ -13,6 +13,10 @@
 // Baseline: memcpy of the same requests between the same buffers in the same run (the
 // backend's ceiling: it is memcpy behind validation, merging and statistics).
 // Figure: GB/s (10^9 bytes per second) of the median run; ratio = ours / memcpy.
+// --backend vulkan: VRAM and the engine's copy backend on the Vulkan device, one engine (no
+// copy threads: the queue copies), cases named refgpu-copy-<dir>-<size>-vulkan, and the
+// baseline is the backend's ceiling: the same bytes in one vkCmdCopyBuffer region on the
+// same queue (copy_ceiling.h).
 #include <algorithm>
 #include <array>
 #include <cstring>
@@ -22,6 +26,8 @@
 #include "drivers/refgpu/vram.h"
 #include "gpusvm/mm/physmem.h"
 #include "tools/gpusvm-bench/bench.h"
+#include "tools/gpusvm-bench/copy_ceiling.h"
+#include "tools/gpusvm-bench/rt_rig.h"
 
 namespace gpusvm::bench {
 namespace {
@@ -69,17 +75,29 @@ struct Point {
 std::vector<Report> run_copy(const Options& opt, uint64_t size) {
   size = std::max(mm::pmd_align_up(size), kPmdSize);
   const uint64_t npages = size / kPageSize;
-  auto mem_or = mm::PhysMem::create({.ram_bytes = 2 * size + (16ULL << 20)});
+  const refgpu::BackendConfig bc = backend_config(opt);
+  const bool vk = bc.kind == refgpu::BackendKind::kVulkan;
+  auto mem_or = mm::PhysMem::create({.ram_bytes = (vk ? 3 : 2) * size + (16ULL << 20)});
   if (!mem_or) require_ok(mem_or.error(), "PhysMem::create");
   std::unique_ptr<mm::PhysMem> mem = std::move(*mem_or);
-  auto vram_or = refgpu::VramArena::create(size);
+  auto backend = refgpu::open_backend(bc);
+  if (!backend) require_ok(backend.error(), fmt::format("open_backend '{}'", opt.backend));
+  auto vram_or = refgpu::VramArena::create(**backend, size);
   if (!vram_or) require_ok(vram_or.error(), "VramArena::create");
   std::unique_ptr<refgpu::VramArena> vram = std::move(*vram_or);
   const unsigned n = worker_threads();
-  std::array<std::unique_ptr<refgpu::CopyEngine>, 2> engines = {
-      std::make_unique<refgpu::CopyEngine>(mem.get(), vram.get(), std::make_unique<refgpu::HostCopyBackend>(0)),
-      std::make_unique<refgpu::CopyEngine>(mem.get(), vram.get(),
-                                           std::make_unique<refgpu::HostCopyBackend>(n - 1, 0))};
+  // Host: the caller alone and N threads. Vulkan: one engine (the queue copies).
+  std::vector<std::unique_ptr<refgpu::CopyEngine>> engines;
+  auto add_engine = [&](unsigned workers) {
+    auto cb = (*backend)->make_copy(mem.get(), workers, 0);
+    if (!cb) require_ok(cb.error(), "Backend::make_copy");
+    engines.push_back(std::make_unique<refgpu::CopyEngine>(mem.get(), vram.get(), std::move(*cb)));
+  };
+  add_engine(0);
+  if (!vk) add_engine(n - 1);
+  const int nengines = static_cast<int>(engines.size());
+  std::unique_ptr<CopyCeiling> ceiling;
+  if (vk) ceiling = std::make_unique<CopyCeiling>(*mem, **backend, size);
   SysBuffer src(mem.get(), size), back(mem.get(), size);
   std::vector<uint64_t> offs(npages);
   for (uint64_t i = 0; i < npages; i++) offs[i] = i * kPageSize;
@@ -100,7 +118,7 @@ std::vector<Report> run_copy(const Options& opt, uint64_t size) {
     for (size_t k = 0; k < kRequestSizes.size(); k++) {
       const uint64_t req = kRequestSizes[k];
       const uint64_t rp = req / kPageSize;
-      for (int t = 0; t < 2; t++) {
+      for (int t = 0; t < nengines; t++) {
         refgpu::CopyEngine& ce = *engines[static_cast<size_t>(t)];
         const uint64_t salt = static_cast<uint64_t>(r * 100 + static_cast<int>(k) * 10 + t);
         for (uint64_t f = 0; f < src.folios.size(); f++) fill(src.page(f * mm::kPagesPerPmd), kPmdSize, salt);
@@ -127,6 +145,15 @@ std::vector<Report> run_copy(const Options& opt, uint64_t size) {
                  human_bytes(req), t ? n : 1);
         }
       }
+      if (vk) {  // the backend's ceiling: the same bytes in one region each way
+        const uint64_t salt = static_cast<uint64_t>(r * 100 + static_cast<int>(k) * 10 + 9);
+        const uint64_t m0 = ceiling->to_vram_ns(salt), m1 = ceiling->to_sys_ns(salt + 1);
+        if (keep) {
+          pts[0][k].memcpy_ns.push_back(static_cast<double>(m0));
+          pts[1][k].memcpy_ns.push_back(static_cast<double>(m1));
+        }
+        continue;
+      }
       // memcpy of the same requests, both directions (a request never crosses a folio).
       const uint64_t salt = static_cast<uint64_t>(r * 100 + static_cast<int>(k) * 10 + 9);
       for (uint64_t f = 0; f < src.folios.size(); f++) fill(src.page(f * mm::kPagesPerPmd), kPmdSize, salt);
@@ -148,16 +175,17 @@ std::vector<Report> run_copy(const Options& opt, uint64_t size) {
   for (int d = 0; d < 2; d++) {
     for (size_t k = 0; k < kRequestSizes.size(); k++) {
       const Point& pt = pts[d][k];
-      for (int t = 0; t < 2; t++) {
+      for (int t = 0; t < nengines; t++) {
         Report rep;
         const unsigned threads = t ? n : 1;
-        rep.case_name = fmt::format("refgpu-copy-{}-{}-t{}", d ? "to-ram" : "to-vram",
+        const std::string engine = vk ? std::string("vulkan") : fmt::format("t{}", threads);
+        rep.case_name = fmt::format("refgpu-copy-{}-{}-{}", d ? "to-ram" : "to-vram",
                                     kRequestSizes[k] == 4096 ? "4k" : kRequestSizes[k] == (64 << 10) ? "64k" : "2m",
-                                    threads);
-        rep.sweep_point(fmt::format("{} t{}", d ? "to-ram" : "to-vram", threads), "request size",
+                                    engine);
+        rep.sweep_point(fmt::format("{} {}", d ? "to-ram" : "to-vram", engine), "request size",
                         static_cast<double>(kRequestSizes[k]));
         rep.ours = {gbs(pt.ns[t]), "GB/s"};
-        rep.baseline_name = "memcpy";
+        rep.baseline_name = vk ? "vkCmdCopyBuffer" : "memcpy";
         rep.baseline = {gbs(pt.memcpy_ns), "GB/s"};
         rep.ratio = rep.ours.value / rep.baseline.value;
         rep.size = size;
@@ -165,19 +193,25 @@ std::vector<Report> run_copy(const Options& opt, uint64_t size) {
         std::vector<double> g, m;
         for (double ns : pt.ns[t]) g.push_back(static_cast<double>(size) / ns);
         for (double ns : pt.memcpy_ns) m.push_back(static_cast<double>(size) / ns);
-        rep.detail("{} {} in {} requests, host backend with {} thread(s){}: per-run GB/s {}; memcpy {}",
-                   human_bytes(size), d ? "VRAM -> RAM" : "RAM -> VRAM", human_bytes(kRequestSizes[k]), threads,
-                   t ? " (threshold 0: every request handed to the workers)" : " (the caller alone)",
-                   runs_string(g), runs_string(m));
-        rep.detail("us per request: ours {:.2f}, memcpy {:.2f}",
-                   median(pt.ns[t]) / 1000 / static_cast<double>(size / kRequestSizes[k]),
+        if (vk) {
+          rep.detail("{} {} in {} requests on {}: per-run GB/s {}; one request of {} region(s) {}", human_bytes(size),
+                     d ? "VRAM -> RAM" : "RAM -> VRAM", human_bytes(kRequestSizes[k]), (*backend)->description(),
+                     runs_string(g), ceiling->regions(), runs_string(m));
+        } else {
+          rep.detail("{} {} in {} requests, host backend with {} thread(s){}: per-run GB/s {}; memcpy {}",
+                     human_bytes(size), d ? "VRAM -> RAM" : "RAM -> VRAM", human_bytes(kRequestSizes[k]), threads,
+                     t ? " (threshold 0: every request handed to the workers)" : " (the caller alone)",
+                     runs_string(g), runs_string(m));
+        }
+        rep.detail("us per request: ours {:.2f}, {} of the request's bytes {:.2f}",
+                   median(pt.ns[t]) / 1000 / static_cast<double>(size / kRequestSizes[k]), rep.baseline_name,
                    median(pt.memcpy_ns) / 1000 / static_cast<double>(size / kRequestSizes[k]));
         rep.metric("us_per_request", median(pt.ns[t]) / 1000 / static_cast<double>(size / kRequestSizes[k]));
         out.push_back(std::move(rep));
       }
     }
   }
-  for (int t = 0; t < 2; t++) {
+  for (int t = 0; t < nengines; t++) {
     const refgpu::CopyStats& s = engines[static_cast<size_t>(t)]->stats();
     out.back().detail("engine t{}: {} requests, {} failures, {} to VRAM, {} to RAM (every run, warm-up included)",
                       t ? n : 1, s.requests.get(), s.failures.get(), human_bytes(s.bytes_to_vram.get()),

@@ -68,6 +68,7 @@ Json run_json(const Options& opt, size_t cases) {
                     {"lock_rank_checks", lockdep::rank_checks_enabled()},
                     {"repeat", opt.repeat},
                     {"size", opt.size},
+                    {"backend", opt.backend},
                     {"cases", cases}}}};
 }
 

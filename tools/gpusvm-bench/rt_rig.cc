@@ -14,6 +14,12 @@ using mm::kPageSize;
 using mm::kPmdSize;
 using mm::Va;
 
+refgpu::BackendConfig backend_config(const Options& opt) {
+  auto kind = refgpu::parse_backend_kind(opt.backend);
+  if (!kind || *kind == refgpu::BackendKind::kAuto) fail("unknown backend '{}' (host or vulkan)", opt.backend);
+  return {.kind = *kind, .vulkan_device = opt.vulkan_device};
+}
+
 RtRig::RtRig(const RtRigConfig& cfg) : cfg_(cfg) {
   auto m = devfs::Machine::create({.ram_bytes = cfg.ram});
   if (!m) require_ok(m.error(), "Machine::create");
@@ -23,8 +29,9 @@ RtRig::RtRig(const RtRigConfig& cfg) : cfg_(cfg) {
   dc.num_engines = cfg.engines;
   dc.fault_threads = cfg.fault_threads;
   dc.copy_threads = cfg.copy_threads;
+  dc.backend = cfg.backend;
   auto d = refgpu::RefgpuDevice::create(&machine_->mem(), dc);
-  if (!d) require_ok(d.error(), "RefgpuDevice::create");
+  if (!d) require_ok(d.error(), fmt::format("RefgpuDevice::create on backend '{}'", refgpu::backend_kind_name(cfg.backend.kind)));
   device_ = *d;
   require_ok(machine_->add_device("refgpu0", device_), "add_device");
   auto p = machine_->create_process();

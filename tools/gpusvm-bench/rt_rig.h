@@ -45,7 +45,11 @@ struct RtRigConfig {
   uint16_t queues_per_engine = 1;
   unsigned fault_threads = 1;
   unsigned copy_threads = 0;  // DeviceConfig::copy_threads
+  refgpu::BackendConfig backend{.kind = refgpu::BackendKind::kHost};
 };
+
+// The device backend --backend / --vulkan-device name.
+refgpu::BackendConfig backend_config(const Options& opt);
 
 class RtRig {
  public:
@@ -61,6 +65,7 @@ class RtRig {
   rt::Queue& queue(size_t e, size_t q = 0) { return queues_.at(e * cfg_.queues_per_engine + q); }
   size_t num_queues() const { return queues_.size(); }
   refgpu::RefgpuDevice& device() { return *device_; }
+  bool vulkan() const { return device_->backend().kind() == refgpu::BackendKind::kVulkan; }
   refgpu::Vm& vm() { return *vm_->vm; }
   mm::AddressSpace& as() { return proc_->mm(); }
   mm::PhysMem& mem() { return machine_->mem(); }

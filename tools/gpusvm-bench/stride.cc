@@ -89,7 +89,7 @@ RunOut stride_run(RtRig& rig, Mode mode, uint64_t size, uint64_t salt, Va sum) {
 
 Report run_stride(const Options& opt, uint64_t size) {
   size = std::max(mm::pmd_align_up(size), mm::kPmdSize);
-  RtRig rig({.ram = size + (96ull << 20), .vram = size + (8ull << 20)});
+  RtRig rig({.ram = size + (96ull << 20), .vram = size + (8ull << 20), .backend = backend_config(opt)});
   // The sum's qword: system memory, bound before the timed jobs so it adds no fault.
   auto sum = rig.ctx().malloc(8);
   if (!sum) require_ok(sum.error(), "gpusvm_rt_malloc sum");

@@ -8,6 +8,7 @@
 
 #include <chrono>
 #include <memory>
+#include <string_view>
 
 #include "drivers/devfs/machine.h"
 #include "drivers/refgpu/device.h"
@@ -22,7 +23,7 @@ namespace {
 
 constexpr uint64_t kMiB = 1ull << 20;
 
-int fail(const char* what, int rc) {
+int fail(std::string_view what, int rc) {
   fmt::print(stderr, "gpusvm-demo: {}: {}\n", what, errno_describe(rc));
   return 1;
 }
@@ -30,8 +31,9 @@ int fail(const char* what, int rc) {
 }  // namespace
 
 int run_e2e_demo(const E2eOptions& opt) {
-  if (opt.backend != "host") {
-    fmt::print(stderr, "gpusvm-demo: unknown backend '{}' (only 'host' exists for now)\n", opt.backend);
+  Result<refgpu::BackendKind> kind = refgpu::parse_backend_kind(opt.backend);
+  if (!kind || *kind == refgpu::BackendKind::kAuto) {
+    fmt::print(stderr, "gpusvm-demo: unknown backend '{}' (host or vulkan)\n", opt.backend);
     return 2;
   }
   if (opt.vram_mib < 4 || opt.vram_mib % 2 || opt.vram_mib > 256) {
@@ -40,7 +42,6 @@ int run_e2e_demo(const E2eOptions& opt) {
   }
   const auto t0 = std::chrono::steady_clock::now();
   Report rep;
-  rep.backend = opt.backend;
   // System memory: the buffers, the 150 % working set and the device's copies fit twice.
   rep.ram_bytes = 128 * kMiB + 4 * opt.vram_mib * kMiB;
   Result<std::unique_ptr<devfs::Machine>> m =
@@ -48,15 +49,18 @@ int run_e2e_demo(const E2eOptions& opt) {
   if (!m) return fail("machine", m.error());
   refgpu::DeviceConfig dc;
   dc.vram_sizes = {opt.vram_mib * kMiB};
+  dc.backend = {.kind = *kind, .vulkan_device = opt.vulkan_device};
+  // No fallback: a backend that cannot be opened (no Vulkan driver, no such device) fails here.
   Result<std::shared_ptr<refgpu::RefgpuDevice>> d = refgpu::RefgpuDevice::create(&(*m)->mem(), dc);
-  if (!d) return fail("refgpu device", d.error());
+  if (!d) return fail(fmt::format("refgpu device on backend '{}'", opt.backend), d.error());
+  rep.backend = (*d)->backend().description();
   if (int rc = (*m)->add_device("refgpu0", *d)) return fail("add refgpu0", rc);
   Result<devfs::Process*> p = (*m)->create_process();
   if (!p) return fail("process", p.error());
 
   fmt::print("gpusvm demo: an end-to-end workload through the runtime (backend '{}')\n"
              "machine: {} MiB of system memory (THP policy \"madvise\"), refgpu0 with {} MiB of VRAM\n",
-             opt.backend, rep.ram_bytes / kMiB, opt.vram_mib);
+             rep.backend, rep.ram_bytes / kMiB, opt.vram_mib);
   int rc = run_workload(**p, &rep);
 
   // What the program left behind: a consistent address space, and no VRAM in use once it

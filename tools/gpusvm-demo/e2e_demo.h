@@ -8,7 +8,8 @@
 namespace gpusvm::demo {
 
 struct E2eOptions {
-  std::string backend = "host";  // the device model the refgpu device runs on
+  std::string backend = "host";  // where refgpu0's VRAM lives and what copies: host | vulkan
+  std::string vulkan_device;     // --backend vulkan: device index or name substring (backend.h)
   uint64_t vram_mib = 16;        // VRAM of refgpu0 (small: the oversubscribed phase is fast)
   std::string json;              // write the report there when not empty
 };

@@ -52,7 +52,13 @@ int main(int argc, char** argv) {
       "   totals: {<stat>: sum}, residency: {buffer, bytes, chunk_bytes, legend: {<char>: meaning},\n"
       "   rows: [{phase, moment, cells}]}}   cells: one char per chunk_bytes of the buffer, in address order"};
   gpusvm::demo::E2eOptions opt;
-  app.add_option("--backend", opt.backend, "device model backend (only 'host' for now)")->capture_default_str();
+  app.add_option("--backend", opt.backend,
+                 "where refgpu0's VRAM lives and what copies it: 'host' (host memory, memcpy) or 'vulkan'\n"
+                 "(DEVICE_LOCAL memory and a transfer queue of a Vulkan device; lavapipe without a GPU)")
+      ->capture_default_str();
+  app.add_option("--vulkan-device", opt.vulkan_device,
+                 "with --backend vulkan: the device by index ('0') or name substring ('llvmpipe');\n"
+                 "default: GPUSVM_VULKAN_DEVICE, else a discrete GPU, else the first device");
   app.add_option("--vram-mib", opt.vram_mib, "VRAM of the device in MiB (even, 4..256)")->capture_default_str();
   app.add_option("--json", opt.json, "write the report as JSON to this file");
   app.require_subcommand(0, 1);
