@@ -67,6 +67,11 @@ void HostCopyBackend::worker() {
   }
 }
 
+int HostCopyBackend::fill_zero(std::span<const FillRegion> regions) {
+  for (const FillRegion& r : regions) std::memset(r.dst, 0, r.bytes);
+  return 0;
+}
+
 int HostCopyBackend::copy(std::span<const CopyRegion> regions) {
   uint64_t total = 0;
   for (const CopyRegion& r : regions) total += r.bytes;
@@ -155,8 +160,16 @@ int CopyEngine::copy_to_ram(const uint64_t* src_offsets, const mm::Pfn* dst_pfns
 int CopyEngine::clear_vram(const uint64_t* offsets, uint64_t npages) {
   for (uint64_t i = 0; i < npages; i++)
     if (!valid_offset(offsets[i])) return -EINVAL;
-  for (uint64_t i = 0; i < npages; i++) std::memset(vram_->data(offsets[i]), 0, mm::kPageSize);
-  return 0;
+  std::vector<FillRegion> regions;
+  for (uint64_t i = 0; i < npages; i++) {
+    std::byte* p = vram_->data(offsets[i]);
+    if (!regions.empty() && regions.back().dst + regions.back().bytes == p) {
+      regions.back().bytes += mm::kPageSize;
+    } else {
+      regions.push_back({p, mm::kPageSize});
+    }
+  }
+  return regions.empty() ? 0 : backend_->fill_zero(regions);
 }
 
 }  // namespace gpusvm::refgpu

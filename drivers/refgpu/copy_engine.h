@@ -45,12 +45,21 @@ struct CopyRegion {
   uint64_t bytes = 0;
 };
 
+// Bytes to zero: `dst` and `bytes` multiples of 4 (VRAM pages, in practice).
+struct FillRegion {
+  std::byte* dst = nullptr;
+  uint64_t bytes = 0;
+};
+
 class CopyBackend {
  public:
   virtual ~CopyBackend() = default;
   virtual const char* name() const = 0;
   // Copies every region (they do not overlap). 0 or a negative errno. May sleep.
   [[nodiscard]] virtual int copy(std::span<const CopyRegion> regions) = 0;
+  // Zeroes every region with the device (memset on the host backend, vkCmdFillBuffer on
+  // Vulkan): the clears of a migration's holes and of a new buffer object. As copy().
+  [[nodiscard]] virtual int fill_zero(std::span<const FillRegion> regions) = 0;
 };
 
 class HostCopyBackend : public CopyBackend {
@@ -61,6 +70,7 @@ class HostCopyBackend : public CopyBackend {
   ~HostCopyBackend() override;
   const char* name() const override { return "host"; }
   int copy(std::span<const CopyRegion> regions) override;
+  int fill_zero(std::span<const FillRegion> regions) override;  // the caller's memset
   unsigned threads() const { return static_cast<unsigned>(threads_.size()); }
   uint64_t threshold_bytes() const { return threshold_; }
 
@@ -97,7 +107,8 @@ class CopyEngine {
   [[nodiscard]] int copy_to_vram(const mm::Pfn* src_pfns, const uint64_t* dst_offsets, uint64_t npages);
   // Copies npages VRAM pages into system pages (src_offsets[i] -> dst_pfns[i]).
   [[nodiscard]] int copy_to_ram(const uint64_t* src_offsets, const mm::Pfn* dst_pfns, uint64_t npages);
-  // Zeroes VRAM pages (a migration of an unpopulated source).
+  // Zeroes VRAM pages (a migration of an unpopulated source, a new buffer object) through the
+  // backend, adjacent pages as one region. -EINVAL (nothing cleared) for a bad offset.
   [[nodiscard]] int clear_vram(const uint64_t* offsets, uint64_t npages);
 
   CopyBackend& backend() { return *backend_; }

@@ -63,7 +63,10 @@
 //                      queues the destroy for the worker)
 //                   -> svm pagemap owner list (owner groups; has_interconnect runs under
 //                      it and must not sleep or lock)
-//                     -> refgpu copy-engine pool, engine (its list of exec queues) -> exec
+//                     -> refgpu copy-engine pool; the Vulkan backend's context registry
+//                        (held while a VkDevice is created), queue (one vkQueueSubmit) and
+//                        VRAM span table (a lookup): leaves, nothing nested in them
+//                     -> refgpu engine (its list of exec queues) -> exec
 //                        queue (its jobs), fence callback list, fault-chain table, fault
 //                        queue, open-file id tables, device VM table (leaves of the device: engines, fault handlers and ioctls
 //                        hold nothing else when they take them, and call nothing under them)
@@ -161,6 +164,12 @@ inline constexpr LockClass kPagemapOwnerListLockClass{"svm_pagemap_owner_list", 
 }  // namespace svm
 namespace refgpu {
 inline constexpr LockClass kCopyPoolLockClass{"refgpu_copy_pool", 900};
+// The Vulkan backend (drivers/refgpu/vulkan/): the process-wide table of contexts (held while
+// one is created), a context's queue (one vkQueueSubmit: queues are externally synchronised)
+// and its table of VRAM buffers (a lookup). Leaves: copies take them under folio locks.
+inline constexpr LockClass kVulkanRegistryLockClass{"refgpu_vulkan_registry", 901};
+inline constexpr LockClass kVulkanQueueLockClass{"refgpu_vulkan_queue", 902};
+inline constexpr LockClass kVulkanSpansLockClass{"refgpu_vulkan_spans", 903};
 inline constexpr LockClass kEngineLockClass{"refgpu_engine", 905};
 inline constexpr LockClass kExecQueueLockClass{"refgpu_exec_queue", 910};
 // A fence's callback list (signal takes it, callbacks run after it is dropped): a leaf.
@@ -191,7 +200,7 @@ inline constexpr LockClass kMmuNotifierListLockClass{"mmu_notifier_list", 0};
 }  // namespace mm
 
 // Every ordered class, in table order (the order test walks it).
-inline constexpr std::array<const LockClass*, 45> kLockOrder{
+inline constexpr std::array<const LockClass*, 48> kLockOrder{
     &rt::kRtHeapLockClass,       &rt::kRtBoLockClass,
     &refgpu::kRefgpuVmLockClass,  &svm::kGpusvmDriverLockClass, &refgpu::kBoLockClass,
     &mm::kMmapLockClass,          &mm::kHugetlbFaultMutexClass,   &mm::kShmemLockClass,
@@ -205,6 +214,7 @@ inline constexpr std::array<const LockClass*, 45> kLockOrder{
     &svm::kTestVramLockClass,     &refgpu::kBuddyLockClass,       &refgpu::kVramLruLockClass,
     &svm::kDmaRecordLockClass,
     &svm::kPagemapDestroyLockClass, &svm::kPagemapOwnerListLockClass, &refgpu::kCopyPoolLockClass,
+    &refgpu::kVulkanRegistryLockClass, &refgpu::kVulkanQueueLockClass, &refgpu::kVulkanSpansLockClass,
     &refgpu::kEngineLockClass,    &refgpu::kExecQueueLockClass,   &refgpu::kFenceCbLockClass,
     &refgpu::kRefgpuFaultChainLockClass, &refgpu::kFaultQueueLockClass, &refgpu::kRefgpuFileLockClass,
     &refgpu::kRefgpuDeviceVmsLockClass,

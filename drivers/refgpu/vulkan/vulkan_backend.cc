@@ -5,10 +5,11 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
-#include <mutex>
 
 #include "drivers/refgpu/copy_engine.h"
 #include "drivers/refgpu/vulkan/vulkan_internal.h"
+#include "gpusvm/base/lock.h"
+#include "gpusvm/base/lock_order.h"
 #include "gpusvm/base/log.h"
 #include "gpusvm/mm/physmem.h"
 
@@ -123,8 +124,8 @@ class VulkanBackend final : public Backend {
 // context is not handed out again: the next open creates a fresh VkDevice (as a driver
 // recreates its device after a reset); the devices on the lost one keep failing with -EIO.
 struct Registry {
-  std::mutex lock;  // a leaf held while a context is created (no gpusvm lock under it)
-  std::map<std::string, std::weak_ptr<VulkanBackend>> backends;  // under lock
+  Mutex lock{&kVulkanRegistryLockClass};  // held while a context is created (a leaf)
+  std::map<std::string, std::weak_ptr<VulkanBackend>> backends GPUSVM_GUARDED_BY(lock);
 };
 
 Registry& registry() {
@@ -139,7 +140,7 @@ Result<std::shared_ptr<Backend>> open_vulkan_backend(const std::string& selector
   if (sel.empty())
     if (const char* env = std::getenv("GPUSVM_VULKAN_DEVICE")) sel = env;
   Registry& reg = registry();
-  std::lock_guard<std::mutex> g(reg.lock);
+  MutexLock g(&reg.lock);
   if (auto b = reg.backends[sel].lock(); b && !b->lost()) return std::shared_ptr<Backend>(b);
   auto ctx = Context::create(sel);
   if (!ctx) return Err{ctx.error()};

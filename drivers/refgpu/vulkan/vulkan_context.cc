@@ -231,7 +231,7 @@ VkResult Context::host_pointer_props(const void* p, VkMemoryHostPointerPropertie
 
 int64_t Context::submit(VkCommandBuffer cb, VkSemaphore sem, uint64_t* counter) {
   if (lost()) return -EIO;
-  std::lock_guard<std::mutex> g(queue_lock_);
+  MutexLock g(&queue_lock_);
   const uint64_t value = *counter + 1;
   const VkTimelineSemaphoreSubmitInfo ts{.sType = VK_STRUCTURE_TYPE_TIMELINE_SEMAPHORE_SUBMIT_INFO,
                                          .signalSemaphoreValueCount = 1,
@@ -252,17 +252,17 @@ int64_t Context::submit(VkCommandBuffer cb, VkSemaphore sem, uint64_t* counter) 
 }
 
 void Context::add_vram(const Span& s) {
-  std::lock_guard<std::mutex> g(spans_lock_);
+  MutexLock g(&spans_lock_);
   vram_[s.base] = s;
 }
 
 void Context::remove_vram(const std::byte* base) {
-  std::lock_guard<std::mutex> g(spans_lock_);
+  MutexLock g(&spans_lock_);
   vram_.erase(base);
 }
 
 Span Context::find_vram(const std::byte* p) {
-  std::lock_guard<std::mutex> g(spans_lock_);
+  MutexLock g(&spans_lock_);
   auto it = vram_.upper_bound(p);
   if (it == vram_.begin()) return {};
   --it;

@@ -1,5 +1,6 @@
 // The Vulkan copy backend: system memory imported as buffers, copies as vkCmdCopyBuffer
-// batches on the context's queue, timeline-semaphore completion (vulkan_backend.h).
+// batches and clears as vkCmdFillBuffer on the context's queue, timeline-semaphore
+// completion (vulkan_backend.h).
 //
 // Concurrency: kSlots command buffers, each with its own command pool (pools are externally
 // synchronised; a slot belongs to one request at a time, claimed with an atomic flag), so up
@@ -101,9 +102,8 @@ class VulkanCopyBackend final : public CopyBackend {
   }
 
   int copy(std::span<const CopyRegion> regions) override {
-    if (ctx_->lost()) return -EIO;
+    Work w;
     // Batches by (source buffer, destination buffer): one vkCmdCopyBuffer each.
-    std::map<std::pair<VkBuffer, VkBuffer>, std::vector<VkBufferCopy>> batches;
     for (const CopyRegion& reg : regions) {
       for (uint64_t done = 0; done < reg.bytes;) {
         const Place s = place(reg.src + done), d = place(reg.dst + done);
@@ -114,17 +114,55 @@ class VulkanCopyBackend final : public CopyBackend {
         }
         // A region may cross an import chunk's end: split it there.
         const uint64_t n = std::min({reg.bytes - done, s.avail, d.avail});
-        batches[{s.buffer, d.buffer}].push_back({s.offset, d.offset, n});
+        w.copies[{s.buffer, d.buffer}].push_back({s.offset, d.offset, n});
         done += n;
       }
     }
-    if (batches.empty()) return 0;
+    return execute(w, regions.size());
+  }
+
+  int fill_zero(std::span<const FillRegion> regions) override {
+    Work w;
+    for (const FillRegion& reg : regions) {
+      if (reinterpret_cast<uintptr_t>(reg.dst) % 4 || reg.bytes % 4) return -EINVAL;  // vkCmdFillBuffer's rule
+      for (uint64_t done = 0; done < reg.bytes;) {
+        const Place d = place(reg.dst + done);
+        if (!d.buffer) {
+          log::get().error("refgpu vulkan: fill of {}: not memory of this device", static_cast<void*>(reg.dst + done));
+          return -EXDEV;
+        }
+        const uint64_t n = std::min(reg.bytes - done, d.avail);
+        w.fills.push_back({d.buffer, d.offset, n});
+        done += n;
+      }
+    }
+    return execute(w, regions.size());
+  }
+
+ private:
+  // What one submission does: copies batched by (source, destination) buffer, and fills.
+  struct Fill {
+    VkBuffer buffer;
+    uint64_t offset;
+    uint64_t bytes;
+  };
+  struct Work {
+    std::map<std::pair<VkBuffer, VkBuffer>, std::vector<VkBufferCopy>> copies;
+    std::vector<Fill> fills;
+    bool empty() const { return copies.empty() && fills.empty(); }
+  };
+
+  // Records `w` into a free slot's command buffer, submits it and waits (bounded) for its
+  // timeline value. `regions`: the caller's count, for the diagnostic.
+  int execute(const Work& w, size_t regions) {
+    if (ctx_->lost()) return -EIO;
+    if (w.empty()) return 0;
     Slot* slot = take_slot();
     if (!slot) {
       log::get().error("refgpu vulkan: no command buffer free after {} ms", hang_timeout().count());
       return -ETIMEDOUT;
     }
-    int err = record(slot, batches);
+    int err = record(slot, w);
     int64_t value = err ? err : ctx_->submit(slot->cb, sem_, &submitted_);
     if (value >= 0) {
       const uint64_t v = static_cast<uint64_t>(value);
@@ -136,8 +174,8 @@ class VulkanCopyBackend final : public CopyBackend {
       if (r == VK_SUCCESS && g_device_lost.should_fail()) r = VK_ERROR_DEVICE_LOST;
       if (r == VK_TIMEOUT) {
         // The command buffer may still run: the slot is never reused.
-        log::get().error("refgpu vulkan: copy of {} regions did not complete in {} ms", regions.size(),
-                         hang_timeout().count());
+        log::get().error("refgpu vulkan: {} of {} regions did not complete in {} ms",
+                         w.fills.empty() ? "copy" : "fill", regions, hang_timeout().count());
         return -ETIMEDOUT;
       }
       if (r != VK_SUCCESS) {
@@ -152,7 +190,6 @@ class VulkanCopyBackend final : public CopyBackend {
     return err;
   }
 
- private:
   // PhysMem frames as buffers: host-pointer imports of at most kImportChunk bytes each.
   int import_ram(const std::byte* ram, uint64_t bytes) {
     const uint64_t align = ctx_->import_alignment();
@@ -239,15 +276,16 @@ class VulkanCopyBackend final : public CopyBackend {
     return slot_wq_.wait_for(try_take, hang_timeout()) ? got : nullptr;
   }
 
-  int record(Slot* s, const std::map<std::pair<VkBuffer, VkBuffer>, std::vector<VkBufferCopy>>& batches) {
+  int record(Slot* s, const Work& w) {
     VkResult r = vkResetCommandPool(ctx_->device(), s->pool, 0);
     const VkCommandBufferBeginInfo bi{.sType = VK_STRUCTURE_TYPE_COMMAND_BUFFER_BEGIN_INFO,
                                       .flags = VK_COMMAND_BUFFER_USAGE_ONE_TIME_SUBMIT_BIT};
     if (r == VK_SUCCESS) r = vkBeginCommandBuffer(s->cb, &bi);
     if (r != VK_SUCCESS) return vk::to_errno(r);
-    for (const auto& [bufs, regs] : batches)
+    for (const auto& [bufs, regs] : w.copies)
       vkCmdCopyBuffer(s->cb, bufs.first, bufs.second, static_cast<uint32_t>(regs.size()), regs.data());
-    // The copies' writes become visible to the host (the engines and the driver read VRAM and
+    for (const Fill& f : w.fills) vkCmdFillBuffer(s->cb, f.buffer, f.offset, f.bytes, 0);
+    // The writes become visible to the host (the engines and the driver read VRAM and
     // system frames through their mappings once the semaphore is signalled).
     const VkMemoryBarrier mb{.sType = VK_STRUCTURE_TYPE_MEMORY_BARRIER,
                              .srcAccessMask = VK_ACCESS_TRANSFER_WRITE_BIT,

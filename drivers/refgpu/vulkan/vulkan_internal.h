@@ -7,10 +7,11 @@
 #include <cstdint>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <string>
 
 #include "drivers/refgpu/backend.h"
+#include "gpusvm/base/lock.h"
+#include "gpusvm/base/lock_order.h"
 #include "gpusvm/base/result.h"
 
 namespace gpusvm::refgpu::vk {
@@ -26,9 +27,9 @@ struct Span {
 };
 
 // The device and its queue. Thread safety: the Vulkan objects are const after create();
-// the queue is externally synchronised by queue_lock_. queue_lock_ and spans_lock_ are leaves
-// (nothing is taken under them, no callback runs under them), held for a submit or a map
-// lookup only: std::mutex, not ranked gpusvm Mutexes (see docs/refgpu.md, Missing).
+// the queue is externally synchronised by queue_lock_. queue_lock_ and spans_lock_ are ranked
+// leaves (lock_order.h: nothing is taken under them, no callback runs under them), held for a
+// submit or a map lookup only; copies take them under folio locks.
 class Context {
  public:
   static Result<std::shared_ptr<Context>> create(const std::string& selector);
@@ -74,9 +75,9 @@ class Context {
   std::string description_;
   PFN_vkGetMemoryHostPointerPropertiesEXT get_host_ptr_props_ = nullptr;
   std::atomic<bool> lost_{false};
-  std::mutex queue_lock_;
-  std::mutex spans_lock_;
-  std::map<const std::byte*, Span> vram_;  // under spans_lock_
+  Mutex queue_lock_{&kVulkanQueueLockClass};
+  Mutex spans_lock_{&kVulkanSpansLockClass};
+  std::map<const std::byte*, Span> vram_ GPUSVM_GUARDED_BY(spans_lock_);
 };
 
 // The copy backend over one PhysMem (vulkan_copy.cc).
