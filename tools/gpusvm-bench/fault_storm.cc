@@ -14,10 +14,12 @@
 // serviced, valid faults (a service that found the range bound: replay only), chained faults
 // (completed by the first fault's service without a service of their own). It fails unless
 // exactly one fault was serviced, nothing failed, and raised = services + chained.
-// Also timed: the same 256 jobs on a range already in VRAM (no fault): what the jobs cost
-// without any fault.
-// ours = storm time; baseline = single-fault time; ratio = 2 * single / storm, so > 1 means
-// the aim (256 duplicate faults cost at most 2x one fault) is met.
+// Also timed: the same 256 jobs, and the single job, on a range already in VRAM (no fault):
+// what the jobs cost without any fault.
+// Two reports: "fault-storm": ours = storm time, baseline = single-fault time; and
+// "fault-storm-fault-share": ours = storm - 256 jobs without a fault, baseline = single -
+// 1 job without a fault (the faults' own cost). Each ratio = 2 * baseline / ours, so > 1
+// means the aim (256 duplicate faults cost at most 2x one fault) is met by that measure.
 // Verified each run: every job's qword and every other byte of the range (CPU read), every
 // page in VRAM.
 #include <sys/mman.h>
@@ -35,8 +37,10 @@ constexpr uint16_t kEngines = 16;
 constexpr uint16_t kQueuesPerEngine = 16;
 constexpr uint64_t kJobs = uint64_t{kEngines} * kQueuesPerEngine;
 
-enum Mode { kSingle, kStorm, kWarm, kModes };
-constexpr const char* kModeNames[kModes] = {"single fault", "storm (256 jobs)", "256 jobs, range in VRAM"};
+enum Mode { kSingle, kStorm, kWarm, kSingleWarm, kModes };
+constexpr const char* kModeNames[kModes] = {"single fault", "storm (256 jobs)", "256 jobs, range in VRAM",
+                                            "1 job, range in VRAM"};
+bool warm(Mode m) { return m == kWarm || m == kSingleWarm; }
 
 struct Counts {
   uint64_t raised, services, chained, faults_2m, valid, errors;
@@ -70,8 +74,8 @@ RunOut storm_run(RtRig& rig, Mode mode, uint64_t salt, Va gate, uint64_t gen) {
   collect_garbage(rig, l);
   require_ok(rig.ctx().advise_preferred(a, mm::kPmdSize, GPUSVM_RT_LOCATION_DEVICE, REFGPU_MIGRATE_ALL_PAGES),
              "advise VRAM");
-  if (mode == kWarm) rig.prefetch(a, mm::kPmdSize, 1);
-  const uint64_t jobs = mode == kSingle ? 1 : kJobs;
+  if (warm(mode)) rig.prefetch(a, mm::kPmdSize, 1);
+  const uint64_t jobs = mode == kSingle || mode == kSingleWarm ? 1 : kJobs;
   std::vector<Va> stored;
   std::vector<rt::Fence> fences;
   for (uint64_t j = 0; j < jobs; j++) {
@@ -93,7 +97,7 @@ RunOut storm_run(RtRig& rig, Mode mode, uint64_t salt, Va gate, uint64_t gen) {
   RunOut out;
   out.ns = now_ns() - t0;
   out.c = Counts::of(rig) - c0;
-  const uint64_t want_serviced = mode == kWarm ? 0 : 1;
+  const uint64_t want_serviced = warm(mode) ? 0 : 1;
   if (out.c.faults_2m != want_serviced || out.c.errors != 0 || out.c.raised != out.c.services + out.c.chained ||
       out.c.services != out.c.faults_2m + out.c.valid || (mode == kSingle && out.c.raised != 1))
     fail("fault-storm {}: raised {}, services {}, chained {}, serviced {}, valid {}, errors {}; expected {} serviced",
@@ -106,7 +110,7 @@ RunOut storm_run(RtRig& rig, Mode mode, uint64_t salt, Va gate, uint64_t gen) {
   return out;
 }
 
-Report run_fault_storm(const Options& opt, uint64_t) {
+std::vector<Report> run_fault_storm(const Options& opt, uint64_t) {
   RtRig rig({.ram = 128ull << 20, .vram = 16ull << 20, .engines = kEngines, .queues_per_engine = kQueuesPerEngine,
              .fault_threads = 2, .backend = backend_config(opt)});
   auto gate = rig.ctx().malloc(8);
@@ -125,40 +129,59 @@ Report run_fault_storm(const Options& opt, uint64_t) {
       if (m == kStorm && r > 0) storm = o.c;
     }
   }
-  Report rep;
-  rep.case_name = "fault-storm";
-  rep.ours = {median(ns[kStorm]) / 1000, "us"};
-  rep.baseline_name = "single-fault";
-  rep.baseline = {median(ns[kSingle]) / 1000, "us"};
-  rep.ratio = 2 * rep.baseline.value / rep.ours.value;
-  rep.size = mm::kPmdSize;
-  rep.repeat = opt.repeat;
   auto us = [](const std::vector<double>& v) {
     std::vector<double> o;
     for (double x : v) o.push_back(x / 1000);
     return o;
   };
-  rep.detail("one fresh 2 MiB THP-backed range, preferred location VRAM; {} engines x {} queues; timed from opening "
-             "the gate to the last fence; ratio = 2 x single / storm (> 1: the storm costs less than two faults)",
-             kEngines, kQueuesPerEngine);
+  const double storm_us = median(ns[kStorm]) / 1000, single_us = median(ns[kSingle]) / 1000;
+  const double warm_us = median(ns[kWarm]) / 1000, single_warm_us = median(ns[kSingleWarm]) / 1000;
+  // The faults' share of each: the time minus that of the same jobs on the range already in
+  // VRAM (what the jobs cost with no fault: 256 jobs through 16 engine threads are not free).
+  const double storm_share = std::max(storm_us - warm_us, 0.1), single_share = std::max(single_us - single_warm_us, 0.1);
+  std::vector<Report> out(2);
+  Report& total = out[0];
+  total.case_name = "fault-storm";
+  total.ours = {storm_us, "us"};
+  total.baseline_name = "single-fault";
+  total.baseline = {single_us, "us"};
+  total.ratio = 2 * single_us / storm_us;
+  total.detail("one fresh 2 MiB THP-backed range, preferred location VRAM; {} engines x {} queues; timed from opening "
+               "the gate to the last fence; ratio = 2 x single / storm (> 1: the storm costs less than two faults)",
+               kEngines, kQueuesPerEngine);
   for (int m = 0; m < kModes; m++)
-    rep.detail("{}: median {:.1f} us, per-run us {}", kModeNames[m], median(ns[m]) / 1000, runs_string(us(ns[m])));
-  rep.detail("storm (last run): {} faults raised by {} jobs, {} services ({} serviced with a migration, {} valid: "
-             "replay only), {} chained onto the first service, {} errors",
-             storm.raised, kJobs, storm.services, storm.faults_2m, storm.valid, storm.chained, storm.errors);
-  rep.detail("the storm's fault share: storm - (256 jobs, range in VRAM) = {:.1f} us",
-             (median(ns[kStorm]) - median(ns[kWarm])) / 1000);
-  rep.metric("storm_us", median(ns[kStorm]) / 1000);
-  rep.metric("single_us", median(ns[kSingle]) / 1000);
-  rep.metric("warm_jobs_us", median(ns[kWarm]) / 1000);
-  rep.metric("faults_raised", static_cast<double>(storm.raised));
-  rep.metric("services", static_cast<double>(storm.services));
-  rep.metric("valid_faults", static_cast<double>(storm.valid));
-  rep.metric("chained", static_cast<double>(storm.chained));
+    total.detail("{}: median {:.1f} us, per-run us {}", kModeNames[m], median(ns[m]) / 1000, runs_string(us(ns[m])));
+  total.detail("storm (last run): {} faults raised by {} jobs, {} services ({} serviced with a migration, {} valid: "
+               "replay only), {} chained onto the first service, {} errors",
+               storm.raised, kJobs, storm.services, storm.faults_2m, storm.valid, storm.chained, storm.errors);
+  total.metric("storm_us", storm_us);
+  total.metric("single_us", single_us);
+  total.metric("warm_jobs_us", warm_us);
+  total.metric("single_warm_us", single_warm_us);
+  total.metric("faults_raised", static_cast<double>(storm.raised));
+  total.metric("services", static_cast<double>(storm.services));
+  total.metric("valid_faults", static_cast<double>(storm.valid));
+  total.metric("chained", static_cast<double>(storm.chained));
+  Report& share = out[1];
+  share.case_name = "fault-storm-fault-share";
+  share.ours = {storm_share, "us"};
+  share.baseline_name = "single-fault-share";
+  share.baseline = {single_share, "us"};
+  share.ratio = 2 * single_share / storm_share;
+  share.detail("the faults' share: storm - 256 jobs on the range in VRAM = {:.1f} us; single - 1 job on the range in "
+               "VRAM = {:.1f} us; ratio = 2 x single share / storm share (> 1: the aim, 256 duplicate faults at most "
+               "2x one fault, is met)",
+               storm_share, single_share);
+  share.metric("storm_share_us", storm_share);
+  share.metric("single_share_us", single_share);
+  for (Report& rep : out) {
+    rep.size = mm::kPmdSize;
+    rep.repeat = opt.repeat;
+  }
   require_ok(rig.ctx().free(*gate), "gpusvm_rt_free gate");
-  check_machine(rig.mem(), rep, "after the family (ranges unmapped)");
-  rep.detail("verified: service counts, residency, every job's store and every other byte of the range");
-  return rep;
+  check_machine(rig.mem(), out.back(), "after the family (ranges unmapped)");
+  out.back().detail("verified: service counts, residency, every job's store and every other byte of the range");
+  return out;
 }
 
 const Registrar kFaultStorm({
@@ -166,7 +189,7 @@ const Registrar kFaultStorm({
     .family = "fault-storm",
     .summary = "refgpu: 256 jobs (16 engines x 16 queues) fault on one 2 MiB range at once, vs one fault",
     .default_size = 2ULL << 20,
-    .run = run_fault_storm,
+    .run_many = run_fault_storm,
 });
 
 }  // namespace
