@@ -340,6 +340,26 @@ ctest_counts() {
   echo "$((total - failed)) $failed"
 }
 
+# failed_tests LOGFILE: the names ctest lists under "The following tests FAILED:", one a line.
+failed_tests() {
+  sed -n '/^The following tests FAILED:/,/^[^[:space:]]/p' "$1" |
+    sed -nE 's/^[[:space:]]+[0-9]+ - (.*) \([^)]*\)$/\1/p'
+}
+
+# print_failed_output PRESET NAME: the last lines of NAME's output in that preset's last ctest
+# run. CI keeps only the tail of what this script prints, so the summary repeats them.
+print_failed_output() {
+  local file="$ROOT/build/$1/Testing/Temporary/LastTest.log"
+  [[ -f "$file" ]] || return 0
+  printf '    --- %s: %s, last lines of its output ---\n' "$1" "$2"
+  awk -v name="$2" '
+    $0 ~ /^[0-9]+\/[0-9]+ Test: / { sub(/^[0-9]+\/[0-9]+ Test: /, ""); in_test = ($0 == name); if (in_test) n = 0; next }
+    in_test && /^<end of output>/ { in_test = 0 }
+    in_test { lines[n++ % 40] = $0 }
+    END { for (i = (n > 40 ? n - 40 : 0); i < n; i++) print "      " lines[i % 40] }
+  ' "$file"
+}
+
 cmd_test() {
   local presets=("$@")
   [[ ${#presets[@]} -gt 0 ]] || presets=("${TEST_PRESETS_DEFAULT[@]}")
@@ -347,7 +367,7 @@ cmd_test() {
   for p in "${presets[@]}"; do check_preset "$p"; done
   ensure_deps
 
-  local summary=() any_failed=0 total_passed=0 total_failed=0
+  local summary=() failures=() any_failed=0 total_passed=0 total_failed=0
   for p in "${presets[@]}"; do
     local start result log passed failed build_rc=0
     start="$(now)"
@@ -372,6 +392,8 @@ cmd_test() {
         result="FAILED ($failed of $((passed + failed)) tests failed, ctest exit $rc)"
         # ctest failing without a failed test (no tests found, a crash): count it once.
         [[ $failed -gt 0 ]] || total_failed=$((total_failed + 1))
+        local name
+        while IFS= read -r name; do failures+=("$p"$'\t'"$name"); done < <(failed_tests "$log")
       fi
       phase_end "$result"
       if [[ $build_rc -ne 0 ]]; then
@@ -387,6 +409,11 @@ cmd_test() {
   log "summary:"
   local line
   for line in "${summary[@]}"; do printf '    %s\n' "$line"; done
+  if [[ ${#failures[@]} -gt 0 ]]; then
+    log "failed tests:"
+    for line in "${failures[@]}"; do printf '    %s: %s\n' "${line%%$'\t'*}" "${line#*$'\t'}"; done
+    for line in "${failures[@]}"; do print_failed_output "${line%%$'\t'*}" "${line#*$'\t'}"; done
+  fi
   printf 'total: %d passed, %d failed\n' "$total_passed" "$total_failed"
   return "$any_failed"
 }
