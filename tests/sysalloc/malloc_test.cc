@@ -58,6 +58,39 @@ TEST(SysallocMalloc, MallocMultiFault) {
   r.check_mm();
 }
 
+// IGT "malloc-nomemset": the buffer is never touched by the CPU before the jobs, so the GPU's
+// faults find no pages at all (pte_none) and the ranges are populated by the device (zeroed
+// VRAM). The first job checks that it reads zeros, stores into every other dword, and the CPU
+// then reads the GPU's values and the zeros between them; a second job checks the CPU's
+// overwrite of one page after the CPU fault brought it back.
+TEST(SysallocMalloc, MallocNoMemset) {
+  Rig r;
+  ASSERT_EQ(r.open(), 0);
+  constexpr uint64_t kBytes = 2ull << 20;
+  auto a = r.ctx.aligned_alloc(2ull << 20, kBytes);
+  ASSERT_TRUE(a.ok());
+  auto res = r.ctx.residency(*a, kBytes);
+  ASSERT_TRUE(res.ok());
+  EXPECT_EQ(res->none, res->pages) << "nothing populated before the jobs";
+  rt::CmdBuf cb;
+  ASSERT_EQ(cb.load_strided(REFGPU_CMD_FLAG_QWORD | REFGPU_LOAD_STRIDED_FLAG_CHECK, *a, 8, kBytes / 8, 0, 0), 0);
+  ASSERT_EQ(cb.store_strided(0, *a, 8, kBytes / 8, 11, 5), 0);
+  ASSERT_EQ(r.run(cb), 0);
+  EXPECT_GT(r.stat(REFGPU_STAT_FAULTS_4K) + r.stat(REFGPU_STAT_FAULTS_64K) + r.stat(REFGPU_STAT_FAULTS_2M), 0u);
+  std::vector<uint32_t> out(kBytes / 4);
+  ASSERT_EQ(r.ctx.read<uint32_t>(*a, out), 0);
+  for (size_t i = 0; i < out.size(); ++i) ASSERT_EQ(out[i], i % 2 ? 0u : 11 + 5 * (i / 2)) << i;
+  std::vector<uint32_t> page(1024);
+  for (size_t i = 0; i < page.size(); ++i) page[i] = pattern(i, 0x77);
+  ASSERT_EQ(r.ctx.write<uint32_t>(*a + 4096, page), 0);
+  rt::CmdBuf cb2;
+  ASSERT_EQ(cb2.load_strided(REFGPU_LOAD_STRIDED_FLAG_CHECK, *a + 4096, 4, 1, pattern(0, 0x77), 0), 0);
+  ASSERT_EQ(cb2.load_strided(REFGPU_LOAD_STRIDED_FLAG_CHECK, *a + 8192 + 4, 8, 1024, 0, 0), 0);
+  ASSERT_EQ(r.run(cb2), 0);
+  EXPECT_EQ(r.ctx.free(*a), 0);
+  r.check_mm();
+}
+
 // The malloc family's contracts: calloc zeroes reused memory, realloc keeps the bytes,
 // aligned_alloc aligns, bad calls are clear errors.
 TEST(SysallocMalloc, CallocReallocAlignedAlloc) {
