@@ -137,12 +137,16 @@ void processes_evict(bool mix_bo) {
   const uint64_t evictions0 = r.stat(REFGPU_STAT_EVICTIONS);
   std::latch touched(kProcs);
   std::vector<std::string> errors(kProcs);
-  std::vector<std::thread> ts;
+  std::vector<devfs::Process*> procs;
   for (uint32_t p = 0; p < kProcs; ++p) {
     auto proc = r.machine->create_process();
     ASSERT_TRUE(proc.ok());
+    procs.push_back(*proc);
+  }
+  std::vector<std::thread> ts;
+  for (uint32_t p = 0; p < kProcs; ++p) {
     const uint64_t n = n_total / kProcs + (p < n_total % kProcs ? 1 : 0);
-    ts.emplace_back([&touched, &err = errors[p], mix_bo, p, n, pr = *proc] {
+    ts.emplace_back([&touched, &err = errors[p], mix_bo, p, n, pr = procs[p]] {
       auto tag = [p](uint64_t b) { return (uint64_t{p + 1} << 48) | (b << 32); };
       bool counted = false;
       auto arrive = [&] {
