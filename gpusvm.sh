@@ -351,12 +351,19 @@ failed_tests() {
 print_failed_output() {
   local file="$ROOT/build/$1/Testing/Temporary/LastTest.log"
   [[ -f "$file" ]] || return 0
-  printf '    --- %s: %s, last lines of its output ---\n' "$1" "$2"
+  printf '    --- %s: %s: the first lines saying what went wrong, then the last of its output ---\n' "$1" "$2"
+  # The first lines that say what went wrong (a sanitizer's report, a gtest failure, a
+  # panic), then the tail.
   awk -v name="$2" '
-    $0 ~ /^[0-9]+\/[0-9]+ Test: / { sub(/^[0-9]+\/[0-9]+ Test: /, ""); in_test = ($0 == name); if (in_test) n = 0; next }
+    $0 ~ /^[0-9]+\/[0-9]+ Test: / { sub(/^[0-9]+\/[0-9]+ Test: /, ""); in_test = ($0 == name); if (in_test) n = k = 0; next }
     in_test && /^<end of output>/ { in_test = 0 }
-    in_test { lines[n++ % 40] = $0 }
-    END { for (i = (n > 40 ? n - 40 : 0); i < n; i++) print "      " lines[i % 40] }
+    in_test && k < 12 && /(ERROR: |SUMMARY: |: Failure$|panic|FAILED: |#[0-9]+ 0x[0-9a-f]+ in gpusvm::)/ { key[k++] = $0 }
+    in_test { lines[n++ % 30] = $0 }
+    END {
+      for (i = 0; i < k; i++) print "      " key[i]
+      if (k) print "      ..."
+      for (i = (n > 30 ? n - 30 : 0); i < n; i++) print "      " lines[i % 30]
+    }
   ' "$file"
 }
 

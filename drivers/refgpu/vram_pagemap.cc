@@ -36,6 +36,11 @@ VramAllocation::VramAllocation(VramPagemap* vram, mm::AddressSpace* as, uint64_t
     : svm::Devmem(vram->device(), as, vram, vram->pagemap(), size), VramLruEntry(size), vram_(vram),
       blocks_(std::move(blocks)) {}
 
+void VramAllocation::destroy() {
+  vram_->release_frames(this);
+  delete this;
+}
+
 int VramAllocation::evict() {
   // drm_pagemap_evict_to_ram: every page still in use goes back to system memory, found
   // through the reverse map; the allocation is released when the last one goes.
@@ -218,6 +223,13 @@ void VramPagemap::destroy(svm::Pagemap*) { destroyed_.store(true, std::memory_or
 void VramPagemap::devmem_release(svm::Devmem* devmem) {
   // May run from folio_free under page-table locks: spin locks and the buddy's leaf only.
   auto* a = static_cast<VramAllocation*>(devmem);
+  lru_.remove(a);
+  a->released_.store(true, std::memory_order_release);
+  a->put();  // the creator's (the pages') reference; an evictor may still hold one, and the
+             // frames are freed with the last (release_frames)
+}
+
+void VramPagemap::release_frames(VramAllocation* a) {
   {
     SpinLockGuard g(&owners_lock_);
     for (const BuddyBlock& b : a->blocks()) {
@@ -227,10 +239,7 @@ void VramPagemap::devmem_release(svm::Devmem* devmem) {
       }
     }
   }
-  lru_.remove(a);
   free_vram(a->blocks());
-  a->released_.store(true, std::memory_order_release);
-  a->put();  // the creator's (the pages') reference; an evictor may still hold one
 }
 
 int VramPagemap::populate_devmem_pfn(svm::Devmem* devmem, uint64_t npages, uint64_t* pfns) {

@@ -62,7 +62,9 @@ class VramAllocation final : public svm::Devmem, public VramLruEntry {
   VramPagemap* vram() const { return vram_; }
   // The buddy blocks, in the order populate_devmem_pfn hands out their frames.
   const std::vector<BuddyBlock>& blocks() const { return blocks_; }
-  // devmem_release ran (every page went, or the migration failed).
+  // devmem_release ran (every page went, or the migration failed). The blocks stay the
+  // allocation's until its last reference goes (an evictor may still hold one), as Xe's bo
+  // keeps its VRAM until xe_bo_put.
   bool released() const { return released_.load(std::memory_order_acquire); }
 
   // VramLruEntry: evict_to_ram (-EBUSY while pages are under another migration).
@@ -72,6 +74,9 @@ class VramAllocation final : public svm::Devmem, public VramLruEntry {
   friend class VramPagemap;
   VramAllocation(VramPagemap* vram, mm::AddressSpace* as, uint64_t size, std::vector<BuddyBlock> blocks);
   ~VramAllocation() override = default;
+  // The last reference went: the frames leave the owner table and go back to the buddy, then
+  // the object is deleted. May run from folio_free: spin locks and the buddy's leaf only.
+  void destroy() override;
 
   VramPagemap* const vram_;
   const std::vector<BuddyBlock> blocks_;
@@ -169,6 +174,7 @@ class VramPagemap final : public svm::PagemapOps, public svm::DevmemOps {
   bool destroyed() const { return destroyed_.load(std::memory_order_acquire); }
 
  private:
+  friend class VramAllocation;  // destroy() -> release_frames
   VramPagemap(mm::PhysMem* mem, svm::Device* dev, VramRegion* region, CopyEngine* copy, const Config& config);
   // The host bytes behind a device-side address of a copy (local VRAM offset, or an
   // interconnect address of this region or a peer's), nullptr when none.
@@ -187,8 +193,16 @@ class VramPagemap final : public svm::PagemapOps, public svm::DevmemOps {
   std::vector<VramPagemap*> peers_;
   std::atomic<int64_t> live_device_maps_{0};
   std::atomic<bool> destroyed_{false};
+  // The last reference of `a` went (VramAllocation::destroy): clears the owner-table entries
+  // that name it, then frees its blocks. Never sleeps.
+  void release_frames(VramAllocation* a);
+
   // frame index -> the allocation holding it; set by populate_devmem_pfn, cleared by
-  // devmem_release before it drops the allocation's reference.
+  // release_frames before the frames are freed and the allocation deleted. (Clearing it at
+  // devmem_release left a window: an evictor still holding a reference calls
+  // populate_devmem_pfn after the release, which set the entries again, and touch_pages then
+  // found a deleted allocation there; freeing the blocks at the release also let a new
+  // allocation reuse frames the evictor was still about to collect.)
   mutable SpinLock owners_lock_{&kVramLruLockClass};
   std::vector<VramAllocation*> owners_ GPUSVM_GUARDED_BY(owners_lock_);
 };

@@ -52,8 +52,9 @@
 //                      page-table locks: the last reference can go in a zap)
 //                   -> svm test VRAM allocator (tests/svm's device-memory double) and
 //                      refgpu VRAM buddy (one per VRAM region): allocation under folio locks
-//                      in a migration, free from folio_free (devmem_release) under
-//                      page-table locks
+//                      in a migration, free with an allocation's last reference
+//                      (VramAllocation::destroy: from folio_free under page-table locks, or
+//                      touch_pages under the notifier lock)
 //                   -> refgpu VRAM LRU (876, spin: one per VRAM region; bumped under the
 //                      notifier lock by get_pages' devmem_fn, unlinked by devmem_release
 //                      under page-table locks; never nested with the buddy lock)

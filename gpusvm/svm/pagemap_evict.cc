@@ -23,6 +23,9 @@ namespace {
 // evict_to_ram: migrate_device_pfns collected the allocation's pages (migration entries
 // everywhere), nothing copied. Held: the collected device folios' locks.
 GPUSVM_SCHED_POINT(g_sp_evict_collected, "svm.evict_to_ram.collected");
+// evict_to_ram: the allocation was not detached yet; its pfns are about to be asked for.
+// Nothing held but the caller's reference on the allocation.
+GPUSVM_SCHED_POINT(g_sp_evict_populate, "svm.evict_to_ram.populate");
 // migrate_to_ram (CPU fault): migrate_vma_setup collected the window. Held: the mmap lock
 // (read), the fault page's lock (the fault handler's) and the collected folios' locks.
 GPUSVM_SCHED_POINT(g_sp_fault_collected, "svm.migrate_to_ram.collected");
@@ -84,6 +87,7 @@ int evict_to_ram(Devmem* devmem) {
     if (devmem->detached().signaled()) return 0;
     if (devmem->mm()->exited()) return -EFAULT;  // mmget_not_zero
     std::vector<uint64_t> src(npages), dst(npages);
+    g_sp_evict_populate.reach();
     err = devmem->ops()->populate_devmem_pfn(devmem, npages, src.data());
     if (err) break;
     err = mm::migrate_device_pfns(mem, src.data(), npages);

@@ -141,6 +141,57 @@ TEST_F(EvictionTest, AnAllocationBeingMigratedIntoIsNeverEvicted) {
   expect_all_bytes(6);
 }
 
+// An evictor that outlives the allocation's release (found by ASan in
+// EvictionRacesMigrationsAndCpuFaults: touch_pages read a deleted allocation). Replayed:
+//
+//   evictor (thread E)                         CPU (test thread)
+//   lru.evict: A taken, ref +1
+//   evict_to_ram: not detached
+//   -- stop at svm.evict_to_ram.populate --
+//                                              reads every page: CPU faults migrate the
+//                                              range home, the last device page goes,
+//                                              devmem_release(A): creator's ref -1
+//   populate_devmem_pfn(A): A's frames again
+//   nothing to collect; detached: return 0
+//   put: A's last reference
+//
+// The owner table must not name A afterwards, and A's frames go back to the buddy only with
+// that last reference: before the fix the release cleared the table and freed the frames,
+// the evictor's populate set the entries again, and the next get_pages over those frames
+// touched a deleted allocation (with the frames possibly already another allocation's).
+TEST_F(EvictionTest, EvictorOutlivingTheReleaseLeavesNoStaleOwner) {
+  map_ranges(1);
+  int mrc = -1;
+  ASSERT_TRUE(svm->fault(range_va(0), true, &mrc).ok());
+  ASSERT_EQ(mrc, 0);
+  std::vector<VramLruEntry*> entries = vram->lru().snapshot();
+  ASSERT_EQ(entries.size(), 1u);
+  auto* a = static_cast<VramAllocation*>(entries[0]);
+  const mm::Pfn pfn0 = vram->dev_pagemap()->first_pfn() + (a->blocks().at(0).offset >> mm::kPageShift);
+  ASSERT_EQ(vram->frame_owner(pfn0), a);
+
+  sched_point::Pause pause("svm.evict_to_ram.populate");
+  uint64_t freed = 0;
+  std::thread evictor([&] { freed = vram->lru().evict(k2M); });
+  ASSERT_TRUE(pause.wait_reached());
+  EXPECT_EQ(bad_bytes(*as, range_va(0), k2M, 10), 0);  // CPU faults: the range comes home
+  EXPECT_TRUE(a->released()) << "every device page went";
+  EXPECT_EQ(region->buddy().used_bytes(), k2M) << "the evictor's reference keeps the frames";
+  pause.release();
+  evictor.join();
+  EXPECT_EQ(freed, k2M);
+  EXPECT_EQ(vram->frame_owner(pfn0), nullptr) << "no stale owner once the last reference went";
+  EXPECT_EQ(region->buddy().used_bytes(), 0u);
+
+  // The frames are reused: a new migration and its get_pages (touch_pages) over them.
+  ASSERT_TRUE(svm->fault(range_va(0), true, &mrc).ok());
+  ASSERT_EQ(mrc, 0);
+  EXPECT_EQ(where(0), svm::ScanResult::kEqual);
+  expect_accounting();
+  expect_all_bytes(1);
+  EXPECT_MM_CHECK_OK(*mem);
+}
+
 // Everything busy: the allocator gives up within its bounds with -ENOSPC, changes nothing.
 TEST_F(EvictionTest, AllocationFailsBoundedWhenEveryEntryIsBusy) {
   map_ranges(5);
