@@ -176,6 +176,9 @@ class VramPagemap final : public svm::PagemapOps, public svm::DevmemOps {
  private:
   friend class VramAllocation;  // destroy() -> release_frames
   VramPagemap(mm::PhysMem* mem, svm::Device* dev, VramRegion* region, CopyEngine* copy, const Config& config);
+  // The last reference of `a` went (VramAllocation::destroy): clears the owner-table entries
+  // that name it, then frees its blocks. Never sleeps.
+  void release_frames(VramAllocation* a);
   // The host bytes behind a device-side address of a copy (local VRAM offset, or an
   // interconnect address of this region or a peer's), nullptr when none.
   std::byte* device_bytes(const svm::PagemapAddr& a, uint64_t page) const;
@@ -193,10 +196,6 @@ class VramPagemap final : public svm::PagemapOps, public svm::DevmemOps {
   std::vector<VramPagemap*> peers_;
   std::atomic<int64_t> live_device_maps_{0};
   std::atomic<bool> destroyed_{false};
-  // The last reference of `a` went (VramAllocation::destroy): clears the owner-table entries
-  // that name it, then frees its blocks. Never sleeps.
-  void release_frames(VramAllocation* a);
-
   // frame index -> the allocation holding it; set by populate_devmem_pfn, cleared by
   // release_frames before the frames are freed and the allocation deleted. (Clearing it at
   // devmem_release left a window: an evictor still holding a reference calls

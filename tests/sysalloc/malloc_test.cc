@@ -61,8 +61,8 @@ TEST(SysallocMalloc, MallocMultiFault) {
 // IGT "malloc-nomemset": the buffer is never touched by the CPU before the jobs, so the GPU's
 // faults find no pages at all (pte_none) and the ranges are populated by the device (zeroed
 // VRAM). The first job checks that it reads zeros, stores into every other dword, and the CPU
-// then reads the GPU's values and the zeros between them; a second job checks the CPU's
-// overwrite of one page after the CPU fault brought it back.
+// then reads the GPU's values and the zeros between them; a second job checks every dword of
+// the CPU's overwrite of one page (the CPU fault brought it back) and the zeros after it.
 TEST(SysallocMalloc, MallocNoMemset) {
   Rig r;
   ASSERT_EQ(r.open(), 0);
@@ -81,10 +81,10 @@ TEST(SysallocMalloc, MallocNoMemset) {
   ASSERT_EQ(r.ctx.read<uint32_t>(*a, out), 0);
   for (size_t i = 0; i < out.size(); ++i) ASSERT_EQ(out[i], i % 2 ? 0u : 11 + 5 * (i / 2)) << i;
   std::vector<uint32_t> page(1024);
-  for (size_t i = 0; i < page.size(); ++i) page[i] = pattern(i, 0x77);
+  for (size_t i = 0; i < page.size(); ++i) page[i] = 0x7700 + 3 * static_cast<uint32_t>(i);
   ASSERT_EQ(r.ctx.write<uint32_t>(*a + 4096, page), 0);
   rt::CmdBuf cb2;
-  ASSERT_EQ(cb2.load_strided(REFGPU_LOAD_STRIDED_FLAG_CHECK, *a + 4096, 4, 1, pattern(0, 0x77), 0), 0);
+  ASSERT_EQ(cb2.load_strided(REFGPU_LOAD_STRIDED_FLAG_CHECK, *a + 4096, 4, page.size(), 0x7700, 3), 0);
   ASSERT_EQ(cb2.load_strided(REFGPU_LOAD_STRIDED_FLAG_CHECK, *a + 8192 + 4, 8, 1024, 0, 0), 0);
   ASSERT_EQ(r.run(cb2), 0);
   EXPECT_EQ(r.ctx.free(*a), 0);
